@@ -1,0 +1,1 @@
+"""SAM3 models through transformers: configurations, loading, checkpoint conversion."""
