@@ -112,7 +112,8 @@ class Image:
 
     def with_array(self, array: np.ndarray, **changes: Any) -> Image:
         """A new image on the same grid with other pixel data (a label map, say)."""
-        return replace(self, array=array, meta=dict(self.meta), **changes)
+        changes.setdefault("meta", dict(self.meta))
+        return replace(self, array=array, **changes)
 
     @classmethod
     def from_array(
