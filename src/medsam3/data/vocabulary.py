@@ -1,0 +1,188 @@
+"""The unified concept vocabulary: one canonical clinical term per label, whatever the dataset calls it.
+
+Every label name a dataset ships (``kidney_left``, ``Left Kidney``, ``kidney L``, MSD ``Anterior``) is
+mapped to one canonical concept term (``"left kidney"``, ``"anterior hippocampus"``), the text prompt used in
+training and evaluation alike.
+
+Resolution of a name, in order:
+
+1. :func:`normalize_term`: lowercase, ``_`` / ``+`` / repeated blanks become one space, side words
+   (``l``, ``lt``, ``r``, ``rt``, ``left``, ``right``) become ``left`` / ``right`` and move to the front,
+   British spellings become US ones (``tumour`` -> ``tumor``).
+2. Dataset-scoped terms (``datasets`` in the JSON): a key applies to a dataset whose name contains every
+   word of the key, so ``Anterior`` means ``anterior hippocampus`` in ``Task04_Hippocampus`` only.
+3. Canonical terms and their synonyms (``concepts`` in the JSON), then the same without a plural ``s``.
+4. Otherwise the normalised text itself is kept, and the name is reported as unknown.
+
+The bundled ``vocabulary.json`` can be extended or overridden by a user file of the same form
+(:meth:`Vocabulary.merged`): user synonyms win over bundled ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medsam3.errors import InputError
+
+BUNDLED_VOCABULARY = Path(__file__).with_name("vocabulary.json")
+
+_SIDES = {"l": "left", "lt": "left", "left": "left", "r": "right", "rt": "right", "right": "right"}
+_US_SPELLING = {
+    "tumour": "tumor",
+    "tumours": "tumors",
+    "oesophagus": "esophagus",
+    "oedema": "edema",
+    "haemorrhage": "hemorrhage",
+    "haematoma": "hematoma",
+    "foetal": "fetal",
+    "foetus": "fetus",
+    "colour": "color",
+    "oesophageal": "esophageal",
+}
+
+
+def normalize_term(name: str) -> str:
+    """Normalised label name: ``"Kidney_L"`` -> ``"left kidney"``, ``"liver+tumour"`` -> ``"liver tumor"``."""
+    text = str(name).strip().casefold()
+    text = re.sub(r"[_+\s]+", " ", text).strip()
+    words = [_US_SPELLING.get(w, w) for w in text.split(" ") if w]
+    sides = [i for i, w in enumerate(words) if w in _SIDES]
+    if len(sides) == 1:
+        i = sides[0]
+        side = _SIDES[words[i]]
+        words = [side] + words[:i] + words[i + 1 :]
+    return " ".join(words)
+
+
+def _words(name: str) -> set[str]:
+    return set(re.sub(r"[^0-9a-z]+", " ", str(name).casefold()).split())
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The concept a label name maps to; ``known`` is False when no vocabulary entry matched."""
+
+    name: str
+    concept: str
+    known: bool
+    scope: str | None = None
+
+
+@dataclass
+class Vocabulary:
+    """Canonical terms, their synonyms and dataset-scoped names.
+
+    Attributes:
+        concepts: canonical term -> list of synonyms (as written in the file).
+        datasets: scope key -> {label name -> canonical term}.
+    """
+
+    concepts: dict[str, list[str]] = field(default_factory=dict)
+    datasets: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._index: dict[str, str] = {}
+        for canon in self.concepts:
+            self._index[normalize_term(canon)] = canon
+        for canon, synonyms in self.concepts.items():
+            for s in synonyms:
+                self._index.setdefault(normalize_term(s), canon)
+        self._scoped = {
+            key: {normalize_term(n): c for n, c in names.items()} for key, names in self.datasets.items()
+        }
+
+    # -- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, doc: Mapping, source: str | Path | None = None) -> Vocabulary:
+        """Build from the JSON form ``{"concepts": {term: [synonyms]}, "datasets": {key: {name: term}}}``."""
+        concepts = doc.get("concepts", {})
+        datasets = doc.get("datasets", {})
+        if not isinstance(concepts, Mapping) or not isinstance(datasets, Mapping):
+            raise InputError(source, "a vocabulary needs 'concepts' and 'datasets' objects")
+        clean: dict[str, list[str]] = {}
+        for canon, syn in concepts.items():
+            if isinstance(syn, str):
+                syn = [syn]
+            if not isinstance(syn, list) or not all(isinstance(s, str) for s in syn):
+                raise InputError(source, f"synonyms of concept {canon!r} must be a list of strings")
+            clean[normalize_term(canon)] = list(syn)
+        scoped: dict[str, dict[str, str]] = {}
+        for key, names in datasets.items():
+            if not isinstance(names, Mapping):
+                raise InputError(source, f"dataset terms of {key!r} must be an object name -> concept")
+            scoped[str(key)] = {str(n): normalize_term(c) for n, c in names.items()}
+        return cls(clean, scoped)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        """Read a vocabulary JSON file."""
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(path, "vocabulary file not found") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(path, f"cannot read the vocabulary JSON ({exc})") from None
+        return cls.from_dict(doc, path)
+
+    @classmethod
+    def bundled(cls) -> Vocabulary:
+        """The vocabulary shipped with the package."""
+        return cls.load(BUNDLED_VOCABULARY)
+
+    @classmethod
+    def default(cls, user_file: str | Path | None = None) -> Vocabulary:
+        """The bundled vocabulary, with ``user_file`` merged over it when given."""
+        vocab = cls.bundled()
+        return vocab.merged(cls.load(user_file)) if user_file else vocab
+
+    def merged(self, other: Vocabulary) -> Vocabulary:
+        """A new vocabulary: this one with ``other``'s concepts, synonyms and dataset terms laid over it.
+
+        A synonym that ``other`` assigns to a concept is removed from any other concept here.
+        """
+        theirs = {normalize_term(s) for syns in other.concepts.values() for s in syns}
+        concepts = {
+            c: [s for s in syns if normalize_term(s) not in theirs] for c, syns in self.concepts.items()
+        }
+        for c, syns in other.concepts.items():
+            concepts[c] = concepts.get(c, []) + [s for s in syns if s not in concepts.get(c, [])]
+        datasets = {k: dict(v) for k, v in self.datasets.items()}
+        for k, v in other.datasets.items():
+            datasets.setdefault(k, {}).update(v)
+        return Vocabulary(concepts, datasets)
+
+    def to_dict(self) -> dict:
+        return {"version": 1, "concepts": self.concepts, "datasets": self.datasets}
+
+    # -- lookup --------------------------------------------------------------------------------------
+    def is_concept(self, term: str) -> bool:
+        """True when ``term`` is a canonical concept of this vocabulary."""
+        return term in self.concepts
+
+    def scopes_for(self, dataset_names: Iterable[str]) -> list[str]:
+        """Scope keys that apply to a dataset known by any of ``dataset_names`` (longest keys first)."""
+        names = [_words(n) for n in dataset_names if n]
+        keys = [k for k in self._scoped if any(_words(k) <= w for w in names)]
+        return sorted(keys, key=lambda k: (-len(_words(k)), k))
+
+    def resolve(self, name: str, dataset: str | Iterable[str] | None = None) -> Resolved:
+        """Map one label name to its concept (see the module docstring for the rules)."""
+        norm = normalize_term(name)
+        names = [dataset] if isinstance(dataset, str) else list(dataset or [])
+        for key in self.scopes_for(names):
+            hit = self._scoped[key].get(norm)
+            if hit is not None:
+                return Resolved(str(name), hit, True, key)
+        for candidate in (norm, norm[:-1] if norm.endswith("s") and len(norm) > 3 else None):
+            if candidate and candidate in self._index:
+                return Resolved(str(name), self._index[candidate], True)
+        return Resolved(str(name), norm, False)
+
+    def concept(self, name: str, dataset: str | Iterable[str] | None = None) -> str:
+        """The canonical term for ``name`` (the normalised name itself when unknown)."""
+        return self.resolve(name, dataset).concept
