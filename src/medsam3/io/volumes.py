@@ -1,0 +1,229 @@
+"""NIfTI, NRRD and MetaImage (MHA/MHD) through SimpleITK, with checks SimpleITK does not make.
+
+Geometry comes straight from SimpleITK (ITK order, LPS), so it is exactly what ``sitk.ReadImage`` reports:
+NIfTI's RAS affine is converted by ITK (sform preferred when valid, as ITK does), NRRD ``space`` fields
+are honoured. A NIfTI whose affine ITK refuses (non-orthonormal direction cosines) is read with nibabel
+instead and converted to LPS the same way.
+
+Checks added here:
+
+* a truncated ``.nii``/``.nii.gz`` is refused (SimpleITK silently fills the missing voxels with zeros);
+* NaN / infinite voxels in float NIfTI data are refused (SimpleITK silently reads them as zeros); the
+  other formats keep them and :func:`medsam3.io.readers.validate` refuses them;
+* 4D data is refused unless the fourth axis has length 1 (one time point / channel);
+* multi-component pixels are only accepted as 3- or 4-channel 2D colour images, or as the layers of a
+  Slicer ``.seg.nrrd`` (returned separately, see :func:`read_volume`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from medsam3.errors import InputError
+
+_FORMAT_NAME = {"nifti": "NIfTI", "nrrd": "NRRD", "metaimage": "MetaImage"}
+
+
+def _itk_message(exc: Exception) -> str:
+    """The informative last line(s) of an ITK exception, without the C++ file/line noise."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("/", "sitk::ERROR", "itk::ERROR")) or ":" in ln]
+    text = useful[-1] if useful else (lines[-1] if lines else type(exc).__name__)
+    return text.split("): ", 1)[-1][:300]
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file whose voxel data is shorter than its header promises."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for broken headers
+        raise InputError(path, f"is not a readable NIfTI file ({exc})") from exc
+    header = img.header
+    nbytes = int(np.prod(header.get_data_shape(), dtype=np.int64) * header.get_data_dtype().itemsize)
+    data_file = Path(img.file_map["image"].filename or path)
+    if data_file != path:  # a .hdr/.img pair: the voxels are in the .img file
+        if not data_file.is_file() or data_file.stat().st_size < nbytes:
+            raise InputError(path, f"its voxel file {data_file.name} is missing or shorter than {nbytes} "
+                             "bytes")
+        return _check_nifti_finite(path, img)
+    expected = int(header.get_data_offset()) + nbytes
+    with open(path, "rb") as fh:
+        compressed = fh.read(2) == b"\x1f\x8b"
+    if not compressed:
+        size = path.stat().st_size
+        if size < expected:
+            raise InputError(path, f"is truncated: it holds {size} bytes but its header needs {expected}")
+        return _check_nifti_finite(path, img)
+    with open(path, "rb") as fh:
+        fh.seek(-4, 2)
+        isize = int.from_bytes(fh.read(4), "little")
+    if isize == expected % 2**32:
+        return _check_nifti_finite(path, img)
+    # The gzip trailer disagrees (truncated, or several gzip members): decompress to be sure.
+    total = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(
+            path, f"is a truncated or corrupt gzip file ({total} of {expected} bytes could be decompressed)"
+        ) from exc
+    if total < expected:
+        raise InputError(path, f"is truncated: it decompresses to {total} bytes but its header needs "
+                         f"{expected}")
+    _check_nifti_finite(path, img)
+
+
+def _check_nifti_finite(path: Path, img: Any) -> None:
+    """Count NaN / infinite voxels of float NIfTI data (ITK's reader silently turns them into zeros)."""
+    if img.header.get_data_dtype().kind != "f":
+        return
+    data = np.asanyarray(img.dataobj)
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        nan = int(np.count_nonzero(np.isnan(data)))
+        raise InputError(path, f"{bad} of {data.size} voxel values are not finite ({nan} NaN, {bad - nan} "
+                         "infinite)")
+
+
+def _read_with_nibabel(path: Path) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
+    """NIfTI through nibabel: array ``(Z, Y, X)`` and LPS geometry (for affines ITK refuses)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim not in (2, 3):
+        raise InputError(path, f"has {data.ndim} dimensions {data.shape}; expected a 2D image or 3D volume")
+    aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine  # RAS -> LPS
+    d = data.ndim
+    lin = aff[:d, :d]
+    spacing = np.linalg.norm(lin, axis=0)
+    direction = lin / spacing
+    return np.ascontiguousarray(data.T), tuple(spacing), tuple(aff[:d, 3]), direction
+
+
+def _metadata(reader: sitk.ImageFileReader) -> dict[str, str]:
+    return {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The header fields of a NIfTI / NRRD / MetaImage file without reading its voxels."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(path, f"header cannot be read: {_itk_message(exc)}") from exc
+    return _metadata(reader)
+
+
+def segment_table(header: dict[str, str]) -> list[dict[str, Any]]:
+    """Slicer ``.seg.nrrd`` segments from the header: ``[{index, name, label, layer}]`` (empty if none)."""
+    out = []
+    i = 0
+    while f"Segment{i}_ID" in header or f"Segment{i}_Name" in header:
+        name = header.get(f"Segment{i}_Name", header.get(f"Segment{i}_ID", f"segment {i}"))
+        label = int(header.get(f"Segment{i}_LabelValue", i + 1))
+        layer = int(header.get(f"Segment{i}_Layer", 0))
+        out.append({"index": i, "name": name, "label": label, "layer": layer})
+        i += 1
+    return out
+
+
+def read_volume(path: Path, fmt: str) -> dict[str, Any]:
+    """Read a NIfTI / NRRD / MetaImage file.
+
+    Returns a dict with ``array`` (``(Z, Y, X)``, ``(Y, X)``, ``(Y, X, C)`` colour, or for a multi-layer
+    ``.seg.nrrd`` ``(Z, Y, X, L)`` with ``layers=True``), ``spacing``, ``origin``, ``direction`` (ITK order,
+    LPS), ``is_color``, ``layers`` and ``header`` (the file's metadata dictionary).
+    """
+    what = _FORMAT_NAME[fmt]
+    if fmt == "nifti":
+        _check_nifti_complete(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        message = _itk_message(exc)
+        if fmt == "nifti" and "orthonormal" in str(exc).lower():
+            array, spacing, origin, direction = _read_with_nibabel(path)
+            return {"array": array, "spacing": spacing, "origin": origin, "direction": direction,
+                    "is_color": False, "layers": False, "header": {}}
+        raise InputError(path, f"cannot be read as {what}: {message}") from exc
+    header = _metadata(reader)
+    dim = image.GetDimension()
+    if dim == 4:
+        size = image.GetSize()
+        if size[3] != 1:
+            raise InputError(
+                path,
+                f"is a 4D image of size {size} (x, y, z, t); medsam3 reads one 3D volume: extract a single "
+                "time point or channel first",
+            )
+        image = sitk.Extract(image, (*size[:3], 0), (0, 0, 0, 0))
+        dim = 3
+    if dim not in (2, 3):
+        raise InputError(path, f"has {dim} dimensions; expected a 2D image or a 3D volume")
+    comps = image.GetNumberOfComponentsPerPixel()
+    segments = segment_table(header)
+    layers = False
+    is_color = False
+    if comps > 1:
+        if dim == 2 and comps in (3, 4):
+            is_color = True
+        elif segments:
+            layers = True
+        else:
+            raise InputError(
+                path,
+                f"has {comps} values per voxel in a {dim}D image; expected one (grey) value, or 3/4 colour "
+                "channels in a 2D image",
+            )
+    array = sitk.GetArrayFromImage(image)
+    return {
+        "array": array,
+        "spacing": image.GetSpacing(),
+        "origin": image.GetOrigin(),
+        "direction": np.array(image.GetDirection()).reshape(dim, dim),
+        "is_color": is_color,
+        "layers": layers,
+        "header": header,
+    }
+
+
+def write_volume(
+    array: np.ndarray,
+    spacing: tuple[float, ...],
+    origin: tuple[float, ...],
+    direction: np.ndarray,
+    path: Path,
+    *,
+    is_color: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``array`` (array order) with the given ITK geometry; format from ``path``'s suffix.
+
+    Compression is on (gzip for NIfTI ``.nii.gz``, NRRD and MHA). ``metadata`` entries become header fields
+    (NRRD ``key:=value`` lines, MetaImage ``key = value``).
+    """
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=is_color)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(o) for o in origin))
+    image.SetDirection(tuple(float(v) for v in np.asarray(direction, dtype=np.float64).ravel()))
+    for key, value in (metadata or {}).items():
+        image.SetMetaData(key, value)
+    name = path.name.lower()
+    compress = not name.endswith(".nii")
+    sitk.WriteImage(image, str(path), useCompression=compress)
