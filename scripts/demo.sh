@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The main job on the bundled samples (MSD hippocampus MRI volume, HC18 fetal-head ultrasound):
+# set up if needed, describe the inputs, write preprocessing previews with the reference labels, and,
+# when a model is available (--model / MEDSAM3_MODEL / config file / bundled model), segment them by
+# text prompt. Outputs go to ./outputs/demo (or $1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export OMP_WAIT_POLICY=PASSIVE
+OUT=${1:-outputs/demo}
+M=.venv/bin/medsam3
+S=$(.venv/bin/python -c "import medsam3, pathlib; print(pathlib.Path(medsam3.__file__).parent / 'assets' / 'samples')")
+mkdir -p "$OUT"
+
+echo "== hippocampus MRI volume (MSD Task04, CC BY-SA 4.0) =="
+$M info "$S/hippocampus_019.nii.gz"
+$M info --labels "$S/hippocampus_019_labels.nii.gz"
+$M preview "$S/hippocampus_019.nii.gz" --labels "$S/hippocampus_019_labels.nii.gz" \
+  --label-names "$S/hippocampus_019_labels.json" -o "$OUT/hippocampus_preview"
+
+echo "== fetal head ultrasound (HC18, CC BY 4.0) =="
+$M info "$S/hc18_400_HC.png"
+$M preview "$S/hc18_400_HC.png" --modality US --labels "$S/hc18_400_HC_mask.png" \
+  --label-names "$S/hc18_400_HC_mask.json" -o "$OUT/fetal_head_preview"
+
+echo "outputs in $OUT"
