@@ -33,6 +33,12 @@ def check_not_input(path: str | Path) -> Path:
     return target
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _split_suffix(name: str) -> tuple[str, str]:
     for double in (".nii.gz", ".seg.nrrd", ".tar.gz"):
         if name.lower().endswith(double):
@@ -58,6 +64,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         if not tmp_path.exists() or tmp_path.stat().st_size == 0:
             raise OutputError(f"{path}: the writer produced no data")
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
