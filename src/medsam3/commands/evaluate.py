@@ -1,0 +1,318 @@
+"""``medsam3 evaluate``: score segmentations and write a report folder people can read.
+
+Three forms::
+
+    # (a) prediction files against reference files (any format the readers know)
+    medsam3 evaluate --pred PRED_DIR --ref REF_DIR -o REPORT_DIR [--label-map map.json]
+        [--ref-labels names.json] [--spacing-from ref|pred|none] [--nsd-tolerance 2.0] [--resample]
+
+    # (b) run models on a manifest (from `medsam3 prepare`) and score them
+    medsam3 evaluate --manifest manifest.jsonl --model A_DIR --model-name A --model B_DIR --model-name B
+        --prompt-mode text|box|text+box|point [--split val|test|eval|all] [--absent 3] -o REPORT_DIR
+
+    # the paper's Table 3 (vanilla SAM3 vs Medical SAM3, text only), same as scripts/reproduce_table3.py
+    medsam3 evaluate --table3 --data-root ROOT --vanilla SAM3_DIR --medical MEDSAM3_DIR -o REPORT_DIR
+
+Report files: cases.csv, summary.csv, table.md, table.csv, config.json, dice_by_dataset.png,
+dice_by_modality.png, gallery.html + gallery/*.png (and absent*.csv, table3.*). They are written together
+at the end; an error leaves none of them.
+
+Missing predictions: a reference without a prediction is a row with status "missing", scored as a failure
+(Dice 0, distances worst-case); a prediction that cannot be read or made is "failed", scored the same. The
+report is written either way; the command then exits with status 1 and says how many cases are missing or
+failed, unless --allow-missing is given (exit 0 with a warning). Bad inputs (a prediction on another grid,
+an unreadable reference, unknown datasets) stop with an error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from medsam3.errors import InputError
+from medsam3.io.atomic import check_not_input, protect_inputs
+
+EPILOG = """\
+pairing (form a): files are paired by name without extension and without one trailing _mask, _pred,
+  _prediction, _seg, _segmentation, _label, _labels, _gt or _annotation (case-insensitive): case7_mask.png
+  pairs with case7.png. Labels are matched by name: prediction names from --label-map, else the JSON
+  summary that `medsam3 segment` writes beside each mask, else the file's own names (DICOM SEG, .seg.nrrd);
+  reference names from --ref-labels, else REF_DIR/dataset.json, else the file's own names. A prediction
+  without names is read in the reference's label values; a binary reference matches the prediction's
+  single label.
+
+prompts (form b): text = the concept; box = the reference's bounding box alone (the paper's vanilla-SAM3
+  control); text+box = both; point = one positive point at the reference's most interior pixel (needs the
+  tracker weights). --geometry objects: one box / point per connected component instead of one for the
+  whole mask. Rule: the best mask whose confidence sigmoid(logit) x presence exceeds --threshold (0.1),
+  else an empty mask; --presence-threshold adds a presence gate (default 0: none, as in the paper).
+
+units: distances (HD95, ASSD) and the NSD tolerance are in mm when the pixel size is known, in pixels for
+  PNG / JPEG (column distance_unit). Means come with 95% bootstrap intervals (2000 resamples, seeded).
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return v
+
+
+def _unit(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return v
+
+
+def register(subparsers) -> None:
+    from medsam3.evaluate.run_model import GEOMETRIES, PROMPT_MODES, SPLIT_CHOICES, VOLUME_MODES
+    from medsam3.evaluate.score_files import SPACING_SOURCES
+
+    p = subparsers.add_parser(
+        "evaluate", help="score predictions against references, or run models on a manifest",
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pred", type=Path, metavar="PRED_DIR", help="(a) folder of prediction files")
+    what.add_argument("--manifest", type=Path, help="(b) manifest JSONL written by `medsam3 prepare`")
+    what.add_argument("--table3", action="store_true", help="reproduce the paper's Table 3")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="REPORT_DIR", help="report folder")
+    p.add_argument("--nsd-tolerance", type=_positive_float, default=2.0,
+                   help="NSD tolerance in mm (pixels for pictures without pixel size); default 2.0")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="exit 0 (with a warning) when cases are missing or failed")
+    p.add_argument("--gallery", type=int, default=3, metavar="N", help="best and worst N cases per model (3)")
+    p.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the absent concepts (0)")
+    p.add_argument("--model-name", action="append", metavar="NAME",
+                   help="report name of the predictions (a) or of each --model, in order (b)")
+    a = p.add_argument_group("(a) prediction files")
+    a.add_argument("--ref", type=Path, metavar="REF_DIR", help="folder of reference label files")
+    a.add_argument("--label-map", type=Path, help='prediction value -> name JSON, e.g. {"1": "liver"}')
+    a.add_argument("--ref-labels", type=Path,
+                   help="reference value -> name JSON (default: REF_DIR/dataset.json)")
+    a.add_argument("--spacing-from", choices=SPACING_SOURCES, default="ref",
+                   help="voxel size for distances: ref (default), pred, none (voxel units)")
+    a.add_argument("--resample", action="store_true",
+                   help="resample predictions on another grid onto the reference grid (nearest neighbour)")
+    a.add_argument("--images", type=Path, help="folder of the images, for the gallery (paired like the refs)")
+    a.add_argument("--dataset-name", help="dataset name in the report (default: the REF_DIR folder name)")
+    a.add_argument("--role", choices=("internal", "external"), help="table section of the dataset")
+    a.add_argument("--group", default="", help="modality group of the dataset")
+    b = p.add_argument_group("(b) models on a manifest")
+    b.add_argument("--model", action="append", metavar="PATH", help="model folder or id; repeat to compare")
+    b.add_argument("--prompt-mode", choices=PROMPT_MODES, default="text")
+    b.add_argument("--geometry", choices=GEOMETRIES, default="whole",
+                   help="box / point prompts: one for the whole mask (default) or one per object")
+    b.add_argument("--split", choices=SPLIT_CHOICES, default="eval",
+                   help="records to evaluate: val, test, eval = val + test (default), all")
+    b.add_argument("--datasets", nargs="+", metavar="NAME", help="only these datasets of the manifest")
+    b.add_argument("--limit", type=int, metavar="N", help="at most N records per dataset")
+    b.add_argument("--threshold", type=_unit, default=0.1, help="confidence threshold (default 0.1)")
+    b.add_argument("--presence-threshold", type=_unit, default=0.0,
+                   help="presence gate (default 0: none; `medsam3 segment` uses 0.5)")
+    b.add_argument("--absent", type=int, default=0, metavar="N",
+                   help="also prompt each image with N concepts it does not contain (false-positive rate)")
+    b.add_argument("--include-empty", action="store_true",
+                   help="also score concepts the dataset names but the image lacks")
+    b.add_argument("--instances", action="store_true",
+                   help="keep every mask above the threshold (their union is scored), not only the best")
+    b.add_argument("--prompt-text", action="append", metavar="CONCEPT=TEXT",
+                   help="prompt TEXT instead of CONCEPT (DATASET:CONCEPT=TEXT for one dataset)")
+    b.add_argument("--volume-mode", choices=VOLUME_MODES, default="slices",
+                   help="3D records: segment axial slices (default) or hand the volume to the segmenter")
+    b.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    b.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    t = p.add_argument_group("--table3")
+    t.add_argument("--data-root", type=Path, help="folder with one sub-folder per Table 3 dataset")
+    t.add_argument("--vanilla", help="vanilla SAM3 model folder or id")
+    t.add_argument("--medical", help="Medical SAM3 model folder")
+    p.set_defaults(func=run)
+
+
+def _exit_status(rows, allow_missing: bool) -> int:
+    missing = sum(r.status == "missing" for r in rows)
+    failed = sum(r.status == "failed" for r in rows)
+    if not missing and not failed:
+        return 0
+    msg = f"{missing} reference label(s) without a prediction and {failed} failed, scored as failures " \
+          "(status column of cases.csv)"
+    if allow_missing:
+        print(f"warning: {msg}", file=sys.stderr)
+        return 0
+    print(f"error: {msg}; pass --allow-missing to accept", file=sys.stderr)
+    return 1
+
+
+def _print_summary(out: Path, warnings: list[str]) -> None:
+    print((out / "table.md").read_text(encoding="utf-8"))
+    for w in warnings[:20]:
+        print(f"warning: {w}", file=sys.stderr)
+    if len(warnings) > 20:
+        print(f"warning: ... and {len(warnings) - 20} more (config.json)", file=sys.stderr)
+    print(f"report: {out}")
+
+
+def _arguments(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+
+
+def _run_files(args) -> int:
+    from medsam3.data import registry
+    from medsam3.evaluate.figures import GalleryCollector
+    from medsam3.evaluate.report import write_report
+    from medsam3.evaluate.score_files import FolderOptions, score_folders
+
+    if args.ref is None:
+        raise InputError(None, "--pred needs --ref REF_DIR")
+    if args.model_name and len(args.model_name) > 1:
+        raise InputError(None, "--pred takes one --model-name")
+    protect_inputs([p for p in (args.pred, args.ref, args.label_map, args.ref_labels, args.images) if p])
+    check_not_input(args.out / "cases.csv")
+    dataset = args.dataset_name or args.ref.resolve().name
+    role, group = args.role or "", args.group
+    try:
+        entry = registry.get(dataset)
+        role = role or {"internal-eval": "internal", "external": "external"}.get(entry.role, "")
+        group = group or entry.group
+    except InputError:
+        pass
+    options = FolderOptions(label_map=args.label_map, ref_labels=args.ref_labels,
+                            spacing_from=args.spacing_from, nsd_tolerance=args.nsd_tolerance,
+                            resample=args.resample, dataset=dataset, role=role, group=group,
+                            model=(args.model_name or ["prediction"])[0], images=args.images)
+    gallery = GalleryCollector(args.gallery)
+    result = score_folders(args.pred, args.ref, options, gallery)
+    config = {
+        "form": "files", "arguments": _arguments(args), "dataset": dataset, "role": role, "group": group,
+        "label_names": result.name_sources, "alignment": result.alignment,
+        "missing": result.missing, "failed": result.failed, "predictions_without_reference": result.orphans,
+        "warnings": result.warnings,
+    }
+    write_report(args.out, result.rows, config, gallery.items(), n_boot=args.bootstrap, seed=args.seed)
+    _print_summary(args.out, result.warnings)
+    return _exit_status(result.rows, args.allow_missing)
+
+
+def _prompt_overrides(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or not text.strip():
+            raise InputError(None, f"--prompt-text {item!r}: expected CONCEPT=TEXT or DATASET:CONCEPT=TEXT")
+        out[key.strip()] = text.strip()
+    return out
+
+
+def _run_manifest(args) -> int:
+    from medsam3.data.manifest import read_manifest
+    from medsam3.evaluate.figures import GalleryCollector
+    from medsam3.evaluate.report import write_report
+    from medsam3.evaluate.run_model import ModelSpec, RunOptions, run_models, select_records
+
+    models = args.model or [None]
+    names = args.model_name or []
+    if names and len(names) != len(models):
+        raise InputError(None, f"{len(names)} --model-name for {len(models)} --model: one name per model")
+    if not names:
+        names = [Path(m).name if m else "default" for m in models]
+    if len(set(names)) != len(names):
+        raise InputError(None, f"model names {names} must be distinct (use --model-name)")
+    protect_inputs([args.manifest] + [m for m in models if m and Path(m).exists()])
+    check_not_input(args.out / "cases.csv")
+    all_records = read_manifest(args.manifest)
+    records = select_records(all_records, args.split, args.datasets, args.limit)
+    if not records:
+        raise InputError(args.manifest, f"has no record in split {args.split!r}"
+                         + (f" of datasets {args.datasets}" if args.datasets else ""))
+    protect_inputs([p for r in records for p in (*r.image, *r.label)])
+    options = RunOptions(prompt_mode=args.prompt_mode, geometry=args.geometry, threshold=args.threshold,
+                         presence_threshold=args.presence_threshold, nsd_tolerance=args.nsd_tolerance,
+                         absent=args.absent, seed=args.seed, include_empty=args.include_empty,
+                         instances=args.instances,
+                         prompt_text=_prompt_overrides(args.prompt_text), volume_mode=args.volume_mode,
+                         device=args.device, dtype=args.dtype)
+    options.check()
+    gallery = GalleryCollector(args.gallery)
+    specs = [ModelSpec(n, m) for n, m in zip(names, models, strict=True)]
+    result = run_models(records, specs, options, gallery, all_records=all_records)
+    config = {
+        "form": "manifest", "arguments": _arguments(args), "models": result.models,
+        "prompt_mode": options.prompt_mode, "geometry": options.geometry, "threshold": options.threshold,
+        "presence_threshold": options.presence_threshold, "nsd_tolerance": options.nsd_tolerance,
+        "absent": options.absent, "volume_mode": options.volume_mode, "prompts": options.prompt_text,
+        "instances": options.instances,
+        "records": len(records), "datasets": sorted({r.dataset for r in records}),
+        "warnings": result.warnings,
+    }
+    write_report(args.out, result.rows, config, gallery.items(), result.absent, n_boot=args.bootstrap,
+                 seed=args.seed)
+    _print_summary(args.out, result.warnings)
+    return _exit_status(result.rows, args.allow_missing)
+
+
+def _run_table3(args) -> int:
+    from medsam3.evaluate.table3 import PAPER_TABLE3, run_table3
+
+    needed = ("data_root", "vanilla", "medical")
+    missing = [f"--{n.replace('_', '-')}" for n in needed if not getattr(args, n)]
+    if missing:
+        raise InputError(None, f"--table3 needs {', '.join(missing)}")
+    protect_inputs([args.data_root] + [m for m in (args.vanilla, args.medical) if Path(m).exists()])
+    check_not_input(args.out / "cases.csv")
+    comp = run_table3(args.data_root, args.vanilla, args.medical, args.out, datasets=args.datasets,
+                      limit=args.limit, device=args.device, dtype=args.dtype, gallery=args.gallery,
+                      n_boot=args.bootstrap, command={"arguments": _arguments(args)})
+    print((args.out / "table3.md").read_text(encoding="utf-8"))
+    ran = sum(1 for e in comp["datasets"] if e["ours_medsam3"] is not None)
+    print(f"{ran} of {len(PAPER_TABLE3)} datasets run; report: {args.out}")
+    return 0
+
+
+#: Options that belong to one form only: option -> (attribute, default, forms that take it).
+_FORM_OPTIONS = {
+    "--ref": ("ref", None, ("files",)), "--label-map": ("label_map", None, ("files",)),
+    "--ref-labels": ("ref_labels", None, ("files",)), "--resample": ("resample", False, ("files",)),
+    "--images": ("images", None, ("files",)), "--dataset-name": ("dataset_name", None, ("files",)),
+    "--role": ("role", None, ("files",)), "--spacing-from": ("spacing_from", "ref", ("files",)),
+    "--model": ("model", None, ("manifest",)), "--prompt-mode": ("prompt_mode", "text", ("manifest",)),
+    "--geometry": ("geometry", "whole", ("manifest",)), "--split": ("split", "eval", ("manifest",)),
+    "--absent": ("absent", 0, ("manifest",)), "--include-empty": ("include_empty", False, ("manifest",)),
+    "--instances": ("instances", False, ("manifest",)), "--prompt-text": ("prompt_text", None, ("manifest",)),
+    "--threshold": ("threshold", 0.1, ("manifest",)),
+    "--presence-threshold": ("presence_threshold", 0.0, ("manifest",)),
+    "--volume-mode": ("volume_mode", "slices", ("manifest",)),
+    "--datasets": ("datasets", None, ("manifest", "table3")),
+    "--limit": ("limit", None, ("manifest", "table3")),
+    "--device": ("device", "auto", ("manifest", "table3")),
+    "--dtype": ("dtype", "auto", ("manifest", "table3")),
+    "--data-root": ("data_root", None, ("table3",)), "--vanilla": ("vanilla", None, ("table3",)),
+    "--medical": ("medical", None, ("table3",)), "--model-name": ("model_name", None, ("files", "manifest")),
+}
+
+
+def _check_options(args, form: str) -> None:
+    """Refuse options of another form instead of ignoring them silently."""
+    flag = {"files": "--pred", "manifest": "--manifest", "table3": "--table3"}[form]
+    wrong = [opt for opt, (attr, default, forms) in _FORM_OPTIONS.items()
+             if form not in forms and getattr(args, attr, default) not in (default, None, False)]
+    if wrong:
+        raise InputError(None, f"{', '.join(wrong)} cannot be used with {flag}")
+
+
+def run(args: argparse.Namespace) -> int:
+    form = "files" if args.pred is not None else "manifest" if args.manifest is not None else "table3"
+    _check_options(args, form)
+    if args.pred is not None:
+        return _run_files(args)
+    if args.manifest is not None:
+        return _run_manifest(args)
+    return _run_table3(args)
