@@ -10,7 +10,7 @@ Frames and conventions (used throughout the package)
 
 * ``array`` axes are the **reverse** of the ITK order (as ``SimpleITK.GetArrayFromImage``):
 
-  - 3D volume : ``(Z, Y, X)``; voxel ``array[k, j, i]`` sits at ``origin + direction @ (spacing * (i, j, k))``.
+  - 3D volume : ``(Z, Y, X)``; voxel ``array[k, j, i]`` is at ``origin + direction @ (spacing * (i, j, k))``.
   - 2D image  : ``(Y, X)`` grayscale, or ``(Y, X, C)`` with ``C`` in {3, 4} channels (RGB / RGBA).
 
 * Boxes are ``(x1, y1, x2, y2)`` in pixel units of a 2D slice ``(Y, X)``; normalised ``cxcywh`` appears only
