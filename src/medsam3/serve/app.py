@@ -1,0 +1,327 @@
+"""The FastAPI application of ``medsam3 serve``: the HTTP API, the web viewer and the access token.
+
+Endpoints (all described in ``/openapi.json`` and browsable at ``/docs``):
+
+* ``POST /api/images``: upload an image or volume (multipart field ``file``, or the raw file as the body);
+  answers 201 with the image id and metadata (shape, spacing, modality, 2D/3D, display planes).
+* ``GET /api/images/{id}``, ``DELETE /api/images/{id}``;
+  ``GET /api/images/{id}/display``: the display volume as raw ``uint8`` bytes (C order, shape in the
+  metadata's ``display.shape`` and the ``X-Shape`` header);
+  ``GET /api/images/{id}/slices/{plane}/{index}.png``.
+* ``POST /api/images/{id}/segment``: queue a segmentation (JSON body
+  :class:`~medsam3.serve.schemas.SegmentIn`);
+  202 with the job id; 503 with ``Retry-After`` when the queue is full.
+* ``GET /api/jobs/{id}``: ``queued`` / ``running`` / ``done`` / ``failed`` (with ``error``);
+  ``GET /api/jobs/{id}/mask`` (the upload's format), ``/dicom-seg`` (DICOM uploads), ``/summary`` (JSON),
+  ``/labels`` (raw labels in the display frame), ``/slices/{plane}/{index}.png`` (label values, or
+  ``?style=overlay`` for a coloured RGBA overlay); ``DELETE /api/jobs/{id}``.
+* ``GET /api/info``: version, model, limits, queue load, feature-cache counters.
+* ``GET /``: the web viewer (``static/``); ``GET /login``, ``POST /api/login``, ``POST /api/logout``.
+
+With a token every endpoint except ``/login`` and ``/api/login`` needs it: ``Authorization: Bearer
+<token>``, the ``medsam3_token`` cookie (set by ``/api/login``), or ``?token=<token>`` (which also sets the
+cookie, for opening the viewer from a link). Every error is JSON ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from medsam3 import __version__
+from medsam3.serve.errors import ApiError, error_response, install_error_handlers
+from medsam3.serve.results import DISPLAY_LABELS
+from medsam3.serve.schemas import LoginIn, SegmentIn
+from medsam3.serve.service import Service
+from medsam3.serve.settings import ServeSettings
+from medsam3.serve.store import check_plane
+from medsam3.serve.uploads import MASK_OUTPUTS, download_stem
+
+log = logging.getLogger("medsam3.serve")
+
+STATIC = Path(__file__).resolve().parent / "static"
+COOKIE = "medsam3_token"
+_PUBLIC = ("/login", "/api/login", "/static/login.css", "/favicon.ico")
+_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+def _id_param():
+    return PathParam(..., min_length=1, max_length=64, description="server-generated id (32 hex digits)")
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def _token_ok(given: str | None, token: str) -> bool:
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _request_token(request: Request) -> tuple[str | None, bool]:
+    """The token the request carries and whether it came in the query string."""
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip(), False
+    if COOKIE in request.cookies:
+        return request.cookies[COOKIE], False
+    q = request.query_params.get("token")
+    return (q, True) if q else (None, False)
+
+
+def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
+    """Build the application; ``loaded`` is a model from :func:`medsam3.model.loading.load_sam3` (loaded
+    here from ``settings.model`` when omitted, once, before the server accepts requests)."""
+    if loaded is None:
+        from medsam3.model.loading import load_sam3
+
+        loaded = load_sam3(settings.model, device=settings.device, dtype=settings.dtype)
+    service = Service(settings, loaded)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def sweep():
+            while True:
+                await asyncio.sleep(settings.cleanup_period)
+                try:
+                    await run_in_threadpool(service.cleanup)
+                except Exception:  # the sweeper must keep running
+                    log.exception("cleanup failed")
+
+        task = asyncio.create_task(sweep())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            service.close()
+
+    app = FastAPI(
+        title="medsam3",
+        version=__version__,
+        description="Prompt-driven medical image segmentation with SAM3: upload an image or volume, "
+        "segment it from text / box / point prompts, download the label map. Errors are JSON "
+        "`{\"error\": \"...\"}`.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.settings = settings
+    install_error_handlers(app, hide=service.hidden_paths)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        set_cookie = False
+        if settings.token is not None and path not in _PUBLIC:
+            given, from_query = _request_token(request)
+            if not _token_ok(given, settings.token):
+                wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
+                if wants_page and path in ("/", "/index.html"):
+                    return RedirectResponse("/login", status_code=303)
+                return error_response(401, "authentication required: send 'Authorization: Bearer <token>' "
+                                           "or log in at /login", {"WWW-Authenticate": "Bearer"})
+            set_cookie = from_query
+        if request.method in ("POST", "PUT", "PATCH") and path != "/api/images":
+            length = request.headers.get("content-length")
+            if length is None and request.headers.get("transfer-encoding"):
+                return error_response(411, "send the request body with a Content-Length")
+            if length is not None and length.isdigit() and int(length) > settings.max_json_bytes:
+                return error_response(413, f"request body too large (limit {settings.max_json_kb:g} KB)")
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if path in ("/", "/index.html", "/login"):
+            response.headers["Content-Security-Policy"] = _CSP
+            response.headers["X-Frame-Options"] = "DENY"
+        if set_cookie:
+            response.set_cookie(COOKIE, settings.token, httponly=True, samesite="strict")
+        return response
+
+    # -- viewer and login ----------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/login", include_in_schema=False)
+    async def login_page(failed: int = 0):
+        page = (STATIC / "login.html").read_text(encoding="utf-8")
+        if failed:
+            page = page.replace("<!--message-->", '<p class="error">That token was not accepted.</p>')
+        return HTMLResponse(page)
+
+    @app.post("/login", include_in_schema=False)
+    async def login_form(request: Request):
+        form = await request.form(max_files=0, max_fields=2)
+        token = form.get("token")
+        if settings.token is None or (isinstance(token, str) and _token_ok(token, settings.token)):
+            response = RedirectResponse("/", status_code=303)
+            if settings.token is not None:
+                response.set_cookie(COOKIE, settings.token, httponly=True, samesite="strict")
+            return response
+        return RedirectResponse("/login?failed=1", status_code=303)
+
+    @app.post("/api/login", tags=["auth"], summary="exchange the token for a session cookie")
+    async def login(body: LoginIn):
+        if settings.token is None:
+            return {"ok": True, "auth": False}
+        if not _token_ok(body.token, settings.token):
+            raise ApiError(401, "wrong token")
+        response = JSONResponse({"ok": True, "auth": True})
+        response.set_cookie(COOKIE, settings.token, httponly=True, samesite="strict")
+        return response
+
+    @app.post("/api/logout", tags=["auth"], summary="forget the session cookie")
+    async def logout():
+        response = JSONResponse({"ok": True})
+        response.delete_cookie(COOKIE)
+        return response
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # -- information ---------------------------------------------------------------------------------
+    @app.get("/api/info", tags=["server"], summary="version, model, limits, queue and cache state")
+    async def info():
+        return service.info()
+
+    # -- images --------------------------------------------------------------------------------------
+    upload_body = {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+            "file": {"type": "string", "format": "binary",
+                     "description": "NIfTI, NRRD, DICOM series as .zip, DICOM file, PNG, JPEG, BMP or TIFF"},
+            "series_uid": {"type": "string",
+                           "description": "DICOM series to read when the zip holds several"},
+            "modality": {"type": "string", "description": "override the guessed modality (CT, MR, ...)"},
+        }}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    }}}
+
+    @app.post("/api/images", status_code=201, tags=["images"], openapi_extra=upload_body,
+              summary="upload an image or volume",
+              responses={413: {"description": "too large"}, 415: {"description": "unsupported content"}})
+    async def upload(request: Request):
+        return await service.add_upload(request)
+
+    @app.get("/api/images/{image_id}", tags=["images"], summary="metadata of an uploaded image")
+    async def image_info(image_id: str = _id_param()):
+        return service.images.get(image_id).info
+
+    @app.delete("/api/images/{image_id}", tags=["images"], summary="remove an uploaded image")
+    async def image_delete(image_id: str = _id_param()):
+        service.images.get(image_id)
+        service.images.remove(image_id)
+        return {"deleted": image_id}
+
+    @app.get("/api/images/{image_id}/display", tags=["viewer"],
+             summary="the display volume as raw uint8 bytes (shape in X-Shape)")
+    async def image_display(image_id: str = _id_param()):
+        rec = service.images.get(image_id)
+        array = await run_in_threadpool(lambda: np.ascontiguousarray(service.images.display(rec)))
+        return Response(array.tobytes(), media_type="application/octet-stream",
+                        headers={"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": "uint8"})
+
+    @app.get("/api/images/{image_id}/slices/{plane}/{index}.png", tags=["viewer"],
+             summary="one display slice as PNG")
+    async def image_slice(image_id: str = _id_param(), plane: str = PathParam(..., max_length=20),
+                          index: int = PathParam(..., ge=0)):
+        rec = service.images.get(image_id)
+        data = await run_in_threadpool(lambda: _png(service.images.display_slice(rec, plane, index)))
+        return Response(data, media_type="image/png")
+
+    @app.post("/api/images/{image_id}/segment", status_code=202, tags=["segmentation"],
+              summary="queue a segmentation of an uploaded image",
+              responses={503: {"description": "queue full; see Retry-After"}})
+    async def segment(body: SegmentIn, image_id: str = _id_param()):
+        job = service.submit(image_id, body)
+        return service.job_status(job)
+
+    # -- jobs ----------------------------------------------------------------------------------------
+    @app.get("/api/jobs/{job_id}", tags=["segmentation"], summary="status of a job")
+    async def job_status(job_id: str = _id_param()):
+        return service.job_status(service.get_job(job_id))
+
+    @app.delete("/api/jobs/{job_id}", tags=["segmentation"], summary="remove a finished job's results")
+    async def job_delete(job_id: str = _id_param()):
+        job = service.get_job(job_id)
+        if not job.ended:
+            raise ApiError(409, f"job {job.id} is {job.status}; it can be removed once it has ended")
+        service.cleanup_job(job)
+        return {"deleted": job_id}
+
+    def _download(job, kind: str, media: str, filename: str) -> FileResponse:
+        path = service.job_file(job, kind)
+        return FileResponse(path, media_type=media, filename=filename)
+
+    @app.get("/api/jobs/{job_id}/mask", tags=["segmentation"],
+             summary="the label map in the upload's format and geometry")
+    async def job_mask(job_id: str = _id_param()):
+        job = service.get_job(job_id)
+        rec = service.images.get(job.image_id)
+        file_name, media = MASK_OUTPUTS[rec.stored.kind]
+        ext = file_name.split(".", 1)[1]
+        return _download(job, "mask", media, f"{download_stem(rec.name)}_mask.{ext}")
+
+    @app.get("/api/jobs/{job_id}/dicom-seg", tags=["segmentation"], summary="the label map as DICOM SEG")
+    async def job_seg(job_id: str = _id_param()):
+        job = service.get_job(job_id)
+        rec = service.images.get(job.image_id)
+        return _download(job, "dicom_seg", "application/dicom", f"{download_stem(rec.name)}_seg.dcm")
+
+    @app.get("/api/jobs/{job_id}/summary", tags=["segmentation"], summary="the JSON summary of a job")
+    async def job_summary(job_id: str = _id_param()):
+        job = service.get_job(job_id)
+        rec = service.images.get(job.image_id)
+        return _download(job, "summary", "application/json", f"{download_stem(rec.name)}_summary.json")
+
+    def _display_labels(job) -> np.ndarray:
+        service.job_file(job, "mask")
+        return np.load(job.folder / DISPLAY_LABELS, mmap_mode="r", allow_pickle=False)
+
+    @app.get("/api/jobs/{job_id}/labels", tags=["viewer"],
+             summary="labels in the display frame as raw bytes (dtype in X-Dtype, shape in X-Shape)")
+    async def job_labels(job_id: str = _id_param()):
+        job = service.get_job(job_id)
+        array = await run_in_threadpool(lambda: np.ascontiguousarray(_display_labels(job)))
+        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        return Response(little.tobytes(), media_type="application/octet-stream",
+                        headers={"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": str(array.dtype)})
+
+    @app.get("/api/jobs/{job_id}/slices/{plane}/{index}.png", tags=["viewer"],
+             summary="one label slice as PNG (values, or style=overlay for colours)")
+    async def job_slice(job_id: str = _id_param(), plane: str = PathParam(..., max_length=20),
+                        index: int = PathParam(..., ge=0),
+                        style: str = Query("labels", pattern="^(labels|overlay)$")):
+        from medsam3.preprocess.slices import take_slice
+
+        job = service.get_job(job_id)
+        rec = service.images.get(job.image_id)
+        axis = check_plane(rec.info, plane, index)
+
+        def render() -> bytes:
+            sl = np.ascontiguousarray(take_slice(_display_labels(job), axis, index, display=True))
+            if style == "labels":
+                return _png(sl if sl.dtype.itemsize <= 2 else sl.astype(np.uint16))
+            rgba = np.zeros((*sl.shape, 4), dtype=np.uint8)
+            for entry in job.result["labels"]:
+                if entry["value"] is not None and entry["color"] is not None:
+                    rgba[sl == entry["value"]] = (*entry["color"], 255)
+            return _png(rgba)
+
+        return Response(await run_in_threadpool(render), media_type="image/png")
+
+    return app

@@ -1,0 +1,276 @@
+"""The server's state: the model (loaded once), the feature cache, the images, the jobs and their expiry.
+
+:class:`Service` is what the HTTP routes call; it holds no HTTP logic itself apart from raising
+:class:`~medsam3.serve.errors.ApiError`:
+
+* :meth:`Service.add_upload` checks and reads an upload (:mod:`medsam3.serve.uploads`), stores it
+  (:mod:`medsam3.serve.store`) and returns its public description;
+* :meth:`Service.submit` validates a segmentation request against the image (bad prompts are refused at
+  once, not as failed jobs) and queues a :class:`~medsam3.serve.jobs.Job` (503 when the queue is full);
+* :meth:`Service.execute` runs in a worker thread: one :class:`~medsam3.predict.segmenter.Segmenter` per
+  job around the shared model (its thresholds are the request's), the shared point tracker (loaded on first
+  use), and :func:`medsam3.serve.results.segment_job`;
+* :meth:`Service.cleanup` removes jobs ``result_ttl`` seconds after they ended and images ``result_ttl``
+  seconds after their last use (never while a job of theirs waits or runs), files included.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from medsam3.errors import InputError, MedSam3Error, ModelError
+from medsam3.preprocess.intensity import parse_window
+from medsam3.serve.cache import FeatureCache, install_feature_cache
+from medsam3.serve.errors import ApiError, public_message
+from medsam3.serve.jobs import FAILED, QUEUED, RUNNING, Job, JobQueue, QueueFull, is_valid_id, new_id
+from medsam3.serve.results import segment_job, validate_prompts
+from medsam3.serve.schemas import SegmentIn
+from medsam3.serve.settings import ServeSettings
+from medsam3.serve.store import ImageRecord, ImageStore
+from medsam3.serve.uploads import receive_upload, store_upload
+
+log = logging.getLogger("medsam3.serve")
+
+
+class Service:
+    """Everything a running server holds (see the module docstring)."""
+
+    def __init__(self, settings: ServeSettings, loaded: Any):
+        self.settings = settings
+        self.loaded = loaded
+        self._own_work_dir = settings.work_dir is None
+        self.work_dir = Path(tempfile.mkdtemp(prefix="medsam3-serve-")) if self._own_work_dir else \
+            Path(settings.work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.images = ImageStore(self.work_dir / "images", memory_bytes=settings.image_memory_bytes)
+        self.jobs_dir = self.work_dir / "jobs"
+        self.jobs_dir.mkdir(exist_ok=True)
+        self.cache = FeatureCache(settings.cache_items, settings.cache_bytes)
+        install_feature_cache(loaded.model, self.cache)
+        self.model_name = Path(str(getattr(loaded, "source", "model"))).name or "model"
+        self._jobs: dict[str, Job] = {}
+        self._expired_jobs: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+        self._tracker = None
+        self._tracker_lock = threading.Lock()
+        self.queue = JobQueue(self.execute, self.describe_error, workers=settings.workers,
+                              queue_size=settings.queue_size)
+        self.started = time.time()
+
+    # -- messages --------------------------------------------------------------------------------------
+    @property
+    def hidden_paths(self) -> tuple[str, ...]:
+        """Server folders never shown to clients."""
+        return (str(self.work_dir), str(getattr(self.loaded, "source", "")))
+
+    def describe_error(self, job: Job, exc: BaseException) -> str:
+        if isinstance(exc, ApiError):
+            return exc.message
+        if isinstance(exc, MedSam3Error):
+            rec = self.images.find(job.image_id)
+            return public_message(exc, name=rec.name if rec else None, hide=self.hidden_paths)
+        log.error("job %s failed unexpectedly", job.id, exc_info=exc)
+        return "internal error while segmenting (details are in the server log)"
+
+    # -- uploads ---------------------------------------------------------------------------------------
+    async def add_upload(self, request: Request) -> dict[str, Any]:
+        """Receive, check, read and store an upload; returns its public description (ApiError on refusal)."""
+        from starlette.concurrency import run_in_threadpool
+
+        image_id = new_id()
+        folder = self.images.new_folder(image_id)
+        try:
+            received = await receive_upload(request, folder, self.settings)
+            rec = await run_in_threadpool(self._read_upload, image_id, folder, received)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return rec.info
+
+    def _read_upload(self, image_id: str, folder: Path, received) -> ImageRecord:
+        from medsam3.io.readers import read_image
+
+        stored = store_upload(received, folder, self.settings)
+        try:
+            image = read_image(stored.source, series_uid=received.series_uid, modality=received.modality)
+        except InputError as exc:
+            raise ApiError(400, public_message(exc, name=received.name, hide=self.hidden_paths)) from None
+        if image.meta.get("is_label"):
+            raise ApiError(400, f"{received.name}: this is a segmentation (label map / DICOM SEG), not an "
+                                "image to segment")
+        image.meta["display_name"] = received.name
+        return self.images.add(image_id, folder, received.name, stored, image, received.series_uid,
+                               received.modality)
+
+    # -- jobs ------------------------------------------------------------------------------------------
+    def get_job(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id) if is_valid_id(job_id) else None
+            if job is None:
+                if job_id in self._expired_jobs:
+                    raise ApiError(410, f"the result of job {job_id} has expired and was removed; "
+                                        "run the segmentation again")
+                raise ApiError(404, f"unknown job id {job_id[:40]!r}")
+            return job
+
+    def job_status(self, job: Job) -> dict[str, Any]:
+        out = job.to_dict()
+        out["queue_position"] = self.queue.position(job.id) if job.status == QUEUED else None
+        if job.ended and job.finished is not None:
+            out["expires"] = job.finished + self.settings.result_ttl
+        return out
+
+    def submit(self, image_id: str, body: SegmentIn) -> Job:
+        """Validate ``body`` against the image and queue a job (ApiError 4xx / 503)."""
+        rec = self.images.get(image_id)
+        prompts = [p.to_prompt() for p in body.prompts]
+        plane = None
+        if body.slice is not None:
+            if rec.info["ndim"] != 3:
+                raise ApiError(422, "'slice' applies to volumes only; this image is 2D")
+            from medsam3.serve.store import check_plane
+
+            check_plane(rec.info, body.slice.plane, body.slice.index)
+            plane = body.slice.plane
+        try:
+            validate_prompts(prompts, rec, plane)
+            if body.window is not None:
+                if rec.info["modality"] != "CT":
+                    raise ApiError(422, f"a CT window was given for a {rec.info['modality']} image; "
+                                        "windows apply to CT only")
+                parse_window(body.window)
+        except MedSam3Error as exc:
+            raise ApiError(422, public_message(exc, name=rec.name, hide=self.hidden_paths)) from None
+        job = Job(new_id(), image_id, body.model_dump(), self.jobs_dir)
+        job.folder = self.jobs_dir / job.id
+        with self._lock:
+            self._jobs[job.id] = job
+        try:
+            self.queue.submit(job)
+        except QueueFull as exc:
+            with self._lock:
+                self._jobs.pop(job.id, None)
+            raise ApiError(503, f"the server is busy: {exc} (server options --workers / --queue-size); "
+                                f"retry in {exc.retry_after} s",
+                           headers={"Retry-After": str(exc.retry_after)}) from None
+        return job
+
+    def tracker_for(self, prompts) -> Any:
+        """The shared point tracker when a prompt needs it (loaded once), else ``None``."""
+        if not any(p.uses_tracker for p in prompts):
+            return None
+        with self._tracker_lock:
+            if self._tracker is None:
+                from medsam3.model.loading import load_sam3_tracker
+
+                source = getattr(self.loaded, "source", None)
+                try:
+                    self._tracker = load_sam3_tracker(source, device=str(self.loaded.device),
+                                                      dtype=str(self.loaded.dtype).replace("torch.", ""))
+                except ModelError:
+                    raise ModelError(
+                        "point prompts without a text need SAM3's interactive tracker, which this server's "
+                        "model does not hold; give a text with the points, or use a box") from None
+            return self._tracker
+
+    def execute(self, job: Job) -> dict[str, Any]:
+        """Run ``job`` (worker thread): segment and write its files."""
+        from medsam3.predict.segmenter import Segmenter
+
+        rec = self.images.get(job.image_id)
+        image = self.images.load_image(rec)
+        req = job.request
+        body = SegmentIn.model_validate(req)
+        prompts = [p.to_prompt() for p in body.prompts]
+        s = self.settings
+        segmenter = Segmenter(
+            self.loaded,
+            threshold=s.threshold if body.threshold is None else body.threshold,
+            presence_threshold=s.presence_threshold if body.presence_threshold is None else
+            body.presence_threshold,
+            window=body.window,
+            instances=body.instances,
+            tracker=self.tracker_for(prompts),
+        )
+        job.folder.mkdir(parents=True, exist_ok=False)
+        try:
+            return segment_job(segmenter, image, rec, prompts, req, job.folder, self.model_name)
+        except BaseException:
+            shutil.rmtree(job.folder, ignore_errors=True)
+            raise
+
+    def job_file(self, job: Job, kind: str) -> Path:
+        """A result file of a finished job (409 while it is not done, 404 when it has no such file)."""
+        if job.status in (QUEUED, RUNNING):
+            raise ApiError(409, f"job {job.id} is {job.status}; its result is not ready yet")
+        if job.status == FAILED:
+            raise ApiError(409, f"job {job.id} failed: {job.error}")
+        name = (job.result or {}).get("files", {}).get(kind)
+        if name is None:
+            raise ApiError(404, f"job {job.id} has no {kind.replace('_', ' ')} file")
+        return job.folder / name
+
+    def cleanup_job(self, job: Job) -> None:
+        """Forget an ended job and remove its files."""
+        with self._lock:
+            self._jobs.pop(job.id, None)
+        shutil.rmtree(job.folder, ignore_errors=True)
+
+    # -- expiry ----------------------------------------------------------------------------------------
+    def cleanup(self, now: float | None = None) -> dict[str, int]:
+        """Remove ended jobs and unused images older than ``result_ttl``; returns what was removed."""
+        now = time.time() if now is None else now
+        ttl = self.settings.result_ttl
+        gone_jobs = []
+        with self._lock:
+            for job in list(self._jobs.values()):
+                if job.ended and job.finished is not None and job.finished + ttl <= now:
+                    del self._jobs[job.id]
+                    self._expired_jobs[job.id] = now
+                    gone_jobs.append(job)
+            while len(self._expired_jobs) > 10000:
+                self._expired_jobs.popitem(last=False)
+            busy = {j.image_id for j in self._jobs.values() if not j.ended}
+        for job in gone_jobs:
+            shutil.rmtree(job.folder, ignore_errors=True)
+        gone_images = [r.id for r in self.images.records() if r.id not in busy and r.last_used + ttl <= now]
+        for image_id in gone_images:
+            self.images.remove(image_id, expired=True)
+        if gone_jobs or gone_images:
+            log.info("expired %d job(s) and %d image(s)", len(gone_jobs), len(gone_images))
+        return {"jobs": len(gone_jobs), "images": len(gone_images)}
+
+    def info(self) -> dict[str, Any]:
+        from medsam3 import __version__
+
+        s = self.settings
+        return {
+            "version": __version__,
+            "model": self.model_name,
+            "device": str(getattr(self.loaded, "device", "cpu")),
+            "dtype": str(getattr(self.loaded, "dtype", "")).replace("torch.", ""),
+            "auth": s.token is not None,
+            "limits": {"max_upload_mb": s.max_upload_mb, "max_voxels": s.max_voxels,
+                       "max_zip_entries": s.max_zip_entries, "max_unzipped_mb": s.max_unzipped_mb,
+                       "max_zip_ratio": s.max_zip_ratio, "result_ttl_s": s.result_ttl},
+            "defaults": {"threshold": s.threshold, "presence_threshold": s.presence_threshold},
+            "queue": self.queue.load(),
+            "feature_cache": self.cache.snapshot(),
+            "images": len(self.images.records()),
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    def close(self) -> None:
+        """Stop the workers and remove a work folder the service created itself."""
+        self.queue.shutdown()
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -1,0 +1,183 @@
+"""The web viewer end to end in a real headless browser (Debian's Chromium driven by Playwright).
+
+The server runs on a free loopback port in a thread, with an access token and the tiny model biased to
+"present" (``serve_fixtures``), so every concept gives a visible mask. The browser logs in through
+``?token=``, uploads a real ultrasound PNG through the file picker, segments a typed concept, and the test
+reads the canvas pixels to find the overlay colour; then it draws a box (text + box request), downloads
+the mask and checks it, and scrolls the planes of a real MR volume. A screenshot is saved under
+``tests/artifacts/``. Skipped when ``/usr/bin/chromium`` is missing (``scripts/install_browser.sh``
+installs it).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve_fixtures import HC18, HIPPO, make_settings, shared_model
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+TOKEN = "browser-test-token"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="/usr/bin/chromium is missing (run scripts/install_browser.sh)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_model(tmp_path_factory):
+    return shared_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(serve_model, tmp_path_factory):
+    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    import uvicorn
+
+    from medsam3.serve.app import create_app
+
+    port = free_port()
+    app = create_app(make_settings(serve_model, tmp_path_factory.mktemp("browser") / "work", token=TOKEN,
+                                   port=port))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the server did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def page(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=FLAGS,
+            viewport={"width": 1280, "height": 800}, accept_downloads=True)
+        errors: list[str] = []
+        pg = context.new_page()
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        pg.errors = errors
+        try:
+            yield pg
+        finally:
+            context.close()
+
+
+def api(server: str, path: str) -> dict:
+    import httpx
+
+    r = httpx.get(server + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_state(page, *states: str, timeout: float = 60_000) -> str:
+    selector = ", ".join(f"body[data-state={s}]" for s in states)
+    page.wait_for_selector(selector, timeout=timeout)
+    return page.get_attribute("body", "data-state")
+
+
+COUNT_COLOUR = """([r, g, b]) => {
+  const c = document.getElementById("view");
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) if (d[i] === r && d[i + 1] === g && d[i + 2] === b) n++;
+  return n;
+}"""
+
+
+def test_viewer_upload_segment_refine_download(server, page, data_dir, tmp_path):
+    # Without the token the viewer sends the browser to the login page.
+    page.goto(server + "/")
+    assert page.url.endswith("/login") and page.locator("input[name=token]").count() == 1
+    page.goto(f"{server}/?token={TOKEN}")
+    assert page.locator("#segment-btn").is_disabled()
+
+    page.set_input_files("#file-input", str(data_dir / HC18))
+    wait_state(page, "ready")
+    assert "800 × 540" in page.text_content("#image-info")
+    assert page.locator("#scope").is_hidden()  # a 2D picture has no slice scope
+
+    page.fill("#prompt-input", "fetal head")
+    page.click("#segment-btn")
+    assert wait_state(page, "done", "error") == "done", page.text_content("#status")
+    job = api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
+    (entry,) = job["result"]["labels"]
+    assert entry["name"] == "fetal head" and entry["area_px"] > 0
+    chip = page.locator(".chip")
+    assert chip.count() == 1 and "fetal head" in chip.text_content()
+    assert "presence 100%" in chip.text_content()
+
+    page.locator("#opacity").fill("100")  # opaque overlay: mask pixels show the label colour exactly
+    colour = entry["color"]
+    fit = page.evaluate("() => { const c = document.getElementById('view'); return [c.width, c.height]; }")
+    painted = page.evaluate(COUNT_COLOUR, colour)
+    scale = min((fit[0] - 32) / 800, (fit[1] - 32) / 540)
+    expected = entry["area_px"] * scale * scale
+    assert painted > 0.5 * expected, (painted, expected)
+    page.locator("#opacity").fill("0")
+    assert page.evaluate(COUNT_COLOUR, colour) < 0.01 * expected  # the image alone lacks that colour
+    page.locator("#opacity").fill("60")
+
+    # Draw a box: the viewer sends the typed text with the box.
+    view = page.locator("#view").bounding_box()
+    x0, y0 = view["x"] + view["width"] * 0.35, view["y"] + view["height"] * 0.35
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + view["width"] * 0.3, y0 + view["height"] * 0.3, steps=6)
+    page.mouse.up()
+    first_job = job["job_id"]
+    page.wait_for_selector(f"body[data-state=done]:not([data-job='{first_job}'])", timeout=60_000)
+    refined = api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
+    prompt = refined["request"]["prompts"][0]
+    assert prompt["text"] == "fetal head" and len(prompt["boxes"]) == 1
+    x1, y1, x2, y2 = prompt["boxes"][0]
+    assert 0 <= x1 < x2 <= 800 and 0 <= y1 < y2 <= 540 and x2 - x1 > 100
+    assert refined["result"]["labels"][0]["prompt"]["kind"] == "text+box"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve_viewer.png"))
+
+    with page.expect_download() as info:
+        page.click("#download-mask")
+    download = info.value
+    assert download.suggested_filename == "000_HC_mask.png"
+    saved = tmp_path / download.suggested_filename
+    download.save_as(str(saved))
+    from PIL import Image as PILImage
+
+    mask = np.asarray(PILImage.open(saved))
+    assert mask.shape == (540, 800) and set(np.unique(mask).tolist()) <= {0, 1}
+    assert int(mask.sum()) == refined["result"]["labels"][0]["area_px"]
+
+    # A volume: three planes, scrolled with the slider, aspect from the spacing.
+    page.set_input_files("#file-input", str(data_dir / HIPPO))
+    wait_state(page, "ready")
+    tabs = page.locator("#planes button")
+    assert [tabs.nth(i).text_content() for i in range(tabs.count())] == ["Axial", "Coronal", "Sagittal"]
+    assert page.locator("#scope").is_visible()
+    page.click("#planes button[data-plane=sagittal]")
+    page.locator("#slice-slider").fill("3")
+    assert page.text_content("#slice-label").startswith("Sagittal 4 /")
+    page.screenshot(path=str(ARTIFACTS / "serve_viewer_volume.png"))
+    assert not page.errors, page.errors
+
