@@ -1,0 +1,394 @@
+"""Load and save SAM3 models (transformers layout) for inference.
+
+* :func:`load_sam3` -> ``Sam3Model`` + ``Sam3Processor`` (concept prompts: text, boxes);
+* :func:`load_sam3_tracker` -> ``Sam3TrackerModel`` + ``Sam3TrackerProcessor`` (point / box prompts, SAM2
+  style) from a folder that holds the tracker weights (a converted ``sam3.pt`` or ``facebook/sam3``);
+* :func:`save_sam3` writes a model folder atomically (temporary folder, then rename).
+
+Loading is strict: any missing, unexpected or mis-shaped weight raises :class:`ModelError` listing them.
+The model is put in eval mode on the chosen device and dtype: ``device="auto"`` picks CUDA, then Apple
+MPS, then the CPU; ``dtype="auto"`` picks bfloat16 on CUDA (float16 where bfloat16 is unsupported) and
+float32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsam3.errors import ModelError, OutputError
+from medsam3.io.atomic import check_not_input
+from medsam3.model.resolve import ResolvedModel, model_directory, resolve_model
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+IMAGE_MODEL_TYPES = ("sam3", "sam3_video")
+TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker", "sam3_tracker_video")
+
+
+@dataclass
+class LoadedSam3:
+    """A ready image model: ``model`` (eval mode, on ``device`` in ``dtype``) and its ``processor``.
+
+    ``source`` is the local folder the weights came from; ``resolved`` says how it was chosen.
+    """
+
+    model: Any  # transformers.Sam3Model
+    processor: Any  # transformers.Sam3Processor
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    resolved: ResolvedModel | None = None
+
+
+@dataclass
+class LoadedSam3Tracker:
+    """A ready point/box-prompt model: ``Sam3TrackerModel`` and ``Sam3TrackerProcessor``."""
+
+    model: Any  # transformers.Sam3TrackerModel
+    processor: Any  # transformers.Sam3TrackerProcessor
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    resolved: ResolvedModel | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# device and dtype
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA if available, else Apple MPS, else CPU; an explicit device must be available."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:N or mps)") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: no CUDA GPU is available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError(f"--device {device}: Apple MPS is not available on this machine (use cpu or auto)")
+    return dev
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"fp32" | "bf16" | "fp16"`` (or the long names, or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ModelError(f"dtype {dtype}: use float32, bfloat16 or float16")
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ModelError(f"--dtype {dtype}: unknown; use fp32, bf16 or fp16")
+    return DTYPE_NAMES[name]
+
+
+def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on CUDA (float16 on GPUs without bfloat16), float32 on CPU and MPS.
+
+    On the CPU float16 is refused (several SAM3 operations have no CPU half kernels, and it is slower than
+    float32); bfloat16 runs but with a warning (slower than float32 on most CPUs, coarser masks).
+    """
+    if str(dtype) == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    chosen = parse_dtype(dtype)
+    if device.type == "cpu" and chosen == torch.float16:
+        raise ModelError("--dtype fp16 on the CPU: not supported (several SAM3 operations have no CPU "
+                         "float16 kernels, and it is slower than float32); use --dtype fp32, or a GPU")
+    if device.type == "cpu" and chosen == torch.bfloat16:
+        log.warning("bfloat16 on the CPU: slower than float32 on most CPUs and less precise; "
+                    "use --dtype fp32 unless memory is the limit")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# folders
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success it becomes ``path`` in one rename.
+
+    On error the temporary folder is removed and ``path`` is untouched. An existing non-empty ``path`` is
+    refused unless ``overwrite`` (then it is replaced only after the new folder is complete).
+    """
+    target = check_not_input(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputError(f"{path}: folder exists and is not empty; choose a new folder (or overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    try:
+        yield tmp
+        _default_permissions(tmp)
+        if target.is_dir() and any(target.iterdir()):
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if target.is_dir():
+                target.rmdir()
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _default_permissions(folder: Path) -> None:
+    """Folders and files as a plain ``mkdir`` / ``open`` would create them (temporary ones are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for item in folder.rglob("*"):
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The raw ``config.json`` of a model folder."""
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{folder / 'config.json'}: cannot read the model configuration ({exc})") from exc
+
+
+def _raise_on_loading_problems(info: dict[str, Any], folder: Path, what: str) -> None:
+    problems = []
+    for name, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                        ("mismatched_keys", "mis-shaped")):
+        keys = sorted(str(k) for k in info.get(name) or ())
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{len(keys)} {label} weight(s): {shown}")
+    if info.get("error_msgs"):
+        problems.append("; ".join(str(m) for m in info["error_msgs"]))
+    if problems:
+        raise ModelError(f"{folder}: the weights do not match {what}: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# processors
+
+
+def build_processor(config: Any, *, video: bool = False):
+    """A processor for ``config`` (Sam3Config or Sam3VideoConfig), with the offline CLIP tokenizer.
+
+    Images are resized to the model's square input size, rescaled to [0, 1] and normalised with mean = std
+    = 0.5; masks come out at 4 x the ViT grid. ``video=True`` returns a ``Sam3VideoProcessor`` (which
+    ``Sam3Processor`` and ``Sam3TrackerProcessor`` can also load), else a ``Sam3Processor``.
+    """
+    from transformers import Sam3ImageProcessor, Sam3Processor, Sam3VideoProcessor
+
+    from medsam3.model.tokenizer import build_clip_tokenizer
+
+    detector = getattr(config, "detector_config", None) or config
+    backbone = detector.vision_config.backbone_config
+    size, grid = int(backbone.image_size), int(backbone.image_size) // int(backbone.patch_size)
+    image_processor = Sam3ImageProcessor(size={"height": size, "width": size},
+                                         mask_size={"height": 4 * grid, "width": 4 * grid})
+    tokenizer = build_clip_tokenizer()
+    if not video:
+        return Sam3Processor(image_processor=image_processor, tokenizer=tokenizer)
+    from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
+
+    video_processor = Sam2VideoVideoProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                                              size={"height": size, "width": size})
+    return Sam3VideoProcessor(image_processor=image_processor, video_processor=video_processor,
+                              tokenizer=tokenizer)
+
+
+def _load_processor(cls: Any, folder: Path, config: Any) -> Any:
+    """``cls.from_pretrained(folder)``; a folder without processor files gets one built from its config."""
+    has_processor = any((folder / n).is_file() for n in ("processor_config.json", "preprocessor_config.json"))
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+    needs_tokenizer = cls.__name__ != "Sam3TrackerProcessor"
+    if has_processor and (has_tokenizer or not needs_tokenizer):
+        try:
+            return cls.from_pretrained(str(folder))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ModelError(f"{folder}: cannot load the processor / tokenizer files ({exc})") from exc
+    log.warning("%s: no processor/tokenizer files; using SAM3's standard preprocessing and the CLIP "
+                "tokenizer", folder)
+    built = build_processor(config, video=True)
+    if cls.__name__ == "Sam3TrackerProcessor":
+        return cls(image_processor=built.image_processor)
+    return cls(image_processor=built.image_processor, tokenizer=built.tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# image model
+
+
+def load_sam3(model: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
+              dtype: str | torch.dtype = "auto") -> LoadedSam3:
+    """Resolve (see :mod:`medsam3.model.resolve`), load and place a ``Sam3Model`` and its processor.
+
+    Works on folders of ``Sam3Model`` (``model_type`` ``sam3``) and of ``Sam3VideoModel`` (``sam3_video``,
+    e.g. ``facebook/sam3`` or a converted ``sam3.pt``); for the latter the detector part is loaded.
+
+    Raises:
+        ModelError: no model found, not a SAM3 folder, or weights missing / unexpected / mis-shaped.
+    """
+    from transformers import Sam3Model, Sam3Processor
+
+    resolved = resolve_model(model)
+    folder = model_directory(resolved)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    raw = read_model_config(folder)
+    if raw.get("model_type") not in IMAGE_MODEL_TYPES:
+        raise ModelError(f"{folder}: model_type {raw.get('model_type')!r} is not a SAM3 image or video model "
+                         f"(expected one of {', '.join(IMAGE_MODEL_TYPES)})")
+    try:
+        net, info = Sam3Model.from_pretrained(str(folder), dtype=torch_dtype, output_loading_info=True,
+                                              ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{folder}: cannot load the SAM3 model ({exc})") from exc
+    _raise_on_loading_problems(info, folder, "Sam3Model")
+    processor = _load_processor(Sam3Processor, folder, net.config)
+    net = net.to(dev).eval()
+    return LoadedSam3(net, processor, dev, torch_dtype, str(folder), resolved)
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save a state dict as safetensors; tensors sharing storage are copied (safetensors refuses them)."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        t = tensor.detach()
+        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if ident in seen or not t.is_contiguous():
+            t = t.contiguous().clone()
+        seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        out[key] = t
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+def save_sam3(model: Any, processor: Any, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``model`` (Sam3Model or Sam3VideoModel) and ``processor`` to ``out_dir`` atomically.
+
+    The folder gets ``config.json``, ``model.safetensors``, the tokenizer files and the processor
+    configuration; it loads back with ``from_pretrained``. Returns the folder path.
+
+    A ``Sam3VideoModel`` is written with its own state-dict keys (``detector_model.*``, ``tracker_model.*``,
+    ``tracker_neck.*``, the layout of ``facebook/sam3``), which ``Sam3Model``, ``Sam3TrackerModel``,
+    ``Sam3TrackerVideoModel`` and ``Sam3VideoModel`` all load; transformers' own ``save_pretrained``
+    would prefix the tracker keys twice.
+    """
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        if type(model).__name__ == "Sam3VideoModel":
+            model.config.architectures = [type(model).__name__]
+            model.config.save_pretrained(str(tmp))
+            write_safetensors(model.state_dict(), tmp / "model.safetensors")
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# tracker (point prompts)
+
+
+def _tracker_state_dict(folder: Path, wanted: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Tracker weights from a video-model folder, renamed to ``Sam3TrackerModel`` keys.
+
+    ``detector_model.vision_encoder.backbone.*`` (the shared ViT) -> ``vision_encoder.backbone.*``,
+    ``tracker_neck.*`` -> ``vision_encoder.neck.*``, ``tracker_model.*`` -> ``*``; video-only weights (memory
+    attention and encoder, object pointers) and the rest of the detector are not needed.
+    """
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith("detector_model.vision_encoder.backbone."):
+                    name = key[len("detector_model."):]
+                elif key.startswith("tracker_neck."):
+                    name = "vision_encoder.neck." + key[len("tracker_neck."):]
+                elif key.startswith("tracker_model."):
+                    name = key
+                    while name.startswith("tracker_model."):  # transformers' own save doubles it
+                        name = name[len("tracker_model."):]
+                else:
+                    name = key
+                if name in wanted:
+                    state[name] = f.get_tensor(key)
+    return state
+
+
+def load_sam3_tracker(model: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
+                      dtype: str | torch.dtype = "auto") -> LoadedSam3Tracker:
+    """Load ``Sam3TrackerModel`` (SAM2-style point / box prompts) and ``Sam3TrackerProcessor``.
+
+    The folder must hold the tracker weights: a ``Sam3VideoModel`` folder (``facebook/sam3``, a converted
+    ``sam3.pt`` / Medical SAM3 checkpoint with its ``tracker.*`` keys) or a ``Sam3TrackerModel`` folder.
+
+    Raises:
+        ModelError: the folder holds only the image model, or tracker weights are missing / mis-shaped.
+    """
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel, Sam3TrackerProcessor
+
+    resolved = resolve_model(model)
+    folder = model_directory(resolved)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    raw = read_model_config(folder)
+    kind = raw.get("model_type")
+    if kind not in TRACKER_MODEL_TYPES:
+        raise ModelError(
+            f"{folder}: holds a {kind!r} model without tracker weights; point prompts need the tracker: "
+            "convert the full sam3.pt (detector and tracker keys) with `medsam3 convert`, or use "
+            "facebook/sam3"
+        )
+    sub = raw.get("tracker_config") if kind == "sam3_video" else raw
+    parts = {k: sub[k] for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config") if k in sub}
+    config = Sam3TrackerConfig(**parts)
+    with torch.device("meta"):
+        wanted = {k: v.shape for k, v in Sam3TrackerModel(config).state_dict().items()}
+    state = _tracker_state_dict(folder, wanted)
+    missing = sorted(set(wanted) - set(state))
+    mis_shaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(wanted[k])}" for k in state
+                        if state[k].shape != wanted[k])
+    _raise_on_loading_problems({"missing_keys": missing, "mismatched_keys": mis_shaped}, folder,
+                               "Sam3TrackerModel")
+    try:
+        net, info = Sam3TrackerModel.from_pretrained(None, config=config, state_dict=state, dtype=torch_dtype,
+                                                     output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{folder}: cannot load the SAM3 tracker ({exc})") from exc
+    _raise_on_loading_problems(info, folder, "Sam3TrackerModel")
+    net = net.to(dev).eval()
+    processor = _load_processor(Sam3TrackerProcessor, folder, config)
+    return LoadedSam3Tracker(net, processor, dev, torch_dtype, str(folder), resolved)
