@@ -15,7 +15,7 @@ from medsam3 import __version__
 from medsam3.errors import MedSam3Error
 
 #: Subcommand modules, in the order ``medsam3 --help`` lists them.
-COMMANDS = ("info", "preview", "segment", "convert", "prepare", "train", "evaluate")
+COMMANDS = ("info", "preview", "segment", "convert", "prepare", "train", "evaluate", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
