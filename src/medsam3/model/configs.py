@@ -14,8 +14,14 @@ from transformers import Sam3Config, Sam3VideoConfig
 
 
 def full_sam3_config() -> Sam3Config:
-    """The released SAM3 image model (1008 px, ViT-L-like 32 x 1024, 200 queries)."""
-    return Sam3Config()
+    """The released SAM3 image model (1008 px, ViT-L-like 32 x 1024, 200 queries).
+
+    The ViT LayerNorm eps is Meta's 1e-5 (transformers' default 1e-6 moves the FPN features by ~5e-4
+    relative; see ``tests/slow/test_meta_equivalence.py``).
+    """
+    config = Sam3Config()
+    config.vision_config.backbone_config.layer_norm_eps = 1e-5
+    return config
 
 
 def small_sam3_config(
@@ -100,6 +106,24 @@ def small_sam3_config(
 def tiny_sam3_config(**overrides: Any) -> Sam3Config:
     """The smallest configuration the tests use: 224 px, widths 64/128, one layer each, 8 queries."""
     return small_sam3_config(**overrides)
+
+
+def nano_sam3_config(**overrides: Any) -> Sam3Config:
+    """The bundled compact model ``medsam3-nano``: 224 px, 10.8 M parameters, trained from scratch.
+
+    ViT 192 wide x 6 layers (6 heads, windows of 8 x 8 patches, global attention in layers 2 and 5), FPN and
+    detector 64 wide (2 encoder + 2 decoder layers, 4 heads, 20 queries), CLIP text encoder 128 wide x 2
+    layers over the full CLIP vocabulary (6.3 M of the parameters are its token embeddings). Only the image
+    model is trained (text and box prompts); it has no tracker weights for point prompts or track mode.
+    ``configs/nano.yaml`` trains it (its ``model.size`` repeats these values).
+    """
+    values: dict[str, Any] = dict(
+        image_size=224, vit_width=192, vit_layers=6, vit_heads=6, window_size=8, global_layers=(2, 5),
+        fpn_width=64, detector_layers=2, detector_heads=4, num_queries=20, text_width=128, text_layers=2,
+        text_heads=2,
+    )
+    values.update(overrides)
+    return small_sam3_config(**values)
 
 
 # --------------------------------------------------------------------------------------------------
