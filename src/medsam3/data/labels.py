@@ -18,7 +18,6 @@ of being an error at preparation time). Several label files of one record are me
 
 from __future__ import annotations
 
-import json
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from medsam3.errors import InputError
+from medsam3.io.jsonfile import read_json
 
 RASTER_2D = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".webp")
 TIFF = (".tif", ".tiff")
@@ -310,17 +310,16 @@ def load_label_arrays(record) -> LabelArrays:
 
 def load_label_names_json(path: str | Path) -> dict[int, str]:
     """A label-name map from JSON: ``{"1": "polyp"}`` or ``{"polyp": 1}`` (a ``labels`` key may wrap it)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "label map file not found") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read the label map JSON ({exc})") from None
+    names, _ = read_label_map_json(path)
+    return names
+
+
+def read_label_map_json(path: str | Path) -> tuple[dict[int, str], dict[str, list[int]]]:
+    """``(names, regions)`` from a label-map JSON file (see :func:`parse_label_map`)."""
+    doc = read_json(path, "label map JSON")
     if isinstance(doc, Mapping) and isinstance(doc.get("labels"), Mapping):
         doc = doc["labels"]
-    names, _ = parse_label_map(doc, path)
-    return names
+    return parse_label_map(doc, Path(path))
 
 
 def parse_label_map(doc: Any, source: str | Path | None) -> tuple[dict[int, str], dict[str, list[int]]]:

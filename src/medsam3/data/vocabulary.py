@@ -20,13 +20,13 @@ The bundled ``vocabulary.json`` can be extended or overridden by a user file of 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsam3.errors import InputError
+from medsam3.io.jsonfile import read_json
 
 BUNDLED_VOCABULARY = Path(__file__).with_name("vocabulary.json")
 
@@ -120,14 +120,7 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
         """Read a vocabulary JSON file."""
-        path = Path(path)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(path, "vocabulary file not found") from None
-        except (OSError, ValueError) as exc:
-            raise InputError(path, f"cannot read the vocabulary JSON ({exc})") from None
-        return cls.from_dict(doc, path)
+        return cls.from_dict(read_json(path, "vocabulary file"), Path(path))
 
     @classmethod
     def bundled(cls) -> Vocabulary:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsam3.data.labels import parse_label_map
+from medsam3.data.labels import read_label_map_json
 from medsam3.data.vocabulary import Vocabulary
 from medsam3.errors import InputError
 from medsam3.image import Image
@@ -105,16 +105,7 @@ def index_folder(folder: str | Path, what: str) -> dict[str, Path]:
 # -- label names -----------------------------------------------------------------------------------------
 def load_names_file(path: str | Path) -> dict[int, str]:
     """Value -> name from a JSON map (``{"1": "liver"}``, ``{"liver": 1}``, or either under ``labels``)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "label map file not found") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read the label map JSON ({exc})") from None
-    if isinstance(doc, Mapping) and isinstance(doc.get("labels"), Mapping):
-        doc = doc["labels"]
-    names, regions = parse_label_map(doc, path)
+    names, regions = read_label_map_json(path)
     if regions:
         raise InputError(path, f"region labels {sorted(regions)} cannot be matched to prediction values")
     return names
