@@ -231,8 +231,10 @@ def test_missing_image_and_3d_volume(data_dir, model_dir, tmp_path, capsys):
                            "-o", tmp_path / "o")
     assert code == 2 and "nope.png" in err
     volume = sorted((data_dir / "msd_hippocampus" / "images").glob("*.nii.gz"))[0]
-    code, _, err = segment(capsys, volume, "-p", "hippocampus", "--model", model_dir, "-o", tmp_path / "o")
-    assert code == 2 and "3D volume" in err
+    # Volumes are segmented (tests/test_volume_cli.py); instance mode stays 2D only.
+    code, _, err = segment(capsys, volume, "-p", "hippocampus", "--instances", "--model", model_dir,
+                           "-o", tmp_path / "o")
+    assert code == 2 and "--instances is for 2D images" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -309,10 +309,12 @@ def test_point_prompts_use_the_tracker(loaded, tracker):
         seg.segment(image, [Prompt(points=[(5, 5)], boxes=[(0, 0, 9, 9), (1, 1, 8, 8)])])
 
 
-def test_3d_volumes_are_refused_clearly(loaded):
+def test_3d_volumes_are_segmented_but_not_in_instance_mode(loaded):
     vol = Image.from_array(np.zeros((4, 16, 16), dtype=np.int16), modality="CT", path="ct.nii.gz")
-    with pytest.raises(InputError, match="3D volume"):
-        Segmenter(loaded).segment(vol, [Prompt("liver")])
+    result = Segmenter(loaded).segment(vol, [Prompt("liver")])  # volumes: tests/test_volume_*.py
+    assert result.label_map.shape == (4, 16, 16) and result.labels[0].voxels is not None
+    with pytest.raises(PromptError, match="instance mode is for 2D images; a 3D volume"):
+        Segmenter(loaded, instances=True).segment(vol, [Prompt("liver")])
 
 
 def test_bad_prompts_fail_before_the_model_runs(loaded):

@@ -1,18 +1,31 @@
-"""``medsam3 segment IMAGE -p TEXT [...] -o OUT_DIR``: prompt-driven segmentation of a 2D image.
+"""``medsam3 segment INPUT -p TEXT [...] -o OUT_DIR``: prompt-driven segmentation of images and volumes.
 
-Writes ``<stem>_mask.png`` (label map on the image's grid), ``<stem>_overlay.png`` and ``<stem>.json``
-(label value -> prompt, score, presence, area, box, absent; model, thresholds, preprocessing, versions)
-into OUT_DIR, all or nothing, never over an input. Everything that can be checked without the model
-(the image, the prompts against its size, the CT window, the output names) is checked first.
+INPUT is one of:
+
+* a **2D image**: writes ``<stem>_mask.png`` (label map on the image's grid), ``<stem>_overlay.png`` and
+  ``<stem>.json`` (label value -> prompt, score, presence, area, box, absent; model, thresholds,
+  preprocessing, versions);
+* a **volume** (NIfTI, NRRD, MHA, BiomedSegFM npz, a DICOM series folder or file): writes the label map in
+  the input's format and geometry, a DICOM SEG for DICOM input, overlays and ``<stem>.json``
+  (:mod:`medsam3.predict.volume_outputs`);
+* a **folder of cases** or a **list file**: every case as above, resumable, with ``summary.csv``
+  (:mod:`medsam3.predict.batch_cases`); exits 1 when a case failed.
+
+All outputs of a case appear together or not at all, never over an input. Everything that can be checked
+without the model (the input, the prompts against its size, the CT window, the output names) is checked
+first.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from medsam3.errors import InputError, OutputError
+import numpy as np
+
+from medsam3.errors import OutputError, PromptError
 from medsam3.image import MODALITIES
 from medsam3.io.atomic import check_not_input, protect_inputs
 from medsam3.predict.prompts import prompts_from_cli, validate_prompt
@@ -38,6 +51,27 @@ the mask with the highest score x mask probability at each pixel.
 outputs: <stem>_mask.png, values listed in <stem>.json: without --instances prompt i (in the order
 given, from 1) always has value i, absent prompts mark no pixel; with --instances the kept instances are
 numbered 1, 2, ... in prompt order, best first.
+
+volumes (NIfTI, NRRD, MHA, npz, DICOM series): the volume is reoriented to LPS and cut into slices
+along --axis (default: the acquisition's slice axis). --mode slices finds each concept on every slice
+(image features computed once per slice, in batches of --slice-batch, shared by all prompts), then in 3D:
+a concept found on fewer than --min-slices slices is absent; holes are filled per slice
+(--no-fill-holes); 3D components under --min-component-voxels / --min-component-ml are dropped
+(--keep-largest keeps one). --mode track carries each concept through the slices with SAM3's video model
+(text prompts only; needs a video model folder). Prompt i has value i in the label map.
+  -p liver -p "left kidney"                         two concepts
+  -p tumour --box 120,80,190,150 --box-slice 42     refine with a box on input slice 42
+  -p tumour --box3d 120,80,30,190,150,55            search only inside a 3D box
+  Box coordinates are voxels of the input array: x = axis 2, y = axis 1, z = axis 0 (the slice index
+  viewers show); ends exclusive (z1=30, z2=55 covers slices 30..54). A key-slice box is given on every
+  slice and the structure is followed from the key slice through overlapping neighbours.
+  outputs: <case>_seg.nii.gz (NIfTI and DICOM input), .nrrd, .mha or .npz (as the input),
+  <case>_seg.dcm (DICOM SEG, DICOM input), <case>_overlay.png, <case>_montage.png, <case>.json.
+
+many cases: INPUT a folder (each file, and each DICOM series sub-folder, is a case) or a list file
+(.txt/.lst/.list, one path per line). Finished cases (their <case>.json and outputs exist) are skipped
+unless --overwrite; a failed case does not stop the others; OUT_DIR/summary.csv lists every case; the
+exit status is 1 when a case failed. Interrupting and re-running redoes only unfinished cases.
 """
 
 
@@ -60,25 +94,49 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _axis(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if text in ("0", "1", "2"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected auto, 0 (axial), 1 (coronal) or 2 (sagittal)")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "segment",
-        help="segment a 2D image from text / box / point prompts",
-        description="Segment a 2D medical image (PNG, JPEG, TIFF, DICOM, ...) with SAM3 from concept "
-        "prompts, boxes and points. Writes a label map, an overlay and a JSON summary.",
+        help="segment images, volumes or folders of cases from text / box / point prompts",
+        description="Segment a 2D medical image (PNG, JPEG, TIFF, DICOM, ...), a 3D volume (NIfTI, NRRD, "
+        "MHA, npz, DICOM series) or a folder / list of cases with SAM3 from concept prompts, boxes and "
+        "points. Writes label maps with the input's geometry, overlays and JSON summaries.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("image", type=Path, help="2D image file")
+    p.add_argument("input", type=Path, metavar="INPUT",
+                   help="2D image, volume, DICOM series folder, folder of cases or list file")
     p.add_argument("-p", "--prompt", dest="prompt_items", action=_PromptItem, const="text", metavar="TEXT",
                    help="a concept to segment; repeat for several (see prompts below)")
     p.add_argument("--box", dest="prompt_items", action=_PromptItem, const="box",
                    metavar="X1,Y1,X2,Y2[,neg]", help="a box in pixels, for the preceding -p")
     p.add_argument("--point", dest="prompt_items", action=_PromptItem, const="point", metavar="X,Y[,LABEL]",
-                   help="a point in pixels (label 1 positive, 0 negative), for the preceding -p")
+                   help="a point in pixels (label 1 positive, 0 negative), for the preceding -p (2D)")
+    p.add_argument("--box-slice", dest="prompt_items", action=_PromptItem, const="box_slice", metavar="K",
+                   help="volumes: the input slice (array axis 0) the preceding prompt's --box lies on")
+    p.add_argument("--box3d", dest="prompt_items", action=_PromptItem, const="box3d",
+                   metavar="X1,Y1,Z1,X2,Y2,Z2", help="volumes: a 3D box in input voxels for the preceding -p")
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR", help="output folder")
     p.add_argument("--instances", action="store_true",
-                   help="keep every instance above the threshold (one label each) instead of one mask "
+                   help="2D: keep every instance above the threshold (one label each) instead of one mask "
                    "per prompt")
     p.add_argument("--threshold", type=_unit_float, default=0.1, help="score threshold (default 0.1)")
     p.add_argument("--presence-threshold", type=_unit_float, default=0.5,
@@ -90,45 +148,205 @@ def register(subparsers) -> None:
                    "else the bundled one)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNG")
+    p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
+    v = p.add_argument_group("volumes")
+    v.add_argument("--mode", choices=("slices", "track"), default="slices",
+                   help="slices: detection on every slice (default); track: SAM3's video tracker")
+    v.add_argument("--axis", type=_axis, default=None, metavar="auto|0|1|2",
+                   help="canonical axis to slice along: 0 axial, 1 coronal, 2 sagittal (default auto: the "
+                   "acquisition's slice axis)")
+    v.add_argument("--slice-batch", type=_count, default=4, metavar="N",
+                   help="slices encoded together (default 4)")
+    v.add_argument("--min-slices", type=_count, default=1, metavar="K",
+                   help="a concept found on fewer slices is absent (default 1)")
+    v.add_argument("--min-component-voxels", type=_count, default=0, metavar="N",
+                   help="drop 3D components smaller than N voxels (default 0: keep all)")
+    v.add_argument("--min-component-ml", type=float, default=0.0, metavar="ML",
+                   help="drop 3D components smaller than ML millilitres (default 0)")
+    v.add_argument("--keep-largest", action="store_true", help="keep only each concept's largest component")
+    v.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=True,
+                   help="fill holes enclosed within a slice (default on)")
+    v.add_argument("--max-hole-pixels", type=_count, default=None, metavar="N",
+                   help="fill only holes of at most N pixels (default: any enclosed hole)")
+    v.add_argument("--probes", type=_count, default=8, metavar="N",
+                   help="track mode: slices probed for each concept's start slice (default 8)")
+    b = p.add_argument_group("many cases (a folder or a list file as INPUT)")
+    b.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
+    b.add_argument("--max-cases", type=_count, default=None, metavar="N",
+                   help="process at most N unfinished cases, leave the rest for a later run")
+    b.add_argument("--summary", type=Path, default=None, metavar="CSV",
+                   help="per-case summary CSV (default OUT_DIR/summary.csv)")
     p.set_defaults(func=run, prompt_items=None)
 
 
-def run(args: argparse.Namespace) -> int:
-    from medsam3.io.readers import read_image
-    from medsam3.predict.segmenter import Segmenter, as_2d
+_VOLUME_ITEMS = ("box_slice", "box3d")
 
-    prompts = prompts_from_cli(args.prompt_items or [])
-    protected = [args.image]
-    if args.model and Path(args.model).exists():
-        protected.append(args.model)
-    protect_inputs(protected)
 
-    volume = read_image(args.image, modality=args.modality)
-    image = as_2d(volume)
-    if image is None:
-        raise InputError(args.image,
-                         f"is a 3D volume {volume.spatial_shape}; `segment` handles 2D images only")
-    pixels = image.array[..., :3] if image.is_color else image.array
+def _volume_options(args: argparse.Namespace):
+    from medsam3.predict.volume import VolumeOptions
+
+    return VolumeOptions(mode=args.mode, axis=args.axis, slice_batch=args.slice_batch,
+                         min_slices=args.min_slices, min_component_voxels=args.min_component_voxels,
+                         min_component_ml=args.min_component_ml, keep_largest=args.keep_largest,
+                         fill_holes=args.fill_holes, max_hole_pixels=args.max_hole_pixels, probes=args.probes)
+
+
+def _segmenter(args: argparse.Namespace, options):
+    from medsam3.predict.segmenter import Segmenter
+
+    return Segmenter(args.model, device=args.device, dtype=args.dtype, threshold=args.threshold,
+                     presence_threshold=args.presence_threshold, window=args.window,
+                     modality=args.modality, instances=args.instances, volume=options)
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: output folder is an existing file")
+
+
+def _check_window(array: np.ndarray, modality: str, window: str | None, prompts) -> None:
+    """The window / modality checks of the preprocessing, on one value (no work on the image)."""
     for prompt in prompts:
-        validate_prompt(prompt, image.spatial_shape)
-        intensity_parameters(pixels, args.modality or image.modality, window=args.window,
-                             concept=prompt.text)
-    if args.out.exists() and not args.out.is_dir():
-        raise OutputError(f"{args.out}: output folder is an existing file")
-    stem = default_stem(args.image)
-    for path in (args.out / f"{stem}_mask.png", args.out / f"{stem}_overlay.png", args.out / f"{stem}.json"):
-        check_not_input(path)
+        intensity_parameters(np.zeros(1, dtype=array.dtype), modality, window=window, concept=prompt.text)
 
-    segmenter = Segmenter(args.model, device=args.device, dtype=args.dtype, threshold=args.threshold,
-                          presence_threshold=args.presence_threshold, window=args.window,
-                          modality=args.modality, instances=args.instances)
-    result = segmenter.segment(image, prompts)
-    paths = result.write(args.out, stem, overlay=not args.no_overlay)
 
+def _prompts_2d(items):
+    if any(kind in _VOLUME_ITEMS for kind, _ in items):
+        raise PromptError("--box-slice and --box3d are for volumes; this input is a 2D image")
+    return prompts_from_cli(items)
+
+
+def _print_result(result, segmenter, paths) -> None:
     print(result.table())
     print(f"model: {segmenter.source}  ({result.settings['device']}, {result.settings['dtype']})")
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     sys.stdout.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    from medsam3.predict.batch_cases import is_batch_input
+
+    if is_batch_input(args.input):
+        return _run_batch(args)
+    return _run_single(args)
+
+
+def _protect(args: argparse.Namespace, inputs) -> None:
+    protected = list(inputs)
+    if args.model and Path(args.model).exists():
+        protected.append(args.model)
+    protect_inputs(protected)
+
+
+def _run_single(args: argparse.Namespace) -> int:
+    from medsam3.io.readers import read_image
+    from medsam3.predict.segmenter import as_2d
+
+    items = args.prompt_items or []
+    _protect(args, [args.input])
+    volume = read_image(args.input, modality=args.modality)
+    image = as_2d(volume)
+    if image is None:
+        return _run_volume(args, volume)
+    if args.mode == "track":
+        raise PromptError(f"{args.input}: --mode track is for volumes; this is a 2D image")
+    prompts = _prompts_2d(items)
+    pixels = image.array[..., :3] if image.is_color else image.array
+    for prompt in prompts:
+        validate_prompt(prompt, image.spatial_shape)
+        intensity_parameters(pixels, args.modality or image.modality, window=args.window,
+                             concept=prompt.text)
+    _check_out_dir(args.out)
+    stem = default_stem(args.input)
+    for path in (args.out / f"{stem}_mask.png", args.out / f"{stem}_overlay.png", args.out / f"{stem}.json"):
+        check_not_input(path)
+    segmenter = _segmenter(args, _volume_options(args))
+    result = segmenter.segment(image, prompts)
+    _print_result(result, segmenter, result.write(args.out, stem, overlay=not args.no_overlay))
+    return 0
+
+
+def _run_volume(args: argparse.Namespace, volume) -> int:
+    from medsam3.predict.batch_cases import case_name
+    from medsam3.predict.volume import check_volume_request
+    from medsam3.predict.volume_outputs import volume_output_paths
+    from medsam3.predict.volume_prompts import volume_prompts_from_cli
+
+    if args.instances:
+        raise PromptError(f"{args.input}: --instances is for 2D images; a volume gets one label per prompt")
+    options = _volume_options(args)
+    prompts, *_ = check_volume_request(volume, volume_prompts_from_cli(args.prompt_items or []), options)
+    _check_window(volume.array, args.modality or volume.modality, args.window, prompts)
+    _check_out_dir(args.out)
+    stem = case_name(args.input)
+    for path in volume_output_paths(volume, args.out, stem, overlay=not args.no_overlay).values():
+        check_not_input(path)
+    segmenter = _segmenter(args, options)
+    result = segmenter.segment(volume, prompts)
+    _print_result(result, segmenter, result.write(args.out, stem, overlay=not args.no_overlay))
+    return 0
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from medsam3.io.readers import read_image
+    from medsam3.predict.batch_cases import discover_cases, run_cases, summary_prompts
+    from medsam3.predict.segmenter import as_2d
+    from medsam3.predict.volume import check_volume_request
+    from medsam3.predict.volume_prompts import volume_prompts_from_cli
+
+    cases = discover_cases(args.input, exclude=[args.out])
+    _protect(args, [args.input, *(c.path for c in cases)])
+    _check_out_dir(args.out)
+    check_not_input(args.summary or args.out / "summary.csv")
+    items = args.prompt_items or []
+    has_points = any(kind == "point" for kind, _ in items)
+    has_volume_items = any(kind in _VOLUME_ITEMS for kind, _ in items)
+    if has_points and has_volume_items:
+        raise PromptError("points (2D images) and --box-slice / --box3d (volumes) cannot be mixed")
+    volume_prompts = None if has_points else volume_prompts_from_cli(items)
+    prompts_2d = None if has_volume_items else prompts_from_cli(items)
+    options = _volume_options(args)
+    names = [p.display_name for p in (volume_prompts or prompts_2d)]
+    segmenter = _segmenter(args, options)
+    overlay = not args.no_overlay
+
+    def segment_case(case) -> dict:
+        loaded = read_image(case.path, modality=args.modality)
+        image = as_2d(loaded)
+        if image is None:
+            if volume_prompts is None:
+                raise PromptError("points are for 2D images; this case is a volume")
+            prompts, *_ = check_volume_request(loaded, volume_prompts, options)
+            result = segmenter.segment(loaded, prompts)
+        else:
+            if prompts_2d is None:
+                raise PromptError("--box-slice / --box3d are for volumes; this case is a 2D image")
+            for prompt in prompts_2d:
+                validate_prompt(prompt, image.spatial_shape)
+            result = segmenter.segment(image, prompts_2d)
+        paths = result.write(args.out, case.name, overlay=overlay)
+        return json.loads(paths["json"].read_text(encoding="utf-8"))
+
+    def same_prompts(summary: dict) -> bool:
+        volume = any("voxels" in e for e in summary.get("labels", []))
+        wanted = volume_prompts if volume else prompts_2d
+        if wanted is None:
+            return False
+        return summary_prompts(summary) == json.loads(json.dumps([p.to_dict() for p in wanted]))
+
+    outcomes = run_cases(cases, segment_case, args.out, same_prompts=same_prompts, label_names=names,
+                         overwrite=args.overwrite, max_cases=args.max_cases, summary_csv=args.summary)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
+    left = len(cases) - len(outcomes)
+    print(f"{len(cases)} cases: {counts['ok']} ok, {counts['skipped']} skipped (already done), "
+          f"{counts['failed']} failed" + (f", {left} left for a later run" if left else ""))
+    print(f"summary: {args.summary or args.out / 'summary.csv'}")
+    sys.stdout.flush()
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        print("failed cases:", file=sys.stderr)
+        for o in failed:
+            print(f"  {o.case.name} ({o.case.path}): {o.error}", file=sys.stderr)
+        return 1
     return 0

@@ -25,9 +25,11 @@ Flow for a 2D image ``(H, W)`` or ``(H, W, C)``:
 Label values: in semantic mode prompt ``i`` always has value ``i + 1`` (absent prompts mark no pixel); in
 instance mode the kept instances are numbered 1, 2, ... in prompt order, best first within a prompt.
 
-3D volumes will use the same class (slice-wise detection and tracking); :meth:`Segmenter.segment`
-dispatches on the image's dimension (a one-slice volume, such as a single DICOM slice, counts as 2D) and
-currently refuses volumes with a clear error.
+3D volumes use the same class: :meth:`Segmenter.segment` dispatches on the image's dimension (a one-slice
+volume, such as a single DICOM slice, counts as 2D) and segments volumes as slice sequences, slice-wise
+detection (``VolumeOptions(mode="slices")``, :mod:`medsam3.predict.volume`) or SAM3's video tracker
+(``mode="track"``, :mod:`medsam3.predict.track`), with 3D post-processing; the label map comes back on
+the input volume's grid (:mod:`medsam3.predict.volume_segment`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsam3.errors import InputError, ModelError, PromptError
+from medsam3.errors import ModelError, PromptError
 from medsam3.image import Image
 from medsam3.model.forward import BOX_PAD_LABEL, encode_image, model_device, model_dtype, predict_prompts
 from medsam3.predict.postprocess import (
@@ -121,6 +123,11 @@ class Segmenter:
         tracker: the interactive tracker for point prompts (``load_sam3_tracker`` result or a
             ``Sam3TrackerModel``); loaded on first use from the same source, on the model's device and
             dtype, when omitted.
+        volume: how volumes are segmented (:class:`~medsam3.predict.volume.VolumeOptions`; defaults when
+            omitted).
+        video: SAM3's video model for ``mode="track"`` (a ``LoadedSam3Video`` from
+            :func:`medsam3.model.video.load_sam3_video`, or any object with ``model`` and ``processor``);
+            loaded on first use from the same source, on the model's device and dtype, when omitted.
     """
 
     def __init__(
@@ -137,7 +144,11 @@ class Segmenter:
         meta_text_cls: bool = True,
         prompt_batch_size: int = 8,
         tracker: Any = None,
+        volume: Any = None,
+        video: Any = None,
     ):
+        from medsam3.predict.volume import VolumeOptions
+
         self.threshold = _check_unit("threshold", threshold)
         self.presence_threshold = _check_unit("presence threshold", presence_threshold)
         self.window = window
@@ -155,6 +166,8 @@ class Segmenter:
         self.processor = self.loaded.processor
         self.image_size = int(self.model.config.vision_config.backbone_config.image_size)
         self._tracker = tracker
+        self.volume = volume if volume is not None else VolumeOptions()
+        self._video = video
 
     # -- public --------------------------------------------------------------------------------------
     @property
@@ -163,22 +176,26 @@ class Segmenter:
         return str(getattr(self.loaded, "source", "in-memory model"))
 
     def segment(
-        self, image: Image, prompts: list[Prompt], *, instances: bool | None = None
+        self, image: Image, prompts: list, *, instances: bool | None = None, volume: Any = None
     ) -> SegmentationResult:
         """Segment ``image`` with ``prompts``.
 
         Args:
-            image: a 2D :class:`~medsam3.image.Image` (grayscale or RGB / RGBA), or a one-slice volume
-                (segmented as its 2D slice; the result is on that slice's grid).
-            prompts: one or more prompts (coordinates in pixels of ``image``).
-            instances: override the segmenter's mode for this call.
+            image: a 2D :class:`~medsam3.image.Image` (grayscale or RGB / RGBA), a one-slice volume
+                (segmented as its 2D slice; the result is on that slice's grid), or a 3D volume.
+            prompts: one or more prompts: :class:`~medsam3.predict.prompts.Prompt` (coordinates in pixels
+                of ``image``); for volumes also :class:`~medsam3.predict.volume_prompts.VolumePrompt`
+                (boxes on a key slice or 3D boxes, in input voxels; plain prompts must be text only).
+            instances: override the segmenter's mode for this call (2D only).
+            volume: :class:`~medsam3.predict.volume.VolumeOptions` for this call (volumes only).
 
         Returns:
             A :class:`~medsam3.predict.summary.SegmentationResult` on ``image``'s grid.
 
         Raises:
-            PromptError: invalid prompts; InputError: a 3D image, or a window for a non-CT image;
-            ModelError: point prompts without tracker weights.
+            PromptError: invalid prompts (points or instance mode on a volume); InputError: a window for
+            a non-CT image; ModelError: point prompts without tracker weights, track mode without a
+            video model.
         """
         prompts = list(prompts)
         if not prompts:
@@ -186,16 +203,29 @@ class Segmenter:
         instances = self.instances if instances is None else bool(instances)
         flat = as_2d(image)
         if flat is not None:
-            return self._segment_2d(flat, prompts, instances)
-        return self._segment_volume(image, prompts, instances)
+            from medsam3.predict.volume_prompts import VolumePrompt
 
-    # -- 3D (extension point) ------------------------------------------------------------------------
-    def _segment_volume(self, image: Image, prompts: list[Prompt], instances: bool) -> SegmentationResult:
-        raise InputError(
-            image.meta.get("path"),
-            f"is a 3D volume {image.spatial_shape} (Z, Y, X); this version segments 2D images only. "
-            "Segment single slices, or use the volume command once available.",
-        )
+            if any(isinstance(p, VolumePrompt) for p in prompts):
+                raise PromptError("volume prompts (key-slice or 3D boxes) need a 3D volume; this image is 2D")
+            return self._segment_2d(flat, prompts, instances)
+        return self._segment_volume(image, prompts, instances, volume or self.volume)
+
+    # -- 3D ------------------------------------------------------------------------------------------
+    def _segment_volume(self, image: Image, prompts: list, instances: bool, options) -> SegmentationResult:
+        from medsam3.predict.volume_segment import segment_volume
+
+        if instances:
+            raise PromptError(f"instance mode is for 2D images; a 3D volume {image.spatial_shape} (Z, Y, X) "
+                              "is segmented with one label per prompt")
+        return segment_volume(self, image, prompts, options)
+
+    def video_model(self):
+        """SAM3's video model for track mode (``model`` and ``processor``), loaded on first use."""
+        if self._video is None or not _is_loaded(self._video):
+            from medsam3.predict.volume_segment import video_model_for
+
+            self._video = video_model_for(self, self._video)
+        return self._video
 
     # -- 2D ------------------------------------------------------------------------------------------
     def _segment_2d(self, image: Image, prompts: list[Prompt], instances: bool) -> SegmentationResult:

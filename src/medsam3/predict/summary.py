@@ -1,12 +1,17 @@
 """The result of a segmentation: a label map on the input grid, one entry per label, and its outputs.
 
-Files written by :meth:`SegmentationResult.write` (all through :func:`medsam3.io.atomic.atomic_path`, and
-renamed into place only once every file has been produced, so a failure leaves none of them):
+Files written by :meth:`SegmentationResult.write` for a 2D image (all through
+:func:`medsam3.io.atomic.atomic_path`, and renamed into place only once every file has been produced, so a
+failure leaves none of them):
 
 * ``<stem>_mask.png``: the label map, ``uint8`` (``uint16`` above 255 labels), values explained in the JSON;
 * ``<stem>_overlay.png``: the image with each label's contour and a legend;
 * ``<stem>.json``: label value -> prompt, score, presence, area, box, absent flag; the model source,
   thresholds, preprocessing and package versions.
+
+For a volume the label map keeps the input's format and geometry (see
+:mod:`medsam3.predict.volume_outputs`): ``<stem>_seg.nii.gz`` / ``.nrrd`` / ``.mha`` / ``.npz`` (and a DICOM
+SEG ``<stem>_seg.dcm`` for DICOM input), overlays, and the JSON, renamed into place last.
 """
 
 from __future__ import annotations
@@ -44,8 +49,21 @@ class LabelEntry:
         reason: why absent: ``"presence"`` (presence below its threshold), ``"score"`` (no query above
             the threshold) or ``"points"`` (no detection contains the positive points); else ``None``.
         instance: instance number within the prompt (1 = best) in instance mode, else ``None``.
-        source: ``"detector"`` (concept model) or ``"tracker"`` (interactive point model).
+        source: ``"detector"`` (concept model), ``"tracker"`` (interactive point model) or
+            ``"video tracker"`` (volumes in track mode).
         preprocessing: how the image was mapped to the model input for this prompt.
+
+    Volumes only (``voxels`` is ``None`` for 2D entries):
+        voxels: voxels carrying ``value`` in the final label map.
+        volume_ml: ``voxels`` times the voxel volume (``None`` without a physical voxel size).
+        slice_range: ``(first, last)`` input slice indices (array axis 0, inclusive) holding the label.
+        box3d: ``(x1, y1, z1, x2, y2, z2)`` extent in input voxels (x axis 2, y axis 1, z axis 0),
+            exclusive ends.
+        slices_detected: slices (along the slicing axis) on which the per-slice rule kept a mask.
+        post: what the 3D connected-component filter did, when it ran.
+        reason (volumes): also ``"slices"`` (found on fewer slices than required), ``"size"`` (removed by
+            the size filter), ``"key slice"`` (nothing found on the key slice of a box prompt) or
+            ``"overlap"`` (every voxel went to other prompts).
     """
 
     value: int | None
@@ -61,6 +79,16 @@ class LabelEntry:
     instance: int | None = None
     source: str = "detector"
     preprocessing: str = ""
+    voxels: int | None = None
+    volume_ml: float | None = None
+    slice_range: tuple[int, int] | None = None
+    box3d: tuple[int, ...] | None = None
+    slices_detected: int | None = None
+    post: dict | None = None
+
+    @property
+    def is_volume(self) -> bool:
+        return self.voxels is not None
 
     @property
     def name(self) -> str:
@@ -69,6 +97,25 @@ class LabelEntry:
         return f"{base} #{self.instance}" if self.instance is not None else base
 
     def to_dict(self) -> dict[str, Any]:
+        if self.is_volume:
+            return {
+                "value": self.value,
+                "name": self.name,
+                "prompt_index": self.prompt_index,
+                "prompt": self.prompt.to_dict(),
+                "score": _round(self.score),
+                "presence": _round(self.presence),
+                "voxels": int(self.voxels),
+                "volume_ml": None if self.volume_ml is None else round(float(self.volume_ml), 6),
+                "slice_range": list(self.slice_range) if self.slice_range is not None else None,
+                "box3d": list(self.box3d) if self.box3d is not None else None,
+                "slices_detected": self.slices_detected,
+                "absent": bool(self.absent),
+                "reason": self.reason,
+                "source": self.source,
+                "preprocessing": self.preprocessing,
+                "post": self.post,
+            }
         return {
             "value": self.value,
             "name": self.name,
@@ -117,7 +164,10 @@ class SegmentationResult:
         reference: the input image (its geometry is the label map's).
         settings: how the result was produced (model source, thresholds, mode, device, dtype).
         display: ``(H, W, 3)`` ``uint8`` image as given to the model (before resizing), drawn under the
-            overlay; ``None`` draws the input array.
+            overlay; ``None`` draws the input array. Volumes: the canonical ``(Z, Y, X)`` ``uint8`` volume.
+        reorientation: volumes: the :class:`~medsam3.preprocess.orientation.Reorientation` from the input to
+            the canonical frame (overlays are drawn in the canonical frame).
+        slice_axis: volumes: the canonical axis the volume was sliced along.
     """
 
     label_map: np.ndarray
@@ -125,6 +175,13 @@ class SegmentationResult:
     reference: Image
     settings: dict[str, Any] = field(default_factory=dict)
     display: np.ndarray | None = None
+    reorientation: Any = None
+    slice_axis: int | None = None
+
+    @property
+    def is_volume(self) -> bool:
+        """True for a 3D label map (see :mod:`medsam3.predict.volume_outputs` for its files)."""
+        return self.label_map.ndim == 3
 
     # -- access --------------------------------------------------------------------------------------
     def label_names(self) -> dict[int, str]:
@@ -138,7 +195,7 @@ class SegmentationResult:
         raise KeyError(f"no label with value {value}")
 
     def mask(self, value: int) -> np.ndarray:
-        """``(H, W)`` bool mask of one label value."""
+        """Bool mask of one label value, on the input grid."""
         return self.label_map == value
 
     def to_image(self) -> Image:
@@ -149,13 +206,18 @@ class SegmentationResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (what ``<stem>.json`` holds)."""
         ref = self.reference
+        image = {
+            "path": str(ref.meta.get("path")) if ref.meta.get("path") is not None else None,
+            "shape": list(ref.spatial_shape),
+            "spacing": list(ref.spacing),
+            "modality": ref.modality,
+        }
+        if self.is_volume:
+            image.update(format=ref.meta.get("format"), origin=list(ref.origin),
+                         direction=np.asarray(ref.direction).round(8).ravel().tolist(),
+                         voxel_volume_ml=ref.voxel_volume_ml if ref.meta.get("spacing_known", True) else None)
         return {
-            "image": {
-                "path": str(ref.meta.get("path")) if ref.meta.get("path") is not None else None,
-                "shape": list(ref.spatial_shape),
-                "spacing": list(ref.spacing),
-                "modality": ref.modality,
-            },
+            "image": image,
             "label_map": {
                 "dtype": str(self.label_map.dtype),
                 "shape": list(self.label_map.shape),
@@ -168,7 +230,9 @@ class SegmentationResult:
         }
 
     def table(self) -> str:
-        """A short plain-text table: value, name, score, presence, area, status."""
+        """A short plain-text table: value, name, score, presence, area (voxels, ml, slices), status."""
+        if self.is_volume:
+            return self._volume_table()
         rows = [("value", "prompt", "score", "presence", "area px", "area mm2", "status")]
         for e in self.labels:
             status = f"absent ({e.reason})" if e.absent else "found"
@@ -181,11 +245,31 @@ class SegmentationResult:
                 "-" if e.area_mm2 is None else f"{e.area_mm2:.1f}",
                 status,
             ))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+        return _columns(rows)
+
+    def _volume_table(self) -> str:
+        rows = [("value", "prompt", "score", "presence", "voxels", "ml", "slices", "status")]
+        for e in self.labels:
+            status = f"absent ({e.reason})" if e.absent else "found"
+            rows.append((
+                "-" if e.value is None else str(e.value),
+                e.name,
+                "-" if e.score is None else f"{e.score:.3f}",
+                "-" if e.presence is None else f"{e.presence:.3f}",
+                str(e.voxels),
+                "-" if e.volume_ml is None else f"{e.volume_ml:.3f}",
+                "-" if e.slice_range is None else f"{e.slice_range[0]}-{e.slice_range[1]}",
+                status,
+            ))
+        return _columns(rows)
 
     # -- files ---------------------------------------------------------------------------------------
-    def output_paths(self, out_dir: str | Path, stem: str) -> dict[str, Path]:
+    def output_paths(self, out_dir: str | Path, stem: str, *, overlay: bool = True) -> dict[str, Path]:
+        """The files :meth:`write` produces, by kind (the JSON last)."""
+        if self.is_volume:
+            from medsam3.predict.volume_outputs import volume_output_paths
+
+            return volume_output_paths(self.reference, out_dir, stem, overlay=overlay)
         out = Path(out_dir)
         return {"mask": out / f"{stem}_mask.png", "overlay": out / f"{stem}_overlay.png",
                 "json": out / f"{stem}.json"}
@@ -202,6 +286,10 @@ class SegmentationResult:
         if stem is None:
             src = self.reference.meta.get("path")
             stem = default_stem(src) if src else "image"
+        if self.is_volume:
+            from medsam3.predict.volume_outputs import write_volume_result
+
+            return write_volume_result(self, out_dir, stem, overlay=overlay)
         paths = self.output_paths(out_dir, stem)
         if not overlay:
             paths.pop("overlay")
@@ -216,6 +304,11 @@ class SegmentationResult:
                            spacing_yx=self.reference.spacing_array_order)
             tmp["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return paths
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def default_stem(path: str | Path) -> str:

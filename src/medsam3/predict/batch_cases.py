@@ -1,0 +1,263 @@
+"""Many cases in one run: a folder of cases or a list file, resumable, one failure never stops the rest.
+
+Cases
+-----
+* A **folder**: every file directly inside is a case (hidden files and notes, ``.json`` / ``.csv`` /
+  ``.txt`` / ``.md`` / ``.log``, are left out), and every sub-folder holding DICOM files is a case (one
+  DICOM series). A folder with DICOM files directly inside is itself one DICOM series, not a folder of
+  cases (:func:`is_batch_input`).
+* A **list file** (``.txt``, ``.lst``, ``.list``): one path per line (a file or a DICOM series folder);
+  blank lines and lines starting with ``#`` are ignored; relative paths are relative to the list file.
+
+A case's name is its file name without the extension (``.nii.gz`` counts as one), or the series folder's
+name; two cases with the same name are refused before anything runs (their outputs would collide).
+
+Resuming
+--------
+A case is **done** when its ``<name>.json`` exists and every output file it lists exists; the JSON is
+renamed into place after all other outputs (:mod:`medsam3.predict.volume_outputs`), so an interrupted case
+is never mistaken for a finished one. Done cases are skipped unless ``overwrite``; a JSON made with other
+prompts is not silently reused: that case fails and asks for ``--overwrite`` or another output folder.
+Interrupting a run (Ctrl-C) stops after writing the summary CSV; re-running the same command redoes only
+what was not finished.
+
+Summary
+-------
+``summary.csv`` (rewritten atomically after every case): ``case``, ``input``, ``status`` (``ok``,
+``skipped``, ``failed``, ``interrupted``), ``error``, ``seconds``, then ``<prompt> voxels`` and
+``<prompt> ml`` per prompt (pixels and nothing for 2D images).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medsam3.errors import InputError, MedSam3Error
+from medsam3.io.atomic import write_text_atomic
+from medsam3.io.dicom import find_dicom_files
+from medsam3.predict.summary import default_stem
+
+log = logging.getLogger(__name__)
+
+#: Suffixes of list files.
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+#: Files in a case folder that are never cases.
+NOT_CASES = (".json", ".csv", ".txt", ".md", ".log", ".lst", ".list")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input: ``name`` (output stem) and ``path`` (a file or a DICOM series folder)."""
+
+    name: str
+    path: Path
+
+
+@dataclass
+class CaseOutcome:
+    """What happened to one case (one row of the summary CSV)."""
+
+    case: Case
+    status: str
+    error: str = ""
+    seconds: float = 0.0
+    labels: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _has_dicom_directly(folder: Path) -> bool:
+    return any(p.parent == folder for p in find_dicom_files(folder))
+
+
+def is_batch_input(path: str | Path) -> bool:
+    """True for a folder of cases or a list file; False for one image / volume / DICOM series folder."""
+    p = Path(path)
+    if p.is_dir():
+        return not _has_dicom_directly(p)
+    return p.suffix.lower() in LIST_SUFFIXES
+
+
+def case_name(path: Path) -> str:
+    """Output stem of a case: the folder name of a series, else the file name without extension."""
+    return path.name if path.is_dir() else default_stem(path)
+
+
+def discover_cases(source: str | Path, *, exclude: Sequence[str | Path] = ()) -> list[Case]:
+    """The cases of a folder or a list file (module docstring), in name order for folders.
+
+    ``exclude``: paths never taken as cases (the output folder, say). Raises :class:`InputError` for a
+    missing source, an empty one, or two cases with the same name.
+    """
+    source = Path(source)
+    skip = {Path(p).resolve() for p in exclude}
+    if not source.exists():
+        raise InputError(source, "no such file or folder")
+    paths: list[Path] = []
+    if source.is_dir():
+        for entry in sorted(source.iterdir()):
+            if entry.name.startswith(".") or entry.resolve() in skip:
+                continue
+            if entry.is_dir():
+                if find_dicom_files(entry):
+                    paths.append(entry)
+                else:
+                    log.warning("%s: skipped, a folder without DICOM files", entry)
+            elif not entry.name.lower().endswith(NOT_CASES):
+                paths.append(entry)
+    else:
+        try:
+            lines = source.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(source, f"cannot be read as a list of paths ({exc})") from exc
+        for line in lines:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p = Path(line).expanduser()
+                paths.append(p if p.is_absolute() else source.parent / p)
+    if not paths:
+        raise InputError(source, "holds no case (no image file, DICOM series folder or listed path)")
+    cases = [Case(case_name(p), p) for p in paths]
+    seen: dict[str, Path] = {}
+    clashes = []
+    for c in cases:
+        if c.name in seen:
+            clashes.append(f"{seen[c.name]} and {c.path} -> {c.name}")
+        seen.setdefault(c.name, c.path)
+    if clashes:
+        raise InputError(source, "cases with the same name would write the same outputs: "
+                         + "; ".join(clashes))
+    return cases
+
+
+def summary_prompts(summary: dict) -> list[dict]:
+    """The prompts a case JSON was made with, one per prompt, in order."""
+    by_index: dict[int, dict] = {}
+    for e in summary.get("labels", []):
+        by_index.setdefault(int(e.get("prompt_index", len(by_index))), e.get("prompt"))
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def existing_summary(out_dir: Path, case: Case) -> dict | None:
+    """The case's JSON when the case is done (JSON and every output it lists exist), else ``None``."""
+    path = out_dir / f"{case.name}.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    outputs = summary.get("outputs")
+    if outputs is None:  # 2D results: the mask PNG is the one output the JSON does not name
+        outputs = {"mask": f"{case.name}_mask.png"}
+    return summary if all((out_dir / name).exists() for name in outputs.values()) else None
+
+
+def label_rows(summary: dict) -> list[dict[str, Any]]:
+    """Per-label ``name``, ``voxels`` (pixels in 2D) and ``ml`` (``None`` in 2D) from a case JSON."""
+    rows = []
+    for e in summary.get("labels", []):
+        voxels = e.get("voxels", e.get("area_px"))
+        rows.append({"name": e.get("name"), "voxels": voxels, "ml": e.get("volume_ml")})
+    return rows
+
+
+def write_summary_csv(path: Path, outcomes: Sequence[CaseOutcome], label_names: Sequence[str]) -> Path:
+    """The per-case summary CSV (module docstring), written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case", "input", "status", "error", "seconds",
+                     *[f"{n} {unit}" for n in label_names for unit in ("voxels", "ml")]])
+    for o in outcomes:
+        by_name = {r["name"]: r for r in o.labels}
+        cells = []
+        for n in label_names:
+            r = by_name.get(n, {})
+            ml = r.get("ml")
+            cells += ["" if r.get("voxels") is None else r["voxels"], "" if ml is None else f"{ml:.6g}"]
+        writer.writerow([o.case.name, str(o.case.path), o.status, o.error, f"{o.seconds:.2f}", *cells])
+    return write_text_atomic(path, buf.getvalue())
+
+
+def run_cases(
+    cases: Sequence[Case],
+    segment_case: Callable[[Case], dict],
+    out_dir: str | Path,
+    *,
+    same_prompts: Callable[[dict], bool],
+    label_names: Sequence[str],
+    overwrite: bool = False,
+    max_cases: int | None = None,
+    summary_csv: str | Path | None = None,
+    show_progress: bool = True,
+) -> list[CaseOutcome]:
+    """Run ``segment_case`` on every case not done yet; never stop on a failed case.
+
+    Args:
+        segment_case: segments one case and writes its outputs into ``out_dir`` (the JSON last); returns
+            the JSON summary it wrote. A :class:`~medsam3.errors.MedSam3Error` or any other exception
+            marks the case failed (message in the CSV); ``KeyboardInterrupt`` stops the run.
+        same_prompts: tells whether a done case's JSON summary was made with this run's prompts (see
+            :func:`summary_prompts`); a done case made with other prompts fails instead of being skipped.
+        label_names: prompt display names, for the CSV columns.
+        max_cases: process at most this many cases that are not done (skipped ones do not count); the
+            rest are left for a later run.
+        summary_csv: where to write the CSV (default ``out_dir / "summary.csv"``).
+
+    Returns:
+        One :class:`CaseOutcome` per case that was looked at, in order. Re-raises ``KeyboardInterrupt``
+        after writing the CSV.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    out_dir = Path(out_dir)
+    csv_path = Path(summary_csv) if summary_csv is not None else out_dir / "summary.csv"
+    outcomes: list[CaseOutcome] = []
+    processed = 0
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=Console(stderr=True), disable=not show_progress)
+    with progress:
+        task = progress.add_task("cases", total=len(cases))
+        for case in cases:
+            progress.update(task, description=case.name)
+            done = None if overwrite else existing_summary(out_dir, case)
+            if done is not None:
+                if same_prompts(done):
+                    outcomes.append(CaseOutcome(case, "skipped", labels=label_rows(done)))
+                else:
+                    outcomes.append(CaseOutcome(case, "failed", error=(
+                        "outputs exist from a run with other prompts; use --overwrite or another "
+                        "output folder")))
+                progress.advance(task)
+                write_summary_csv(csv_path, outcomes, label_names)
+                continue
+            if max_cases is not None and processed >= max_cases:
+                break
+            processed += 1
+            start = time.perf_counter()
+            try:
+                summary = segment_case(case)
+                outcome = CaseOutcome(case, "ok", seconds=time.perf_counter() - start,
+                                      labels=label_rows(summary))
+            except KeyboardInterrupt:
+                outcomes.append(CaseOutcome(case, "interrupted", "interrupted by the user",
+                                            time.perf_counter() - start))
+                write_summary_csv(csv_path, outcomes, label_names)
+                raise
+            except MedSam3Error as exc:
+                outcome = CaseOutcome(case, "failed", str(exc), time.perf_counter() - start)
+            except Exception as exc:  # a bug or a library failure on this case: record it, go on
+                log.debug("case %s failed", case.name, exc_info=True)
+                outcome = CaseOutcome(case, "failed", f"{type(exc).__name__}: {exc}",
+                                      time.perf_counter() - start)
+            outcomes.append(outcome)
+            write_summary_csv(csv_path, outcomes, label_names)
+            progress.advance(task)
+    if not outcomes:
+        write_summary_csv(csv_path, outcomes, label_names)
+    return outcomes

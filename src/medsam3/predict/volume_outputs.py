@@ -1,0 +1,124 @@
+"""Files of a volume segmentation, with the input's format and geometry.
+
+For a case ``<stem>`` (the input file name without its extension, or a DICOM series folder's name):
+
+=================  ===============================================================================
+input              label map
+=================  ===============================================================================
+NIfTI              ``<stem>_seg.nii.gz``
+NRRD               ``<stem>_seg.nrrd`` (label names as Slicer segment fields)
+MetaImage          ``<stem>_seg.mha``
+DICOM series/file  ``<stem>_seg.nii.gz`` and ``<stem>_seg.dcm``, a DICOM SEG referencing the series
+                   (when the series has its UIDs: see :func:`dicom_seg_problem`)
+BiomedSegFM npz    ``<stem>_seg.npz`` (``segs`` in the input's layout, ``spacing``, ``origin``,
+                   ``direction``, ``label_names``)
+TIFF stack         ``<stem>_seg.tif`` (no geometry, as the input)
+=================  ===============================================================================
+
+plus ``<stem>_overlay.png`` (axial, coronal and sagittal planes through the labels' centre),
+``<stem>_montage.png`` (the slices along the slicing axis with the most foreground) and ``<stem>.json``
+(label value -> concept, score, presence, voxels, ml, slice range; settings; the output file names).
+
+Every label map has the input's shape, spacing, origin and direction. All files go through
+:func:`medsam3.io.atomic.atomic_path` and are renamed into place together once all were produced, the
+JSON last: a case whose JSON exists is complete (:mod:`medsam3.predict.batch_cases` relies on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+from medsam3.image import Image
+from medsam3.io.atomic import atomic_path
+
+#: Label-map suffix for each input format (:func:`medsam3.io.sniff.detect_format`).
+log = logging.getLogger(__name__)
+
+SEG_SUFFIX = {"nifti": ".nii.gz", "nrrd": ".nrrd", "metaimage": ".mha", "dicom": ".nii.gz", "npz": ".npz",
+              "tiff": ".tif"}
+
+
+def dicom_seg_problem(reference: Image) -> str | None:
+    """Why no DICOM SEG can reference ``reference``'s source files, or ``None`` when one can.
+
+    ``None`` only for DICOM input whose series carries the UIDs a SEG must reference (Study, Series and
+    SOP Instance UIDs); anonymised series without them get the label map alone, and the JSON says why.
+    """
+    meta = reference.meta
+    if meta.get("format") != "dicom" or not meta.get("files"):
+        return "the input is not DICOM"
+    missing = [name for name, ok in (("StudyInstanceUID", meta.get("study_uid")),
+                                     ("SeriesInstanceUID", meta.get("series_uid")),
+                                     ("SOPInstanceUID", all(meta.get("sop_instance_uids") or [""])))
+               if not ok]
+    if missing:
+        return (f"the source series lacks {', '.join(missing)} (anonymised?), which a DICOM SEG must "
+                "reference")
+    return None
+
+
+def is_dicom_source(reference: Image) -> bool:
+    """True when ``reference`` was read from DICOM files a DICOM SEG can reference."""
+    return dicom_seg_problem(reference) is None
+
+
+def volume_output_paths(reference: Image, out_dir: str | Path, stem: str, *, overlay: bool = True
+                        ) -> dict[str, Path]:
+    """The output files for a volume read as ``reference``, by kind; the JSON is listed last."""
+    out = Path(out_dir)
+    suffix = SEG_SUFFIX.get(str(reference.meta.get("format")), ".nii.gz")
+    paths = {"labels": out / f"{stem}_seg{suffix}"}
+    if is_dicom_source(reference):
+        paths["dicom_seg"] = out / f"{stem}_seg.dcm"
+    if overlay:
+        paths["overlay"] = out / f"{stem}_overlay.png"
+        paths["montage"] = out / f"{stem}_montage.png"
+    paths["json"] = out / f"{stem}.json"
+    return paths
+
+
+def write_volume_result(result, out_dir: str | Path, stem: str, *, overlay: bool = True) -> dict[str, Path]:
+    """Write a 3D :class:`~medsam3.predict.summary.SegmentationResult` (module docstring).
+
+    Nothing appears at the final names unless every file was written; the JSON is renamed last.
+    Returns the paths by kind (``labels``, ``dicom_seg``, ``overlay``, ``montage``, ``json``).
+    """
+    from medsam3.io.writers import write_dicom_seg, write_label_map
+    from medsam3.overlay import overlay_volume
+
+    paths = volume_output_paths(result.reference, out_dir, stem, overlay=overlay)
+    names = result.label_names()
+    with contextlib.ExitStack() as stack:
+        # Entered first, so renamed into place last: the JSON marks a complete case.
+        json_tmp = stack.enter_context(atomic_path(paths["json"]))
+        tmp = {kind: stack.enter_context(atomic_path(p)) for kind, p in paths.items() if kind != "json"}
+        write_label_map(result.label_map, tmp["labels"], result.to_image(), label_names=names)
+        if "dicom_seg" in tmp:
+            write_dicom_seg(result.label_map, result.reference, tmp["dicom_seg"], names)
+        if overlay:
+            reo = result.reorientation
+            labels = reo.apply(result.label_map) if reo is not None else result.label_map
+            spacing = tuple(reversed(reo.canonical_spacing)) if reo is not None else \
+                result.reference.spacing_array_order
+            background = result.display if result.display is not None else _grey(result.reference)
+            title = ", ".join(e.name for e in result.labels if not e.absent) or "nothing found"
+            overlay_volume(background, labels, names, tmp["overlay"], spacing, "planes", title=title)
+            overlay_volume(background, labels, names, tmp["montage"], spacing, "montage", title=title,
+                           axis=result.slice_axis or 0)
+        summary = result.to_dict()
+        summary["outputs"] = {kind: p.name for kind, p in paths.items() if kind != "json"}
+        if result.reference.meta.get("format") == "dicom" and "dicom_seg" not in paths:
+            summary["dicom_seg_not_written"] = dicom_seg_problem(result.reference)
+            log.warning("%s: no DICOM SEG written: %s", result.reference.meta.get("path"),
+                        summary["dicom_seg_not_written"])
+        json_tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return paths
+
+
+def _grey(image: Image):
+    from medsam3.preprocess.intensity import normalize_intensity
+
+    return normalize_intensity(image.array, image.modality)
