@@ -10,6 +10,18 @@ Modules, in the order of the flow:
 * :mod:`~medsam3.predict.summary`: :class:`SegmentationResult` (label map, one entry per label, PNG / JSON
   outputs).
 
+Volumes (``(Z, Y, X)``, reoriented to LPS and sliced along the acquisition axis):
+
+* :mod:`~medsam3.predict.volume_prompts`: :class:`VolumePrompt` (text, key-slice box, 3D box);
+* :mod:`~medsam3.predict.volume`: ``slices`` mode, vision features in batches of slices shared by every
+  prompt, the per-slice rule;
+* :mod:`~medsam3.predict.track`: ``track`` mode, the video model carrying a concept through the slices with
+  bounded memory;
+* :mod:`~medsam3.predict.volume_post`: presence over slices, 3D components, hole filling;
+* :mod:`~medsam3.predict.volume_segment`: orchestration and the exact inverse to the input grid;
+* :mod:`~medsam3.predict.volume_outputs`: NIfTI / NRRD / MHA / npz / DICOM SEG in the input's geometry;
+* :mod:`~medsam3.predict.batch_cases`: folders and list files of cases, resumable, with a per-case CSV.
+
 ``Segmenter`` and ``SegmentationResult`` are imported lazily (they pull in torch).
 """
 
