@@ -179,7 +179,15 @@ def load_optimizer_state(acc, module, optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         inner = getattr(optimizer, "optimizer", optimizer)
-        set_optimizer_state_dict(module, inner, state, options=StateDictOptions(full_state_dict=True))
+        # parameters that never received a gradient (unused by the forward) have no saved state; torch
+        # first fills every parameter's state (a zero-gradient step at lr 0), so those entries are dropped
+        # again: Adam must start their step count at 0 as in a run that never stopped
+        set_optimizer_state_dict(module, inner, state,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        saved = state["state"]
+        for name, param in module.named_parameters():
+            if name not in saved:
+                inner.state.pop(param, None)
         return
     optimizer.load_state_dict(state)
 

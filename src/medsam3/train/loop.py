@@ -344,6 +344,30 @@ def _prepare_run_dir(cfg: TrainConfig, resume_from: Path | None, payload: dict |
     return run_dir
 
 
+def _fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (``accelerate launch`` with an FSDP config sets this)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def _enable_cpu_fsdp(acc) -> None:
+    """Turn ``acc`` (CPU processes, gloo) into an FSDP2 accelerator.
+
+    accelerate promotes only accelerator backends (GPU, XPU, ...) to FSDP and drops the FSDP plugin on
+    CPU; torch's FSDP2 (``fully_shard``) runs on CPU with gloo, so the plugin is built from the launch
+    environment (``FSDP_*`` variables) and put in place before ``acc.prepare``.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise InputError(None, "FSDP on CPU needs FSDP2 (FSDP_VERSION=2 / fsdp_version: 2 in the accelerate "
+                         f"config), got version {plugin.fsdp_version}")
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or continue) the training described by ``cfg``; see the module docstring."""
     from accelerate import Accelerator
@@ -373,6 +397,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     acc = Accelerator(mixed_precision=precision, cpu=launched and not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if acc.distributed_type == DistributedType.MULTI_CPU and _fsdp_requested():
+        _enable_cpu_fsdp(acc)
     rank, world = acc.process_index, acc.num_processes
     main = acc.is_main_process
 
