@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medsam3.evaluate.figures import GalleryCollector, gallery_html
+from medsam3.evaluate.figures import GalleryCollector, GalleryItem, gallery_html, render_case
 from medsam3.evaluate.report import (
     absent_summary,
     dataset_table,
@@ -242,3 +242,14 @@ def test_comparison_by_hand():
     assert len(parsed) == 19
     fp = next(r for r in parsed if r["dataset"] == "FetoPlac")
     assert float(fp["diff_sam3_dice"]) == pytest.approx(60.0 - 56.6)
+
+
+def test_gallery_panel_from_read_only_arrays_without_prediction():
+    # 256 px needs no upscaling: the panels are drawn on the read-only input's own grid
+    image = np.zeros((256, 256, 3), dtype=np.uint8)
+    ref = np.zeros((256, 256), dtype=bool)
+    ref[100:150, 100:150] = True
+    for a in (image, ref):
+        a.flags.writeable = False
+    png = render_case(GalleryItem(row=row("A", 1.0), image=image, ref=ref, pred=None, slice_index=None))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -247,7 +247,8 @@ def render_case(item: GalleryItem) -> bytes:
     base = item.image if item.image is not None else np.full((h, w), 40, dtype=np.uint8)
     ref_panel = render_overlay(base, item.ref.astype(np.uint8), {1: REF_COLOUR}, out_hw, thickness=2)
     pred_lab = None if item.pred is None else item.pred.astype(np.uint8)
-    pred_panel = render_overlay(base, pred_lab, {1: PRED_COLOUR}, out_hw, thickness=2)
+    # a writable copy: the overlay may share memory with a read-only image array
+    pred_panel = np.array(render_overlay(base, pred_lab, {1: PRED_COLOUR}, out_hw, thickness=2))
     pred_panel[contour_mask(resize_nearest(item.ref.astype(np.uint8), out_hw), 1)] = REF_COLOUR
     pad, cap = 8, 40
     sheet = PILImage.new("RGB", (2 * out_hw[1] + 3 * pad, out_hw[0] + cap + 2 * pad), (22, 22, 24))
