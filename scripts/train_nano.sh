@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Reproduce the bundled compact model medsam3-nano end to end, on a CPU:
+#   1. prepare: manifests of the public samples with the fixed split configs/nano_split.json (held-out
+#      cases are split "test"; they include the bundled samples hippocampus_019 and 400_HC):
+#        manifest.jsonl            the samples as they are labelled;
+#        manifest_negatives.jsonl  the same, except that the hippocampus volumes also name "fetal head" and
+#                                  "polyp" (values that never occur), so those are drawn as negatives on MR;
+#   2. train: stage 1, `medsam3 train configs/nano.yaml` from random weights (seed 42) on manifest.jsonl;
+#      stage 2, `medsam3 train configs/nano_stage2.yaml` from the stage-1 export on manifest_negatives.jsonl;
+#      stage 3, the same recipe once more from the stage-2 export (fresh optimizer, warm-up, cool-down);
+#   3. bundle: the stage-3 model in float16 into src/medsam3/assets/models/medsam3-nano (config, weights,
+#      tokenizer and processor files; LICENSE.md and MODEL_CARD.md there are kept);
+#   4. evaluate (only when asked, see NANO_STAGES): the bundled model on the held-out cases -> WORK_DIR/eval.
+#
+# Usage (from the repository root, with the package installed):
+#   scripts/train_nano.sh DATA_DIR [WORK_DIR]
+#     DATA_DIR  folder holding hc18_ultrasound/, msd_hippocampus/ and kvasir_seg_sample/
+#     WORK_DIR  manifests and run folders (default outputs/nano; never inside DATA_DIR)
+#   Environment: NANO_STAGES (default "prepare train bundle"; add "evaluate"), NANO_STEPS1 / NANO_STEPS2 /
+#   NANO_STEPS3 (optimizer steps of the three stages, default 1000 / 1200 / 900).
+# Running it again resumes an interrupted stage from its run folder's checkpoints/last.pt.
+set -euo pipefail
+
+DATA=${1:?usage: scripts/train_nano.sh DATA_DIR [WORK_DIR]}
+WORK=${2:-outputs/nano}
+STEPS1=${NANO_STEPS1:-1000}
+STEPS2=${NANO_STEPS2:-1200}
+STEPS3=${NANO_STEPS3:-900}
+STAGES=${NANO_STAGES:-prepare train bundle}
+BUNDLE=src/medsam3/assets/models/medsam3-nano
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+
+mkdir -p "$WORK"
+printf '{"1": "fetal head"}\n' > "$WORK/labels_hc18.json"
+printf '{"1": "anterior hippocampus", "2": "posterior hippocampus"}\n' > "$WORK/labels_hippocampus.json"
+printf '{"1": "anterior hippocampus", "2": "posterior hippocampus", "3": "fetal head", "4": "polyp"}\n' \
+  > "$WORK/labels_hippocampus_negatives.json"
+printf '{"1": "polyp"}\n' > "$WORK/labels_kvasir.json"
+
+# prepare_manifest NAME HIPPOCAMPUS_LABELS [prepare options...]: WORK/NAME.jsonl of the three datasets.
+prepare_manifest() {
+  local name=$1 hippocampus_labels=$2
+  shift 2
+  local manifest=$WORK/$name.jsonl splits=$WORK/$name.splits.json
+  rm -f "$manifest"
+  # `medsam3 prepare` rewrites the splits file it is given: work on a copy of the fixed split.
+  cp configs/nano_split.json "$splits"
+  medsam3 prepare --layout folder2d --root "$DATA/hc18_ultrasound" --name HC18 "$@" \
+    --images 'training_set/*_HC.png' --mask '{stem}_Annotation.png' --mask-mode binary \
+    --labels "$WORK/labels_hc18.json" --modality US --splits "$splits" -o "$manifest"
+  medsam3 prepare --layout folder2d --root "$DATA/msd_hippocampus" --name MSD-Hippocampus "$@" \
+    --images 'images/*.nii.gz' --mask '../labels/{stem}.nii.gz' --mask-mode values \
+    --labels "$hippocampus_labels" --modality MR --splits "$splits" -o "$manifest"
+  medsam3 prepare --layout folder2d --root "$DATA/kvasir_seg_sample" --name Kvasir-SEG "$@" \
+    --images 'images/*.jpg' --mask '../masks/{stem}.jpg' --mask-mode binary --threshold 127 \
+    --labels "$WORK/labels_kvasir.json" --modality RGB --splits "$splits" -o "$manifest"
+  # The prepared split must be the fixed one (no case added or moved).
+  python - "$splits" configs/nano_split.json <<'PY'
+import json, sys
+a, b = (json.load(open(p))["datasets"] for p in sys.argv[1:3])
+norm = lambda d: {k: {s: sorted(v) for s, v in parts.items()} for k, parts in d.items()}
+if norm(a) != norm(b):
+    sys.exit(f"error: the prepared split {sys.argv[1]} differs from {sys.argv[2]}")
+PY
+}
+
+if [[ " $STAGES " == *" prepare "* ]]; then
+  prepare_manifest manifest "$WORK/labels_hippocampus.json"
+  prepare_manifest manifest_negatives "$WORK/labels_hippocampus_negatives.json"
+fi
+
+if [[ " $STAGES " == *" train "* ]]; then
+  medsam3 train configs/nano.yaml data.manifest="$WORK/manifest.jsonl" run_dir="$WORK/stage1" \
+    max_steps="$STEPS1"
+  medsam3 train configs/nano_stage2.yaml model.source="$WORK/stage1/export/final" \
+    data.manifest="$WORK/manifest_negatives.jsonl" run_dir="$WORK/stage2" max_steps="$STEPS2"
+  medsam3 train configs/nano_stage2.yaml model.source="$WORK/stage2/export/final" \
+    data.manifest="$WORK/manifest_negatives.jsonl" run_dir="$WORK/stage3" max_steps="$STEPS3"
+fi
+
+if [[ " $STAGES " == *" bundle "* ]]; then
+  rm -rf "$BUNDLE.new"
+  python - "$WORK/stage3/export/final" "$BUNDLE.new" <<'PY'
+import sys
+import torch
+from medsam3.model.loading import load_sam3, save_sam3
+
+loaded = load_sam3(sys.argv[1], device="cpu", dtype="fp32")
+save_sam3(loaded.model.to(torch.float16), loaded.processor, sys.argv[2])
+PY
+  mkdir -p "$BUNDLE"
+  for f in "$BUNDLE.new"/*; do mv -f "$f" "$BUNDLE/"; done
+  rmdir "$BUNDLE.new"
+  ls -l "$BUNDLE"
+fi
+
+if [[ " $STAGES " == *" evaluate "* ]]; then
+  # benchmarks/results/nano_eval.md. This manifest puts the three datasets in one modality group, so that
+  # `--absent 3` prompts each held-out image with the concepts of the two other datasets.
+  prepare_manifest eval_manifest "$WORK/labels_hippocampus.json" --group all
+  rm -rf "$WORK/eval"
+  medsam3 evaluate --manifest "$WORK/eval_manifest.jsonl" --model "$BUNDLE" --model-name medsam3-nano \
+    --prompt-mode text --split test --absent 3 --presence-threshold 0.5 --volume-mode volume --gallery 0 \
+    --device cpu --dtype fp32 -o "$WORK/eval"
+fi
