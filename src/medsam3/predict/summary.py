@@ -97,41 +97,37 @@ class LabelEntry:
         return f"{base} #{self.instance}" if self.instance is not None else base
 
     def to_dict(self) -> dict[str, Any]:
-        if self.is_volume:
-            return {
-                "value": self.value,
-                "name": self.name,
-                "prompt_index": self.prompt_index,
-                "prompt": self.prompt.to_dict(),
-                "score": _round(self.score),
-                "presence": _round(self.presence),
-                "voxels": int(self.voxels),
-                "volume_ml": None if self.volume_ml is None else round(float(self.volume_ml), 6),
-                "slice_range": list(self.slice_range) if self.slice_range is not None else None,
-                "box3d": list(self.box3d) if self.box3d is not None else None,
-                "slices_detected": self.slices_detected,
-                "absent": bool(self.absent),
-                "reason": self.reason,
-                "source": self.source,
-                "preprocessing": self.preprocessing,
-                "post": self.post,
-            }
-        return {
+        out: dict[str, Any] = {
             "value": self.value,
             "name": self.name,
             "prompt_index": self.prompt_index,
             "prompt": self.prompt.to_dict(),
             "score": _round(self.score),
             "presence": _round(self.presence),
-            "area_px": int(self.area_px),
-            "area_mm2": None if self.area_mm2 is None else round(float(self.area_mm2), 4),
-            "box": list(self.box) if self.box is not None else None,
-            "absent": bool(self.absent),
-            "reason": self.reason,
-            "instance": self.instance,
-            "source": self.source,
-            "preprocessing": self.preprocessing,
         }
+        if self.is_volume:
+            out.update(
+                voxels=int(self.voxels),
+                volume_ml=None if self.volume_ml is None else round(float(self.volume_ml), 6),
+                slice_range=list(self.slice_range) if self.slice_range is not None else None,
+                box3d=list(self.box3d) if self.box3d is not None else None,
+                slices_detected=self.slices_detected,
+                absent=bool(self.absent),
+                reason=self.reason,
+            )
+        else:
+            out.update(
+                area_px=int(self.area_px),
+                area_mm2=None if self.area_mm2 is None else round(float(self.area_mm2), 4),
+                box=list(self.box) if self.box is not None else None,
+                absent=bool(self.absent),
+                reason=self.reason,
+                instance=self.instance,
+            )
+        out.update(source=self.source, preprocessing=self.preprocessing)
+        if self.is_volume:
+            out["post"] = self.post
+        return out
 
 
 def _round(v: float | None) -> float | None:

@@ -123,24 +123,17 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def __call__(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]) -> MatchIndices:
-        logits = prediction_logits(outputs)
-        boxes = prediction_boxes_xyxy(outputs)
-        _check_batch(logits, targets)
-        indices: MatchIndices = []
-        for b, target in enumerate(targets):
-            target_boxes = target_boxes_cxcywh(target, logits.device)
-            if len(target_boxes) == 0:
-                indices.append(_empty(logits.device))
-                continue
-            cost = self.cost_matrix(logits[b], boxes[b], target_boxes)
-            if not torch.isfinite(cost).all():
-                raise ValueError(f"non-finite matching cost for image {b}: check the predictions for NaN")
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
-            query_idx = torch.as_tensor(rows, dtype=torch.long)
-            target_idx = torch.as_tensor(cols, dtype=torch.long)
-            order = torch.argsort(target_idx)
-            indices.append((query_idx[order].to(logits.device), target_idx[order].to(logits.device)))
-        return indices
+        return _match_each_image(outputs, targets, self._match_one)
+
+    def _match_one(self, b: int, logits: Tensor, boxes_xyxy: Tensor, target_cxcywh: Tensor):
+        cost = self.cost_matrix(logits, boxes_xyxy, target_cxcywh)
+        if not torch.isfinite(cost).all():
+            raise ValueError(f"non-finite matching cost for image {b}: check the predictions for NaN")
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        query_idx = torch.as_tensor(rows, dtype=torch.long)
+        target_idx = torch.as_tensor(cols, dtype=torch.long)
+        order = torch.argsort(target_idx)
+        return query_idx[order].to(logits.device), target_idx[order].to(logits.device)
 
 
 class OneToManyMatcher:
@@ -170,21 +163,31 @@ class OneToManyMatcher:
 
     @torch.no_grad()
     def __call__(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]) -> MatchIndices:
-        logits = prediction_logits(outputs)
-        boxes = prediction_boxes_xyxy(outputs)
-        _check_batch(logits, targets)
-        indices: MatchIndices = []
-        for b, target in enumerate(targets):
-            target_boxes = target_boxes_cxcywh(target, logits.device)
-            if len(target_boxes) == 0:
-                indices.append(_empty(logits.device))
-                continue
-            quality = self.quality(logits[b], boxes[b], target_boxes)
-            k = min(self.topk, quality.shape[0])
-            top = quality.topk(k, dim=0).indices  # (k, N)
-            selected = torch.zeros_like(quality, dtype=torch.bool)
-            selected.scatter_(0, top, True)
-            selected &= quality > self.iou_threshold
-            query_idx, target_idx = selected.nonzero(as_tuple=True)
-            indices.append((query_idx, target_idx))
-        return indices
+        return _match_each_image(outputs, targets, self._match_one)
+
+    def _match_one(self, b: int, logits: Tensor, boxes_xyxy: Tensor, target_cxcywh: Tensor):
+        quality = self.quality(logits, boxes_xyxy, target_cxcywh)
+        k = min(self.topk, quality.shape[0])
+        top = quality.topk(k, dim=0).indices  # (k, N)
+        selected = torch.zeros_like(quality, dtype=torch.bool)
+        selected.scatter_(0, top, True)
+        selected &= quality > self.iou_threshold
+        return selected.nonzero(as_tuple=True)
+
+
+def _match_each_image(
+    outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]], match_one
+) -> MatchIndices:
+    """Run ``match_one(b, logits (Q,), boxes_xyxy (Q,4), targets_cxcywh (N,4))`` on every image with targets;
+    images without targets get empty index pairs."""
+    logits = prediction_logits(outputs)
+    boxes = prediction_boxes_xyxy(outputs)
+    _check_batch(logits, targets)
+    indices: MatchIndices = []
+    for b, target in enumerate(targets):
+        target_boxes = target_boxes_cxcywh(target, logits.device)
+        if len(target_boxes) == 0:
+            indices.append(_empty(logits.device))
+        else:
+            indices.append(match_one(b, logits[b], boxes[b], target_boxes))
+    return indices
