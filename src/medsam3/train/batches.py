@@ -20,8 +20,14 @@ An item (:class:`medsam3.data.sampler.SliceSample`: record, slice, concept, nega
    instance-labelled records, else one object for the whole mask; ``boxes (N, 4)`` normalised ``cxcywh``
    from the resized masks, ``masks (N, S, S)`` bool. A negative item has ``N = 0``.
 
-The randomness of step 2 comes from ``numpy.random.default_rng([seed, 7919, item.index])``: an example
-depends only on the item, never on worker, rank or resume point. Loaded volumes are cached per process
+4. **Augmentation** (training only, when ``augment.enabled``): :mod:`medsam3.train.augment` moves the image
+   (in ``[0, 1]``, before normalisation) and its target masks together on the ``S x S`` grid and jitters the
+   intensities; objects moved out of view are dropped, boxes are taken from the moved masks (so a box
+   prompt follows them). ``reference`` is never augmented. Validation calls :meth:`ItemLoader.plain`.
+
+The randomness of step 2 comes from ``numpy.random.default_rng([seed, 7919, item.index])``, that of step 4
+from ``default_rng([seed, 104729, item.index])``: an example depends only on the item, never on worker,
+rank or resume point. Loaded volumes are cached per process
 (``cache_volumes`` entries, least recently used dropped).
 """
 
@@ -45,10 +51,12 @@ from medsam3.preprocess.intensity import IntensityParams, apply_intensity, inten
 from medsam3.preprocess.orientation import plan_reorientation
 from medsam3.preprocess.resize import ResizeTransform
 from medsam3.preprocess.slices import slice_to_rgb, take_slice
+from medsam3.train import augment as aug
 
 #: Tokens per prompt of SAM3's text encoder.
 TEXT_TOKENS = 32
 _BOX_STREAM = 7919
+_AUGMENT_STREAM = 104729
 _ITEM_KEYS = ("index", "dataset", "concept", "negative", "record", "slice", "reference")
 
 
@@ -110,6 +118,7 @@ class ItemLoader:
         box_prompt_fraction, box_noise_std, box_noise_max: the box prompt (module docstring).
         cache_volumes: decoded records kept in memory.
         mean, std: pixel normalisation (SAM3: 0.5, 0.5).
+        augment: training augmentation (:class:`medsam3.train.augment.AugmentSettings`; None: none).
 
     Example keys: ``pixel_values (3, S, S)`` float32; ``input_ids``, ``attention_mask`` ``(32,)`` int64;
     ``prompt_box`` ``(4,)`` float32 or None; ``boxes (N, 4)``, ``masks (N, S, S)`` torch tensors;
@@ -130,6 +139,7 @@ class ItemLoader:
         cache_volumes: int = 4,
         mean: float = 0.5,
         std: float = 0.5,
+        augment: aug.AugmentSettings | None = None,
     ):
         self.records = list(records)
         self.image_size = int(image_size)
@@ -140,6 +150,7 @@ class ItemLoader:
         self.box_noise_max = float(box_noise_max)
         self.cache_volumes = max(0, int(cache_volumes))
         self.mean, self.std = float(mean), float(std)
+        self.augment = augment if augment is not None and augment.enabled else None
         self._cache: OrderedDict[int, _Volume] = OrderedDict()
         self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._intensity: dict[tuple[int, str], IntensityParams] = {}
@@ -196,7 +207,11 @@ class ItemLoader:
         return self._tokens[text]
 
     # -- one example ---------------------------------------------------------------------------------
-    def __call__(self, item: SliceSample) -> dict[str, Any]:
+    def plain(self, item: SliceSample) -> dict[str, Any]:
+        """The example of ``item`` without augmentation (validation)."""
+        return self(item, augment=False)
+
+    def __call__(self, item: SliceSample, augment: bool = True) -> dict[str, Any]:
         record = self.records[item.record]
         vol = self.volume(item.record)
         pixels_all = vol.image[..., :3] if vol.is_color else vol.image
@@ -209,8 +224,7 @@ class ItemLoader:
         h, w = semantic.shape
         transform = ResizeTransform((h, w), self.image_size)
         rgb = transform.image(slice_to_rgb(apply_intensity(pixels, self._intensity[key])))
-        x = (rgb.astype(np.float32) / 255.0 - self.mean) / self.std
-        pixel_values = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        image01 = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float() / 255.0
 
         values = record.concept_values().get(item.concept, [])
         reference = np.isin(semantic, values) if values else np.zeros((h, w), bool)
@@ -221,9 +235,16 @@ class ItemLoader:
         else:
             objects = [reference] if reference.any() else []
         masks = [transform.mask_to_model(m.astype(np.uint8)).astype(bool) for m in objects]
-        masks = np.stack([m for m in masks if m.any()]) if any(m.any() for m in masks) else \
-            np.zeros((0, self.image_size, self.image_size), bool)
+        masks = np.stack(masks) if masks else np.zeros((0, self.image_size, self.image_size), bool)
+        if augment and self.augment is not None:
+            arng = np.random.default_rng([self.seed, _AUGMENT_STREAM, int(item.index)])
+            choice = aug.draw(self.augment, arng, allow_flip=not aug.is_positional(item.concept),
+                              is_color=bool(vol.is_color))
+            moved, moved_masks = aug.apply(image01, torch.from_numpy(masks), choice)
+            image01, masks = moved, moved_masks.numpy()
+        masks = masks[masks.any(axis=(1, 2))]
         boxes = mask_boxes_cxcywh(masks)
+        pixel_values = ((image01 - self.mean) / self.std).float().contiguous()
 
         prompt_box = None
         rng = np.random.default_rng([self.seed, _BOX_STREAM, int(item.index)])

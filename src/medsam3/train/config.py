@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medsam3.errors import InputError
+from medsam3.train.augment import AugmentSettings
 
 MODES = ("full", "decoder", "lora")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
@@ -71,6 +72,9 @@ class DataSection:
         val_max_items: validation items (one per image and present concept, 3D: the middle slice of the
             concept); a seeded subset when there are more. 0 disables validation.
         val_seed: seed of that subset.
+        cross_group_share: with ``cross_group_negatives``, the share of negatives of images that have an
+            absent concept of their own that take another group's concept instead.
+        augment: training augmentation (:class:`medsam3.train.augment.AugmentSettings`; off by default).
     """
 
     manifest: str = ""
@@ -85,6 +89,8 @@ class DataSection:
     val_split: str = "val"
     val_max_items: int = 200
     val_seed: int = 0
+    cross_group_share: float = 0.0
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
 
 
 @dataclass
@@ -245,6 +251,10 @@ class TrainConfig:
             (self.val_every >= 0 and self.save_every >= 0 and self.keep_last >= 0,
              "val_every / save_every / keep_last", (self.val_every, self.save_every, self.keep_last), ">= 0"),
             (self.data.val_max_items >= 0, "data.val_max_items", self.data.val_max_items, ">= 0"),
+            (0.0 <= self.data.cross_group_share <= 1.0, "data.cross_group_share", self.data.cross_group_share,
+             "in [0, 1]"),
+            (not self.data.augment.problems(), "data.augment", "; ".join(self.data.augment.problems()),
+             "valid amounts"),
             (self.model.dropout is None or 0.0 <= self.model.dropout < 1.0, "model.dropout",
              self.model.dropout, "in [0, 1) or null"),
         ]

@@ -420,7 +420,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise InputError(None, problems[0])
     sampler = SliceSampler(records, "train", seed=cfg.seed, negative_fraction=cfg.data.negative_fraction,
                            temperature=cfg.data.temperature, group_temperature=cfg.data.group_temperature,
-                           cross_group_negatives=cfg.data.cross_group_negatives)
+                           cross_group_negatives=cfg.data.cross_group_negatives,
+                           cross_group_share=cfg.data.cross_group_share)
     sam3, processor = build_model(cfg)
     size = image_size_of(sam3)
     groups = parameter_groups(sam3, cfg.optim)
@@ -461,7 +462,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     loader = ItemLoader(records, size, processor.tokenizer, seed=cfg.seed,
                         box_prompt_fraction=cfg.box_prompt_fraction, box_noise_std=cfg.box_noise_std,
-                        box_noise_max=cfg.box_noise_max, cache_volumes=cfg.data.cache_volumes)
+                        box_noise_max=cfg.box_noise_max, cache_volumes=cfg.data.cache_volumes,
+                        augment=cfg.data.augment)
     dataset = SliceSampleDataset(sampler, batch_size=cfg.batch_size, load=loader, rank=rank, world_size=world)
     data = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
                       num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
@@ -511,7 +513,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         metrics = None
         due = step % cfg.val_every == 0 if cfg.val_every else end_of_epoch
         if val_items and (due or step == total):
-            metrics = validate_now(acc, module, loader, collate, val_items, size, cfg.batch_size)
+            metrics = validate_now(acc, module, loader.plain, collate, val_items, size, cfg.batch_size)
             logger.validation(step, metrics, result)
             if best is None or metrics.mean > best:
                 best, best_step = metrics.mean, step

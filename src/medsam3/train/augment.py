@@ -1,0 +1,185 @@
+"""Training-time data augmentation of one example on the model's input grid.
+
+Applied by :class:`medsam3.train.batches.ItemLoader` after the square resize, to the image in ``[0, 1]``
+(``(3, S, S)`` float32, before the ``(x - 0.5) / 0.5`` normalisation) and to its target masks
+(``(N, S, S)`` bool), so that both move together:
+
+1. **Geometry** (with probability ``probability``): a horizontal flip (``flip``), a vertical flip
+   (``vflip``), a rotation by ``U(-rotate, rotate)`` degrees, an isotropic zoom by ``U(*scale)`` (> 1
+   enlarges the content) and a shift by ``U(-translate, translate)`` of the side along each axis. One
+   affine sampling grid serves the image (bilinear) and the masks (nearest); what comes in from outside
+   the image is 0 (black). A target object moved entirely out of view is dropped (an example whose every
+   object left the view becomes a negative: the concept is no longer visible).
+2. **Intensity** (always, each part only when its amount is not 0): gamma ``g`` drawn log-uniformly in
+   ``[1 / (1 + gamma), 1 + gamma]`` (``x ** g``), contrast ``c ~ U(1 - contrast, 1 + contrast)`` about
+   the image mean, brightness ``b ~ U(-brightness, brightness)`` added, per-channel gains
+   ``U(1 - color, 1 + color)`` on colour images only, Gaussian noise of standard deviation ``U(0, noise)``;
+   then clipped to ``[0, 1]``.
+
+Concepts whose names carry a position or side (``left kidney``, ``anterior hippocampus``: see
+:data:`POSITIONAL_WORDS`) are never flipped: a mirror image would teach the model the wrong side. Rotations
+stay small enough (``rotate``) not to change those meanings.
+
+Randomness comes only from the generator passed in (:class:`ItemLoader` seeds it from the run seed and the
+item index), so an augmented example is a pure function of the item.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Words that make a concept depend on the image's orientation: such concepts are not flipped.
+POSITIONAL_WORDS = frozenset({
+    "left", "right", "anterior", "posterior", "superior", "inferior", "upper", "lower", "medial", "lateral",
+    "proximal", "distal", "dorsal", "ventral", "cranial", "caudal",
+})
+
+
+@dataclass
+class AugmentSettings:
+    """How much to augment (module docstring); every amount 0 / range ``[1, 1]``: nothing changes.
+
+    Attributes:
+        enabled: augment training examples at all (validation examples never are).
+        probability: chance that the geometric part is applied to an example.
+        flip, vflip: probabilities of a horizontal (columns) / vertical (rows) mirror.
+        rotate: largest rotation, degrees.
+        scale: ``[low, high]`` zoom factors.
+        translate: largest shift, as a fraction of the image side.
+        brightness, contrast, gamma, color, noise: intensity amounts (module docstring).
+    """
+
+    enabled: bool = False
+    probability: float = 1.0
+    flip: float = 0.0
+    vflip: float = 0.0
+    rotate: float = 0.0
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    translate: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    color: float = 0.0
+    noise: float = 0.0
+
+    def problems(self) -> list[str]:
+        """Descriptions of the values out of range (empty when all are valid)."""
+        out = []
+        for name in ("probability", "flip", "vflip"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                out.append(f"{name} = {getattr(self, name)!r} must be in [0, 1]")
+        if not 0.0 <= self.rotate <= 180.0:
+            out.append(f"rotate = {self.rotate!r} must be in [0, 180] degrees")
+        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1]:
+            out.append(f"scale = {self.scale!r} must be [low, high] with 0 < low <= high")
+        if not 0.0 <= self.translate <= 1.0:
+            out.append(f"translate = {self.translate!r} must be in [0, 1]")
+        for name in ("brightness", "contrast", "color"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                out.append(f"{name} = {getattr(self, name)!r} must be in [0, 1)")
+        for name in ("gamma", "noise"):
+            if not getattr(self, name) >= 0.0:
+                out.append(f"{name} = {getattr(self, name)!r} must be >= 0")
+        return out
+
+
+def is_positional(concept: str) -> bool:
+    """True when the concept's name has a side or position word (``"Left kidney"`` -> True)."""
+    return bool(set(re.findall(r"[a-z]+", concept.lower())) & POSITIONAL_WORDS)
+
+
+@dataclass
+class Draw:
+    """One example's random choices (what :func:`apply` does)."""
+
+    geometric: bool = False
+    hflip: bool = False
+    vflip: bool = False
+    angle: float = 0.0  # degrees, counter-clockwise as displayed (rows down)
+    scale: float = 1.0
+    shift: tuple[float, float] = (0.0, 0.0)  # (x, y), fractions of the side
+    gamma: float = 1.0
+    contrast: float = 1.0
+    brightness: float = 0.0
+    gains: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    noise: float = 0.0
+    noise_seed: int = 0
+
+
+def draw(settings: AugmentSettings, rng: np.random.Generator, *, allow_flip: bool = True,
+         is_color: bool = True) -> Draw:
+    """The random choices of one example. Always consumes the same number of draws from ``rng``."""
+    u = rng.random(12)
+    out = Draw()
+    out.geometric = bool(u[0] < settings.probability)
+    if out.geometric:
+        out.hflip = allow_flip and bool(u[1] < settings.flip)
+        out.vflip = allow_flip and bool(u[2] < settings.vflip)
+        out.angle = float((2 * u[3] - 1) * settings.rotate)
+        low, high = settings.scale
+        out.scale = float(low + (high - low) * u[4])
+        out.shift = (float((2 * u[5] - 1) * settings.translate), float((2 * u[6] - 1) * settings.translate))
+    if settings.gamma:
+        out.gamma = float(math.exp((2 * u[7] - 1) * math.log1p(settings.gamma)))
+    out.contrast = float(1 + (2 * u[8] - 1) * settings.contrast)
+    out.brightness = float((2 * u[9] - 1) * settings.brightness)
+    if is_color and settings.color:
+        out.gains = tuple(float(g) for g in 1 + (2 * rng.random(3) - 1) * settings.color)
+    else:
+        rng.random(3)
+    out.noise = float(u[10] * settings.noise)
+    out.noise_seed = int(u[11] * 2**31)
+    return out
+
+
+def sampling_matrix(d: Draw) -> torch.Tensor:
+    """The ``(2, 3)`` matrix of :func:`torch.nn.functional.affine_grid` for a draw.
+
+    Output pixel at normalised position ``p`` (``[-1, 1]``, x to the right, y down) samples the input at
+    ``A p + b``: the inverse of "mirror, then rotate by ``angle``, zoom by ``scale``, shift by ``2 shift``".
+    """
+    a = math.radians(d.angle)
+    # Forward map on displayed coordinates (y down): rotation by +angle counter-clockwise as displayed.
+    rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    mirror = np.diag([-1.0 if d.hflip else 1.0, -1.0 if d.vflip else 1.0])
+    forward = d.scale * rot @ mirror
+    inverse = np.linalg.inv(forward)
+    shift = 2 * np.array(d.shift)
+    theta = np.concatenate([inverse, (-inverse @ shift)[:, None]], axis=1)
+    return torch.tensor(theta, dtype=torch.float32)
+
+
+def apply(image: torch.Tensor, masks: torch.Tensor, d: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment an image ``(C, S, S)`` float in ``[0, 1]`` and its masks ``(N, S, S)`` bool.
+
+    Returns the new image (same shape, float32, in ``[0, 1]``) and masks (``(N, S, S)`` bool; objects that
+    left the view are kept as empty masks, the caller drops them).
+    """
+    image = image.float()
+    if d.geometric and (d.hflip or d.vflip or d.angle or d.scale != 1.0 or any(d.shift)):
+        theta = sampling_matrix(d)[None]
+        grid = F.affine_grid(theta, [1, 1, *image.shape[-2:]], align_corners=False)
+        image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=False)[0]
+        if len(masks):
+            moved = F.grid_sample(masks[:, None].float(), grid.expand(len(masks), -1, -1, -1), mode="nearest",
+                                  padding_mode="zeros", align_corners=False)
+            masks = moved[:, 0] > 0.5
+    if d.gamma != 1.0:
+        image = image.clamp(0, 1) ** d.gamma
+    if d.contrast != 1.0:
+        image = (image - image.mean()) * d.contrast + image.mean()
+    if d.brightness:
+        image = image + d.brightness
+    if d.gains != (1.0, 1.0, 1.0) and image.shape[0] == 3:
+        image = image * torch.tensor(d.gains, dtype=image.dtype)[:, None, None]
+    if d.noise:
+        gen = torch.Generator().manual_seed(d.noise_seed)
+        image = image + d.noise * torch.randn(image.shape, generator=gen)
+    return image.clamp(0, 1), masks.bool()
