@@ -158,3 +158,27 @@ def test_bad_settings(hippo_records):
         SliceSampler(hippo_records, negative_fraction=1.0)
     with pytest.raises(InputError, match="no records in split 'val'"):
         SliceSampler(hippo_records, split="val")
+
+
+def test_cross_group_share_gives_other_groups_concepts_to_images_with_their_own_negatives(hippo_records):
+    others = _fake("HC18", 3, group="US")
+    records = hippo_records + others
+    for r in others:
+        r.split = "train"
+    base = dict(seed=5, negative_fraction=0.5, temperature=1e6, cross_group_negatives=True)
+    plain = SliceSampler(records, **base)
+    zero = SliceSampler(records, **base, cross_group_share=0.0)
+    # share 0 keeps the stream (and its fingerprint) exactly as before
+    assert [plain.sample(i) for i in range(300)] == [zero.sample(i) for i in range(300)]
+    assert plain.fingerprint() == zero.fingerprint()
+    hippo = {"anterior hippocampus", "posterior hippocampus"}
+    mr_negatives = [s for s in (plain.sample(i) for i in range(2000)) if s.negative and s.dataset != "HC18"]
+    assert mr_negatives and all(s.concept in hippo for s in mr_negatives)  # never "thing" on MR without it
+    shared = SliceSampler(records, **base, cross_group_share=0.4)
+    assert shared.fingerprint() != plain.fingerprint()
+    mr_negatives = [s for s in (shared.sample(i) for i in range(4000)) if s.negative and s.dataset != "HC18"]
+    cross = np.mean([s.concept == "thing" for s in mr_negatives])
+    # binomial(~1000, 0.4): sd 0.016; tolerance 4 sd
+    assert abs(cross - 0.4) < 0.065
+    with pytest.raises(InputError, match="cross-group share"):
+        SliceSampler(records, **base, cross_group_share=1.5)

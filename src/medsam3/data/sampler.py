@@ -14,7 +14,9 @@ How item ``i`` is drawn (only from the manifest; no volume is read):
    chosen slice (empty slices of a volume, absent classes of a multi-class image), so the presence head
    learns absence. With ``cross_group_negatives`` a concept of another modality group is used when the
    image has no absent concept (off by default: a concept of another group may still be visible, e.g.
-   lungs on an abdominal CT). When no negative exists, the item is a positive;
+   lungs on an abdominal CT), and, with ``cross_group_share`` > 0, also for that share of the negatives of
+   images that do have one (otherwise a volume whose own absent concepts are always available never sees
+   another group's concept as a negative). When no negative exists, the item is a positive;
 4. otherwise a positive: a concept present on the image, and a slice where it is present.
 
 Each item uses its own generator ``numpy.random.default_rng([seed, i])``, so the stream is a pure function
@@ -80,6 +82,8 @@ class SliceSampler:
         temperature: dataset balancing temperature ``T`` (``p_d ∝ n_d^(1/T)``), > 0.
         group_temperature: when set, balance modality groups first with this temperature.
         cross_group_negatives: allow concepts of other modality groups as negatives (see module docstring).
+        cross_group_share: share of the negatives of images with an absent concept of their own that use
+            another group's concept instead (needs ``cross_group_negatives``; 0 keeps the stream unchanged).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class SliceSampler:
         temperature: float = 1.0,
         group_temperature: float | None = None,
         cross_group_negatives: bool = False,
+        cross_group_share: float = 0.0,
     ):
         if not 0.0 <= negative_fraction < 1.0:
             raise InputError(None, f"negative fraction {negative_fraction} is not in [0, 1)")
@@ -103,6 +108,9 @@ class SliceSampler:
         self.temperature = float(temperature)
         self.group_temperature = group_temperature
         self.cross_group_negatives = cross_group_negatives
+        if not 0.0 <= cross_group_share <= 1.0:
+            raise InputError(None, f"cross-group share {cross_group_share} is not in [0, 1]")
+        self.cross_group_share = float(cross_group_share)
         self.position = 0
         self._views = self._build_views()
         if not self._views:
@@ -191,12 +199,14 @@ class SliceSampler:
 
     def _negative(self, rng: np.random.Generator, vi: int, view: _View, index: int) -> SliceSample | None:
         candidates = sorted(c for c in view.owner if self._absent_slices(vi, c).size)
+        others = self._group_concepts.get(view.group, []) if self.cross_group_negatives else []
+        if candidates and others and self.cross_group_share and rng.random() < self.cross_group_share:
+            candidates = []
         if candidates:
             concept = candidates[int(rng.integers(len(candidates)))]
             absent = self._absent_slices(vi, concept)
             sl = int(absent[int(rng.integers(absent.size))])
             return SliceSample(index, view.owner[concept], sl, concept, True, view.dataset)
-        others = self._group_concepts.get(view.group, []) if self.cross_group_negatives else []
         if others:
             concept = others[int(rng.integers(len(others)))]
             sl = int(rng.integers(view.num_slices))
@@ -220,6 +230,7 @@ class SliceSampler:
             "T": self.temperature,
             "Tg": self.group_temperature,
             "cross": self.cross_group_negatives,
+            **({"cross_share": self.cross_group_share} if self.cross_group_share else {}),
             "records": [
                 (r.dataset, r.case_id, r.label, sorted(r.foreground))
                 for r in self.records
