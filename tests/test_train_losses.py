@@ -341,3 +341,23 @@ def test_real_fetal_head_mask_ranks_good_over_shifted_predictions(data_dir):
     keys = ("loss_bbox", "loss_giou", "loss_mask", "loss_dice", "loss_semantic_seg", "loss_semantic_dice")
     for key in keys:
         assert shifted[key].item() > good[key].item() + 1e-3, key
+
+
+def test_simple_seg_loss_matches_on_score_among_look_alike_queries():
+    """Two queries draw the same mask: the one with the higher score is trained (not the first by Dice)."""
+    same = torch.where(quadrant_mask()[0], 10.0, -10.0)
+    pred_masks = torch.stack([same, same * 0.999])[None]  # query 0 a hair better by Dice
+    logits = torch.tensor([[-2.0, 2.0]], requires_grad=True)
+    outputs = {"pred_logits": logits, "pred_masks": pred_masks}
+    SimpleSegLoss(pixel_weight=0, dice_weight=0)(outputs, [{"masks": quadrant_mask()}])["loss"].backward()
+    assert logits.grad[0, 1] < 0 < logits.grad[0, 0]  # query 1 (score 0.88) is raised
+    logits.grad = None
+    by_dice = SimpleSegLoss(pixel_weight=0, dice_weight=0, match_score_weight=0.0)
+    by_dice(outputs, [{"masks": quadrant_mask()}])["loss"].backward()
+    assert logits.grad[0, 0] < 0 < logits.grad[0, 1]  # by Dice alone query 0 is chosen
+    # A clearly better mask still wins over a higher score.
+    pred_masks = torch.stack([same, torch.full((4, 4), -10.0)])[None]
+    logits = torch.tensor([[-2.0, 2.0]], requires_grad=True)
+    SimpleSegLoss(pixel_weight=0, dice_weight=0)({"pred_logits": logits, "pred_masks": pred_masks},
+                                                 [{"masks": quadrant_mask()}])["loss"].backward()
+    assert logits.grad[0, 0] < 0 < logits.grad[0, 1]

@@ -110,8 +110,11 @@ class SimpleSegLoss:
 
     * ``semantic_seg`` vs ``U``: pixel loss (BCE, or focal with ``focal=True``) over all images, Dice over
       images containing the concept;
-    * the best-matching query (highest soft Dice with ``U`` on the prediction grid, chosen without
-      gradient) vs ``U``: the same pixel + Dice losses at the target resolution;
+    * the best-matching query vs ``U``: the same pixel + Dice losses at the target resolution. The query
+      is chosen without gradient by the highest ``soft Dice(query, U) + match_score_weight *
+      sigmoid(score)`` (soft Dice on the prediction grid). With the score in the choice the same query
+      stays chosen once several draw a similar mask; by Dice alone the choice flips between look-alike
+      queries and every score settles near ``1 / (number of look-alikes)``;
     * ``pred_logits``: BCE with the best query as the only positive (all negative in absent images), so
       that the top-scoring query, which inference keeps, is the one trained on the mask;
     * ``presence_logits``: BCE vs "concept present".
@@ -131,7 +134,9 @@ class SimpleSegLoss:
         focal: bool = False,
         alpha: float = 0.25,
         gamma: float = 2.0,
+        match_score_weight: float = 1.0,
     ) -> None:
+        self.match_score_weight = match_score_weight
         self.pixel_weight = pixel_weight
         self.dice_weight = dice_weight
         self.score_weight = score_weight
@@ -177,7 +182,10 @@ class SimpleSegLoss:
                 grid = F.interpolate(union[:, None].float(), size=pred_masks.shape[-2:], mode="area")
                 soft = pred_masks.float().sigmoid().flatten(2)
                 overlap = 2 * (soft * grid.flatten(2)).sum(-1) + 1
-                best = (overlap / (soft.sum(-1) + grid.flatten(2).sum(-1) + 1)).argmax(dim=1)
+                cost = overlap / (soft.sum(-1) + grid.flatten(2).sum(-1) + 1)
+                if self.match_score_weight:
+                    cost = cost + self.match_score_weight * logits.detach().float().sigmoid()
+                best = cost.argmax(dim=1)
             if self.pixel_weight or self.dice_weight:
                 chosen = pred_masks[torch.arange(batch, device=device), best][:, None]
                 pixel, dice = self._mask_terms(chosen, union, present)
