@@ -147,3 +147,16 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "x.pt")
     with pytest.raises(InputError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_time_limit_stops_with_a_checkpoint_and_the_run_resumes(manifest, tmp_path):
+    whole = train(cfg_for(manifest, tmp_path / "whole", max_steps=3))
+    # A budget shorter than any step: the first step ends past it, is checkpointed, and the invocation ends.
+    first = train(cfg_for(manifest, tmp_path / "split", max_steps=3, stop_after_minutes=1e-6, export="final"))
+    assert not first.finished and first.step == 1 and not first.exports
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["step"] == 1
+    second = train(cfg_for(manifest, tmp_path / "split", max_steps=3, stop_after_minutes=60, export="final"))
+    assert second.finished and second.step == 3 and second.exports
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole") and whole.finished
+    with pytest.raises(InputError, match="stop_after_minutes"):
+        cfg_for(manifest, tmp_path / "bad", stop_after_minutes=0)

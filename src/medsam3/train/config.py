@@ -176,6 +176,9 @@ class TrainConfig:
         max_steps: total optimizer steps (overrides ``epochs``).
         stop_after: end this invocation after this many steps (a checkpoint is written), e.g. to split a
             run over job slots; the run continues with ``resume: auto``.
+        stop_after_minutes: likewise, end this invocation (with a checkpoint) at the first step that ends
+            after this many minutes of training (wall clock, from the first step; every process stops at
+            the same step). Nothing is exported until the run reaches its last step.
         batch_size: items per process and micro-batch.
         grad_accum: micro-batches per optimizer step. Global batch = batch_size x grad_accum x processes.
         mixed_precision: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``bf16``, ``fp16``, ``no``.
@@ -202,6 +205,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     max_steps: int | None = None
     stop_after: int | None = None
+    stop_after_minutes: float | None = None
     batch_size: int = 1
     grad_accum: int = 1
     mixed_precision: str = "auto"
@@ -231,6 +235,8 @@ class TrainConfig:
             (self.epochs >= 1, "epochs", self.epochs, ">= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, ">= 1"),
             (self.stop_after is None or self.stop_after >= 1, "stop_after", self.stop_after, ">= 1"),
+            (self.stop_after_minutes is None or self.stop_after_minutes > 0, "stop_after_minutes",
+             self.stop_after_minutes, "> 0"),
             (self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps_per_epoch",
              self.steps_per_epoch, ">= 1"),
             (0.0 <= self.box_prompt_fraction <= 1.0, "box_prompt_fraction", self.box_prompt_fraction,
@@ -439,9 +445,9 @@ def config_yaml(config: TrainConfig) -> str:
 
 #: Fields that may change between a checkpoint and its resumption without changing the run.
 RUN_CONTROL_KEYS = frozenset({
-    "resume", "stop_after", "max_steps", "epochs", "log_every", "val_every", "save_every", "keep_last",
-    "export", "tensorboard", "progress", "data.num_workers", "data.cache_volumes", "data.verify",
-    "data.val_max_items", "run_dir",
+    "resume", "stop_after", "stop_after_minutes", "max_steps", "epochs", "log_every", "val_every",
+    "save_every", "keep_last", "export", "tensorboard", "progress", "data.num_workers", "data.cache_volumes",
+    "data.verify", "data.val_max_items", "run_dir",
 })
 
 

@@ -481,7 +481,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 3. steps ------------------------------------------------------------------------------------------
     batches = iter(data)
     first = step
-    while step < total and (cfg.stop_after is None or step - first < cfg.stop_after):
+    deadline = None if cfg.stop_after_minutes is None else time.monotonic() + 60.0 * cfg.stop_after_minutes
+    out_of_time = False
+    while step < total and (cfg.stop_after is None or step - first < cfg.stop_after) and not out_of_time:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         n_global = _all_reduce_sum(count_targets(micro), acc.device) / (world * cfg.grad_accum)
         module.train()
@@ -509,7 +511,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.step(step, epoch, terms_mean, lrs, grad_norm, result)
 
         end_of_epoch = step % steps_per_epoch == 0
-        last_step = step == total or (cfg.stop_after is not None and step - first >= cfg.stop_after)
+        if deadline is not None:  # every process must stop at the same step
+            out_of_time = _all_reduce_sum(float(time.monotonic() >= deadline), acc.device) > 0
+        last_step = step == total or (cfg.stop_after is not None and step - first >= cfg.stop_after) or \
+            out_of_time
         metrics = None
         due = step % cfg.val_every == 0 if cfg.val_every else end_of_epoch
         if val_items and (due or step == total):
@@ -524,6 +529,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 acc, module, optimizer, scheduler, sampler, position, step, epoch, best, best_step, metrics,
                 config_to_dict(cfg), is_best=metrics is not None and best_step == step,
                 keep_last=cfg.keep_last, run_dir=cfg.run_dir)
+    if out_of_time and step < total and main:
+        log.info("stopped at step %d of %d after %.4g minutes (stop_after_minutes); run again to continue",
+                 step, total, cfg.stop_after_minutes)
     result.step, result.epoch, result.best_metric, result.best_step = step, epoch, best, best_step
     result.finished = step >= total
     if result.finished:
