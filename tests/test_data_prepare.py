@@ -360,3 +360,32 @@ def test_arcade_registry_entry_reads_the_zenodo_layout(tmp_path):
     found = discover(entry.layout, tmp_path, entry.options)
     assert sorted(c.case_id for c in found.candidates) == ["train/1", "val/1"]
     assert all(c.label_names == {1: "coronary artery", 2: "coronary artery"} for c in found.candidates)
+
+
+def test_labels_file_regions_add_union_concepts(data_dir, tmp_path):
+    """A list value in --labels is a region: its mask is the union of the labels, its slices their union."""
+    import SimpleITK as sitk
+
+    root = msd_hippocampus(data_dir, tmp_path / "data" / "Task04")
+    labels = _labels(tmp_path, {"anterior hippocampus": 1, "posterior hippocampus": 2, "hippocampus": [1, 2]})
+    out = tmp_path / "o.jsonl"
+    assert run(["--layout", "nnunet", "--root", str(root), "--name", "Hippo", "--labels", str(labels),
+                "-o", str(out)]) == 0
+    records = read_manifest(out)
+    assert records and all(r.regions == {"hippocampus": [1, 2]} for r in records)
+    for r in records:
+        assert r.concepts == ["anterior hippocampus", "hippocampus", "posterior hippocampus"]
+        assert r.concept_values()["hippocampus"] == [1, 2]
+        label = sitk.GetArrayFromImage(sitk.ReadImage(r.label[0]))
+        expected = [k for k in range(label.shape[0]) if (label[k] > 0).any()]
+        assert r.foreground_slices("hippocampus").tolist() == expected
+        union = set(r.foreground_slices("anterior hippocampus").tolist()) | set(
+            r.foreground_slices("posterior hippocampus").tolist())
+        assert sorted(union) == expected
+    # A region over a value the labels do not name is refused, naming the file; no manifest is written.
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"anterior hippocampus": 1, "hippocampus": [1, 2]}))
+    with pytest.raises(InputError, match=r"region 'hippocampus' uses label value\(s\) \[2\]"):
+        run(["--layout", "nnunet", "--root", str(root), "--name", "Hippo", "--labels", str(bad),
+             "-o", str(tmp_path / "bad.jsonl")])
+    assert not (tmp_path / "bad.jsonl").exists()

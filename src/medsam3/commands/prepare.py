@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medsam3.data import registry
 from medsam3.data.indexing import DatasetReport, prepare_dataset
-from medsam3.data.labels import load_label_names_json
+from medsam3.data.labels import read_label_map_json
 from medsam3.data.layouts import LAYOUTS
 from medsam3.data.manifest import check_records, merge_records, read_manifest, write_manifest
 from medsam3.data.splits import read_splits, write_splits
@@ -48,7 +48,10 @@ def register(subparsers) -> None:
     p.add_argument("--name", help="dataset name in the manifest (--layout; default: the folder name)")
     p.add_argument("-o", "--output", type=Path, help="manifest to create or update (.jsonl)")
     p.add_argument("--splits", type=Path, help="splits file (default: <manifest stem>.splits.json)")
-    p.add_argument("--labels", type=Path, help='JSON naming mask values: {"1": "polyp"} or {"polyp": 1}')
+    p.add_argument("--labels", type=Path,
+                   help='JSON naming mask values: {"1": "polyp"} or {"polyp": 1}; a list value is a region, '
+                        'a concept made of several labels: {"anterior hippocampus": 1, "posterior '
+                        'hippocampus": 2, "hippocampus": [1, 2]}')
     p.add_argument("--modality", choices=MODALITIES, help="image modality (overrides the guess)")
     p.add_argument("--group", help="modality group used to balance sampling (default: the modality)")
     p.add_argument(
@@ -137,7 +140,8 @@ def run(args) -> int:
     inputs = [root] + [p for p in (args.labels, args.vocabulary, args.prompts, args.palette) if p]
     protect_inputs(inputs)
     vocab = Vocabulary.default(args.vocabulary)
-    labels = load_label_names_json(args.labels) if args.labels else None
+    labels, regions = read_label_map_json(args.labels) if args.labels else ({}, {})
+    labels = labels or None
     overrides = _overrides(args)
     if args.dataset:
         entry = registry.get(args.dataset)
@@ -173,6 +177,7 @@ def run(args) -> int:
         vocabulary=vocab,
         existing_splits=all_splits.get(name),
         seed=args.seed,
+        regions=regions or None,
         val_fraction=args.val_fraction,
         drop_empty=drop_empty,
     )

@@ -15,7 +15,7 @@ For every image/label pair found by a layout reader (:mod:`medsam3.data.layouts`
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +197,10 @@ def index_candidate(
     return record
 
 
+def _names(label_names: Mapping[int, str]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in sorted(label_names.items())) or "none"
+
+
 def _concept_values(concepts: Mapping[int, str], regions: Mapping[str, list[int]]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for value, concept in sorted(concepts.items()):
@@ -222,8 +226,13 @@ def prepare_dataset(
     seed: int = SEED,
     val_fraction: float = VAL_FRACTION,
     drop_empty: bool = False,
+    regions: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[list[Record], DatasetReport, dict[str, str]]:
     """Discover, check and index one dataset folder.
+
+    ``regions`` (concept -> label values, e.g. ``{"hippocampus": [1, 2]}``) adds concepts whose mask is the
+    union of several labels to every case (nnU-Net region labels; they join those a ``dataset.json``
+    declares); each value must be one of the case's named labels.
 
     Returns ``(records, report, splits)`` where ``splits`` maps every case id (old and new) to its split.
     """
@@ -234,6 +243,13 @@ def prepare_dataset(
     scope = [name, *found.scope_names]
     records: list[Record] = []
     for c in found.candidates:
+        if regions:
+            for region, values in regions.items():
+                unnamed = sorted(set(int(v) for v in values) - set(c.label_names))
+                if unnamed or not values:
+                    raise InputError(c.label[0], f"region {region!r} uses label value(s) {unnamed or values} "
+                                     f"that the labels do not name ({_names(c.label_names)})")
+            c.regions = {**c.regions, **{str(k): sorted(int(v) for v in vs) for k, vs in regions.items()}}
         concepts = {}
         for value, label_name in sorted(c.label_names.items()):
             resolved = vocab.resolve(label_name, scope)
