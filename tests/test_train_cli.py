@@ -71,6 +71,9 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.optim.lr_vision == 5e-5  # untouched default
     assert config_from_dict(config_to_dict(cfg)) == cfg
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    # null clears a mapping the YAML file set (e.g. to start from a folder instead of a random model)
+    cleared = build_config(path, ["model.size=null", "model.source=models/x"])
+    assert cleared.model.size == {} and cleared.model.source == "models/x"
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -104,6 +107,17 @@ def test_shipped_configs(medsam3, capsys):
             assert doc["box_noise_std"] == 0.1 and doc["model"]["activation_checkpointing"] is True
         if name == "lora":
             assert doc["mode"] == "lora" and doc["lora"]["rank"] == 16
+    for name in ("nano", "nano_stage2", "nano_stage4"):
+        assert medsam3(["train", str(REPO / "configs" / f"{name}.yaml"), "data.manifest=m.jsonl",
+                        "--print-config"]) == 0
+        doc = yaml.safe_load(capsys.readouterr().out)
+        if name == "nano_stage4":
+            augment = doc["data"]["augment"]
+            assert augment["enabled"] is True and augment["scale"] == [0.75, 1.3]
+            assert doc["loss"]["overrides"]["match_score_weight"] == 1.0
+            assert doc["data"]["cross_group_share"] == 0.3
+        else:
+            assert doc["data"]["augment"]["enabled"] is False
 
 
 # ------------------------------------------------------------------------------------------- runs

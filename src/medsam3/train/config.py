@@ -304,6 +304,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
+        if value is None:  # `key=null` clears a mapping (e.g. a YAML file's model.size)
+            return {}
         if not isinstance(value, dict):
             raise InputError(None, f"config: {key} = {value!r} must be a mapping")
         return dict(value)
