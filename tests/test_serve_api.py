@@ -392,7 +392,8 @@ def test_failed_job_reports_the_message(client, data_dir, monkeypatch):
 def test_token_protects_every_endpoint(serve_model, data_dir, tmp_path):
     token = "s3cret-token-123"
     with client_for(make_settings(serve_model, tmp_path / "work", token=token)) as c:
-        for path in ("/api/info", "/openapi.json", "/docs", "/static/viewer.js", "/api/images/" + "0" * 32):
+        for path in ("/api/info", "/openapi.json", "/docs", "/docs-assets/swagger-ui.css",
+                     "/static/viewer.js", "/api/images/" + "0" * 32):
             r = c.get(path)
             assert r.status_code == 401, path
             assert r.json()["error"].startswith("authentication required")
@@ -447,7 +448,13 @@ def test_openapi_and_docs(client):
     upload_body = spec["paths"]["/api/images"]["post"]["requestBody"]["content"]
     assert upload_body["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
     assert "SegmentIn" in spec["components"]["schemas"]
-    assert "swagger" in client.get("/docs").text.lower()
+    docs = client.get("/docs").text
+    assert "swagger" in docs.lower() and "/openapi.json" in docs
+    # Swagger UI's files come from the package, not from a CDN (the server may have no internet)
+    assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
+    script = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert script.status_code == 200 and "SwaggerUIBundle" in script.text
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "viewer.js" in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]

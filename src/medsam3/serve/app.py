@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -84,6 +85,19 @@ def _request_token(request: Request) -> tuple[str | None, bool]:
     return (q, True) if q else (None, False)
 
 
+
+def swagger_ui_assets() -> Path | None:
+    """Folder of Swagger UI's JavaScript and CSS (the ``swagger-ui-bundle`` package), or None.
+
+    Without it ``/docs`` falls back to FastAPI's default, which loads them from a CDN.
+    """
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    path = Path(str(swagger_ui_path))
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
+
 def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
     """Build the application; ``loaded`` is a model from :func:`medsam3.model.loading.load_sam3` (loaded
     here from ``settings.model`` when omitted, once, before the server accepts requests)."""
@@ -113,6 +127,7 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
             service.close()
 
     app = FastAPI(
+        docs_url=None,  # served below from local files: the viewer machine may be offline
         title="medsam3",
         version=__version__,
         description="Prompt-driven medical image segmentation with SAM3: upload an image or volume, "
@@ -193,6 +208,17 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
         return response
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    docs_assets = swagger_ui_assets()
+    if docs_assets is not None:
+        app.mount("/docs-assets", StaticFiles(directory=docs_assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        """Swagger UI over ``/openapi.json``, its JavaScript and CSS served locally when available."""
+        local = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js",
+                 "swagger_css_url": "/docs-assets/swagger-ui.css",
+                 "swagger_favicon_url": "/favicon.ico"} if docs_assets is not None else {}
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="medsam3 API", **local)
 
     # -- information ---------------------------------------------------------------------------------
     @app.get("/api/info", tags=["server"], summary="version, model, limits, queue and cache state")
