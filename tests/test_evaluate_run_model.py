@@ -244,3 +244,40 @@ def test_volume_records_are_scored_in_3d(data_dir, model_dirs, tmp_path):
     assert row.slices == {"empty_slices": int(4 - present[1].size), "fp_slices": 0, "fp_pixel_rate": 0.0}
     (item,) = gallery.items()
     assert item.slice_index is not None and item.ref.any()
+
+
+def test_disjoint_groups_by_hand():
+    from medsam3.evaluate.run_model import disjoint_groups
+
+    values = {"anterior": [1], "posterior": [2], "whole": [1, 2], "other": [3], "core": [1, 3]}
+    assert disjoint_groups(values, ["anterior", "whole", "posterior", "other"]) == [[0, 2, 3], [1]]
+    assert disjoint_groups(values, ["whole", "core", "anterior", "other"]) == [[0, 3], [1], [2]]
+    assert disjoint_groups(values, ["anterior", "posterior"]) == [[0, 1]]
+
+
+def test_region_concepts_are_scored_on_their_own_masks(data_dir, model_dirs, tmp_path):
+    """A region and its parts are segmented in separate calls: the region's mask is what it gets alone."""
+    from medsam3.evaluate.run_model import build_segmenter
+    from medsam3.io.readers import read_image
+    from medsam3.predict.prompts import Prompt
+
+    src = data_dir / "msd_hippocampus"
+    image = sitk.ReadImage(str(src / "images" / "hippocampus_001.nii.gz"))
+    label = sitk.ReadImage(str(src / "labels" / "hippocampus_001.nii.gz"))
+    sitk.WriteImage(image[:, :, 8:12], str(tmp_path / "img.nii.gz"))
+    sitk.WriteImage(label[:, :, 8:12], str(tmp_path / "lab.nii.gz"))
+    arr = sitk.GetArrayFromImage(label[:, :, 8:12])
+    names = ("anterior hippocampus", "hippocampus", "posterior hippocampus")
+    record = Record("Hippocampus", "h001", [str(tmp_path / "img.nii.gz")], [str(tmp_path / "lab.nii.gz")],
+                    {1: names[0], 2: names[2]}, modality="MR", dims=3, split="val", group="MR",
+                    shape=list(arr.shape), regions={"hippocampus": [1, 2]},
+                    foreground={c: [[0, 4]] for c in names})
+    options = RunOptions(prompt_mode="text", device="cpu", volume_mode="volume", threshold=0.0)
+    result = run_models([record], [ModelSpec("tiny", str(model_dirs[0]))], options, None)
+    rows = {r.concept: r for r in result.rows}
+    assert sorted(rows) == sorted(names)
+    assert rows["hippocampus"].metrics["ref_voxels"] == int((arr > 0).sum())
+    # The region's prediction equals a segmentation with its prompt alone (nothing taken by the parts).
+    seg = build_segmenter(ModelSpec("tiny", str(model_dirs[0])), options)
+    alone = seg.segment(read_image(tmp_path / "img.nii.gz", modality="MR"), [Prompt(text="hippocampus")])
+    assert rows["hippocampus"].metrics["pred_voxels"] == int((alone.label_map > 0).sum()) > 0

@@ -20,9 +20,11 @@ For every model, record and concept of the record (by default the concepts prese
 * **Rule** (paper section 3; Meta's processor): the confidence of a mask is ``sigmoid(logit) x presence``;
   the single best mask above ``threshold`` (0.1) is kept, else the prediction is empty (Dice 0). The
   default ``presence_threshold`` is 0: no extra presence gate beyond the confidence, as in the paper's
-  scripts (``medsam3 segment`` gates at 0.5; pass 0.5 to evaluate what it would output). All concepts of an
-  image are prompted in one call, so the image is encoded once and overlapping masks go pixel-wise to the
-  most confident concept.
+  scripts (``medsam3 segment`` gates at 0.5; pass 0.5 to evaluate what it would output). The concepts of an
+  image whose label values are disjoint are prompted in one call, so the image is encoded once and
+  overlapping masks go pixel-wise to the most confident concept; concepts that share label values (a
+  region and its parts: ``hippocampus`` = anterior + posterior) go to separate calls
+  (:func:`disjoint_groups`), so each is scored on its own mask.
 * **Score**: :func:`medsam3.evaluate.rows.score_masks` on the image grid with the image's spacing.
 
 Absent-concept test (``absent=N``): every image is also prompted (text only, in a separate call) with
@@ -324,6 +326,43 @@ def _segment(segmenter, image: Image, texts: list[str], refs: list[np.ndarray], 
     return masks, best, pres, None
 
 
+def disjoint_groups(values: Mapping[str, Sequence[int]], concepts: Sequence[str]) -> list[list[int]]:
+    """Indices of ``concepts`` in groups whose label values do not overlap (first fit, in order).
+
+    A region (``hippocampus = anterior + posterior``) shares voxels with its parts; prompted together, the
+    segmenter's one label map would give each voxel to one prompt only. Each group is segmented in its own
+    call, so every concept's mask is its own.
+    """
+    groups: list[tuple[set[int], list[int]]] = []
+    for i, concept in enumerate(concepts):
+        mine = set(values.get(concept, []))
+        for used, members in groups:
+            if not used & mine:
+                used.update(mine)
+                members.append(i)
+                break
+        else:
+            groups.append((set(mine), [i]))
+    return [members for _, members in groups]
+
+
+def _segment_groups(segmenter, image: Image, texts: list[str], refs: list[np.ndarray], options: RunOptions,
+                    groups: list[list[int]]):
+    """:func:`_segment` once per group of non-overlapping concepts; outputs in the order of ``texts``."""
+    if len(groups) == 1:
+        return _segment(segmenter, image, texts, refs, options)
+    masks: list = [None] * len(texts)
+    scores: list = [None] * len(texts)
+    presence: list = [None] * len(texts)
+    display = None
+    for members in groups:
+        got = _segment(segmenter, image, [texts[i] for i in members], [refs[i] for i in members], options)
+        for k, i in enumerate(members):
+            masks[i], scores[i], presence[i] = got[0][k], got[1][k], got[2][k]
+        display = got[3] if display is None else display
+    return masks, scores, presence, display
+
+
 def _absent_test(segmenter, image: Image, texts: list[str]) -> tuple[list[int], list, list]:
     """Pixels each absent-concept text got (text prompts, one call per image or slice)."""
     opts = RunOptions(prompt_mode="text")
@@ -382,7 +421,8 @@ def _run_record(segmenter, model: str, record: Record, options: RunOptions, out:
     known = image.meta.get("spacing_known", True) is not False
     if concepts:
         try:
-            masks, scores, presence, display = _segment(segmenter, image, texts, refs, options)
+            masks, scores, presence, display = _segment_groups(segmenter, image, texts, refs, options,
+                                                               disjoint_groups(values, concepts))
             status, note = "ok", ""
         except ModelError:
             raise
