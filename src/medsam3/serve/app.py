@@ -9,8 +9,10 @@ Endpoints (all described in ``/openapi.json`` and browsable at ``/docs``):
   metadata's ``display.shape`` and the ``X-Shape`` header);
   ``GET /api/images/{id}/slices/{plane}/{index}.png``.
 * ``POST /api/images/{id}/segment``: queue a segmentation (JSON body
-  :class:`~medsam3.serve.schemas.SegmentIn`);
-  202 with the job id; 503 with ``Retry-After`` when the queue is full.
+  :class:`~medsam3.serve.schemas.SegmentIn`: the whole image, one ``slice`` of a volume, the whole volume
+  from boxes drawn on a slice with ``propagate``, or a volume with ``box3d`` prompts in input voxels);
+  202 with the job id; 422 for prompts the image cannot take; 503 with ``Retry-After`` when the queue is
+  full.
 * ``GET /api/jobs/{id}``: ``queued`` / ``running`` / ``done`` / ``failed`` (with ``error``);
   ``GET /api/jobs/{id}/mask`` (the upload's format), ``/dicom-seg`` (DICOM uploads), ``/summary`` (JSON),
   ``/labels`` (raw labels in the display frame), ``/slices/{plane}/{index}.png`` (label values, or

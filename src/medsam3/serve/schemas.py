@@ -2,8 +2,14 @@
 
 Coordinates follow :mod:`medsam3.predict.prompts`: continuous pixel coordinates of the 2D image that is
 segmented, ``x`` to the right, ``y`` down, boxes ``[x1, y1, x2, y2]``, points ``[x, y]``. For a volume
-segmented on one slice (``slice`` given) they are pixels of that slice **as the slice endpoints return it**
-(display frame, superior up for coronal and sagittal slices).
+with a ``slice`` they are pixels of that slice **as the slice endpoints return it** (display frame,
+superior up for coronal and sagittal slices): only that slice is segmented, or, with ``propagate``, the
+boxes become boxes on a key slice and the whole volume is segmented (:mod:`medsam3.serve.results`).
+
+``box3d`` ``[x1, y1, z1, x2, y2, z2]`` is the exception: voxel coordinates of the **uploaded** array, as
+``medsam3 segment --box3d`` takes them (:mod:`medsam3.predict.volume_prompts`: ``x`` along array axis 2,
+``y`` along axis 1, ``z`` the stored slice index, continuous, ends exclusive), for volumes without a
+``slice``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from medsam3.predict.prompts import Prompt
 
 
 class PromptIn(BaseModel):
-    """One prompt: a concept text and / or boxes and points (see :class:`medsam3.predict.prompts.Prompt`)."""
+    """One prompt: a concept text and / or boxes and points (see :class:`medsam3.predict.prompts.Prompt`),
+    or, on a whole volume, a text and / or a 3D box (:class:`medsam3.predict.volume_prompts.VolumePrompt`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -28,12 +35,26 @@ class PromptIn(BaseModel):
     points: list[list[float]] | None = Field(None, max_length=32, description="points [x, y] in pixels")
     point_labels: list[int] | None = Field(None, max_length=32,
                                            description="1 positive (default), 0 negative")
+    box3d: list[float] | None = Field(
+        None, examples=[[10, 12, 5, 30, 40, 20]],
+        description="volumes only, without 'slice': a 3D box [x1, y1, z1, x2, y2, z2] in voxel indices of "
+        "the uploaded array (x along array axis 2, y along axis 1, z the stored slice index along axis 0; "
+        "continuous, ends exclusive: z1=5, z2=20 covers slices 5 to 19). The prompt is searched only on "
+        "the slices the box covers, with the box on each (as 'medsam3 segment --box3d'); it cannot be "
+        "combined with 'boxes' or 'points' in the same prompt")
 
     @field_validator("boxes")
     @classmethod
     def _four(cls, v):
         if v is not None and any(len(b) != 4 for b in v):
             raise ValueError("each box needs 4 numbers [x1, y1, x2, y2]")
+        return v
+
+    @field_validator("box3d")
+    @classmethod
+    def _six(cls, v):
+        if v is not None and len(v) != 6:
+            raise ValueError("box3d needs 6 numbers [x1, y1, z1, x2, y2, z2] (input voxel indices)")
         return v
 
     @field_validator("points")
@@ -44,6 +65,7 @@ class PromptIn(BaseModel):
         return v
 
     def to_prompt(self) -> Prompt:
+        """The 2D prompt (text, boxes, points; ``box3d`` is handled by :mod:`medsam3.serve.results`)."""
         return Prompt(self.text, self.boxes, self.box_labels, self.points, self.point_labels)
 
 
@@ -63,8 +85,18 @@ class SegmentIn(BaseModel):
 
     prompts: list[PromptIn] = Field(..., min_length=1, max_length=16)
     slice: SliceIn | None = Field(
-        None, description="volumes only: segment this one slice (boxes / points are pixels of it); "
-        "without it the whole volume goes to the segmenter")
+        None, description="volumes only: segment this one slice (boxes / points are pixels of it), or "
+        "with 'propagate' the whole volume from the boxes drawn on it; without it the whole volume goes to "
+        "the segmenter (text and 'box3d' prompts)")
+    propagate: bool = Field(
+        False, description="volumes only, with 'slice': segment the whole volume from the boxes drawn on "
+        "that slice. Each prompt's boxes (pixels of the displayed slice) become boxes on a key slice in "
+        "the uploaded volume's voxels; the structure is detected with the box on every slice and followed "
+        "outwards from the key slice while it overlaps from slice to slice (as 'medsam3 segment --box "
+        "--box-slice'). Only slices of the plane the volume was acquired in can be used (the plane the "
+        "volume segmenter slices along; others are refused with a message naming it). Points cannot be "
+        "propagated; text-only prompts of the request search the whole volume. The result is a label map "
+        "of the whole volume")
     instances: bool = Field(False, description="every instance above the threshold instead of one mask "
                             "per prompt")
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="score threshold (server default)")

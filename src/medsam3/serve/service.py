@@ -6,7 +6,9 @@
 * :meth:`Service.add_upload` checks and reads an upload (:mod:`medsam3.serve.uploads`), stores it
   (:mod:`medsam3.serve.store`) and returns its public description;
 * :meth:`Service.submit` validates a segmentation request against the image (bad prompts are refused at
-  once, not as failed jobs) and queues a :class:`~medsam3.serve.jobs.Job` (503 when the queue is full);
+  once with 422, not as failed jobs; :func:`medsam3.serve.results.request_prompts`, which also maps boxes
+  drawn on a displayed slice to key-slice boxes for ``propagate``) and queues a
+  :class:`~medsam3.serve.jobs.Job` (503 when the queue is full);
 * :meth:`Service.execute` runs in a worker thread: one :class:`~medsam3.predict.segmenter.Segmenter` per
   job around the shared model (its thresholds are the request's), the shared point tracker (loaded on first
   use), and :func:`medsam3.serve.results.segment_job`;
@@ -28,11 +30,12 @@ from typing import Any
 from fastapi import Request
 
 from medsam3.errors import InputError, MedSam3Error, ModelError
+from medsam3.predict.prompts import Prompt
 from medsam3.preprocess.intensity import parse_window
 from medsam3.serve.cache import FeatureCache, install_feature_cache
 from medsam3.serve.errors import ApiError, public_message
 from medsam3.serve.jobs import FAILED, QUEUED, RUNNING, Job, JobQueue, QueueFull, is_valid_id, new_id
-from medsam3.serve.results import segment_job, validate_prompts
+from medsam3.serve.results import request_prompts, segment_job
 from medsam3.serve.schemas import SegmentIn
 from medsam3.serve.settings import ServeSettings
 from medsam3.serve.store import ImageRecord, ImageStore
@@ -132,17 +135,15 @@ class Service:
     def submit(self, image_id: str, body: SegmentIn) -> Job:
         """Validate ``body`` against the image and queue a job (ApiError 4xx / 503)."""
         rec = self.images.get(image_id)
-        prompts = [p.to_prompt() for p in body.prompts]
-        plane = None
         if body.slice is not None:
             if rec.info["ndim"] != 3:
-                raise ApiError(422, "'slice' applies to volumes only; this image is 2D")
+                what = "'slice' and 'propagate' apply" if body.propagate else "'slice' applies"
+                raise ApiError(422, f"{what} to volumes only; this image is 2D")
             from medsam3.serve.store import check_plane
 
             check_plane(rec.info, body.slice.plane, body.slice.index)
-            plane = body.slice.plane
         try:
-            validate_prompts(prompts, rec, plane)
+            request_prompts(body, rec)
             if body.window is not None:
                 if rec.info["modality"] != "CT":
                     raise ApiError(422, f"a CT window was given for a {rec.info['modality']} image; "
@@ -185,12 +186,13 @@ class Service:
     def execute(self, job: Job) -> dict[str, Any]:
         """Run ``job`` (worker thread): segment and write its files."""
         from medsam3.predict.segmenter import Segmenter
+        from medsam3.preprocess.orientation import plan_reorientation
 
         rec = self.images.get(job.image_id)
         image = self.images.load_image(rec)
         req = job.request
         body = SegmentIn.model_validate(req)
-        prompts = [p.to_prompt() for p in body.prompts]
+        prompts = request_prompts(body, rec, plan_reorientation(image) if image.ndim == 3 else None)
         s = self.settings
         segmenter = Segmenter(
             self.loaded,
@@ -199,7 +201,7 @@ class Service:
             body.presence_threshold,
             window=body.window,
             instances=body.instances,
-            tracker=self.tracker_for(prompts),
+            tracker=self.tracker_for([p for p in prompts if isinstance(p, Prompt)]),
         )
         job.folder.mkdir(parents=True, exist_ok=False)
         try:
