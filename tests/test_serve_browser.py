@@ -181,3 +181,109 @@ def test_viewer_upload_segment_refine_download(server, page, data_dir, tmp_path)
     page.screenshot(path=str(ARTIFACTS / "serve_viewer_volume.png"))
     assert not page.errors, page.errors
 
+
+
+HIPPO19 = "msd_hippocampus/images/hippocampus_019.nii.gz"  # MR NIfTI (41, 47, 36), stored RAS
+
+
+def painted_expected(page, geo: dict, voxels: int) -> float:
+    """Canvas pixels that ``voxels`` label voxels of a slice with plane geometry ``geo`` cover (dpr 1)."""
+    w, h = page.evaluate("() => { const c = document.getElementById('view'); return [c.width, c.height]; }")
+    scale = min((w - 32) / (geo["cols"] * geo["col_spacing"]), (h - 32) / (geo["rows"] * geo["row_spacing"]))
+    return voxels * geo["col_spacing"] * geo["row_spacing"] * scale * scale
+
+
+def test_viewer_box_on_acquired_slice_segments_the_whole_volume(server, page, data_dir):
+    import httpx
+
+    page.goto(f"{server}/?token={TOKEN}")
+    page.set_input_files("#file-input", str(data_dir / HIPPO19))
+    wait_state(page, "ready")
+    # Stored RAS: the slice axis k points superior (direction column (0, 0, 1) in LPS), so the volume was
+    # acquired in axial slices; the viewer opens on that plane, at the middle slice (41 // 2 = 20).
+    assert page.get_attribute("#planes button[data-plane=axial]", "aria-selected") == "true"
+    assert page.text_content("#slice-label") == "Axial 21 / 41"
+    assert page.locator("#box-scope").is_visible()
+    assert page.is_checked("#box-slice") and page.locator("#propagate").is_enabled()
+    assert page.locator("#box-hint").is_hidden()
+
+    page.check("#propagate")
+    page.fill("#prompt-input", "hippocampus")
+    page.locator("#opacity").fill("100")  # opaque overlay: mask pixels show the label colour exactly
+    view = page.locator("#view").bounding_box()
+    x0, y0 = view["x"] + view["width"] * 0.4, view["y"] + view["height"] * 0.3
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + view["width"] * 0.2, y0 + view["height"] * 0.4, steps=6)
+    page.mouse.up()
+    assert wait_state(page, "done", "error") == "done", page.text_content("#status")
+
+    job = api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
+    assert job["request"]["propagate"] is True
+    assert job["request"]["slice"] == {"plane": "axial", "index": 20}
+    # RAS -> display flips y and x only: axial display slice 20 is stored slice 20.
+    assert job["result"]["scope"] == {"kind": "volume",
+                                      "key_slice": {"plane": "axial", "index": 20, "input_slice": 20}}
+    (entry,) = job["result"]["labels"]
+    assert entry["prompt"]["kind"] == "text+box" and not entry["absent"]
+    info = api(server, f"/api/images/{job['image_id']}")
+    assert info["display"]["acquired_plane"] == "axial"
+
+    r = httpx.get(f"{server}/api/jobs/{job['job_id']}/labels", headers={"Authorization": f"Bearer {TOKEN}"},
+                  timeout=30)
+    r.raise_for_status()
+    assert r.headers["x-dtype"] == "uint8" and r.headers["x-shape"] == "41,47,36"
+    labels = np.frombuffer(r.content, np.uint8).reshape(41, 47, 36)
+    per_slice = labels.reshape(41, -1).astype(bool).sum(axis=1)
+    others = [k for k in np.flatnonzero(per_slice).tolist() if k != 20]
+    assert per_slice[20] > 0 and others, per_slice  # labels beyond the key slice
+    status = page.text_content("#status")
+    assert f"Labels on {int((per_slice > 0).sum())} of 41 axial slices, propagated from slice 21." in status
+
+    # The viewer stays on the key slice, with the box; the overlay shows there and on another labelled slice.
+    assert page.text_content("#slice-label") == "Axial 21 / 41"
+    colour = entry["color"]
+    axial = info["display"]["planes"]["axial"]
+    assert page.evaluate(COUNT_COLOUR, colour) > 0.5 * painted_expected(page, axial, int(per_slice[20]))
+    far = max(others, key=lambda k: abs(k - 20))
+    page.locator("#slice-slider").fill(str(far))
+    assert page.text_content("#slice-label") == f"Axial {far + 1} / 41"
+    assert page.evaluate(COUNT_COLOUR, colour) > 0.5 * painted_expected(page, axial, int(per_slice[far]))
+    page.locator("#slice-slider").fill("20")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve_viewer_propagate_axial.png"))
+
+    # A coronal slice: the volume result shows there too, but a box drawn on it cannot be propagated.
+    page.click("#planes button[data-plane=coronal]")
+    assert page.locator("#propagate").is_disabled() and page.is_checked("#box-slice")
+    hint = "draw the box on an axial slice to propagate it through the volume"
+    assert hint in page.text_content("#box-hint") and page.locator("#box-hint").is_visible()
+    assert hint in page.get_attribute("#propagate-option", "title").lower()
+    per_row = labels.astype(bool).sum(axis=(0, 2))  # coronal slice j = display axis 1
+    row = int(np.argmax(per_row))
+    page.locator("#slice-slider").fill(str(row))
+    coronal = info["display"]["planes"]["coronal"]
+    assert page.evaluate(COUNT_COLOUR, colour) > 0.5 * painted_expected(page, coronal, int(per_row[row]))
+    page.screenshot(path=str(ARTIFACTS / "serve_viewer_propagate_coronal.png"))
+
+    # A box drawn here segments this coronal slice only (the whole-volume choice waits for an axial slice).
+    first = job["job_id"]
+    view = page.locator("#view").bounding_box()
+    x0, y0 = view["x"] + view["width"] * 0.4, view["y"] + view["height"] * 0.4
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + view["width"] * 0.15, y0 + view["height"] * 0.2, steps=6)
+    page.mouse.up()
+    page.wait_for_selector(f"body[data-state=done]:not([data-job='{first}'])", timeout=60_000)
+    sliced = api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
+    assert not sliced["request"]["propagate"]
+    assert sliced["result"]["scope"] == {"kind": "slice", "plane": "coronal", "index": row}
+    # The box on the displayed slice decides the scope (the text row is dimmed) until it is cleared.
+    assert "inactive" in page.get_attribute("#scope", "class")
+    page.click("#clear-box")
+    assert page.locator("#clear-box").is_hidden() and "inactive" not in page.get_attribute("#scope", "class")
+    # Back on the axial plane the whole-volume choice is offered again, as the user left it.
+    page.click("#planes button[data-plane=axial]")
+    assert page.locator("#propagate").is_enabled() and page.is_checked("#propagate")
+    assert page.locator("#box-hint").is_hidden()
+    assert not page.errors, page.errors

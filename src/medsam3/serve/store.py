@@ -12,6 +12,15 @@ volume (the CT abdomen window, MR percentiles, ...). The display array is always
 ``(Z, Y, X, 3)``; a 2D image is one slice, ``(1, Y, X[, 3])``. Planes: ``axial`` = axis 0 ``(Y, X)``,
 ``coronal`` = axis 1 ``(Z, X)``, ``sagittal`` = axis 2 ``(Z, Y)``, the last two shown superior up
 (:func:`medsam3.preprocess.slices.take_slice` with ``display=True``); a 2D image has one plane, ``image``.
+
+Image description (``ImageRecord.info``, returned by ``GET /api/images/{id}``): its ``display`` entry holds
+the display array's ``shape`` and ``channels``, ``spacing_zyx`` (mm per display axis), ``planes`` (per
+plane: slice ``count``, ``rows``, ``cols`` and their spacing, :func:`plane_geometry`), ``intensity`` (how
+values were mapped to ``uint8``), ``frame`` and ``acquired_plane``: for a volume, the plane its stored slices
+lie in (``"axial"``, ``"coronal"`` or ``"sagittal"``: the display plane of the reorientation's through-plane
+axis, :attr:`~medsam3.preprocess.orientation.Reorientation.through_plane_axis`, so a display slice of that
+plane is one stored slice); ``None`` for a 2D image. Boxes drawn on that plane can be propagated through
+the volume (``"propagate"``, :mod:`medsam3.serve.results`).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import numpy as np
 
 from medsam3.image import Image
 from medsam3.preprocess.intensity import apply_intensity, intensity_parameters
-from medsam3.preprocess.orientation import plan_reorientation
+from medsam3.preprocess.orientation import PLANE_OF_AXIS, Reorientation, plan_reorientation
 from medsam3.preprocess.slices import take_slice
 from medsam3.serve.errors import ApiError
 from medsam3.serve.jobs import is_valid_id
@@ -57,6 +66,12 @@ def display_uint8(image: Image) -> tuple[np.ndarray, str]:
         part = apply_intensity(array[start : start + _SLAB], params)
         out[start : start + _SLAB] = np.rint(part * 255.0).astype(np.uint8)
     return out, params.describe()
+
+
+def acquired_plane(reo: Reorientation) -> str | None:
+    """The display plane whose slices are the stored slices of a volume (``None`` for a 2D image)."""
+    axis = reo.through_plane_axis
+    return None if axis is None else PLANE_OF_AXIS[axis]
 
 
 def plane_geometry(display_shape: tuple[int, ...], spacing_zyx: tuple[float, float, float],
@@ -168,6 +183,7 @@ class ImageStore:
                 "intensity": how,
                 "frame": "canonical LPS (axial anterior up, patient right on the left)" if image.ndim == 3
                 else "as stored",
+                "acquired_plane": acquired_plane(reo),
             },
             "mask_format": mask_file.split(".", 1)[1],
             "dicom_seg": stored.kind in ("dicom", "dicom-zip"),

@@ -1,6 +1,8 @@
 // medsam3 web viewer: upload, prompt, review the overlay, refine with a box, download.
 // Talks only to this server's JSON API (see /docs). Volumes arrive once as raw uint8 arrays in the display
 // frame (canonical LPS; axial anterior up, patient right on the left) and are sliced here.
+// On a volume a box segments either the slice it is drawn on or, drawn on a slice of the plane the volume
+// was acquired in (display.acquired_plane), the whole volume from that key slice ("propagate").
 "use strict";
 
 (() => {
@@ -11,7 +13,8 @@
     chips: $("chips"), opacity: $("opacity"), opacityValue: $("opacity-value"), planes: $("planes"),
     slider: $("slice-slider"), sliceLabel: $("slice-label"), viewport: $("viewport"), canvas: $("view"),
     readout: $("readout"), orientation: $("orientation"), mask: $("download-mask"), seg: $("download-seg"),
-    json: $("download-json"),
+    json: $("download-json"), boxScope: $("box-scope"), boxSlice: $("box-slice"), propagate: $("propagate"),
+    propagateOption: $("propagate-option"), clearBox: $("clear-box"), boxHint: $("box-hint"),
   };
   const ctx = el.canvas.getContext("2d");
   const PLANE_TITLES = { axial: "Axial", coronal: "Coronal", sagittal: "Sagittal", image: "Image" };
@@ -30,6 +33,7 @@
     opacity: 0.55,
     box: null,          // [x1, y1, x2, y2] in slice pixels (last box sent or being drawn)
     boxSlice: null,     // {plane, index} the box belongs to
+    wantPropagate: false, // "whole volume from this box" chosen (used where the plane allows it)
     drag: null,
     busy: false,
     fit: null,          // {dx, dy, dw, dh, rows, cols}
@@ -74,14 +78,15 @@
       state.image = info;
       state.volume = new Uint8Array(raw);
       clearResult();
+      state.wantPropagate = false;
       const planes = Object.keys(info.display.planes);
-      state.plane = planes[0];
+      // Volumes open on the plane they were acquired in (finest in-plane detail; boxes there propagate).
+      state.plane = planes.includes(info.display.acquired_plane) ? info.display.acquired_plane : planes[0];
       for (const p of planes) state.index[p] = Math.floor(info.display.planes[p].count / 2);
       buildPlaneTabs(planes);
       showInfo(info);
       el.prompt.disabled = false;
       el.segment.disabled = false;
-      el.scope.hidden = !info.is_3d;
       setStatus(`${info.name}: ${info.is_3d ? "volume" : "2D image"} ready. Type what to segment.`, "ready");
       el.prompt.focus();
       render();
@@ -132,6 +137,55 @@
     for (const b of el.planes.children) b.setAttribute("aria-selected", String(b.dataset.plane === state.plane));
   }
 
+  // -- scope of a box: this slice, or the whole volume from it --------------------------------------
+  const article = (word) => (/^[aeiou]/.test(word) ? "an" : "a");
+
+  function boxHere() {
+    return Boolean(state.box && state.boxSlice && state.boxSlice.plane === state.plane &&
+      state.boxSlice.index === state.index[state.plane]);
+  }
+
+  // Why a box on the displayed plane cannot segment the whole volume, or "" when it can. Only the plane the
+  // volume was acquired in holds key slices (the server refuses the others).
+  function propagateBlock() {
+    const info = state.image;
+    if (!info || !info.is_3d) return "only volumes can be segmented from a box on one slice";
+    const acquired = info.display.acquired_plane;
+    if (!acquired) return "the server did not say which plane this volume was acquired in";
+    if (info.display.planes[acquired].count < 2) return "this volume has a single slice";
+    if (state.plane !== acquired) {
+      return `draw the box on ${article(acquired)} ${acquired} slice to propagate it through the volume`;
+    }
+    return "";
+  }
+
+  const propagateChosen = () => state.wantPropagate && !propagateBlock();
+
+  function syncScope() {
+    const volume = Boolean(state.image && state.image.is_3d);
+    el.scope.hidden = !volume;
+    el.boxScope.hidden = !volume;
+    el.boxHint.hidden = true;
+    if (!volume) return;
+    const block = propagateBlock();
+    el.propagate.disabled = Boolean(block);
+    el.propagateOption.classList.toggle("disabled", Boolean(block));
+    el.propagateOption.title = block ? block[0].toUpperCase() + block.slice(1) :
+      "Segment the whole volume: the box marks the structure on this key slice and it is followed " +
+      "through the neighbouring slices";
+    el.propagate.checked = propagateChosen();
+    el.boxSlice.checked = !el.propagate.checked;
+    if (block) {
+      el.boxHint.textContent = `Whole volume from a box: ${block}` + (state.wantPropagate ?
+        `; a box on this ${state.plane} slice segments this slice only.` : ".");
+      el.boxHint.hidden = false;
+    }
+    const here = boxHere();
+    el.clearBox.hidden = !state.box;
+    el.scope.classList.toggle("inactive", here);
+    el.scope.title = here ? "The box drawn on this slice decides what is segmented (Box, below)" : "";
+  }
+
   // -- segmenting ----------------------------------------------------------------------------------
   function concepts() {
     return el.prompt.value.split(",").map((s) => s.trim()).filter(Boolean);
@@ -151,10 +205,13 @@
     if (state.image.is_3d && (box || (scope && scope.value === "slice"))) {
       body.slice = { plane: state.plane, index: state.index[state.plane] };
     }
+    const propagate = Boolean(box && state.image.is_3d && propagateChosen());
+    if (propagate) body.propagate = true;
     state.busy = true;
     el.segment.disabled = true;
     const what = texts.join(", ") || "the box";
-    setStatus(`Segmenting ${what}…`, "busy");
+    setStatus(propagate ? `Segmenting ${what} through the volume from ${state.plane} slice ` +
+      `${state.index[state.plane] + 1}…` : `Segmenting ${what}…`, "busy");
     try {
       let job;
       for (let attempt = 0; ; attempt++) {
@@ -177,7 +234,15 @@
       }
       await showResult(job);
       const found = job.result.labels.filter((l) => !l.absent).length;
-      setStatus(`Done in ${job.seconds.toFixed(2)} s: ${found} of ${job.result.labels.length} found.`, "done");
+      let spread = "";
+      const key = job.result.scope.key_slice;
+      if (key) {
+        const count = state.image.display.planes[key.plane].count;
+        spread = ` Labels on ${labelledSlices(key.plane)} of ${count} ${key.plane} slices, propagated from ` +
+          `slice ${key.index + 1}.`;
+      }
+      setStatus(`Done in ${job.seconds.toFixed(2)} s: ${found} of ${job.result.labels.length} found.${spread}`,
+        "done");
     } catch (err) {
       setStatus(`Segmentation failed: ${err.message}`, "error");
     } finally {
@@ -208,13 +273,31 @@
     buildChips(job.result.labels);
     setDownloads(job);
     const scope = job.result.scope;
-    if (scope.kind === "slice") {   // show the slice that was segmented
-      state.plane = scope.plane;
-      state.index[scope.plane] = scope.index;
+    // A slice result: show the slice that was segmented. A volume propagated from a box: the labels cover
+    // the whole volume (every plane shows them); open the key slice the box was drawn on.
+    const shown = scope.kind === "slice" ? scope : scope.key_slice;
+    if (shown) {
+      state.plane = shown.plane;
+      state.index[shown.plane] = shown.index;
       syncSlider();
     }
     document.body.dataset.job = job.job_id;
     render();
+  }
+
+  // Number of slices of ``plane`` with at least one label (display frame, labels of the whole volume).
+  function labelledSlices(plane) {
+    const [Z, Y, X] = state.image.display.shape;
+    const labels = state.labels;
+    const seen = new Uint8Array(plane === "coronal" ? Y : plane === "sagittal" ? X : Z);
+    for (let z = 0, v = 0; z < Z; z++) {
+      for (let y = 0; y < Y; y++) {
+        for (let x = 0; x < X; x++, v++) {
+          if (labels[v]) seen[plane === "coronal" ? y : plane === "sagittal" ? x : z] = 1;
+        }
+      }
+    }
+    return seen.reduce((a, b) => a + b, 0);
   }
 
   function buildChips(labels) {
@@ -335,6 +418,7 @@
     ctx.setTransform(1, 0, 0, 1, 0, 0);
     ctx.fillStyle = "#000";
     ctx.fillRect(0, 0, w, h);
+    syncScope();
     if (!state.image) return;
     const plane = state.plane;
     const geo = state.image.display.planes[plane];
@@ -481,6 +565,21 @@
     segment(onThisSlice ? state.box : null);
   });
   el.file.addEventListener("change", () => upload(el.file.files[0]));
+  for (const radio of [el.boxSlice, el.propagate]) {
+    radio.addEventListener("change", () => {
+      state.wantPropagate = el.propagate.checked;
+      render();
+      if (boxHere() && state.image && !state.busy) {
+        setStatus(state.wantPropagate ? "Press Segment to segment the whole volume from this box."
+          : "Press Segment to segment this slice from the box.", "ready");
+      }
+    });
+  }
+  el.clearBox.addEventListener("click", () => {
+    state.box = null;
+    state.boxSlice = null;
+    render();
+  });
 
   // Drag and drop anywhere on the page.
   let dragDepth = 0;
