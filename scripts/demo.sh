@@ -31,6 +31,11 @@ if .venv/bin/python -c "from medsam3.model.resolve import resolve_model; resolve
   $M segment "$S/hippocampus_019.nii.gz" -p "anterior hippocampus" -p "posterior hippocampus" -o "$OUT/hippocampus"
   .venv/bin/python scripts/demo_dice.py "$OUT/hippocampus/hippocampus_019_seg.nii.gz" "$OUT/hippocampus/hippocampus_019.json" \
     "$S/hippocampus_019_labels.nii.gz" "$S/hippocampus_019_labels.json"
+  # the whole hippocampus (anterior + posterior, labels 1 and 2) from one prompt
+  $M segment "$S/hippocampus_019.nii.gz" -p "hippocampus" -o "$OUT/hippocampus_whole"
+  .venv/bin/python scripts/demo_dice.py "$OUT/hippocampus_whole/hippocampus_019_seg.nii.gz" \
+    "$OUT/hippocampus_whole/hippocampus_019.json" "$S/hippocampus_019_labels.nii.gz" \
+    "$S/hippocampus_019_labels.json" "hippocampus=1,2"
 else
   echo "no model is available (no --model, MEDSAM3_MODEL, config file or bundled model): segmentation skipped."
   echo "Convert a checkpoint with 'medsam3 convert sam3.pt models/sam3' and set MEDSAM3_MODEL=models/sam3."

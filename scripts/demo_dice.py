@@ -1,10 +1,12 @@
 """Print the Dice of a medsam3 segmentation against a reference label map, per concept.
 
-Usage: python scripts/demo_dice.py PRED_LABELS PRED_JSON REFERENCE REFERENCE_NAMES_JSON
+Usage: python scripts/demo_dice.py PRED_LABELS PRED_JSON REFERENCE REFERENCE_NAMES_JSON [CONCEPT=V1,V2 ...]
 
 PRED_JSON is the summary ``medsam3 segment`` writes beside the label map (label value -> concept);
-REFERENCE_NAMES_JSON maps the reference's label values to concepts (``{"1": "fetal head"}``).
-Concepts are matched by name; a concept the model reported absent scores 0 when the reference has it.
+REFERENCE_NAMES_JSON maps the reference's label values to concepts (``{"1": "fetal head"}``);
+``CONCEPT=V1,V2`` scores a region instead: the concept against the union of those reference values
+(``hippocampus=1,2``), in place of the names file's concepts. Concepts are matched by name; a concept the
+model reported absent scores 0 when the reference has it.
 """
 
 from __future__ import annotations
@@ -18,14 +20,19 @@ from medsam3.evaluate.metrics import dice
 from medsam3.io.readers import read_label_map
 
 
-def main(pred_path: str, pred_json: str, ref_path: str, ref_names_json: str) -> int:
+def main(pred_path: str, pred_json: str, ref_path: str, ref_names_json: str, *regions: str) -> int:
     ref = read_label_map(ref_path)
     pred = read_label_map(pred_path, reference=ref)
     summary = json.load(open(pred_json, encoding="utf-8"))
     predicted = {e["name"]: int(e["value"]) for e in summary["labels"] if not e.get("absent")}
-    ref_names = {int(k): v for k, v in json.load(open(ref_names_json, encoding="utf-8")).items()}
-    for value, concept in sorted(ref_names.items()):
-        ref_mask = np.asarray(ref.array) == value
+    ref_names = {(int(k),): v for k, v in json.load(open(ref_names_json, encoding="utf-8")).items()}
+    if regions:
+        ref_names = {}
+        for spec in regions:
+            concept, _, values = spec.partition("=")
+            ref_names[tuple(int(v) for v in values.split(","))] = concept
+    for values, concept in sorted(ref_names.items()):
+        ref_mask = np.isin(np.asarray(ref.array), values)
         pred_value = predicted.get(concept)
         if pred_value is None:
             pred_mask = np.zeros_like(ref_mask)
@@ -37,6 +44,6 @@ def main(pred_path: str, pred_json: str, ref_path: str, ref_names_json: str) -> 
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5:
+    if len(sys.argv) < 5:
         sys.exit(__doc__)
     sys.exit(main(*sys.argv[1:]))

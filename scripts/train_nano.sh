@@ -5,10 +5,15 @@
 #        manifest.jsonl            the samples as they are labelled;
 #        manifest_negatives.jsonl  the same, except that the hippocampus volumes also name "fetal head" and
 #                                  "polyp" (values that never occur), so those are drawn as negatives on MR;
+#        manifest_regions.jsonl    the same as manifest.jsonl plus the region "hippocampus" (labels 1 + 2);
 #   2. train: stage 1, `medsam3 train configs/nano.yaml` from random weights (seed 42) on manifest.jsonl;
 #      stage 2, `medsam3 train configs/nano_stage2.yaml` from the stage-1 export on manifest_negatives.jsonl;
 #      stage 3, the same recipe once more from the stage-2 export (fresh optimizer, warm-up, cool-down);
-#   3. bundle: the stage-3 model in float16 into src/medsam3/assets/models/medsam3-nano (config, weights,
+#      stage 4, `medsam3 train configs/nano_stage4.yaml` from the stage-3 export on manifest_regions.jsonl,
+#      with data augmentation, the score-aware SimpleSegLoss and cross-group negatives on every dataset;
+#      stage 5, `medsam3 train configs/nano_stage5.yaml` from the stage-4 export: lower learning rate, more
+#      cross-group negatives;
+#   3. bundle: the stage-5 model in float16 into src/medsam3/assets/models/medsam3-nano (config, weights,
 #      tokenizer and processor files; LICENSE.md and MODEL_CARD.md there are kept);
 #   4. evaluate (only when asked, see NANO_STAGES): the bundled model on the held-out cases -> WORK_DIR/eval.
 #
@@ -17,7 +22,8 @@
 #     DATA_DIR  folder holding hc18_ultrasound/, msd_hippocampus/ and kvasir_seg_sample/
 #     WORK_DIR  manifests and run folders (default outputs/nano; never inside DATA_DIR)
 #   Environment: NANO_STAGES (default "prepare train bundle"; add "evaluate"), NANO_STEPS1 / NANO_STEPS2 /
-#   NANO_STEPS3 (optimizer steps of the three stages, default 1000 / 1200 / 900).
+#   NANO_STEPS3 / NANO_STEPS4 / NANO_STEPS5 (optimizer steps of the five stages, default 1000 / 1200 / 900 /
+#   4000 / 1500).
 # Running it again resumes an interrupted stage from its run folder's checkpoints/last.pt.
 set -euo pipefail
 
@@ -26,6 +32,8 @@ WORK=${2:-outputs/nano}
 STEPS1=${NANO_STEPS1:-1000}
 STEPS2=${NANO_STEPS2:-1200}
 STEPS3=${NANO_STEPS3:-900}
+STEPS4=${NANO_STEPS4:-4000}
+STEPS5=${NANO_STEPS5:-1500}
 STAGES=${NANO_STAGES:-prepare train bundle}
 BUNDLE=src/medsam3/assets/models/medsam3-nano
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -36,6 +44,8 @@ printf '{"1": "anterior hippocampus", "2": "posterior hippocampus"}\n' > "$WORK/
 printf '{"1": "anterior hippocampus", "2": "posterior hippocampus", "3": "fetal head", "4": "polyp"}\n' \
   > "$WORK/labels_hippocampus_negatives.json"
 printf '{"1": "polyp"}\n' > "$WORK/labels_kvasir.json"
+printf '{"anterior hippocampus": 1, "posterior hippocampus": 2, "hippocampus": [1, 2]}\n' \
+  > "$WORK/labels_hippocampus_regions.json"
 
 # prepare_manifest NAME HIPPOCAMPUS_LABELS [prepare options...]: WORK/NAME.jsonl of the three datasets.
 prepare_manifest() {
@@ -67,6 +77,7 @@ PY
 if [[ " $STAGES " == *" prepare "* ]]; then
   prepare_manifest manifest "$WORK/labels_hippocampus.json"
   prepare_manifest manifest_negatives "$WORK/labels_hippocampus_negatives.json"
+  prepare_manifest manifest_regions "$WORK/labels_hippocampus_regions.json"
 fi
 
 if [[ " $STAGES " == *" train "* ]]; then
@@ -76,11 +87,15 @@ if [[ " $STAGES " == *" train "* ]]; then
     data.manifest="$WORK/manifest_negatives.jsonl" run_dir="$WORK/stage2" max_steps="$STEPS2"
   medsam3 train configs/nano_stage2.yaml model.source="$WORK/stage2/export/final" \
     data.manifest="$WORK/manifest_negatives.jsonl" run_dir="$WORK/stage3" max_steps="$STEPS3"
+  medsam3 train configs/nano_stage4.yaml model.source="$WORK/stage3/export/final" \
+    data.manifest="$WORK/manifest_regions.jsonl" run_dir="$WORK/stage4" max_steps="$STEPS4"
+  medsam3 train configs/nano_stage5.yaml model.source="$WORK/stage4/export/final" \
+    data.manifest="$WORK/manifest_regions.jsonl" run_dir="$WORK/stage5" max_steps="$STEPS5"
 fi
 
 if [[ " $STAGES " == *" bundle "* ]]; then
   rm -rf "$BUNDLE.new"
-  python - "$WORK/stage3/export/final" "$BUNDLE.new" <<'PY'
+  python - "$WORK/stage5/export/final" "$BUNDLE.new" <<'PY'
 import sys
 import torch
 from medsam3.model.loading import load_sam3, save_sam3
@@ -97,7 +112,7 @@ fi
 if [[ " $STAGES " == *" evaluate "* ]]; then
   # benchmarks/results/nano_eval.md. This manifest puts the three datasets in one modality group, so that
   # `--absent 3` prompts each held-out image with the concepts of the two other datasets.
-  prepare_manifest eval_manifest "$WORK/labels_hippocampus.json" --group all
+  prepare_manifest eval_manifest "$WORK/labels_hippocampus_regions.json" --group all
   rm -rf "$WORK/eval"
   medsam3 evaluate --manifest "$WORK/eval_manifest.jsonl" --model "$BUNDLE" --model-name medsam3-nano \
     --prompt-mode text --split test --absent 3 --presence-threshold 0.5 --volume-mode volume --gallery 0 \

@@ -106,7 +106,7 @@ def test_fetal_head_sample_and_absent_polyp(segmenter):
 
     head, polyp = result.labels
     assert not head.absent
-    assert dice(result.mask(head.value), reference) >= 0.60  # measured 0.80
+    assert dice(result.mask(head.value), reference) >= 0.80  # measured 0.92
     assert polyp.absent and polyp.reason in ("presence", "score")
     assert not result.mask(polyp.value).any()
 
@@ -123,7 +123,21 @@ def test_hippocampus_sample_volume(segmenter):
 
     assert result.label_map.shape == labels.shape
     anterior, posterior = result.labels
-    # measured: anterior 0.60, posterior 0.30, both parts together 0.82 (the parts are often swapped)
-    assert dice(result.mask(anterior.value), labels == 1) >= 0.35
-    assert dice(result.mask(posterior.value), labels == 2) >= 0.10
-    assert dice(result.label_map > 0, labels > 0) >= 0.60
+    # measured: anterior 0.83, posterior 0.78
+    assert dice(result.mask(anterior.value), labels == 1) >= 0.70
+    assert dice(result.mask(posterior.value), labels == 2) >= 0.65
+    assert dice(result.label_map > 0, labels > 0) >= 0.75
+
+
+def test_whole_hippocampus_and_absent_concepts_on_the_sample_volume(segmenter):
+    """"hippocampus" (the region anterior + posterior) in one prompt; other samples' concepts are absent."""
+    from medsam3.io.readers import read_image
+    from medsam3.predict.prompts import Prompt
+
+    image = read_image(SAMPLES / "hippocampus_019.nii.gz", modality="MR")
+    labels = read_image(SAMPLES / "hippocampus_019_labels.nii.gz").array
+    result = segmenter.segment(image, [Prompt(text="hippocampus"), Prompt(text="fetal head"),
+                                       Prompt(text="polyp")])
+    whole, head, polyp = result.labels
+    assert dice(result.mask(whole.value), labels > 0) >= 0.75  # measured 0.85
+    assert head.absent and polyp.absent and set(np.unique(result.label_map)) <= {0, whole.value}

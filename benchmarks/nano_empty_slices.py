@@ -1,0 +1,65 @@
+"""How often a text prompt marks pixels on slices where its structure is absent (held-out hippocampus).
+
+For each held-out MSD hippocampus volume of ``configs/nano_split.json``, the model segments the volume the
+way ``medsam3 segment`` does (:class:`medsam3.predict.segmenter.Segmenter`, 3D path, presence threshold
+0.5) with the prompts "anterior hippocampus" and "posterior hippocampus", and separately "hippocampus".
+A slice (array axis 0, the axis the segmenter slices along for these volumes) counts as *empty* for a
+prompt when the reference has none of the prompted structure there, and as a *hit* when the prediction
+marks any pixel of that prompt on it. Prints a Markdown table.
+
+Usage (repository root): ``python benchmarks/nano_empty_slices.py DATA_DIR [--model PATH]``
+(``DATA_DIR`` holds ``msd_hippocampus/``; default model: the bundled one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from medsam3.io.readers import read_image
+from medsam3.model.loading import load_sam3
+from medsam3.predict.prompts import Prompt
+from medsam3.predict.segmenter import Segmenter
+
+NAMES = {1: "anterior hippocampus", 2: "posterior hippocampus"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--split", default="configs/nano_split.json")
+    args = parser.parse_args()
+    seg = Segmenter(load_sam3(args.model, device="cpu", dtype="fp32"), presence_threshold=0.5)
+    cases = json.loads(Path(args.split).read_text())["datasets"]["MSD-Hippocampus"]["test"]
+    parts = {"empty": 0, "hit": 0, "other_part": 0}
+    whole = {"empty": 0, "hit": 0}
+    for case in cases:
+        image = read_image(args.data / "msd_hippocampus/images" / f"{case}.nii.gz", modality="MR")
+        ref = read_image(args.data / "msd_hippocampus/labels" / f"{case}.nii.gz").array
+        labels = seg.segment(image, [Prompt(text=NAMES[1]), Prompt(text=NAMES[2])]).label_map
+        for value in (1, 2):
+            for k in range(ref.shape[0]):
+                if (ref[k] == value).any():
+                    continue
+                parts["empty"] += 1
+                marked = (labels[k] == value)
+                parts["hit"] += bool(marked.any())
+                parts["other_part"] += bool((marked & (ref[k] == 3 - value)).any())
+        union = seg.segment(image, [Prompt(text="hippocampus")]).label_map > 0
+        for k in range(ref.shape[0]):
+            if not (ref[k] > 0).any():
+                whole["empty"] += 1
+                whole["hit"] += bool(union[k].any())
+    rate = lambda d: f"{100 * d['hit'] / max(d['empty'], 1):.1f}%"  # noqa: E731
+    print("| prompt | slices where the prompted structure is absent | slices with marked pixels | rate |")
+    print("|---|---|---|---|")
+    print(f"| \"anterior hippocampus\" / \"posterior hippocampus\" (each vs its own label) | "
+          f"{parts['empty']} | {parts['hit']} ({parts['other_part']} of them on the other part) | "
+          f"{rate(parts)} |")
+    print(f"| \"hippocampus\" (vs labels 1 + 2) | {whole['empty']} | {whole['hit']} | {rate(whole)} |")
+
+
+if __name__ == "__main__":
+    main()
