@@ -220,14 +220,19 @@ def test_point_prompts_use_the_tracker(manifest, tiny_config):
     assert row.metrics["pred_voxels"] > 0 and row.score is not None
 
 
-def test_volume_records_are_scored_in_3d(data_dir, model_dirs, tmp_path):
+def hippocampus_slab(data_dir: Path, folder: Path, z0: int, z1: int) -> np.ndarray:
+    """Axial slices ``z0:z1`` (array axis 0 = ITK z) of hippocampus_001 as ``folder/img.nii.gz`` and
+    ``folder/lab.nii.gz``; returns the label array ``(z1 - z0, Y, X)``."""
     src = data_dir / "msd_hippocampus"
     image = sitk.ReadImage(str(src / "images" / "hippocampus_001.nii.gz"))
     label = sitk.ReadImage(str(src / "labels" / "hippocampus_001.nii.gz"))
-    # 4 axial slices around the start of the hippocampus (array axis 0 = ITK z)
-    sitk.WriteImage(image[:, :, 4:8], str(tmp_path / "img.nii.gz"))
-    sitk.WriteImage(label[:, :, 4:8], str(tmp_path / "lab.nii.gz"))
-    arr = sitk.GetArrayFromImage(label[:, :, 4:8])
+    sitk.WriteImage(image[:, :, z0:z1], str(folder / "img.nii.gz"))
+    sitk.WriteImage(label[:, :, z0:z1], str(folder / "lab.nii.gz"))
+    return sitk.GetArrayFromImage(label[:, :, z0:z1])
+
+
+def test_volume_records_are_scored_in_3d(data_dir, model_dirs, tmp_path):
+    arr = hippocampus_slab(data_dir, tmp_path, 4, 8)  # 4 slices around the start of the hippocampus
     present = {v: np.flatnonzero((arr == v).reshape(4, -1).any(axis=1)) for v in (1, 2)}
     record = Record("Hippocampus", "h001", [str(tmp_path / "img.nii.gz")], [str(tmp_path / "lab.nii.gz")],
                     {1: "anterior hippocampus", 2: "posterior hippocampus"}, modality="MR", dims=3,
@@ -261,12 +266,7 @@ def test_region_concepts_are_scored_on_their_own_masks(data_dir, model_dirs, tmp
     from medsam3.io.readers import read_image
     from medsam3.predict.prompts import Prompt
 
-    src = data_dir / "msd_hippocampus"
-    image = sitk.ReadImage(str(src / "images" / "hippocampus_001.nii.gz"))
-    label = sitk.ReadImage(str(src / "labels" / "hippocampus_001.nii.gz"))
-    sitk.WriteImage(image[:, :, 8:12], str(tmp_path / "img.nii.gz"))
-    sitk.WriteImage(label[:, :, 8:12], str(tmp_path / "lab.nii.gz"))
-    arr = sitk.GetArrayFromImage(label[:, :, 8:12])
+    arr = hippocampus_slab(data_dir, tmp_path, 8, 12)
     names = ("anterior hippocampus", "hippocampus", "posterior hippocampus")
     record = Record("Hippocampus", "h001", [str(tmp_path / "img.nii.gz")], [str(tmp_path / "lab.nii.gz")],
                     {1: names[0], 2: names[2]}, modality="MR", dims=3, split="val", group="MR",

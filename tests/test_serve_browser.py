@@ -96,6 +96,16 @@ def wait_state(page, *states: str, timeout: float = 60_000) -> str:
     return page.get_attribute("body", "data-state")
 
 
+def drag_box(page, left: float, top: float, width: float, height: float) -> None:
+    """Draw a box on the viewer canvas; arguments are fractions of the canvas size."""
+    view = page.locator("#view").bounding_box()
+    x0, y0 = view["x"] + view["width"] * left, view["y"] + view["height"] * top
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + view["width"] * width, y0 + view["height"] * height, steps=6)
+    page.mouse.up()
+
+
 COUNT_COLOUR = """([r, g, b]) => {
   const c = document.getElementById("view");
   const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
@@ -139,12 +149,7 @@ def test_viewer_upload_segment_refine_download(server, page, data_dir, tmp_path)
     page.locator("#opacity").fill("60")
 
     # Draw a box: the viewer sends the typed text with the box.
-    view = page.locator("#view").bounding_box()
-    x0, y0 = view["x"] + view["width"] * 0.35, view["y"] + view["height"] * 0.35
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    page.mouse.move(x0 + view["width"] * 0.3, y0 + view["height"] * 0.3, steps=6)
-    page.mouse.up()
+    drag_box(page, 0.35, 0.35, 0.3, 0.3)
     first_job = job["job_id"]
     page.wait_for_selector(f"body[data-state=done]:not([data-job='{first_job}'])", timeout=60_000)
     refined = api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
@@ -210,12 +215,7 @@ def test_viewer_box_on_acquired_slice_segments_the_whole_volume(server, page, da
     page.check("#propagate")
     page.fill("#prompt-input", "hippocampus")
     page.locator("#opacity").fill("100")  # opaque overlay: mask pixels show the label colour exactly
-    view = page.locator("#view").bounding_box()
-    x0, y0 = view["x"] + view["width"] * 0.4, view["y"] + view["height"] * 0.3
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    page.mouse.move(x0 + view["width"] * 0.2, y0 + view["height"] * 0.4, steps=6)
-    page.mouse.up()
+    drag_box(page, 0.4, 0.3, 0.2, 0.4)
     assert wait_state(page, "done", "error") == "done", page.text_content("#status")
 
     job = api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
@@ -268,12 +268,7 @@ def test_viewer_box_on_acquired_slice_segments_the_whole_volume(server, page, da
 
     # A box drawn here segments this coronal slice only (the whole-volume choice waits for an axial slice).
     first = job["job_id"]
-    view = page.locator("#view").bounding_box()
-    x0, y0 = view["x"] + view["width"] * 0.4, view["y"] + view["height"] * 0.4
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    page.mouse.move(x0 + view["width"] * 0.15, y0 + view["height"] * 0.2, steps=6)
-    page.mouse.up()
+    drag_box(page, 0.4, 0.4, 0.15, 0.2)
     page.wait_for_selector(f"body[data-state=done]:not([data-job='{first}'])", timeout=60_000)
     sliced = api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
     assert not sliced["request"]["propagate"]

@@ -228,34 +228,21 @@ class SegmentationResult:
     def table(self) -> str:
         """A short plain-text table: value, name, score, presence, area (voxels, ml, slices), status."""
         if self.is_volume:
-            return self._volume_table()
-        rows = [("value", "prompt", "score", "presence", "area px", "area mm2", "status")]
+            head = ("voxels", "ml", "slices")
+            area = lambda e: (str(e.voxels), "-" if e.volume_ml is None else f"{e.volume_ml:.3f}",  # noqa: E731
+                              "-" if e.slice_range is None else f"{e.slice_range[0]}-{e.slice_range[1]}")
+        else:
+            head = ("area px", "area mm2")
+            area = lambda e: (str(e.area_px), "-" if e.area_mm2 is None else f"{e.area_mm2:.1f}")  # noqa: E731
+        rows = [("value", "prompt", "score", "presence", *head, "status")]
         for e in self.labels:
-            status = f"absent ({e.reason})" if e.absent else "found"
             rows.append((
                 "-" if e.value is None else str(e.value),
                 e.name,
                 "-" if e.score is None else f"{e.score:.3f}",
                 "-" if e.presence is None else f"{e.presence:.3f}",
-                str(e.area_px),
-                "-" if e.area_mm2 is None else f"{e.area_mm2:.1f}",
-                status,
-            ))
-        return _columns(rows)
-
-    def _volume_table(self) -> str:
-        rows = [("value", "prompt", "score", "presence", "voxels", "ml", "slices", "status")]
-        for e in self.labels:
-            status = f"absent ({e.reason})" if e.absent else "found"
-            rows.append((
-                "-" if e.value is None else str(e.value),
-                e.name,
-                "-" if e.score is None else f"{e.score:.3f}",
-                "-" if e.presence is None else f"{e.presence:.3f}",
-                str(e.voxels),
-                "-" if e.volume_ml is None else f"{e.volume_ml:.3f}",
-                "-" if e.slice_range is None else f"{e.slice_range[0]}-{e.slice_range[1]}",
-                status,
+                *area(e),
+                f"absent ({e.reason})" if e.absent else "found",
             ))
         return _columns(rows)
 

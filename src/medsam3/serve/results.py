@@ -40,10 +40,10 @@ from medsam3.io.writers import write_dicom_seg, write_label_map
 from medsam3.overlay import label_colors
 from medsam3.predict.prompts import Box, Prompt, validate_prompt
 from medsam3.predict.volume_prompts import Box3D, VolumePrompt, validate_volume_prompt
-from medsam3.preprocess.orientation import PLANE_OF_AXIS, Reorientation, plan_reorientation
+from medsam3.preprocess.orientation import Reorientation, plan_reorientation
 from medsam3.preprocess.slices import take_slice
 from medsam3.serve.schemas import SegmentIn
-from medsam3.serve.store import PLANE_AXIS, ImageRecord
+from medsam3.serve.store import PLANE_AXIS, ImageRecord, acquired_plane
 from medsam3.serve.uploads import MASK_OUTPUTS
 
 SEG_FILE = "mask.seg.dcm"
@@ -157,13 +157,13 @@ def propagation_prompts(prompts: list[Prompt], reo: Reorientation, plane: str, i
         raise PromptError("'propagate' spreads the boxes drawn on the slice through the volume, but no "
                           "prompt has a box: draw a box, or leave out 'slice' and 'propagate' to search the "
                           "whole volume for the text")
-    acquired = PLANE_OF_AXIS[reo.through_plane_axis]
+    acquired = acquired_plane(reo)
     out: list[Prompt | VolumePrompt] = []
     for p in prompts:
         if not p.boxes:
             out.append(p)
             continue
-        if PLANE_AXIS[plane] != reo.through_plane_axis:
+        if plane != acquired:
             raise PromptError(
                 f"boxes drawn on a {plane} slice cannot be propagated through this volume: it was acquired "
                 f"in {acquired} slices and is segmented slice by slice along them, so a box to propagate "

@@ -174,7 +174,8 @@ def apply(image: torch.Tensor, masks: torch.Tensor, d: Draw) -> tuple[torch.Tens
     if d.gamma != 1.0:
         image = image.clamp(0, 1) ** d.gamma
     if d.contrast != 1.0:
-        image = (image - image.mean()) * d.contrast + image.mean()
+        mean = image.mean()
+        image = (image - mean) * d.contrast + mean
     if d.brightness:
         image = image + d.brightness
     if d.gains != (1.0, 1.0, 1.0) and image.shape[0] == 3:
