@@ -46,6 +46,9 @@ class ModelSection:
         activation_checkpointing: recompute the ViT and text-encoder layers in the backward pass.
         dropout: probability of every dropout layer of the model during training; ``None`` keeps the
             model's own (0.1 in SAM3's geometry encoder and DETR layers).
+        image_size: train at this square input size (a multiple of the patch size) instead of the
+            model's own; the position embedding follows (:mod:`medsam3.model.input_size`) and the export
+            takes the new size. ``None`` keeps the model's size.
     """
 
     source: str = "tiny"
@@ -53,6 +56,7 @@ class ModelSection:
     meta_text_cls: bool = True
     activation_checkpointing: bool = False
     dropout: float | None = None
+    image_size: int | None = None
 
 
 @dataclass
@@ -263,6 +267,8 @@ class TrainConfig:
              "valid amounts"),
             (self.model.dropout is None or 0.0 <= self.model.dropout < 1.0, "model.dropout",
              self.model.dropout, "in [0, 1) or null"),
+            (self.model.image_size is None or self.model.image_size > 0, "model.image_size",
+             self.model.image_size, "> 0 or null"),
         ]
         for ok, key, value, expected in checks:
             if not ok:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsam3.errors import InputError
+from medsam3.errors import InputError, ModelError
 from medsam3.model.forward import encode_image, predict_prompts
 from medsam3.train.config import (
     RUN_CONTROL_KEYS,
@@ -119,6 +119,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     from transformers import Sam3Model
 
     from medsam3.model.configs import small_sam3_config, tiny_sam3_config
+    from medsam3.model.input_size import resize_processor, resize_sam3_input
     from medsam3.model.loading import build_processor, load_sam3
     from medsam3.train.lora import apply_lora
     from medsam3.train.optim import freeze_for_mode
@@ -136,6 +137,13 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
             raise InputError(None, "config: model.size applies to model.source tiny / small only")
         loaded = load_sam3(source, device="cpu", dtype="fp32")
         sam3, processor = loaded.model, loaded.processor
+    if cfg.model.image_size is not None and cfg.model.image_size != image_size_of(sam3):
+        try:
+            sam3 = resize_sam3_input(sam3, cfg.model.image_size)
+        except ModelError as exc:
+            raise InputError(None, f"config: model.image_size: {exc}") from None
+        resize_processor(processor, cfg.model.image_size,
+                         int(sam3.config.vision_config.backbone_config.patch_size))
     sam3.train()
     if cfg.mode == "lora":
         apply_lora(sam3, cfg.lora)
