@@ -281,3 +281,44 @@ def test_region_concepts_are_scored_on_their_own_masks(data_dir, model_dirs, tmp
     seg = build_segmenter(ModelSpec("tiny", str(model_dirs[0])), options)
     alone = seg.segment(read_image(tmp_path / "img.nii.gz", modality="MR"), [Prompt(text="hippocampus")])
     assert rows["hippocampus"].metrics["pred_voxels"] == int((alone.label_map > 0).sum()) > 0
+
+
+def test_the_absent_test_on_a_volume_takes_the_scored_path(data_dir, model_dirs, tmp_path):
+    """With ``volume_mode="volume"`` an absent concept is segmented as the scored prompts are (the whole
+    volume through the segmenter); with ``"slices"`` slice by slice. The two paths differ on this volume."""
+    from medsam3.evaluate.run_model import build_segmenter, load_record
+    from medsam3.io.readers import read_image
+    from medsam3.predict.prompts import Prompt
+
+    arr = hippocampus_slab(data_dir, tmp_path, 8, 12)
+    names = {1: "anterior hippocampus", 2: "posterior hippocampus"}
+    record = Record("Hippocampus", "h001", [str(tmp_path / "img.nii.gz")], [str(tmp_path / "lab.nii.gz")],
+                    names, modality="MR", dims=3, split="val", group="MR", shape=list(arr.shape),
+                    foreground={c: [[0, 4]] for c in names.values()})
+    # Another record of the group only lends its concept to the pool of absent concepts.
+    other = Record("Other", "o1", ["unused.nii.gz"], ["unused_lab.nii.gz"], {1: "brain tumour"},
+                   modality="MR", dims=3, split="val", group="MR", shape=[1, 1, 1])
+    spec = ModelSpec("tiny", str(model_dirs[0]))
+    image = read_image(tmp_path / "img.nii.gz", modality="MR")
+    got = {}
+    for mode in ("volume", "slices"):
+        options = RunOptions(prompt_mode="text", device="cpu", volume_mode=mode, threshold=0.0, absent=1)
+        (row,) = run_models([record], [spec], options, None, all_records=[record, other]).absent
+        got[mode] = row
+        seg = build_segmenter(spec, options)
+        if mode == "volume":
+            expect = int((seg.segment(image, [Prompt(text=row.concept)]).label_map > 0).sum())
+        else:
+            canonical = load_record(record)[0]  # slices of the canonical frame, as the evaluation cuts them
+            prompt = [Prompt(text=row.concept)]
+            expect = sum(int((seg.segment(_slice(canonical, z), prompt).label_map > 0).sum())
+                         for z in range(canonical.spatial_shape[0]))
+        assert row.predicted_pixels == expect
+    assert got["volume"].concept == got["slices"].concept
+    assert got["volume"].predicted_pixels != got["slices"].predicted_pixels
+
+
+def _slice(volume, z: int):
+    from medsam3.evaluate.run_model import _slice_image
+
+    return _slice_image(volume, z)

@@ -31,6 +31,7 @@ Absent-concept test (``absent=N``): every image is also prompted (text only, in 
 ``N`` concepts it does not contain: concepts of records of the same modality group in the manifest and of
 the registry's datasets of that group, minus every concept the record's dataset names. The choice is
 seeded per case and the same for every model. Any pixel given to such a concept is a false positive.
+Volumes go through the same ``volume_mode`` as the scored prompts.
 Caveat: a concept another dataset annotates may truly be visible yet unlabelled here (a laparoscopic image
 shows fat), so the rate is an upper bound.
 
@@ -363,9 +364,10 @@ def _segment_groups(segmenter, image: Image, texts: list[str], refs: list[np.nda
     return masks, scores, presence, display
 
 
-def _absent_test(segmenter, image: Image, texts: list[str]) -> tuple[list[int], list, list]:
-    """Pixels each absent-concept text got (text prompts, one call per image or slice)."""
-    opts = RunOptions(prompt_mode="text")
+def _absent_test(segmenter, image: Image, texts: list[str], volume_mode: str) -> tuple[list[int], list, list]:
+    """Pixels each absent-concept text got (text prompts, one call per image, or per slice / per volume of
+    a 3D image as ``volume_mode`` says: the path the scored prompts took)."""
+    opts = RunOptions(prompt_mode="text", volume_mode=volume_mode)
     dummy = [np.zeros(image.spatial_shape, bool) for _ in texts]
     masks, scores, presence, _ = _segment(segmenter, image, texts, dummy, opts)
     return [int(m.sum()) for m in masks], scores, presence
@@ -459,7 +461,7 @@ def _run_absent(segmenter, model, record, image, options, out, pools, named) -> 
                             f"{record.group!r} (absent-concept test skipped)")
         return
     try:
-        pixels, scores, presence = _absent_test(segmenter, image, texts)
+        pixels, scores, presence = _absent_test(segmenter, image, texts, options.volume_mode)
     except ModelError:
         raise
     except MedSam3Error as exc:
