@@ -13,7 +13,9 @@
 #      with data augmentation, the score-aware SimpleSegLoss and cross-group negatives on every dataset;
 #      stage 5, `medsam3 train configs/nano_stage5.yaml` from the stage-4 export: lower learning rate, more
 #      cross-group negatives;
-#   3. bundle: the stage-5 model in float16 into src/medsam3/assets/models/medsam3-nano (config, weights,
+#      stage 6, `medsam3 train configs/nano_stage6.yaml` from the stage-5 export at 336 px instead of 224 px
+#      (model.image_size: the position embedding is resampled to the larger grid);
+#   3. bundle: the stage-6 model in float16 into src/medsam3/assets/models/medsam3-nano (config, weights,
 #      tokenizer and processor files; LICENSE.md and MODEL_CARD.md there are kept);
 #   4. evaluate (only when asked, see NANO_STAGES): the bundled model on the held-out cases -> WORK_DIR/eval.
 #
@@ -21,9 +23,8 @@
 #   scripts/train_nano.sh DATA_DIR [WORK_DIR]
 #     DATA_DIR  folder holding hc18_ultrasound/, msd_hippocampus/ and kvasir_seg_sample/
 #     WORK_DIR  manifests and run folders (default outputs/nano; never inside DATA_DIR)
-#   Environment: NANO_STAGES (default "prepare train bundle"; add "evaluate"), NANO_STEPS1 / NANO_STEPS2 /
-#   NANO_STEPS3 / NANO_STEPS4 / NANO_STEPS5 (optimizer steps of the five stages, default 1000 / 1200 / 900 /
-#   4000 / 1500).
+#   Environment: NANO_STAGES (default "prepare train bundle"; add "evaluate"), NANO_STEPS1 ... NANO_STEPS6
+#   (optimizer steps of the six stages, default 1000 / 1200 / 900 / 4000 / 1500 / 1000).
 # Running it again resumes an interrupted stage from its run folder's checkpoints/last.pt.
 set -euo pipefail
 
@@ -34,6 +35,7 @@ STEPS2=${NANO_STEPS2:-1200}
 STEPS3=${NANO_STEPS3:-900}
 STEPS4=${NANO_STEPS4:-4000}
 STEPS5=${NANO_STEPS5:-1500}
+STEPS6=${NANO_STEPS6:-1000}
 STAGES=${NANO_STAGES:-prepare train bundle}
 BUNDLE=src/medsam3/assets/models/medsam3-nano
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -91,11 +93,13 @@ if [[ " $STAGES " == *" train "* ]]; then
     data.manifest="$WORK/manifest_regions.jsonl" run_dir="$WORK/stage4" max_steps="$STEPS4"
   medsam3 train configs/nano_stage5.yaml model.source="$WORK/stage4/export/final" \
     data.manifest="$WORK/manifest_regions.jsonl" run_dir="$WORK/stage5" max_steps="$STEPS5"
+  medsam3 train configs/nano_stage6.yaml model.source="$WORK/stage5/export/final" \
+    data.manifest="$WORK/manifest_regions.jsonl" run_dir="$WORK/stage6" max_steps="$STEPS6"
 fi
 
 if [[ " $STAGES " == *" bundle "* ]]; then
   rm -rf "$BUNDLE.new"
-  python - "$WORK/stage5/export/final" "$BUNDLE.new" <<'PY'
+  python - "$WORK/stage6/export/final" "$BUNDLE.new" <<'PY'
 import sys
 import torch
 from medsam3.model.loading import load_sam3, save_sam3

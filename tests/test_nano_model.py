@@ -106,7 +106,7 @@ def test_fetal_head_sample_and_absent_polyp(segmenter):
 
     head, polyp = result.labels
     assert not head.absent
-    assert dice(result.mask(head.value), reference) >= 0.80  # measured 0.92
+    assert dice(result.mask(head.value), reference) >= 0.80  # measured 0.91
     assert polyp.absent and polyp.reason in ("presence", "score")
     assert not result.mask(polyp.value).any()
 
@@ -123,7 +123,7 @@ def test_hippocampus_sample_volume(segmenter):
 
     assert result.label_map.shape == labels.shape
     anterior, posterior = result.labels
-    # measured: anterior 0.83, posterior 0.78
+    # measured: anterior 0.80, posterior 0.76
     assert dice(result.mask(anterior.value), labels == 1) >= 0.70
     assert dice(result.mask(posterior.value), labels == 2) >= 0.65
     assert dice(result.label_map > 0, labels > 0) >= 0.75
@@ -139,5 +139,5 @@ def test_whole_hippocampus_and_absent_concepts_on_the_sample_volume(segmenter):
     result = segmenter.segment(image, [Prompt(text="hippocampus"), Prompt(text="fetal head"),
                                        Prompt(text="polyp")])
     whole, head, polyp = result.labels
-    assert dice(result.mask(whole.value), labels > 0) >= 0.75  # measured 0.85
+    assert dice(result.mask(whole.value), labels > 0) >= 0.75  # measured 0.86
     assert head.absent and polyp.absent and set(np.unique(result.label_map)) <= {0, whole.value}

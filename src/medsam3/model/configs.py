@@ -109,16 +109,18 @@ def tiny_sam3_config(**overrides: Any) -> Sam3Config:
 
 
 def nano_sam3_config(**overrides: Any) -> Sam3Config:
-    """The bundled compact model ``medsam3-nano``: 224 px, 10.8 M parameters, trained from scratch.
+    """The bundled compact model ``medsam3-nano``: 336 px, 10.9 M parameters, trained from scratch.
 
     ViT 192 wide x 6 layers (6 heads, windows of 8 x 8 patches, global attention in layers 2 and 5), FPN and
     detector 64 wide (2 encoder + 2 decoder layers, 4 heads, 20 queries), CLIP text encoder 128 wide x 2
     layers over the full CLIP vocabulary (6.3 M of the parameters are its token embeddings). Only the image
     model is trained (text and box prompts); it has no tracker weights for point prompts or track mode.
-    ``configs/nano.yaml`` trains it (its ``model.size`` repeats these values).
+    ``configs/nano.yaml`` starts it (its ``model.size`` repeats these values, at 224 px: stages 1-5 train at
+    224 px, and stage 6, ``configs/nano_stage6.yaml``, moves it to 336 px with a resampled position
+    embedding).
     """
     values: dict[str, Any] = dict(
-        image_size=224, vit_width=192, vit_layers=6, vit_heads=6, window_size=8, global_layers=(2, 5),
+        image_size=336, vit_width=192, vit_layers=6, vit_heads=6, window_size=8, global_layers=(2, 5),
         fpn_width=64, detector_layers=2, detector_heads=4, num_queries=20, text_width=128, text_layers=2,
         text_heads=2,
     )

@@ -1,0 +1,85 @@
+"""CPU speed of the bundled medsam3-nano model (and of other model folders, in the same run).
+
+Seconds per ``Segmenter.segment`` call with the defaults of ``medsam3 segment`` (presence threshold 0.5,
+volumes in 3D slice mode), after one warm-up call, median and minimum of ``--runs`` calls; the model stays
+loaded. Cases: two 2D images (HC18 ultrasound, Kvasir-SEG RGB) and two MSD hippocampus volumes with one
+and two prompts.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/nano_speed.py DATA_DIR [--model DIR --name NAME ...]
+
+DATA_DIR is the public samples folder (hc18_ultrasound/, kvasir_seg_sample/, msd_hippocampus/). Without
+``--model`` the bundled model is measured. Prints a Markdown table (one column pair per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medsam3.io.readers import read_image
+from medsam3.model.loading import load_sam3
+from medsam3.predict.prompts import Prompt
+from medsam3.predict.segmenter import Segmenter
+
+
+def cases(data: Path) -> list[tuple[str, object, list[str]]]:
+    out = [("2D HC18 400_HC, 800x540, 1 prompt",
+            read_image(data / "hc18_ultrasound/training_set/400_HC.png"), ["fetal head"]),
+           ("2D Kvasir-SEG cju0qoxqj9q6s0835b43399p4 (RGB), 1 prompt",
+            read_image(data / "kvasir_seg_sample/images/cju0qoxqj9q6s0835b43399p4.jpg"), ["polyp"])]
+    for case in ("hippocampus_001", "hippocampus_019"):
+        vol = read_image(data / f"msd_hippocampus/images/{case}.nii.gz", modality="MR")
+        shape = "x".join(map(str, vol.array.shape))
+        out.append((f"3D {case} {shape} (Z,Y,X), 1 prompt", vol, ["anterior hippocampus"]))
+        out.append((f"3D {case} {shape} (Z,Y,X), 2 prompts", vol,
+                    ["anterior hippocampus", "posterior hippocampus"]))
+    return out
+
+
+def time_model(model: str | None, work: list, runs: int) -> tuple[float, int, list[tuple[float, float]]]:
+    t = time.perf_counter()
+    seg = Segmenter(load_sam3(model, device="cpu", dtype="fp32"))
+    load = time.perf_counter() - t
+    rows = []
+    for _, image, prompts in work:
+        seg.segment(image, [Prompt(text=p) for p in prompts])  # warm-up
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            seg.segment(image, [Prompt(text=p) for p in prompts])
+            times.append(time.perf_counter() - t)
+        rows.append((float(np.median(times)), float(min(times))))
+    return load, seg.image_size, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--model", action="append", default=[], help="model folder (repeatable; default bundled)")
+    ap.add_argument("--name", action="append", default=[], help="column name for each --model")
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    models = args.model or [None]
+    names = args.name or [Path(m).name if m else "bundled" for m in models]
+    if len(names) != len(models):
+        ap.error("give one --name per --model")
+    work = cases(args.data)
+    results = [time_model(m, work, args.runs) for m in models]
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    for name, (load, size, _) in zip(names, results, strict=True):
+        print(f"- {name}: {size} px input, model load {load:.2f} s")
+    head = " | ".join(f"{n} median s | {n} min s" for n in names)
+    print(f"\n| input | {head} |\n|---|" + "---|" * (2 * len(names)))
+    for i, (label, _, _) in enumerate(work):
+        cells = " | ".join(f"{r[2][i][0]:.3f} | {r[2][i][1]:.3f}" for r in results)
+        print(f"| {label} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
