@@ -322,3 +322,15 @@ def _slice(volume, z: int):
     from medsam3.evaluate.run_model import _slice_image
 
     return _slice_image(volume, z)
+
+
+def test_models_can_be_evaluated_at_another_input_size(model_dirs):
+    from medsam3.errors import InputError
+    from medsam3.evaluate.run_model import build_segmenter
+
+    spec = ModelSpec("tiny", str(model_dirs[0]))
+    assert build_segmenter(spec, RunOptions(device="cpu")).image_size == 224
+    seg = build_segmenter(spec, RunOptions(device="cpu", image_size=168))
+    assert seg.image_size == 168 and seg.resized
+    with pytest.raises(InputError, match="--image-size 0 must be positive"):
+        RunOptions(image_size=0).check()

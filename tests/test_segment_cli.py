@@ -260,3 +260,42 @@ def test_help_documents_prompt_association(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "attach to" in text and "--box" in text and "--instances" in text
+
+
+def test_image_size_runs_the_model_at_another_input_size(data_dir, model_dir, tmp_path, capsys):
+    """``--image-size`` gives the masks of a model resized beforehand, leaves the folder alone, and is
+    recorded in the summary; a size the patches do not divide is refused before any output."""
+    from medsam3.io.readers import read_image
+    from medsam3.model.input_size import resize_sam3_input
+    from medsam3.model.loading import load_sam3
+    from medsam3.predict.prompts import Prompt
+    from medsam3.predict.segmenter import Segmenter
+
+    before = (model_dir / "model.safetensors").read_bytes()
+    code, _, err = segment(capsys, data_dir / HC18, "-p", "fetal head", "--model", model_dir, "--image-size",
+                           "168", "-o", tmp_path / "out", "--device", "cpu")
+    assert code == 0, err
+    mask, summary, _ = read_outputs(tmp_path / "out", "000_HC")
+    assert summary["settings"]["model_input_size"] == 168
+    assert (model_dir / "model.safetensors").read_bytes() == before
+
+    loaded = load_sam3(model_dir, device="cpu", dtype="fp32")
+    loaded.model = resize_sam3_input(loaded.model, 168)
+    direct = Segmenter(loaded).segment(read_image(data_dir / HC18), [Prompt(text="fetal head")])
+    np.testing.assert_array_equal(mask, direct.label_map)
+    plain = Segmenter(model_dir, device="cpu")
+    assert plain.image_size == 224 and not plain.resized
+
+    code, _, err = segment(capsys, data_dir / HC18, "-p", "fetal head", "--model", model_dir, "--image-size",
+                           "100", "-o", tmp_path / "bad", "--device", "cpu")
+    assert code == 2 and "multiple of the patch size 14" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_track_mode_refuses_a_resized_model(model_dir):
+    from medsam3.errors import ModelError
+    from medsam3.predict.segmenter import Segmenter
+
+    seg = Segmenter(model_dir, device="cpu", image_size=168)
+    with pytest.raises(ModelError, match="track mode runs SAM3's video model at its own input size"):
+        seg.video_model()

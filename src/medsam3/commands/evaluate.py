@@ -131,6 +131,8 @@ def register(subparsers) -> None:
                    help="3D records: segment axial slices (default) or hand the volume to the segmenter")
     b.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     b.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    b.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="run every model at this square input size (default: each model's own)")
     t = p.add_argument_group("--table3")
     t.add_argument("--data-root", type=Path, help="folder with one sub-folder per Table 3 dataset")
     t.add_argument("--vanilla", help="vanilla SAM3 model folder or id")
@@ -239,7 +241,7 @@ def _run_manifest(args) -> int:
                          absent=args.absent, seed=args.seed, include_empty=args.include_empty,
                          instances=args.instances,
                          prompt_text=_prompt_overrides(args.prompt_text), volume_mode=args.volume_mode,
-                         device=args.device, dtype=args.dtype)
+                         device=args.device, dtype=args.dtype, image_size=args.image_size)
     options.check()
     gallery = GalleryCollector(args.gallery)
     specs = [ModelSpec(n, m) for n, m in zip(names, models, strict=True)]
@@ -294,6 +296,7 @@ _FORM_OPTIONS = {
     "--limit": ("limit", None, ("manifest", "table3")),
     "--device": ("device", "auto", ("manifest", "table3")),
     "--dtype": ("dtype", "auto", ("manifest", "table3")),
+    "--image-size": ("image_size", None, ("manifest",)),
     "--data-root": ("data_root", None, ("table3",)), "--vanilla": ("vanilla", None, ("table3",)),
     "--medical": ("medical", None, ("table3",)), "--model-name": ("model_name", None, ("files", "manifest")),
 }

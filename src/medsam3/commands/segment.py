@@ -148,6 +148,9 @@ def register(subparsers) -> None:
                    "else the bundled one)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--image-size", type=_count, default=None, metavar="PX",
+                   help="run the model at this square input size (a multiple of its patch size, e.g. 672 for "
+                   "a 1008 px SAM3 on a CPU: faster, coarser; default: the model's own)")
     p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
     v = p.add_argument_group("volumes")
     v.add_argument("--mode", choices=("slices", "track"), default="slices",
@@ -196,7 +199,8 @@ def _segmenter(args: argparse.Namespace, options):
 
     return Segmenter(args.model, device=args.device, dtype=args.dtype, threshold=args.threshold,
                      presence_threshold=args.presence_threshold, window=args.window,
-                     modality=args.modality, instances=args.instances, volume=options)
+                     modality=args.modality, instances=args.instances, volume=options,
+                     image_size=args.image_size)
 
 
 def _check_out_dir(out: Path) -> None:

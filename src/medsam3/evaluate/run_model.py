@@ -97,6 +97,7 @@ class RunOptions:
     volume_mode: str = "slices"
     device: str = "auto"
     dtype: str = "auto"
+    image_size: int | None = None
 
     def check(self) -> None:
         if self.prompt_mode not in PROMPT_MODES:
@@ -109,6 +110,8 @@ class RunOptions:
             raise InputError(None, "volume mode takes text prompts only; use --volume-mode slices")
         if self.absent < 0:
             raise InputError(None, f"--absent {self.absent} must be 0 or more")
+        if self.image_size is not None and self.image_size <= 0:
+            raise InputError(None, f"--image-size {self.image_size} must be positive")
 
 
 @dataclass
@@ -263,7 +266,7 @@ def build_segmenter(spec: ModelSpec, options: RunOptions):
     if isinstance(spec.source, Segmenter):
         return spec.source
     return Segmenter(spec.source, device=options.device, dtype=options.dtype, threshold=options.threshold,
-                     presence_threshold=options.presence_threshold)
+                     presence_threshold=options.presence_threshold, image_size=options.image_size)
 
 
 def _prompt_masks(result, n_prompts: int) -> tuple[list[np.ndarray], list[float | None], list[float | None]]:

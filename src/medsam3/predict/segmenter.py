@@ -44,6 +44,7 @@ import torch
 from medsam3.errors import ModelError, PromptError
 from medsam3.image import Image
 from medsam3.model.forward import BOX_PAD_LABEL, encode_image, model_device, model_dtype, predict_prompts
+from medsam3.model.input_size import input_size, resize_sam3_input
 from medsam3.predict.postprocess import (
     Selection,
     label_dtype,
@@ -128,6 +129,10 @@ class Segmenter:
         video: SAM3's video model for ``mode="track"`` (a ``LoadedSam3Video`` from
             :func:`medsam3.model.video.load_sam3_video`, or any object with ``model`` and ``processor``);
             loaded on first use from the same source, on the model's device and dtype, when omitted.
+        image_size: run the image model at this square input size instead of its own (a multiple of the
+            patch size; :func:`medsam3.model.input_size.resize_sam3_input`, the loaded model is not
+            changed), e.g. a 1008 px SAM3 at 672 px on a CPU: faster, coarser. Point prompts keep the
+            tracker's own size; track mode is refused.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class Segmenter:
         tracker: Any = None,
         volume: Any = None,
         video: Any = None,
+        image_size: int | None = None,
     ):
         from medsam3.predict.volume import VolumeOptions
 
@@ -164,7 +170,11 @@ class Segmenter:
             self.loaded = load_sam3(loaded_or_model_path, device=device, dtype=dtype)
         self.model = self.loaded.model.eval()
         self.processor = self.loaded.processor
-        self.image_size = int(self.model.config.vision_config.backbone_config.image_size)
+        self.resized = False
+        if image_size is not None and int(image_size) != input_size(self.model):
+            self.model = resize_sam3_input(self.model, int(image_size)).eval()
+            self.resized = True
+        self.image_size = input_size(self.model)
         self._tracker = tracker
         self.volume = volume if volume is not None else VolumeOptions()
         self._video = video
@@ -221,6 +231,9 @@ class Segmenter:
 
     def video_model(self):
         """SAM3's video model for track mode (``model`` and ``processor``), loaded on first use."""
+        if self.resized:
+            raise ModelError(f"track mode runs SAM3's video model at its own input size: drop the input "
+                             f"size {self.image_size} or segment the volume in slices mode")
         if self._video is None or not _is_loaded(self._video):
             from medsam3.predict.volume_segment import video_model_for
 
