@@ -47,6 +47,7 @@ from torch import nn
 
 from medsam3.errors import InputError, ModelError
 from medsam3.model.forward import encode_image, predict_prompts
+from medsam3.model.input_size import input_size
 from medsam3.train.config import (
     RUN_CONTROL_KEYS,
     TrainConfig,
@@ -137,7 +138,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
             raise InputError(None, "config: model.size applies to model.source tiny / small only")
         loaded = load_sam3(source, device="cpu", dtype="fp32")
         sam3, processor = loaded.model, loaded.processor
-    if cfg.model.image_size is not None and cfg.model.image_size != image_size_of(sam3):
+    if cfg.model.image_size is not None and cfg.model.image_size != input_size(sam3):
         try:
             sam3 = resize_sam3_input(sam3, cfg.model.image_size)
         except ModelError as exc:
@@ -156,10 +157,6 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
             if isinstance(module, nn.Dropout):
                 module.p = cfg.model.dropout
     return sam3, processor
-
-
-def image_size_of(sam3: nn.Module) -> int:
-    return int(sam3.config.vision_config.backbone_config.image_size)
 
 
 def build_loss(cfg: TrainConfig):
@@ -431,7 +428,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                            cross_group_negatives=cfg.data.cross_group_negatives,
                            cross_group_share=cfg.data.cross_group_share)
     sam3, processor = build_model(cfg)
-    size = image_size_of(sam3)
+    size = input_size(sam3)
     groups = parameter_groups(sam3, cfg.optim)
     optimizer = build_optimizer(groups, cfg.optim, acc.device.type)
     global_batch = cfg.batch_size * cfg.grad_accum * world
