@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medsam3.io.modality import modality_from_name
 from medsam3.io.readers import read_image
 from medsam3.model.loading import load_sam3
 from medsam3.predict.prompts import Prompt
@@ -25,15 +26,6 @@ CONCEPTS = ("fetal head", "polyp", "anterior hippocampus", "posterior hippocampu
 #: Image stem prefix -> concepts visible there (skipped as prompts).
 VISIBLE = {"12_": {"anterior hippocampus", "posterior hippocampus", "hippocampus"}, "22_": {"fetal head"},
            "24_": {"polyp"}}
-MODALITY = {"CT": "CT", "MRI": "MR", "X-Ray": "XRAY", "ultrasound": "US"}
-
-
-def modality_of(stem: str) -> str:
-    kind = stem.split("_")[1].split("-")[0] if "_" in stem else ""
-    for key, value in MODALITY.items():
-        if stem.split("_")[1].startswith(key):
-            return value
-    return "RGB" if kind in ("pathology", "fundus", "endoscope", "dermoscopy") else "OTHER"
 
 
 def main() -> None:
@@ -49,7 +41,7 @@ def main() -> None:
     for path in images:
         skip = next((v for k, v in VISIBLE.items() if path.stem.startswith(k)), set())
         texts = [c for c in CONCEPTS if c not in skip]
-        image = read_image(path, modality=modality_of(path.stem))
+        image = read_image(path, modality=modality_from_name(path.stem) or "OTHER")  # OCT: OTHER
         for text in texts:  # one prompt per call: each is judged on its own
             result = seg.segment(image, [Prompt(text=text)])
             pixels = int((result.label_map > 0).sum())

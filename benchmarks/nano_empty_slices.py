@@ -51,21 +51,20 @@ def main() -> None:
         labels = seg.segment(image, [Prompt(text=NAMES[1]), Prompt(text=NAMES[2])]).label_map
         for value in (1, 2):
             present = (ref == value).reshape(ref.shape[0], -1).any(axis=1)
-            for k in range(ref.shape[0]):
-                if (ref[k] == value).any():
-                    continue
+            for k in np.flatnonzero(~present):
+                marked = labels[k] == value
+                hit = bool(marked.any())
                 parts["empty"] += 1
-                marked = (labels[k] == value)
-                parts["hit"] += bool(marked.any())
+                parts["hit"] += hit
                 parts["other_part"] += bool((marked & (ref[k] == 3 - value)).any())
-                parts["near"] += bool(marked.any()) and near(present, k)
+                parts["near"] += hit and near(present, k)
         union = seg.segment(image, [Prompt(text="hippocampus")]).label_map > 0
         present = (ref > 0).reshape(ref.shape[0], -1).any(axis=1)
-        for k in range(ref.shape[0]):
-            if not present[k]:
-                whole["empty"] += 1
-                whole["hit"] += bool(union[k].any())
-                whole["near"] += bool(union[k].any()) and near(present, k)
+        for k in np.flatnonzero(~present):
+            hit = bool(union[k].any())
+            whole["empty"] += 1
+            whole["hit"] += hit
+            whole["near"] += hit and near(present, k)
     rate = lambda d: f"{100 * d['hit'] / max(d['empty'], 1):.1f}%"  # noqa: E731
     print("| prompt | slices where the prompted structure is absent | slices with marked pixels | rate | "
           f"of them within {NEAR} slices of the structure |")
