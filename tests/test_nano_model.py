@@ -111,6 +111,24 @@ def test_fetal_head_sample_and_absent_polyp(segmenter):
     assert not result.mask(polyp.value).any()
 
 
+def test_fetal_head_sample_with_test_time_mirroring(segmenter):
+    """``--tta``: the four mirrored passes merged still find the head and still gate the absent polyp."""
+    from medsam3.io.readers import read_image
+    from medsam3.predict.prompts import Prompt
+    from medsam3.predict.segmenter import Segmenter
+
+    image = read_image(SAMPLES / "hc18_400_HC.png")
+    reference = read_image(SAMPLES / "hc18_400_HC_mask.png").array
+    reference = (reference[..., 0] if reference.ndim == 3 else reference) > 127
+    mirrored = Segmenter(segmenter.loaded, mirror=True)
+    result = mirrored.segment(image, [Prompt(text="fetal head"), Prompt(text="polyp")])
+    head, polyp = result.labels
+    assert result.settings["image_encoder_runs"] == 4
+    assert not head.absent
+    assert dice(result.mask(head.value), reference) >= 0.85  # measured 0.93 (0.91 without mirroring)
+    assert polyp.absent and not result.mask(polyp.value).any()
+
+
 def test_hippocampus_sample_volume(segmenter):
     from medsam3.io.readers import read_image
     from medsam3.predict.prompts import Prompt

@@ -111,6 +111,28 @@ def test_png_upload_text_prompt_and_viewer_data(client, data_dir, tmp_path):
     assert "/" not in json.dumps(summary["image"])
 
 
+def test_test_time_mirroring_on_an_image_and_a_volume(client, data_dir):
+    """'tta': four encodings per image or slice, recorded in the summary; a whole volume too."""
+    image_id = upload(client, data_dir / KVASIR).json()["image_id"]
+    status = segment(client, image_id, {"prompts": [{"text": "polyp", "boxes": [[100, 120, 300, 330]]}],
+                                        "tta": True})
+    done(status)
+    summary = client.get(f"/api/jobs/{status['job_id']}/summary").json()
+    assert summary["settings"]["test_time_mirroring"] == ["none", "x", "y", "xy"]
+    assert summary["settings"]["image_encoder_runs"] == 4
+    plain = segment(client, image_id, {"prompts": [{"text": "polyp", "boxes": [[100, 120, 300, 330]]}]})
+    done(plain)
+    settings = client.get(f"/api/jobs/{plain['job_id']}/summary").json()["settings"]
+    assert settings["test_time_mirroring"] is None and settings["image_encoder_runs"] == 1
+
+    volume_id = upload(client, data_dir / HIPPO).json()["image_id"]
+    status = segment(client, volume_id, {"prompts": [{"text": "hippocampus"}], "tta": True})
+    done(status)
+    summary = client.get(f"/api/jobs/{status['job_id']}/summary").json()
+    slices = summary["settings"]["slices"]
+    assert summary["settings"]["image_encoder_runs"] == 4 * slices
+
+
 def test_jpeg_colour_upload_box_and_text_box(client, data_dir):
     info = upload(client, data_dir / KVASIR).json()
     assert info["shape"] == [531, 570] and info["is_color"] and info["display"]["channels"] == 3
@@ -297,6 +319,8 @@ def test_unknown_ids_and_routes_are_json_errors(client):
     ({"prompts": [{"text": "x"}], "window": "lung"}, "CT only"),
     ({"prompts": [{"text": "x"}], "slice": {"plane": "axial", "index": 0}}, "volumes only"),
     ({"prompts": [{"text": "x"}], "colour": "red"}, "colour"),
+    ({"prompts": [{"text": "x"}], "tta": True, "instances": True}, "does not combine with 'instances'"),
+    ({"prompts": [{"text": "x", "points": [[5, 5]]}], "tta": True}, "does not combine with point prompts"),
 ])
 def test_bad_prompts_are_refused_before_queueing(client, data_dir, body, message):
     image_id = upload(client, data_dir / HC18).json()["image_id"]

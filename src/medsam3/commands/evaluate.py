@@ -133,6 +133,9 @@ def register(subparsers) -> None:
     b.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     b.add_argument("--image-size", type=int, default=None, metavar="PX",
                    help="run every model at this square input size (default: each model's own)")
+    b.add_argument("--tta", action="store_true",
+                   help="test-time mirroring (as medsam3 segment --tta): average the predictions on the "
+                   "image and its mirrors along x, y and both (not with --instances or --prompt-mode point)")
     t = p.add_argument_group("--table3")
     t.add_argument("--data-root", type=Path, help="folder with one sub-folder per Table 3 dataset")
     t.add_argument("--vanilla", help="vanilla SAM3 model folder or id")
@@ -241,7 +244,8 @@ def _run_manifest(args) -> int:
                          absent=args.absent, seed=args.seed, include_empty=args.include_empty,
                          instances=args.instances,
                          prompt_text=_prompt_overrides(args.prompt_text), volume_mode=args.volume_mode,
-                         device=args.device, dtype=args.dtype, image_size=args.image_size)
+                         device=args.device, dtype=args.dtype, image_size=args.image_size,
+                         mirror=args.tta)
     options.check()
     gallery = GalleryCollector(args.gallery)
     specs = [ModelSpec(n, m) for n, m in zip(names, models, strict=True)]
@@ -297,6 +301,7 @@ _FORM_OPTIONS = {
     "--device": ("device", "auto", ("manifest", "table3")),
     "--dtype": ("dtype", "auto", ("manifest", "table3")),
     "--image-size": ("image_size", None, ("manifest",)),
+    "--tta": ("tta", False, ("manifest",)),
     "--data-root": ("data_root", None, ("table3",)), "--vanilla": ("vanilla", None, ("table3",)),
     "--medical": ("medical", None, ("table3",)), "--model-name": ("model_name", None, ("files", "manifest")),
 }

@@ -151,6 +151,10 @@ def register(subparsers) -> None:
     p.add_argument("--image-size", type=_count, default=None, metavar="PX",
                    help="run the model at this square input size (a multiple of its patch size, e.g. 672 for "
                    "a 1008 px SAM3 on a CPU: faster, coarser; default: the model's own)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time mirroring: also segment the image (each slice of a volume) mirrored along "
+                   "x, y and both, and average the four predictions (4x the model work; concepts naming a "
+                   "side or position are not mirrored; not with --instances, points or --mode track)")
     p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
     v = p.add_argument_group("volumes")
     v.add_argument("--mode", choices=("slices", "track"), default="slices",
@@ -200,7 +204,7 @@ def _segmenter(args: argparse.Namespace, options):
     return Segmenter(args.model, device=args.device, dtype=args.dtype, threshold=args.threshold,
                      presence_threshold=args.presence_threshold, window=args.window,
                      modality=args.modality, instances=args.instances, volume=options,
-                     image_size=args.image_size)
+                     image_size=args.image_size, mirror=args.tta)
 
 
 def _check_out_dir(out: Path) -> None:

@@ -45,6 +45,20 @@ _US_SPELLING = {
 }
 
 
+#: Words that make a concept depend on the image's orientation: such concepts are never mirrored, neither
+#: by training augmentation (:mod:`medsam3.train.augment`) nor by test-time mirroring
+#: (:mod:`medsam3.predict.mirror`): a mirror image swaps the side the name refers to.
+POSITIONAL_WORDS = frozenset({
+    "left", "right", "anterior", "posterior", "superior", "inferior", "upper", "lower", "medial", "lateral",
+    "proximal", "distal", "dorsal", "ventral", "cranial", "caudal",
+})
+
+
+def is_positional(concept: str) -> bool:
+    """True when the concept's name has a side or position word (``"Left kidney"`` -> True)."""
+    return bool(set(re.findall(r"[a-z]+", concept.lower())) & POSITIONAL_WORDS)
+
+
 def normalize_term(name: str) -> str:
     """Normalised label name: ``"Kidney_L"`` -> ``"left kidney"``, ``"liver+tumour"`` -> ``"liver tumor"``."""
     text = str(name).strip().casefold()

@@ -60,6 +60,7 @@ from medsam3.errors import InputError, MedSam3Error, ModelError
 from medsam3.evaluate.figures import GalleryCollector
 from medsam3.evaluate.rows import AbsentRow, CaseRow, empty_slice_stats, failure_metrics, score_masks
 from medsam3.image import Image
+from medsam3.predict.mirror import mirroring_settings
 from medsam3.predict.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class RunOptions:
     device: str = "auto"
     dtype: str = "auto"
     image_size: int | None = None
+    mirror: bool = False  # test-time mirroring (medsam3.predict.mirror)
 
     def check(self) -> None:
         if self.prompt_mode not in PROMPT_MODES:
@@ -112,6 +114,10 @@ class RunOptions:
             raise InputError(None, f"--absent {self.absent} must be 0 or more")
         if self.image_size is not None and self.image_size <= 0:
             raise InputError(None, f"--image-size {self.image_size} must be positive")
+        if self.mirror and (self.instances or self.prompt_mode == "point"):
+            what = "--instances" if self.instances else "--prompt-mode point"
+            raise InputError(None, f"--tta (test-time mirroring) keeps one mask per text or box prompt and "
+                             f"does not combine with {what}")
 
 
 @dataclass
@@ -266,7 +272,8 @@ def build_segmenter(spec: ModelSpec, options: RunOptions):
     if isinstance(spec.source, Segmenter):
         return spec.source
     return Segmenter(spec.source, device=options.device, dtype=options.dtype, threshold=options.threshold,
-                     presence_threshold=options.presence_threshold, image_size=options.image_size)
+                     presence_threshold=options.presence_threshold, image_size=options.image_size,
+                     mirror=options.mirror)
 
 
 def _prompt_masks(result, n_prompts: int) -> tuple[list[np.ndarray], list[float | None], list[float | None]]:
@@ -393,6 +400,7 @@ def run_models(records: Sequence[Record], models: Sequence[ModelSpec], options: 
             "name": spec.name,
             "requested": str(spec.source) if isinstance(spec.source, (str, os.PathLike)) else None,
             "loaded_from": segmenter.source, "input_size": segmenter.image_size,
+            "test_time_mirroring": mirroring_settings(segmenter.mirrors),
             "threshold": segmenter.threshold, "presence_threshold": segmenter.presence_threshold,
         })
         log.info("evaluating %s on %d records (%s prompts)", spec.name, len(records), options.prompt_mode)

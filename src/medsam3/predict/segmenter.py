@@ -17,6 +17,8 @@ Flow for a 2D image ``(H, W)`` or ``(H, W, C)``:
    **Point prompts** without text run through SAM3's interactive tracker (``Sam3TrackerModel``: points
    and at most one box, SAM2-style), which must be available. **Text + points** runs the concept model on
    the text (and boxes) and keeps the detections that contain a positive point and no negative point.
+   With test-time mirroring (``mirror=True``) the image is also encoded mirrored along x, y and both and
+   each prompt's four predictions are merged into one candidate (:mod:`medsam3.predict.mirror`).
 4. **Decision** per prompt (:mod:`medsam3.predict.postprocess`): presence gate, confidence threshold,
    best mask (semantic mode) or all masks above the threshold (instance mode).
 5. **Back to the input grid**: mask logits are resized bilinearly from the model grid to ``(H, W)`` and
@@ -41,10 +43,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsam3.data.vocabulary import is_positional
 from medsam3.errors import ModelError, PromptError
 from medsam3.image import Image
 from medsam3.model.forward import BOX_PAD_LABEL, encode_image, model_device, model_dtype, predict_prompts
 from medsam3.model.input_size import input_size, resize_sam3_input
+from medsam3.predict.mirror import (
+    MIRRORS,
+    merge_mirrored,
+    mirror_boxes,
+    mirror_grid,
+    mirroring_settings,
+    mirrors_for,
+)
 from medsam3.predict.postprocess import (
     Selection,
     label_dtype,
@@ -65,6 +76,9 @@ log = logging.getLogger(__name__)
 
 #: Tokens per prompt of SAM3's text encoder.
 TEXT_TOKENS = 32
+#: Why test-time mirroring is refused ({what}: the request).
+MIRROR_REFUSAL = ("test-time mirroring keeps one mask per text or box prompt and does not combine with "
+                  "{what}; drop the mirroring (--tta) or that option")
 
 
 @dataclass
@@ -133,6 +147,10 @@ class Segmenter:
             patch size; :func:`medsam3.model.input_size.resize_sam3_input`, the loaded model is not
             changed), e.g. a 1008 px SAM3 at 672 px on a CPU: faster, coarser. Point prompts keep the
             tracker's own size; track mode is refused.
+        mirror: test-time mirroring (:mod:`medsam3.predict.mirror`): every image or slice is also
+            segmented mirrored along x, y and both, and the four predictions are averaged into one mask per
+            prompt (four times the model work). Concepts naming a side or position are not mirrored.
+            Refused with instance mode, point prompts and track mode.
     """
 
     def __init__(
@@ -152,6 +170,7 @@ class Segmenter:
         volume: Any = None,
         video: Any = None,
         image_size: int | None = None,
+        mirror: bool = False,
     ):
         from medsam3.predict.volume import VolumeOptions
 
@@ -175,6 +194,11 @@ class Segmenter:
             self.model = resize_sam3_input(self.model, int(image_size)).eval()
             self.resized = True
         self.image_size = input_size(self.model)
+        self.mirror = bool(mirror)
+        if self.mirror and self.instances:
+            raise PromptError(MIRROR_REFUSAL.format(what="instance mode"))
+        #: The mirrors each image goes through (:data:`medsam3.predict.mirror.MIRRORS`; ``((),)``: none).
+        self.mirrors = MIRRORS if self.mirror else ((),)
         self._tracker = tracker
         self.volume = volume if volume is not None else VolumeOptions()
         self._video = video
@@ -211,6 +235,12 @@ class Segmenter:
         if not prompts:
             raise PromptError("no prompt given")
         instances = self.instances if instances is None else bool(instances)
+        if self.mirror:
+            if instances:
+                raise PromptError(MIRROR_REFUSAL.format(what="instance mode"))
+            pointed = next((p for p in prompts if getattr(p, "points", None)), None)
+            if pointed is not None:
+                raise PromptError(MIRROR_REFUSAL.format(what=f"point prompts ({pointed.display_name})"))
         flat = as_2d(image)
         if flat is not None:
             from medsam3.predict.volume_prompts import VolumePrompt
@@ -224,6 +254,8 @@ class Segmenter:
     def _segment_volume(self, image: Image, prompts: list, instances: bool, options) -> SegmentationResult:
         from medsam3.predict.volume_segment import segment_volume
 
+        if self.mirror and options.mode == "track":
+            raise PromptError(MIRROR_REFUSAL.format(what="track mode (SAM3's video model)"))
         if instances:
             raise PromptError(f"instance mode is for 2D images; a 3D volume {image.spatial_shape} (Z, Y, X) "
                               "is segmented with one label per prompt")
@@ -263,6 +295,7 @@ class Segmenter:
         transform = ResizeTransform((h, w), self.image_size)
         outcomes: dict[int, _Outcome] = {}
         display = None
+        encoder_runs = 0
         det_rows = {i: r for r, i in enumerate(i for i, p in enumerate(prompts) if not p.uses_tracker)}
         with torch.inference_mode():
             for params, members in groups.items():
@@ -273,16 +306,20 @@ class Segmenter:
                 detector = [i for i in members if not prompts[i].uses_tracker]
                 tracked = [i for i in members if prompts[i].uses_tracker]
                 if detector:
-                    vision = encode_image(self.model, self._pixel_values(transform.image(rgb)))
+                    model_pixels = self._pixel_values(transform.image(rgb))
+                    mirrors = mirrors_for(self.mirrors, [prompts[i].model_text for i in detector])
+                    visions = [encode_image(self.model, mirror_grid(model_pixels, dims)) for dims in mirrors]
+                    encoder_runs += len(visions)
                     for start in range(0, len(detector), self.prompt_batch_size):
                         chunk = detector[start : start + self.prompt_batch_size]
                         rows = [det_rows[i] for i in chunk]
-                        out = self._detect(vision, [prompts[i] for i in chunk], tokens, rows, transform)
+                        out = self._detect_mirrored(visions, mirrors, [prompts[i] for i in chunk], tokens,
+                                                    rows, transform)
                         for row, i in enumerate(chunk):
                             outcomes[i] = self._decide(out, row, prompts[i], transform, instances, how)
                 if tracked:
                     outcomes.update(self._track_group(rgb, [(i, prompts[i]) for i in tracked], (h, w), how))
-        return self._assemble(image, prompts, outcomes, instances, display, groups)
+        return self._assemble(image, prompts, outcomes, instances, display, groups, encoder_runs)
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if not texts:
@@ -308,7 +345,21 @@ class Segmenter:
         model = model or self.model
         return t.to(device=model_device(model), dtype=model_dtype(model))
 
-    def _detect(self, vision, prompts: list[Prompt], tokens, rows: list[int], transform: ResizeTransform):
+    def _detect_mirrored(self, visions: list, mirrors, prompts: list[Prompt], tokens, rows: list[int],
+                         transform: ResizeTransform):
+        """:meth:`_detect` on the features ``visions`` of the input mirrored along each of ``mirrors``,
+        merged into one candidate per prompt (:func:`~medsam3.predict.mirror.merge_mirrored`) when
+        there are several."""
+        if len(mirrors) == 1:
+            return self._detect(visions[0], prompts, tokens, rows, transform)
+        outs = [self._detect(v, prompts, tokens, rows, transform, dims)
+                for v, dims in zip(visions, mirrors, strict=True)]
+        return merge_mirrored(outs, mirrors, [not is_positional(p.model_text) for p in prompts])
+
+    def _detect(self, vision, prompts: list[Prompt], tokens, rows: list[int], transform: ResizeTransform,
+                dims: tuple[int, ...] = ()):
+        """The detector's output for ``prompts`` on ``vision``, the features of the model input mirrored
+        along ``dims`` (box prompts are mirrored to match)."""
         ids = tokens["input_ids"][rows]
         mask = tokens["attention_mask"][rows]
         n_box = max(len(p.boxes or ()) for p in prompts)
@@ -324,8 +375,9 @@ class Segmenter:
                                    xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], axis=1)
                 boxes[r, : len(p.boxes)] = torch.from_numpy(cxcywh).float()
                 labels[r, : len(p.boxes)] = torch.tensor(p.box_labels)
-        return predict_prompts(self.model, vision, input_ids=ids, attention_mask=mask, boxes=boxes,
-                               box_labels=labels, meta_text_cls=self.meta_text_cls)
+        return predict_prompts(self.model, vision, input_ids=ids, attention_mask=mask,
+                               boxes=mirror_boxes(boxes, dims), box_labels=labels,
+                               meta_text_cls=self.meta_text_cls)
 
     def _decide(self, out, row: int, prompt: Prompt, transform, instances: bool, how: str) -> _Outcome:
         presence_logits = None if out.presence_logits is None else out.presence_logits[row : row + 1]
@@ -412,7 +464,8 @@ class Segmenter:
         return _Outcome(sel, self._to_original(masks, transform), "tracker", how)
 
     # -- assembly ------------------------------------------------------------------------------------
-    def _assemble(self, image, prompts, outcomes, instances, display, groups) -> SegmentationResult:
+    def _assemble(self, image, prompts, outcomes, instances, display, groups, encoder_runs: int
+                  ) -> SegmentationResult:
         h, w = image.spatial_shape
         entries: list[LabelEntry] = []
         layers, confidences, layer_values = [], [], []
@@ -465,9 +518,8 @@ class Segmenter:
             "modality": self.modality or image.modality,
             "window": self.window,
             "preprocessing": [params.to_dict() | {"prompts": members} for params, members in groups.items()],
-            "image_encoder_runs": sum(
-                1 for members in groups.values() if any(not prompts[i].uses_tracker for i in members)
-            ),
+            "image_encoder_runs": encoder_runs,
+            "test_time_mirroring": mirroring_settings(self.mirrors),
         }
         if any(p.uses_tracker for p in prompts):
             settings["tracker"] = str(getattr(self._tracker, "source", "loaded with the model"))

@@ -16,6 +16,9 @@ see :mod:`medsam3.predict.volume_prompts`):
    batches are made of the slices that are).
    Text features are computed once per volume. Slice x prompt rows run through
    :func:`~medsam3.model.forward.predict_prompts` in chunks of ``Segmenter.prompt_batch_size`` rows.
+   With test-time mirroring (``Segmenter(mirror=True)``) each batch is also encoded mirrored along x, y
+   and both, and each row's four predictions are merged into one candidate
+   (:mod:`medsam3.predict.mirror`) before step 4.
 4. **Per slice** the paper's rule (:func:`~medsam3.predict.postprocess.select_queries`): presence gate,
    then the best query whose confidence ``sigmoid(logit) * presence`` exceeds the threshold; its mask
    logits are resized bilinearly to the slice grid and thresholded at 0.
@@ -44,9 +47,11 @@ import numpy as np
 import torch
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
+from medsam3.data.vocabulary import is_positional
 from medsam3.errors import PromptError
 from medsam3.image import Image
 from medsam3.model.forward import BOX_PAD_LABEL, encode_image, encode_text, model_device, predict_prompts
+from medsam3.predict.mirror import merge_mirrored, mirror_boxes, mirror_grid, mirrors_for
 from medsam3.predict.postprocess import query_scores, select_queries, sigmoid
 from medsam3.predict.prompts import Prompt
 from medsam3.predict.volume_post import chain_from_key, fill_holes_in_slices, filter_components
@@ -259,22 +264,27 @@ def detect_slices(seg, volume: np.ndarray, axis: int, prompts: list[VolumePrompt
         text = encode_text(seg.model, ids, att).pooler_output
         for params, members in groups.items():
             needed = [k for k in range(n) if any(k in plans[i].slices for i in members)]
+            mirrors = mirrors_for(seg.mirrors, [prompts[i].model_text for i in members])
             for start in range(0, len(needed), options.slice_batch):
                 ks = needed[start : start + options.slice_batch]
                 rgb = [slice_to_rgb(apply_intensity(take_slice(volume, axis, k, display=True), params))
                        for k in ks]
                 pixels = torch.cat([seg._pixel_values(transform.image(r)) for r in rgb])
-                vision = encode_image(seg.model, pixels)
-                encoded += len(ks)
+                visions = [encode_image(seg.model, mirror_grid(pixels, dims)) for dims in mirrors]
+                encoded += len(ks) * len(mirrors)
                 rows = [(b, i) for b, k in enumerate(ks) for i in members if k in plans[i].slices]
                 for c in range(0, len(rows), seg.prompt_batch_size):
                     chunk = rows[c : c + seg.prompt_batch_size]
                     prompt_rows = torch.tensor([i for _, i in chunk], device=device)
                     boxes, labels = _box_tensors([plans[i] for _, i in chunk], seg.image_size, transform)
-                    out = predict_prompts(seg.model, _vision_rows(vision, [b for b, _ in chunk]),
-                                          text_embeds=text.index_select(0, prompt_rows),
-                                          attention_mask=att.index_select(0, prompt_rows), boxes=boxes,
-                                          box_labels=labels, meta_text_cls=seg.meta_text_cls)
+                    outs = [predict_prompts(seg.model, _vision_rows(vision, [b for b, _ in chunk]),
+                                            text_embeds=text.index_select(0, prompt_rows),
+                                            attention_mask=att.index_select(0, prompt_rows),
+                                            boxes=mirror_boxes(boxes, dims), box_labels=labels,
+                                            meta_text_cls=seg.meta_text_cls)
+                            for vision, dims in zip(visions, mirrors, strict=True)]
+                    out = outs[0] if len(outs) == 1 else merge_mirrored(
+                        outs, mirrors, [not is_positional(prompts[i].model_text) for _, i in chunk])
                     _decide_rows(seg, out, [(ks[b], i) for b, i in chunk], results)
     return results, encoded
 

@@ -13,6 +13,7 @@ import numpy as np
 from medsam3.errors import ModelError
 from medsam3.image import Image
 from medsam3.model.forward import model_device, model_dtype
+from medsam3.predict.mirror import mirroring_settings
 from medsam3.predict.summary import LabelEntry, SegmentationResult
 from medsam3.predict.volume import (
     KEPT,
@@ -178,6 +179,7 @@ def segment_volume(seg, image: Image, prompts, options: VolumeOptions) -> Segmen
         "window": seg.window,
         "preprocessing": [params.to_dict() | {"prompts": members} for params, members in groups.items()],
         "image_encoder_runs": encoded,
+        "test_time_mirroring": mirroring_settings(seg.mirrors),
         "orientation": reo.describe(),
         "slice_axis": axis,
         "slice_plane": PLANE_OF_AXIS[axis],

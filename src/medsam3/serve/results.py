@@ -210,6 +210,10 @@ def request_prompts(body: SegmentIn, rec: ImageRecord, reo: Reorientation | None
     info = rec.info
     is_volume = info["ndim"] == 3
     plane = body.slice.plane if body.slice is not None else None
+    if body.tta and (body.instances or any(p.points for p in body.prompts)):
+        what = "'instances'" if body.instances else "point prompts"
+        raise PromptError(f"test-time mirroring ('tta') keeps one mask per text or box prompt and does not "
+                          f"combine with {what}")
     if any(p.box3d is not None for p in body.prompts):
         if not is_volume:
             raise PromptError("'box3d' applies to volumes only; this image is 2D (give its box in 'boxes')")

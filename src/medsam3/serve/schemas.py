@@ -99,6 +99,10 @@ class SegmentIn(BaseModel):
         "of the whole volume")
     instances: bool = Field(False, description="every instance above the threshold instead of one mask "
                             "per prompt")
+    tta: bool = Field(False, description="test-time mirroring (as 'medsam3 segment --tta'): the image, or "
+                      "each slice, is also segmented mirrored along x, y and both, and the four predictions "
+                      "are averaged into one mask per prompt (4x the model work; concepts naming a side or "
+                      "position are not mirrored). Not with 'instances' or point prompts")
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="score threshold (server default)")
     presence_threshold: float | None = Field(None, ge=0.0, le=1.0,
                                              description="presence threshold (server default)")

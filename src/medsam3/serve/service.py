@@ -201,6 +201,7 @@ class Service:
             body.presence_threshold,
             window=body.window,
             instances=body.instances,
+            mirror=body.tta,
             tracker=self.tracker_for([p for p in prompts if isinstance(p, Prompt)]),
         )
         job.folder.mkdir(parents=True, exist_ok=False)

@@ -27,18 +27,13 @@ item index), so an augmented example is a pure function of the item.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: Words that make a concept depend on the image's orientation: such concepts are not flipped.
-POSITIONAL_WORDS = frozenset({
-    "left", "right", "anterior", "posterior", "superior", "inferior", "upper", "lower", "medial", "lateral",
-    "proximal", "distal", "dorsal", "ventral", "cranial", "caudal",
-})
+from medsam3.data.vocabulary import POSITIONAL_WORDS, is_positional  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -87,11 +82,6 @@ class AugmentSettings:
             if not getattr(self, name) >= 0.0:
                 out.append(f"{name} = {getattr(self, name)!r} must be >= 0")
         return out
-
-
-def is_positional(concept: str) -> bool:
-    """True when the concept's name has a side or position word (``"Left kidney"`` -> True)."""
-    return bool(set(re.findall(r"[a-z]+", concept.lower())) & POSITIONAL_WORDS)
 
 
 @dataclass
