@@ -3,12 +3,14 @@
 Seconds per ``Segmenter.segment`` call with the defaults of ``medsam3 segment`` (presence threshold 0.5,
 volumes in 3D slice mode), after one warm-up call, median and minimum of ``--runs`` calls; the model stays
 loaded. Cases: two 2D images (HC18 ultrasound, Kvasir-SEG RGB) and two MSD hippocampus volumes with one
-and two prompts.
+and two prompts ("anterior" / "posterior hippocampus") and with "hippocampus".
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/nano_speed.py DATA_DIR [--model DIR --name NAME ...]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/nano_speed.py DATA_DIR [--model DIR --name NAME ...] [--tta]
 
 DATA_DIR is the public samples folder (hc18_ultrasound/, kvasir_seg_sample/, msd_hippocampus/). Without
-``--model`` the bundled model is measured. Prints a Markdown table (one column pair per model).
+``--model`` the bundled model is measured. ``--tta`` also times each model with test-time mirroring
+(``medsam3 segment --tta``; concepts naming a position, such as "anterior hippocampus", are not mirrored,
+so those rows cost the same). Prints a Markdown table (one column pair per model and setting).
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ def cases(data: Path) -> list[tuple[str, object, list[str]]]:
         out.append((f"3D {case} {shape} (Z,Y,X), 1 prompt", vol, ["anterior hippocampus"]))
         out.append((f"3D {case} {shape} (Z,Y,X), 2 prompts", vol,
                     ["anterior hippocampus", "posterior hippocampus"]))
+        out.append((f"3D {case} {shape} (Z,Y,X), \"hippocampus\"", vol, ["hippocampus"]))
     return out
 
 
-def time_model(model: str | None, work: list, runs: int) -> tuple[float, int, list[tuple[float, float]]]:
+def time_model(model: str | None, work: list, runs: int, mirror: bool = False
+               ) -> tuple[float, int, list[tuple[float, float]]]:
     t = time.perf_counter()
-    seg = Segmenter(load_sam3(model, device="cpu", dtype="fp32"))
+    seg = Segmenter(load_sam3(model, device="cpu", dtype="fp32"), mirror=mirror)
     load = time.perf_counter() - t
     rows = []
     for _, image, prompts in work:
@@ -63,13 +67,18 @@ def main() -> None:
     ap.add_argument("--model", action="append", default=[], help="model folder (repeatable; default bundled)")
     ap.add_argument("--name", action="append", default=[], help="column name for each --model")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tta", action="store_true", help="also time each model with test-time mirroring")
     args = ap.parse_args()
     models = args.model or [None]
     names = args.name or [Path(m).name if m else "bundled" for m in models]
     if len(names) != len(models):
         ap.error("give one --name per --model")
     work = cases(args.data)
-    results = [time_model(m, work, args.runs) for m in models]
+    settings = [(m, n, False) for m, n in zip(models, names, strict=True)]
+    if args.tta:
+        settings += [(m, f"{n} --tta", True) for m, n in zip(models, names, strict=True)]
+    names = [n for _, n, _ in settings]
+    results = [time_model(m, work, args.runs, mirror) for m, _, mirror in settings]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     for name, (load, size, _) in zip(names, results, strict=True):

@@ -28,6 +28,10 @@ if .venv/bin/python -c "from medsam3.model.resolve import resolve_model; resolve
   $M segment "$S/hc18_400_HC.png" -p "fetal head" --modality US -o "$OUT/fetal_head"
   .venv/bin/python scripts/demo_dice.py "$OUT/fetal_head/hc18_400_HC_mask.png" "$OUT/fetal_head/hc18_400_HC.json" \
     "$S/hc18_400_HC_mask.png" "$S/hc18_400_HC_mask.json"
+  # the same with test-time mirroring (the image and its mirrors along x, y and both, averaged)
+  $M segment "$S/hc18_400_HC.png" -p "fetal head" --modality US --tta -o "$OUT/fetal_head_tta"
+  .venv/bin/python scripts/demo_dice.py "$OUT/fetal_head_tta/hc18_400_HC_mask.png" \
+    "$OUT/fetal_head_tta/hc18_400_HC.json" "$S/hc18_400_HC_mask.png" "$S/hc18_400_HC_mask.json"
   $M segment "$S/hippocampus_019.nii.gz" -p "anterior hippocampus" -p "posterior hippocampus" -o "$OUT/hippocampus"
   .venv/bin/python scripts/demo_dice.py "$OUT/hippocampus/hippocampus_019_seg.nii.gz" "$OUT/hippocampus/hippocampus_019.json" \
     "$S/hippocampus_019_labels.nii.gz" "$S/hippocampus_019_labels.json"

@@ -17,7 +17,8 @@
 #      (model.image_size: the position embedding is resampled to the larger grid);
 #   3. bundle: the stage-6 model in float16 into src/medsam3/assets/models/medsam3-nano (config, weights,
 #      tokenizer and processor files; LICENSE.md and MODEL_CARD.md there are kept);
-#   4. evaluate (only when asked, see NANO_STAGES): the bundled model on the held-out cases -> WORK_DIR/eval.
+#   4. evaluate (only when asked, see NANO_STAGES): the bundled model on the held-out cases -> WORK_DIR/eval,
+#      and again with test-time mirroring (medsam3 evaluate --tta) -> WORK_DIR/eval_tta.
 #
 # Usage (from the repository root, with the package installed):
 #   scripts/train_nano.sh DATA_DIR [WORK_DIR]
@@ -117,8 +118,13 @@ if [[ " $STAGES " == *" evaluate "* ]]; then
   # benchmarks/results/nano_eval.md. This manifest puts the three datasets in one modality group, so that
   # `--absent 3` prompts each held-out image with the concepts of the two other datasets.
   prepare_manifest eval_manifest "$WORK/labels_hippocampus_regions.json" --group all
-  rm -rf "$WORK/eval"
-  medsam3 evaluate --manifest "$WORK/eval_manifest.jsonl" --model "$BUNDLE" --model-name medsam3-nano \
-    --prompt-mode text --split test --absent 3 --presence-threshold 0.5 --volume-mode volume --gallery 0 \
-    --device cpu --dtype fp32 -o "$WORK/eval"
+  # Twice: as the model is (WORK/eval), and with test-time mirroring (--tta: the image and its mirrors along
+  # x, y and both, predictions averaged; WORK/eval_tta).
+  for tta in "" --tta; do
+    out=$WORK/eval${tta:+_tta}
+    rm -rf "$out"
+    medsam3 evaluate --manifest "$WORK/eval_manifest.jsonl" --model "$BUNDLE" --model-name medsam3-nano \
+      --prompt-mode text --split test --absent 3 --presence-threshold 0.5 --volume-mode volume --gallery 0 \
+      --device cpu --dtype fp32 $tta -o "$out"
+  done
 fi
