@@ -36,6 +36,7 @@ VARIANTS = {
     "full, batch 1": ["batch_size=1"],
     "full, batch 4": ["batch_size=4"],
     "full, batch 4, activation checkpointing": ["batch_size=4", "model.activation_checkpointing=true"],
+    "full, batch 4, bf16 autocast": ["batch_size=4", "mixed_precision=bf16"],
     "decoder, batch 4": ["batch_size=4", "mode=decoder"],
     "lora r16, batch 4": ["batch_size=4", "mode=lora"],
 }
@@ -136,7 +137,9 @@ def main() -> None:
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible, {args.threads} torch threads",
         f"- Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, accelerate {accelerate.__version__}, peft {peft.__version__}",
-        "- Model: `configs/tiny_cpu.yaml` (tiny random SAM3, 224 px, 6.6 M parameters), fp32, SAM3 loss "
+        "- Model: `configs/tiny_cpu.yaml` (tiny random SAM3, 224 px, 6.6 M parameters), fp32 unless the "
+        "variant says bf16 autocast (the geometry encoder then stays in fp32: `medsam3.train.cpu_autocast`), "
+        "SAM3 loss "
         "with auxiliary terms; data: 8 HC18 ultrasound images (800 x 540 PNG, decoded and preprocessed "
         "every step, no worker processes)",
         f"- {args.warmup} warm-up steps, then {args.steps} timed steps; each variant in a fresh process "

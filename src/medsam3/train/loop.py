@@ -390,6 +390,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         save_training_state,
         set_rng_state,
     )
+    from medsam3.train.cpu_autocast import geometry_encoder_in_fp32
     from medsam3.train.optim import build_optimizer, build_scheduler, parameter_groups, trainable_summary
     from medsam3.train.validate import validate_now, validation_items
 
@@ -428,6 +429,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                            cross_group_negatives=cfg.data.cross_group_negatives,
                            cross_group_share=cfg.data.cross_group_share)
     sam3, processor = build_model(cfg)
+    if precision == "bf16" and acc.device.type == "cpu":
+        geometry_encoder_in_fp32(sam3)  # its box pooling fails under CPU autocast (train.cpu_autocast)
     size = input_size(sam3)
     groups = parameter_groups(sam3, cfg.optim)
     optimizer = build_optimizer(groups, cfg.optim, acc.device.type)
