@@ -35,6 +35,14 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
+def serve_model(tmp_path_factory) -> Path:
+    """The tiny model folder of the ``medsam3 serve`` tests (``serve_fixtures.build_model``), built once."""
+    from serve_fixtures import build_model
+
+    return build_model(tmp_path_factory.mktemp("serve-model") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_config):
     """A tiny ``Sam3Model`` with seeded random weights, in eval mode."""
     import torch

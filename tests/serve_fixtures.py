@@ -3,7 +3,8 @@
 The model is a tiny random ``Sam3VideoModel`` saved with :func:`medsam3.model.loading.save_sam3` (so the
 server loads its detector for text / box prompts and its tracker for point prompts). Its presence head and
 the tracker's object-score head are biased towards "present", so that with threshold 0 every prompt keeps a
-mask: the tests check plumbing, geometry and formats, not accuracy.
+mask: the tests check plumbing, geometry and formats, not accuracy. The ``serve_model`` fixture of
+``conftest.py`` builds it once per test session.
 """
 
 from __future__ import annotations
@@ -36,16 +37,6 @@ def build_model(folder: Path) -> Path:
         model.detector_model.detr_decoder.presence_head.layer3.bias.fill_(20.0)
         model.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)
     return save_sam3(model, build_processor(config, video=True), folder)
-
-
-_MODEL: dict[str, Path] = {}
-
-
-def shared_model(tmp_path_factory) -> Path:
-    """The model folder, built once per test session and shared by the serve test modules."""
-    if "folder" not in _MODEL:
-        _MODEL["folder"] = build_model(tmp_path_factory.mktemp("serve-model") / "model")
-    return _MODEL["folder"]
 
 
 def make_settings(model: Path, work: Path, **overrides):

@@ -26,16 +26,10 @@ from serve_fixtures import (
     client_for,
     make_settings,
     segment,
-    shared_model,
     upload,
     wait_job,
     zip_folder,
 )
-
-
-@pytest.fixture(scope="module")
-def serve_model(tmp_path_factory):
-    return shared_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve_fixtures import HC18, HIPPO, make_settings, shared_model
+from serve_fixtures import HC18, HIPPO, make_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -35,11 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def serve_model(tmp_path_factory):
-    return shared_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

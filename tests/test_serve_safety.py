@@ -16,15 +16,9 @@ from serve_fixtures import (
     HIPPO,
     client_for,
     make_settings,
-    shared_model,
     upload,
     zip_bytes,
 )
-
-
-@pytest.fixture(scope="module")
-def serve_model(tmp_path_factory):
-    return shared_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from medsam3.io.writers import write_image
 from medsam3.serve.jobs import new_id
 from medsam3.serve.store import PLANE_AXIS, ImageStore
 from medsam3.serve.uploads import Stored
-from serve_fixtures import HC18, client_for, make_settings, shared_model, upload
+from serve_fixtures import HC18, client_for, make_settings, upload
 
 HIPPO19 = "msd_hippocampus/images/hippocampus_019.nii.gz"  # MR NIfTI (41, 47, 36), stored RAS
 
@@ -99,9 +99,8 @@ def test_acquired_plane_of_real_volume_and_picture_in_the_store(tmp_path, data_d
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    model = shared_model(tmp_path_factory)
-    with client_for(make_settings(model, tmp_path_factory.mktemp("work"))) as c:
+def client(serve_model, tmp_path_factory):
+    with client_for(make_settings(serve_model, tmp_path_factory.mktemp("work"))) as c:
         yield c
 
 

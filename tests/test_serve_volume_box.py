@@ -22,7 +22,7 @@ from medsam3.preprocess.orientation import plan_reorientation
 from medsam3.preprocess.slices import take_slice
 from medsam3.serve.results import display_box_to_input, propagation_prompts, reorientation_of
 from medsam3.serve.store import PLANE_AXIS
-from serve_fixtures import HC18, HIPPO, client_for, make_settings, segment, shared_model, upload
+from serve_fixtures import HC18, HIPPO, client_for, make_settings, segment, upload
 
 HIPPO19 = "msd_hippocampus/images/hippocampus_019.nii.gz"  # MR NIfTI (41, 47, 36), stored RAS
 
@@ -122,11 +122,6 @@ def test_propagation_prompts_are_key_slice_boxes_the_volume_segmenter_reads_back
 
 # --------------------------------------------------------------------------------------------------
 # the HTTP API on a real volume
-
-
-@pytest.fixture(scope="module")
-def serve_model(tmp_path_factory):
-    return shared_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
