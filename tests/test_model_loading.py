@@ -266,6 +266,19 @@ def test_tracker_loads_from_video_folder_and_refuses_image_folder(tmp_path, tiny
     detector = load_sam3(folder, device="cpu")  # the same folder serves the image model
     assert all(torch.equal(v, sd["detector_model." + k]) for k, v in detector.model.state_dict().items())
 
+    # Meta's interactive tracker reads three FPN levels and adds its no-memory embedding to the third
+    # (stride 16): the loaded tracker keeps three levels, so that is where Sam3TrackerModel adds it.
+    vision = tracker.model.config.vision_config
+    assert len(vision.scale_factors) == len(vision.backbone_feature_sizes) == 3
+    assert len(video.config.tracker_config.vision_config.scale_factors) == 4  # what the folder says
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        embeddings = tracker.model.get_image_embeddings(pixels)
+        level2 = tracker.model.vision_encoder(pixels).fpn_hidden_states[2]  # (1, C, 16, 16)
+    expected = level2 + tracker.model.no_memory_embedding.reshape(1, -1, 1, 1)
+    assert embeddings[-1].shape == expected.shape == (1, 128, 16, 16)
+    torch.testing.assert_close(embeddings[-1], expected, rtol=1e-6, atol=1e-6)
+
     with pytest.raises(ModelError, match="without tracker weights"):
         load_sam3_tracker(tiny_image_folder, device="cpu")
 

@@ -348,6 +348,25 @@ def _tracker_state_dict(folder: Path, wanted: dict[str, torch.Size]) -> dict[str
     return state
 
 
+def tracker_vision_levels(vision: dict) -> dict:
+    """The tracker's vision configuration with only the FPN levels Meta's tracker reads.
+
+    A ``Sam3VideoConfig`` gives its tracker the detector's four FPN scale factors ``[4, 2, 1, 0.5]`` and
+    three ``backbone_feature_sizes`` (288, 144 and 72 px at 1008 px). Meta's interactive tracker drops the
+    0.5x level and adds its no-memory embedding to the 72 x 72 map; ``Sam3TrackerModel`` adds it to its
+    *last* level, so with four levels it lands on the 36 x 36 map that is then discarded, and the 72 x 72
+    features go to the mask decoder without it (mask logits ~1e-2 relative off Meta's; see
+    ``tests/slow/test_meta_tracker_equivalence.py``). Keeping the first ``len(backbone_feature_sizes)``
+    scale factors makes the last level the 72 x 72 one. (``Sam3TrackerVideoModel``, the video path, drops
+    the extra level itself and is not loaded through here.)
+    """
+    sizes = vision.get("backbone_feature_sizes") or []
+    scales = list(vision.get("scale_factors") or [])
+    if sizes and len(scales) > len(sizes):
+        return {**vision, "scale_factors": scales[: len(sizes)]}
+    return vision
+
+
 def load_sam3_tracker(model: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
                       dtype: str | torch.dtype = "auto") -> LoadedSam3Tracker:
     """Load ``Sam3TrackerModel`` (SAM2-style point / box prompts) and ``Sam3TrackerProcessor``.
@@ -374,6 +393,8 @@ def load_sam3_tracker(model: str | os.PathLike | None = None, *, device: str | t
         )
     sub = raw.get("tracker_config") if kind == "sam3_video" else raw
     parts = {k: sub[k] for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config") if k in sub}
+    if isinstance(parts.get("vision_config"), dict):
+        parts["vision_config"] = tracker_vision_levels(parts["vision_config"])
     config = Sam3TrackerConfig(**parts)
     with torch.device("meta"):
         wanted = {k: v.shape for k, v in Sam3TrackerModel(config).state_dict().items()}
