@@ -140,8 +140,9 @@ def distinct_parameter_check(model: torch.nn.Module) -> list[tuple[str, str]]:
     return clashes
 
 
-def build_meta_image_model(seed: int = 0) -> torch.nn.Module:
-    """Meta's full-size SAM3 image model, random weights, CPU, float32, eval mode.
+def build_meta_image_model(seed: int = 0, *, interactive: bool = False) -> torch.nn.Module:
+    """Meta's full-size SAM3 image model, random weights, CPU, float32, eval mode; with ``interactive``
+    also its interactive tracker (``enable_inst_interactivity``, see ``meta_tracker_reference``).
 
     ``torch.manual_seed(seed)`` precedes the build so the default initialisation is reproducible;
     :func:`randomize_parameters_` then fills the NaN and constant tensors.
@@ -157,7 +158,7 @@ def build_meta_image_model(seed: int = 0) -> torch.nn.Module:
             checkpoint_path=None,
             load_from_HF=False,
             enable_segmentation=True,
-            enable_inst_interactivity=False,
+            enable_inst_interactivity=interactive,
         )
     model = model.float().eval()
     model.fill_report = randomize_parameters_(model, seed=seed + 1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .meta_reference import CudaToCpu, clip_bpe_path, randomize_parameters_
+from .meta_reference import CudaToCpu, build_meta_image_model
 
 #: Where the tracker sits inside Meta's image model, and its prefix in ``sam3.pt``.
 TRACKER_MODULE = "inst_interactive_predictor.model."
@@ -39,22 +39,7 @@ def build_meta_interactive_model(seed: int = 0) -> torch.nn.Module:
     ``model.inst_interactive_predictor.model`` (a ``Sam3TrackerPredictor``, 11.7 M parameters); the vision
     backbone is shared, with a second FPN neck (``sam2_convs``) for the tracker.
     """
-    from sam3.model_builder import build_sam3_image_model
-
-    torch.manual_seed(seed)
-    with CudaToCpu():
-        model = build_sam3_image_model(
-            bpe_path=clip_bpe_path(),
-            device="cpu",
-            eval_mode=True,
-            checkpoint_path=None,
-            load_from_HF=False,
-            enable_segmentation=True,
-            enable_inst_interactivity=True,
-        )
-    model = model.float().eval()
-    model.fill_report = randomize_parameters_(model, seed=seed + 1)
-    return model
+    return build_meta_image_model(seed, interactive=True)
 
 
 def sam3_pt_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
