@@ -203,7 +203,7 @@ def test_merged_lora_model_matches_and_loads_as_plain_sam3(model3):
 
 
 def test_activation_checkpointing_recomputes_encoder_layers_with_the_same_gradients(model3):
-    from medsam3.train.loop import Sam3TrainModule, enable_activation_checkpointing
+    from medsam3.train.model import Sam3TrainModule, enable_activation_checkpointing
 
     model3.train()
     for m in model3.modules():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -59,16 +60,20 @@ def losses(run_dir: Path) -> list[tuple]:
     return [(r["step"], r.get("loss"), json.dumps(r.get("val"))) for r in read_metrics(run_dir)]
 
 
-def test_stopped_run_resumes_on_the_same_losses(manifest, tmp_path):
+def test_stopped_run_resumes_on_the_same_losses(manifest, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="medsam3.train.loop")
     whole = train(cfg_for(manifest, tmp_path / "whole"))
     assert whole.finished and whole.step == 5
     first = train(cfg_for(manifest, tmp_path / "split", stop_after=2))  # 3 steps per epoch: mid-epoch
     assert not first.finished and first.step == 2
+    assert "resuming from step" not in caplog.text  # fresh runs start at step 0
     # a process killed after logging step 3 but before its checkpoint leaves a line the resume drops
     with open(tmp_path / "split" / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
     second = train(cfg_for(manifest, tmp_path / "split"))
     assert second.finished and second.step == 5
+    last = tmp_path / "split" / "checkpoints" / "last.pt"
+    assert f"resuming from step 2 (checkpoint {last})" in caplog.text
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
     assert len([r for r in read_metrics(tmp_path / "whole") if "loss" in r]) == 5
     a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")

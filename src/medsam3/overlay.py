@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import colorsys
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -45,19 +47,20 @@ _MIN_PANEL = 48
 _MARKS = {0: ("A", "P", "R", "L"), 1: ("S", "I", "R", "L"), 2: ("S", "I", "A", "P")}
 
 
-def label_colors(values) -> dict[int, tuple[int, int, int]]:
+def label_colors(values: Iterable[Any]) -> dict[int, tuple[int, int, int]]:
     """Colour of each label value: the palette in rank order, then evenly spread extra hues."""
-    out = {}
+    out: dict[int, tuple[int, int, int]] = {}
     for rank, v in enumerate(sorted(int(x) for x in values)):
         if rank < len(PALETTE):
             out[v] = PALETTE[rank]
         else:
             hue = (rank - len(PALETTE)) * 0.618033988749895 % 1.0
-            out[v] = tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(hue, 0.85, 1.0))
+            red, green, blue = (int(round(c * 255)) for c in colorsys.hsv_to_rgb(hue, 0.85, 1.0))
+            out[v] = (red, green, blue)
     return out
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: fixed bitmap font
@@ -242,10 +245,10 @@ def _write(sheet: _Sheet, columns: int, path: str | Path) -> OverlayResult:
     return OverlayResult(path, image.size, panels, sheet.note)
 
 
-def _legend(values, names: dict[int, str] | None) -> tuple[dict, list]:
+def _legend(values: Iterable[Any], names: dict[int, str] | None) -> tuple[dict, list]:
     colors = label_colors(values)
-    names = names or {}
-    legend = [(colors[v], f"{v}: {names.get(v, names.get(str(v), f'label {v}'))}") for v in sorted(colors)]
+    known: Mapping[Any, str] = names or {}  # label-map JSON may leave the values as strings
+    legend = [(colors[v], f"{v}: {known.get(v, known.get(str(v), f'label {v}'))}") for v in sorted(colors)]
     return colors, legend
 
 
@@ -263,7 +266,7 @@ def overlay_2d(
     path: str | Path,
     title: str | None = None,
     *,
-    spacing_yx: tuple[float, float] | None = None,
+    spacing_yx: Sequence[float] | None = None,
     target: int = 512,
     max_side: int = 1024,
 ) -> OverlayResult:
@@ -318,7 +321,7 @@ def overlay_volume(
     labels: np.ndarray | None,
     names: dict[int, str] | None,
     path: str | Path,
-    spacing_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0),
     mode: str = "planes",
     *,
     title: str | None = None,
@@ -352,13 +355,14 @@ def overlay_volume(
     colors, legend = _legend(present, names)
     note = "no foreground" if lab is not None and not present else None
     sheet = _Sheet(title, note, legend)
-    spacing_zyx = tuple(float(s) for s in spacing_zyx)
-    extent = max(n * s for n, s in zip(volume.shape, spacing_zyx, strict=True))
+    z_mm, y_mm, x_mm = (float(s) for s in spacing_zyx)
+    spacing = (z_mm, y_mm, x_mm)
+    extent = max(n * s for n, s in zip(volume.shape, spacing, strict=True))
 
     def add(ax: int, index: int, caption: str, side: int) -> None:
         img = take_slice(volume, ax, index, display=True)
         sl = None if lab is None else take_slice(lab, ax, index, display=True)
-        sy, sx = _plane_spacing(spacing_zyx, ax)
+        sy, sx = _plane_spacing(spacing, ax)
         zoom = side / extent
         out_hw = (round(img.shape[0] * sy * zoom), round(img.shape[1] * sx * zoom))
         if min(out_hw) < _MIN_PANEL:  # a few thick slices: stretch rather than draw a sliver
@@ -377,7 +381,7 @@ def overlay_volume(
     else:
         side = target or 240
         n = volume.shape[axis]
-        if present:
+        if present and lab is not None:  # labels present
             other = tuple(a for a in range(3) if a != axis)
             counts = (lab > 0).sum(axis=other)
             order = np.argsort(-counts, kind="stable")[: max(1, n_slices)]

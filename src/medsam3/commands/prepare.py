@@ -140,8 +140,8 @@ def run(args) -> int:
     inputs = [root] + [p for p in (args.labels, args.vocabulary, args.prompts, args.palette) if p]
     protect_inputs(inputs)
     vocab = Vocabulary.default(args.vocabulary)
-    labels, regions = read_label_map_json(args.labels) if args.labels else ({}, {})
-    labels = labels or None
+    label_names, regions = read_label_map_json(args.labels) if args.labels else ({}, {})
+    labels: dict[int, str] | None = label_names or None
     overrides = _overrides(args)
     if args.dataset:
         entry = registry.get(args.dataset)

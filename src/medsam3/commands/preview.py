@@ -71,7 +71,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def split_names_spec(spec: str) -> tuple[Path, str | None]:
+def split_names_spec(spec: str | Path) -> tuple[Path, str | None]:
     """``"labels.json#total"`` -> ``(Path("labels.json"), "total")``; no ``#``: key ``None``."""
     path, sep, key = str(spec).partition("#")
     return Path(path), (key if sep else None)
@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  intensity    {params.describe()}")
 
     if canon.ndim == 2:
-        hw = canon.spatial_shape
+        height, width = canon.spatial_shape
+        hw = (height, width)
         rgb = slice_to_rgb(norm)
         model_rgb = ResizeTransform(hw, args.size).image(rgb)
         written.append(_save_png(model_rgb, out / "model_input.png"))
@@ -190,24 +191,27 @@ def run(args: argparse.Namespace) -> int:
             written.append(res.path)
         axis = None
     else:
-        axis = reo.through_plane_axis
-        n = canon.spatial_shape[axis]
+        through = reo.through_plane_axis
+        assert through is not None  # a volume's plan has one
+        axis = through
+        n = canon.spatial_shape[through]
         mid = n // 2
-        sl = take_slice(norm, axis, mid, display=True)
-        model_rgb = ResizeTransform(sl.shape, args.size).image(slice_to_rgb(sl))
+        sl = take_slice(norm, through, mid, display=True)
+        model_rgb = ResizeTransform((sl.shape[0], sl.shape[1]), args.size).image(slice_to_rgb(sl))
         written.append(_save_png(model_rgb, out / "model_input.png"))
         print(
-            f"  model input  {n} {PLANE_OF_AXIS[axis]} slices (axis {axis}) of {sl.shape[1]} x {sl.shape[0]}"
-            f" px -> {args.size} x {args.size} RGB uint8; model_input.png is slice {mid}"
+            f"  model input  {n} {PLANE_OF_AXIS[through]} slices (axis {through}) of {sl.shape[1]} x "
+            f"{sl.shape[0]} px -> {args.size} x {args.size} RGB uint8; model_input.png is slice {mid}"
         )
         spacing = canon.spacing_array_order
         for mode in ("planes", "montage"):
-            res = overlay_volume(norm, None, None, out / f"{mode}.png", spacing, mode, title=title, axis=axis)
+            res = overlay_volume(norm, None, None, out / f"{mode}.png", spacing, mode, title=title,
+                                 axis=through)
             written.append(res.path)
         if lab is not None:
             for mode in ("planes", "montage"):
                 res = overlay_volume(
-                    norm, lab, names, out / f"overlay_{mode}.png", spacing, mode, title=title, axis=axis
+                    norm, lab, names, out / f"overlay_{mode}.png", spacing, mode, title=title, axis=through
                 )
                 written.append(res.path)
     if lab is not None:

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from medsam3.data.discovery import Candidate, Discovery
 from medsam3.data.labels import LabelArrays, file_suffix
-from medsam3.data.layouts import Candidate, Discovery
+from medsam3.data.manifest import Record
 from medsam3.errors import InputError
 
 try:  # optional: exact COCO rasterisation
@@ -55,7 +56,7 @@ def _load(path: str, mtime: float) -> tuple[dict, dict[int, dict], dict[int, lis
     return categories, images, by_image
 
 
-def load_coco(path: str | Path):
+def load_coco(path: str | Path) -> tuple[dict, dict[int, dict], dict[int, list[dict]]]:
     """(categories by id, images by id, annotations by image id) of a COCO JSON file (cached)."""
     path = Path(path)
     if not path.is_file():
@@ -215,7 +216,7 @@ def discover_coco(root: Path, options: Mapping, labels, modality) -> Discovery:
     return found
 
 
-def rasterize_record(record) -> LabelArrays:
+def rasterize_record(record: Record) -> LabelArrays:
     """Label map of a COCO record: category ids (semantic) and instance ids 1..N (annotation order)."""
     json_path = Path(record.label[0])
     _, images, by_image = load_coco(json_path)

@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from medsam3.data.coco import rasterize_record
+from medsam3.data.discovery import Candidate, Discovery
 from medsam3.data.labels import Header, apply_mask_spec, file_suffix, npz_member_header, read_header, read_raw
-from medsam3.data.layouts import Candidate, Discovery, discover
+from medsam3.data.layouts import discover
 from medsam3.data.manifest import Record, ranges_from_indices
 from medsam3.data.splits import SEED, VAL_FRACTION, split_dataset
 from medsam3.data.vocabulary import Vocabulary
@@ -66,12 +68,15 @@ def _headers(c: Candidate, layout: str) -> tuple[list[Header], Header]:
     return images, labels[0]
 
 
-def check_geometry(image: Header, label: Header, image_path: Path, label_path: Path) -> None:
+def check_geometry(image: Header, label: Header, image_path: str | Path, label_path: str | Path) -> None:
     """Raise :class:`InputError` naming both files when their grids differ."""
     problem = None
     if image.shape != label.shape:
         problem = f"shape {label.shape} vs image {image.shape}"
     elif image.spacing is not None and label.spacing is not None:
+        # headers with geometry (ITK formats) carry spacing, origin and direction together
+        assert image.origin is not None and label.origin is not None
+        assert image.direction is not None and label.direction is not None
         if not np.allclose(image.spacing, label.spacing, rtol=1e-4, atol=1e-4):
             problem = f"spacing {label.spacing} vs image {image.spacing}"
         elif not np.allclose(image.origin, label.origin, rtol=1e-5, atol=1e-3):
@@ -113,7 +118,7 @@ def settle_auto(raw: np.ndarray, names: Mapping[int, str], path: Path, ndim: int
 def _read_semantic(c: Candidate, dims: int) -> tuple[np.ndarray, dict]:
     spec = dict(c.mask)
     key = c.source.get("label_key", "gts")
-    semantic = None
+    semantic: np.ndarray | None = None
     for path in c.label:
         raw = read_raw(path, npz_key=key)
         if spec.get("mode") == "auto":
@@ -126,6 +131,7 @@ def _read_semantic(c: Candidate, dims: int) -> tuple[np.ndarray, dict]:
             spec["value"] = next(iter(c.label_names))
         sem, _ = apply_mask_spec(raw, spec, path, dims)
         semantic = sem if semantic is None else np.maximum(semantic, sem)
+    assert semantic is not None  # a candidate has at least one label file
     return semantic, spec
 
 
@@ -140,8 +146,6 @@ def index_candidate(
     if dims not in (2, 3):
         raise InputError(c.label[0], f"label map has {dims} dimensions; expected 2 or 3")
     if layout == "coco":
-        from medsam3.data.coco import rasterize_record
-
         probe = Record(
             dataset,
             c.case_id,
@@ -257,15 +261,15 @@ def prepare_dataset(
             if not resolved.known and label_name not in report.unknown_names:
                 report.unknown_names.append(label_name)
             report.label_names.setdefault(value, label_name)
-        regions = {}
+        concept_regions: dict[str, list[int]] = {}
         for region, values in c.regions.items():
             resolved = vocab.resolve(region, scope)
-            regions[resolved.concept] = values
+            concept_regions[resolved.concept] = values
             if not resolved.known and region not in report.unknown_names:
                 report.unknown_names.append(region)
-        c.regions = regions
+        c.regions = concept_regions
         record = index_candidate(name, c, found.layout, concepts, group)
-        record.regions = regions
+        record.regions = concept_regions
         if drop_empty and not record.foreground:
             report.skipped.append(f"{c.case_id}: empty label map (dropped)")
             continue

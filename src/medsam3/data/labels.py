@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from medsam3.data.manifest import Record
 from medsam3.errors import InputError
 from medsam3.io.jsonfile import read_json
 
@@ -197,7 +198,9 @@ def _single_channel(raw: np.ndarray, path: Path, ndim: int) -> np.ndarray:
     return raw
 
 
-def apply_mask_spec(raw: np.ndarray, spec: Mapping[str, Any], path: str | Path, ndim: int):
+def apply_mask_spec(
+    raw: np.ndarray, spec: Mapping[str, Any], path: str | Path, ndim: int
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Turn raw label pixels into ``(semantic, instances)``: integer label values, int32 instance ids or None.
 
     ``ndim`` is the spatial dimensionality (2 or 3); a trailing axis of 3/4 beyond it is a colour axis.
@@ -279,7 +282,7 @@ class LabelArrays:
     instance_values: dict[int, int] | None = None
 
 
-def load_label_arrays(record) -> LabelArrays:
+def load_label_arrays(record: Record) -> LabelArrays:
     """Read a manifest record's label file(s) and return its label map (see :class:`LabelArrays`)."""
     if record.layout == "coco":
         from medsam3.data.coco import rasterize_record
@@ -287,7 +290,8 @@ def load_label_arrays(record) -> LabelArrays:
         return rasterize_record(record)
     spec = dict(record.mask)
     npz_key = record.source.get("label_key", "gts")
-    semantic = instances = None
+    semantic: np.ndarray | None = None
+    instances: np.ndarray | None = None
     for path in record.label:
         raw = read_raw(path, npz_key=npz_key)
         sem, inst = apply_mask_spec(raw, spec, path, record.dims)
@@ -298,6 +302,7 @@ def load_label_arrays(record) -> LabelArrays:
         semantic = sem if semantic is None else np.maximum(semantic, sem)
         if inst is not None:
             instances = inst if instances is None else np.where(inst > 0, inst, instances)
+    assert semantic is not None  # a record has at least one label file (see check_records)
     if spec.get("other_values") == "background":
         known = np.array(sorted(record.labels) + sorted(v for vs in record.regions.values() for v in vs))
         semantic = np.where(np.isin(semantic, known), semantic, 0)
@@ -306,12 +311,6 @@ def load_label_arrays(record) -> LabelArrays:
         ids = np.unique(instances[instances > 0])
         inst_values = {int(i): int(spec.get("value", 1)) for i in ids}
     return LabelArrays(semantic, instances, inst_values)
-
-
-def load_label_names_json(path: str | Path) -> dict[int, str]:
-    """A label-name map from JSON: ``{"1": "polyp"}`` or ``{"polyp": 1}`` (a ``labels`` key may wrap it)."""
-    names, _ = read_label_map_json(path)
-    return names
 
 
 def read_label_map_json(path: str | Path) -> tuple[dict[int, str], dict[str, list[int]]]:
@@ -355,7 +354,9 @@ def parse_label_map(doc: Any, source: str | Path | None) -> tuple[dict[int, str]
     return names, regions
 
 
-def concept_target(arrays: LabelArrays, record, concept: str, slice_index: int = 0):
+def concept_target(
+    arrays: LabelArrays, record: Record, concept: str, slice_index: int = 0
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Masks of ``concept`` on one slice: ``(union, objects)``.
 
     ``union`` is a ``(Y, X)`` bool mask of every label value of the concept (empty for a negative item);
@@ -370,5 +371,6 @@ def concept_target(arrays: LabelArrays, record, concept: str, slice_index: int =
     if arrays.instances is None:
         return union, ([union] if union.any() else [])
     inst = arrays.instances[slice_index] if arrays.instances.ndim == 3 else arrays.instances
-    ids = [i for i in np.unique(inst[union]).tolist() if i and arrays.instance_values.get(i) in values]
+    instance_values = arrays.instance_values or {}
+    ids = [i for i in np.unique(inst[union]).tolist() if i and instance_values.get(i) in values]
     return union, [(inst == i) & union for i in ids]

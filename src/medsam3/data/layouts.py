@@ -23,12 +23,14 @@ import glob
 import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from medsam3.data.coco import discover_coco
+from medsam3.data.discovery import Candidate, Discovery
 from medsam3.data.labels import READABLE, file_stem, file_suffix, parse_label_map
+from medsam3.data.npz_layout import discover_npz
 from medsam3.errors import InputError
 
 LAYOUTS = ("nnunet", "folder2d", "npz", "coco")
@@ -59,45 +61,6 @@ _IMAGE_DIRS = ("images", "image", "imgs", "img")
 _MASK_KEYS = ("mode", "threshold", "value", "palette", "fill_holes", "ignore_values", "other_values")
 
 
-@dataclass
-class Candidate:
-    """An image/label pair found on disk, before its label file is read.
-
-    Attributes:
-        case_id: unique within the dataset; the split unit.
-        image: image file(s) (channels in order).
-        label: label file(s), merged by maximum.
-        label_names: label value -> name as the dataset writes it.
-        mask: mask spec (:mod:`medsam3.data.labels`); mode ``auto`` is settled when the label is read.
-        modality: image modality code.
-        regions: region name -> label values (nnU-Net region labels).
-        instances: label maps hold instance ids of one concept.
-        prompts: label value -> text prompts shipped with the data.
-        source: layout-specific keys stored in the record.
-    """
-
-    case_id: str
-    image: list[Path]
-    label: list[Path]
-    label_names: dict[int, str]
-    mask: dict[str, Any] = field(default_factory=lambda: {"mode": "values"})
-    modality: str = "OTHER"
-    regions: dict[str, list[int]] = field(default_factory=dict)
-    instances: bool = False
-    prompts: dict[int, list[str]] = field(default_factory=dict)
-    source: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Discovery:
-    """What a layout reader found: candidates, skipped files (with reasons), names for scoped vocabulary."""
-
-    layout: str
-    candidates: list[Candidate]
-    skipped: list[str] = field(default_factory=list)
-    scope_names: list[str] = field(default_factory=list)
-
-
 def canonical_layout(name: str) -> str:
     try:
         return ALIASES[name.lower()]
@@ -126,12 +89,8 @@ def discover(
     elif layout == "folder2d":
         found = discover_folder2d(root, options, labels, modality)
     elif layout == "npz":
-        from medsam3.data.npz_layout import discover_npz
-
         found = discover_npz(root, options, labels, modality)
     else:
-        from medsam3.data.coco import discover_coco
-
         found = discover_coco(root, options, labels, modality)
     if not found.candidates:
         reasons = "; ".join(found.skipped[:3])
@@ -182,10 +141,9 @@ _CHANNEL_MODALITY = {
 }
 
 
-def modality_from_names(names) -> str:
+def modality_from_names(names: Iterable[Any]) -> str:
     """Modality code from channel names (``{"0": "T2", "1": "ADC"}`` -> ``"MR"``); ``OTHER`` if unclear."""
-    codes = {_CHANNEL_MODALITY.get(str(n).strip().lower()) for n in names}
-    codes.discard(None)
+    codes = {code for n in names if (code := _CHANNEL_MODALITY.get(str(n).strip().lower())) is not None}
     if len(codes) == 1:
         return codes.pop()
     return "MR" if "MR" in codes else "OTHER"
@@ -260,8 +218,10 @@ def discover_nnunet(root: Path, options: Mapping, labels, modality) -> Discovery
         labelled = {c for c, _, _ in pairs}
         if images_dir.is_dir():
             for img in sorted(images_dir.iterdir()):
-                case = re.sub(r"_\d{4}$", "", img.name[: -len(ending)]) if img.name.endswith(ending) else None
-                if case and not img.name.startswith(".") and case not in labelled:
+                if not img.name.endswith(ending):
+                    continue
+                image_case = re.sub(r"_\d{4}$", "", img.name[: -len(ending)])
+                if image_case and not img.name.startswith(".") and image_case not in labelled:
                     found.skipped.append(f"{img.name}: image without a label in {labels_dir.name}/")
     for case, images, label in pairs:
         found.candidates.append(

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from medsam3.data.layouts import Candidate, Discovery
+from medsam3.data.discovery import Candidate, Discovery
 from medsam3.errors import InputError
 
 _PREFIX_MODALITY = {
@@ -170,7 +170,8 @@ def discover_npz(root: Path, options: Mapping, labels, modality) -> Discovery:
             found.skipped.append(f"{rel.as_posix()}: no {label_key!r} array (a test case?)")
             continue
         subset = rel.parts[-2] if len(rel.parts) > 1 else ""
-        instance, prompts = False, {}
+        instance = False
+        prompts: dict[int, list[str]] = {}
         if labels:
             names = dict(labels)
         else:

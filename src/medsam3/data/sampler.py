@@ -300,7 +300,7 @@ class SliceSampleDataset(IterableDataset):
         while n_batches is None or j < n_batches:
             g = (start + j) * world + rank
             last = n_batches is not None and j == n_batches - 1
-            for k in range(self.num_items - j * b if last else b):
+            for k in range(self.num_items - j * b if last and self.num_items is not None else b):
                 yield g * b + k
             j += num_workers
 

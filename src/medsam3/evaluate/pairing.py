@@ -135,7 +135,8 @@ def read_summary(path: Path) -> SummaryLabels:
         if not isinstance(e, Mapping) or e.get("value") is None:
             continue
         value = int(e["value"])
-        prompt = e.get("prompt") if isinstance(e.get("prompt"), Mapping) else {}
+        raw_prompt = e.get("prompt")
+        prompt = raw_prompt if isinstance(raw_prompt, Mapping) else {}
         out.names[value] = str(prompt.get("text") or e.get("name") or f"label {value}")
         if e.get("score") is not None:
             out.scores[value] = float(e["score"])
@@ -235,9 +236,9 @@ def match_labels(
     for v in ref_values:
         c = concept(ref_names.get(v, f"label {v}"))
         out.append(LabelMatch(v, c, list(pred_concepts.get(c, [])), how="name"))
-    extra = sorted(c for c in pred_concepts if c not in {concept(n) for n in ref_names.values()})
-    if extra:
-        warnings.append(f"{where}: predicted labels {extra} are not named by the reference (not scored)")
+    unnamed = sorted(c for c in pred_concepts if c not in {concept(n) for n in ref_names.values()})
+    if unnamed:
+        warnings.append(f"{where}: predicted labels {unnamed} are not named by the reference (not scored)")
     return out, warnings
 
 
@@ -265,7 +266,7 @@ def resample_nearest(pred: Image, ref: Image) -> np.ndarray:
 
         if pred.ndim != 2:
             raise InputError(pred.meta.get("path"), "cannot stretch a 3D prediction without geometry")
-        return resize_nearest(pred.array, ref.spatial_shape)
+        return resize_nearest(pred.array, (ref.spatial_shape[0], ref.spatial_shape[1]))
     moving = _to_sitk(pred, pred.array)
     fixed = _to_sitk(ref, np.zeros(ref.spatial_shape, dtype=np.uint8))
     out = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, moving.GetPixelID())
@@ -331,15 +332,21 @@ class PredictionLabels:
     array: np.ndarray | None = None
     segments: dict[int, np.ndarray] | None = None
 
+    def _segment_masks(self) -> dict[int, np.ndarray]:
+        assert self.segments is not None  # without an array the prediction is held per segment
+        return self.segments
+
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.array.shape if self.array is not None else next(iter(self.segments.values())).shape
+        if self.array is not None:
+            return self.array.shape
+        return next(iter(self._segment_masks().values())).shape
 
     def values(self) -> list[int]:
         """Label values with at least one voxel."""
         if self.array is not None:
             return label_values(self.array)
-        return sorted(v for v, m in self.segments.items() if m.any())
+        return sorted(v for v, m in self._segment_masks().items() if m.any())
 
     def mask(self, values: list[int]) -> np.ndarray:
         """Union of the given label values, bool."""
@@ -348,9 +355,10 @@ class PredictionLabels:
         if self.array is not None:
             return np.isin(self.array, values)
         out = np.zeros(self.shape, bool)
+        segments = self._segment_masks()
         for v in values:
-            if v in self.segments:
-                out |= self.segments[v]
+            if v in segments:
+                out |= segments[v]
         return out
 
 

@@ -99,7 +99,7 @@ def dataset_table(rows: Sequence[CaseRow]) -> dict[str, Any]:
         if not members:
             continue
         datasets = list(dict.fromkeys(r.dataset for r in members))
-        entries = []
+        entries: list[dict[str, Any]] = []
         for d in datasets:
             cells = {}
             n = 0

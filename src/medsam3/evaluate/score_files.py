@@ -24,6 +24,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -146,8 +147,8 @@ def score_folders(pred_dir: str | Path, ref_dir: str | Path, options: FolderOpti
     for path in result.orphans:
         result.warnings.append(f"{path}: prediction without a reference (not scored)")
     dataset = options.dataset or ref_dir.name
-    common = dict(dataset=dataset, role=options.role, group=options.group, model=options.model,
-                  prompt_mode="files")
+    common: dict[str, Any] = dict(dataset=dataset, role=options.role, group=options.group,
+                                  model=options.model, prompt_mode="files")
     for key, ref_path in sorted(refs.items()):
         ref = read_label_map(ref_path)
         name = case_name(ref_path)
@@ -161,7 +162,7 @@ def score_folders(pred_dir: str | Path, ref_dir: str | Path, options: FolderOpti
                 pred, segments, file_names = read_prediction(pred_path)
             except InputError as exc:
                 result.warnings.append(f"prediction unreadable: {exc}")
-        if pred is None:
+        if pred is None or pred_path is None:  # no prediction file, or an unreadable one
             status = "missing" if pred_path is None else "failed"
             (result.missing if status == "missing" else result.failed).append(name)
             note = "no prediction" if status == "missing" else result.warnings[-1]

@@ -194,7 +194,7 @@ def stack_geometry(
             )
         travel = positions[order[-1]] - positions[order[0]]
         tilt = travel - np.dot(travel, n) * n
-        if np.linalg.norm(tilt) > 1e-2 * max(np.linalg.norm(travel), 1e-6):
+        if np.linalg.norm(tilt) > 1e-2 * max(float(np.linalg.norm(travel)), 1e-6):
             log.warning("%s: slices are not stacked along their normal (gantry tilt); the normal is used",
                         paths[0].parent)
     else:
@@ -227,7 +227,7 @@ def apply_rescale(raw: np.ndarray, pairs: list[tuple[float, float]]) -> np.ndarr
         return out
     lo = int(raw.min()) + int(min(i for _, i in pairs))
     hi = int(raw.max()) + int(max(i for _, i in pairs))
-    dtype = np.dtype(np.int64)
+    dtype: np.dtype[Any] = np.dtype(np.int64)
     for candidate in (raw.dtype, np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32)):
         info = np.iinfo(candidate)
         if info.min <= lo and hi <= info.max:

@@ -155,10 +155,10 @@ def _frame_table(
         if plane is None:
             raise InputError(path, f"frame {i + 1} of the DICOM SEG has no plane position")
         positions.append(_floats(plane.ImagePositionPatient, 3, "Image Position (Patient)", path))
-        o = _frame_item(ds, i, "PlaneOrientationSequence")
-        if o is None:
+        orientation = _frame_item(ds, i, "PlaneOrientationSequence")
+        if orientation is None:
             raise InputError(path, f"frame {i + 1} of the DICOM SEG has no plane orientation")
-        o = _floats(o.ImageOrientationPatient, 6, "Image Orientation (Patient)", path)
+        o = _floats(orientation.ImageOrientationPatient, 6, "Image Orientation (Patient)", path)
         if orient is None:
             orient = o
         elif not np.allclose(o, orient, atol=1e-4):
@@ -169,6 +169,7 @@ def _frame_table(
     spacing = None
     if measures is not None and measures.get("PixelSpacing"):
         spacing = _floats(measures.PixelSpacing, 2, "Pixel Spacing", path)
+    assert orient is not None  # read from the first frame (there is at least one)
     return frames, positions, orient, spacing, numbers
 
 
@@ -309,7 +310,7 @@ def _source_datasets(reference: Image) -> list[Dataset]:
             f"{reference.meta.get('path', 'the reference image')}: a DICOM SEG needs a DICOM source series "
             "(read with read_image from DICOM files); write NIfTI or NRRD for other inputs"
         )
-    datasets = []
+    datasets: list[Dataset] = []
     for f, uid in zip(files, reference.meta.get("sop_instance_uids") or [None] * len(files), strict=True):
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)

@@ -150,7 +150,8 @@ def read_npz(path: Path) -> tuple[Image, Image | None, dict[int, str]]:
     """
     data = _open(path)
     label_key = next((k for k in LABEL_KEYS if k in data), None)
-    if IMAGE_KEY not in data and label_key is None:
+    base_key = IMAGE_KEY if IMAGE_KEY in data else label_key
+    if base_key is None:
         raise InputError(path, f"has keys {sorted(data)}; a BiomedSegFM npz holds 'imgs' (and 'gts'/'segs')")
     prompts = _prompts(data["text_prompts"]) if "text_prompts" in data else {}
     names = dict(prompts)
@@ -159,7 +160,7 @@ def read_npz(path: Path) -> tuple[Image, Image | None, dict[int, str]]:
             names.update({int(k): str(v) for k, v in json.loads(str(data["label_names"])).items()})
         except (json.JSONDecodeError, ValueError, AttributeError) as exc:
             raise InputError(path, f"'label_names' is not a JSON object ({exc})") from exc
-    base = data[IMAGE_KEY] if IMAGE_KEY in data else data[label_key]
+    base = data[base_key]
     nd, colour = _layout(path, base, data.get("spacing"))
     shape = base.shape[:nd]
     spacing, origin, direction, known = _geometry(path, data, shape, nd)
@@ -180,7 +181,8 @@ def read_npz(path: Path) -> tuple[Image, Image | None, dict[int, str]]:
                 raise InputError(path, f"'{label_key}' holds {lab.dtype} values; expected integer labels")
         labels = Image(lab, spacing, origin, direction, "OTHER",
                        dict(meta, is_label=True, label_key=label_key, label_names=names))
-    if image is None:
+    if image is None:  # no 'imgs': the label map stands in for the image
+        assert labels is not None
         image = labels
     return image, labels, prompts
 

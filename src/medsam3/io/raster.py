@@ -139,7 +139,7 @@ def read_raster(path: Path, fmt: str, *, as_labels: bool = False) -> dict[str, A
         is_color = False
     nd = array.ndim - (1 if is_color else 0)
     known = spacing_mm is not None and len(spacing_mm) >= nd
-    spacing = tuple(spacing_mm[:nd]) if known else (1.0,) * nd
+    spacing = tuple(spacing_mm[:nd]) if spacing_mm is not None and known else (1.0,) * nd
     if nd == 3 and spacing_mm is not None and len(spacing_mm) == 2:
         spacing = (*spacing_mm, 1.0)
     return {"array": array, "is_color": is_color, "spacing": spacing, "spacing_known": known,

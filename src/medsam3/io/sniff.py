@@ -1,11 +1,11 @@
 """Recognise an input by its content (magic bytes and headers), never by its file name alone.
 
-:func:`detect_format` returns one of :data:`FORMATS`. The file name is only used to cross-check: a name
-whose extension belongs to a *different* known format than the content (a PNG called ``scan.nii.gz``)
-is refused with an :class:`~medsam3.errors.InputError`, because such a file has usually been mixed up
-upstream and reading it as something else would silently change what the user analyses. Names with no
-extension or an unknown one (DICOM files are often called ``IM0001`` or ``CT.1.2.840...``) are read by
-content.
+:func:`detect_format` returns one of ``dicom-folder``, ``dicom``, ``nifti``, ``nrrd``, ``metaimage``, ``png``,
+``jpeg``, ``bmp``, ``tiff`` and ``npz``. The file name is only used to cross-check: a name whose extension
+belongs to a *different* known format than the content (a PNG called ``scan.nii.gz``) is refused with an
+:class:`~medsam3.errors.InputError`, because such a file has usually been mixed up upstream and reading it
+as something else would silently change what the user analyses. Names with no extension or an unknown one
+(DICOM files are often called ``IM0001`` or ``CT.1.2.840...``) are read by content.
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ import zlib
 from pathlib import Path
 
 from medsam3.errors import InputError
-
-#: Formats recognised by :func:`detect_format`.
-FORMATS = (
-    "dicom-folder", "dicom", "nifti", "nrrd", "metaimage", "png", "jpeg", "bmp", "tiff", "npz",
-)
 
 #: Extensions (lower case, longest first) and the format they announce.
 _EXTENSIONS = (
@@ -130,7 +125,7 @@ def _looks_like_raw_dicom(head: bytes) -> bool:
 
 
 def detect_format(path: str | Path) -> str:
-    """The format of ``path`` from its content: one of :data:`FORMATS`.
+    """The format of ``path`` from its content (one of the formats the module docstring lists).
 
     A folder is ``"dicom-folder"`` (whether it really holds DICOM is checked when it is read). Raises
     :class:`InputError` for a missing, unreadable or empty file, an unrecognised content, or a file whose

@@ -20,12 +20,15 @@ from __future__ import annotations
 import gzip
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import SimpleITK as sitk
 
 from medsam3.errors import InputError
+
+if TYPE_CHECKING:
+    from nibabel.analyze import AnalyzeImage
 
 _FORMAT_NAME = {"nifti": "NIfTI", "nrrd": "NRRD", "metaimage": "MetaImage"}
 
@@ -43,7 +46,7 @@ def _check_nifti_complete(path: Path) -> None:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img = cast("AnalyzeImage", nib.load(str(path)))  # NIfTI-1/2 files and pairs are Analyze images
     except Exception as exc:  # nibabel raises many types for broken headers
         raise InputError(path, f"is not a readable NIfTI file ({exc})") from exc
     header = img.header
@@ -83,7 +86,7 @@ def _check_nifti_complete(path: Path) -> None:
     _check_nifti_finite(path, img)
 
 
-def _check_nifti_finite(path: Path, img: Any) -> None:
+def _check_nifti_finite(path: Path, img: AnalyzeImage) -> None:
     """Count NaN / infinite voxels of float NIfTI data (ITK's reader silently turns them into zeros)."""
     if img.header.get_data_dtype().kind != "f":
         return
@@ -99,7 +102,7 @@ def _read_with_nibabel(path: Path) -> tuple[np.ndarray, tuple, tuple, np.ndarray
     """NIfTI through nibabel: array ``(Z, Y, X)`` and LPS geometry (for affines ITK refuses)."""
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img = cast("AnalyzeImage", nib.load(str(path)))  # a NIfTI file
     data = np.asanyarray(img.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]

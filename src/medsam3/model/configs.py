@@ -1,16 +1,34 @@
 """SAM3 configurations built in code: the full-size architecture and small ones for tests and CPUs.
 
-All return ``transformers.Sam3Config`` objects; nested configs carry their ``model_type`` keys so that
-``save_pretrained`` / ``from_pretrained`` round-trip them.
+The builders return ``transformers.Sam3Config`` (image model) or ``Sam3VideoConfig`` (detector + tracker)
+objects; nested configs carry their ``model_type`` keys so that ``save_pretrained`` / ``from_pretrained``
+round-trip them. :func:`vision_config`, :func:`vit_config` and :func:`vit_sizes` read the nested parts of a
+built ``Sam3Config`` with their types.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, cast, overload
 
-from transformers import Sam3Config, Sam3VideoConfig
+from transformers import Sam3Config, Sam3VideoConfig, Sam3VisionConfig, Sam3ViTConfig
+
+
+def vision_config(config: Sam3Config) -> Sam3VisionConfig:
+    """The vision part of ``config``: a ``Sam3VisionConfig`` once the ``Sam3Config`` is built."""
+    return cast(Sam3VisionConfig, config.vision_config)
+
+
+def vit_config(config: Sam3Config) -> Sam3ViTConfig:
+    """The ViT backbone's configuration, ``config.vision_config.backbone_config``."""
+    return cast(Sam3ViTConfig, vision_config(config).backbone_config)
+
+
+def vit_sizes(config: Sam3Config) -> tuple[int, int]:
+    """``(image_size, patch_size)`` of the ViT in pixels (SAM3 inputs and patches are square: one int)."""
+    vit = vit_config(config)
+    return cast(int, vit.image_size), cast(int, vit.patch_size)
 
 
 def full_sam3_config() -> Sam3Config:
@@ -20,7 +38,7 @@ def full_sam3_config() -> Sam3Config:
     relative; see ``tests/slow/test_meta_equivalence.py``).
     """
     config = Sam3Config()
-    config.vision_config.backbone_config.layer_norm_eps = 1e-5
+    vit_config(config).layer_norm_eps = 1e-5
     return config
 
 
@@ -152,10 +170,9 @@ def sam3_video_config(
     stays 64 channels (the tracker's memory attention assumes it), and the low-resolution mask size is
     4 x the ViT grid (288 at 1008 px, 64 at 224 px).
     """
-    vision = detector.vision_config
+    vision = vision_config(detector)
     fpn = vision.fpn_hidden_size
-    image_size = vision.backbone_config.image_size
-    patch = vision.backbone_config.patch_size
+    image_size, patch = vit_sizes(detector)
     tracker: dict[str, Any] = {
         "model_type": "sam3_tracker_video",
         "vision_config": vision.to_dict(),
@@ -202,7 +219,28 @@ def _shape(shapes: Mapping[str, Sequence[int]], key: str) -> tuple[int, ...]:
     return tuple(int(s) for s in shapes[key])
 
 
-def infer_sam3_config(shapes: Mapping[str, Sequence[int]], *, with_tracker: bool = False) -> Sam3Config:
+@overload
+def infer_sam3_config(
+    shapes: Mapping[str, Sequence[int]], *, with_tracker: Literal[False] = False
+) -> Sam3Config:
+    ...
+
+
+@overload
+def infer_sam3_config(shapes: Mapping[str, Sequence[int]], *, with_tracker: Literal[True]) -> Sam3VideoConfig:
+    ...
+
+
+@overload
+def infer_sam3_config(
+    shapes: Mapping[str, Sequence[int]], *, with_tracker: bool
+) -> Sam3Config | Sam3VideoConfig:
+    ...
+
+
+def infer_sam3_config(
+    shapes: Mapping[str, Sequence[int]], *, with_tracker: bool = False
+) -> Sam3Config | Sam3VideoConfig:
     """The transformers configuration of a checkpoint in Meta's layout, read from its tensor shapes.
 
     Args:
@@ -308,10 +346,10 @@ def _infer_video_config(shapes: Mapping[str, Sequence[int]], detector: Sam3Confi
     """Tracker part of :func:`infer_sam3_config` (``tracker.*`` keys)."""
     md = "tracker.sam_mask_decoder."
     hidden = _shape(shapes, md + "iou_token.weight")[1]
-    if hidden != detector.vision_config.fpn_hidden_size:
-        raise ValueError(f"tracker width {hidden} differs from the FPN width "
-                         f"{detector.vision_config.fpn_hidden_size}; transformers' video model needs them "
-                         "equal")
+    fpn = vision_config(detector).fpn_hidden_size
+    if hidden != fpn:
+        raise ValueError(f"tracker width {hidden} differs from the FPN width {fpn}; transformers' video "
+                         "model needs them equal")
     down = _count(shapes, r"tracker\.maskmem_backbone\.mask_downsampler\.encoder\.(\d+)\.weight")
     fuser = "tracker.maskmem_backbone.fuser.layers.0."
     kernel = _shape(shapes, fuser + "dwconv.weight")[-1]
@@ -329,8 +367,8 @@ def _infer_video_config(shapes: Mapping[str, Sequence[int]], detector: Sam3Confi
         },
         "prompt_encoder_config": {
             "hidden_size": hidden,
-            "image_size": detector.vision_config.backbone_config.image_size,
-            "patch_size": detector.vision_config.backbone_config.patch_size,
+            "image_size": vit_sizes(detector)[0],
+            "patch_size": vit_sizes(detector)[1],
             "mask_input_channels": _shape(shapes, "tracker.sam_prompt_encoder.mask_downscaling.3.weight")[0],
             "num_point_embeddings": _count(
                 shapes, r"tracker\.sam_prompt_encoder\.point_embeddings\.(\d+)\.weight"),

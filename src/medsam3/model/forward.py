@@ -237,6 +237,7 @@ def predict_prompts(
         return _text_with_cls(model, vision, text_embeds, attention_mask)
 
     # meta_text_cls=False with a mix of text-only and boxed prompts: two calls, rows put back in order.
+    assert boxes is not None and box_labels is not None  # some row has a box
     box_rows = torch.nonzero(has_box).flatten()
     text_rows = torch.nonzero(~has_box).flatten()
     sub_text, sub_mask = _select_rows(text_embeds, attention_mask, text_rows)

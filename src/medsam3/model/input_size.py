@@ -94,7 +94,8 @@ def resize_sam3_input(model: Any, image_size: int) -> Any:
     missing, unexpected = resized.load_state_dict(state, strict=False)
     if missing or unexpected:  # the architecture is the same: only a transformers change could do this
         raise ModelError(f"resizing the input: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    resized.to(device=param.device, dtype=param.dtype)
+    # transformers declares PreTrainedModel.to through functools.wraps(nn.Module.to), which types it unbound
+    resized.to(device=param.device, dtype=param.dtype)  # type: ignore[call-arg]
     resized.train(model.training)
     for p_new, p_old in zip(resized.parameters(), model.parameters(), strict=True):
         p_new.requires_grad_(p_old.requires_grad)

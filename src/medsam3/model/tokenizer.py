@@ -102,10 +102,10 @@ def build_clip_tokenizer(save_dir: str | Path | None = None):
 
     vocab, merges = clip_vocab_and_merges()
     # In-memory vocab/merges go in as ``vocab=`` / ``merges=``: the ``vocab_file=`` / ``merges_file=``
-    # keywords are not read by this constructor and would leave an empty vocabulary.
-    tokenizer = CLIPTokenizer(
-        vocab=dict(vocab), merges=[tuple(m) for m in merges], model_max_length=CONTEXT_LENGTH
-    )
+    # keywords are not read by this constructor and would leave an empty vocabulary. The merges are
+    # (left, right) pairs, which the BPE model takes although the constructor annotates ``list[str]``.
+    pairs = [tuple(m) for m in merges]
+    tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=pairs, model_max_length=CONTEXT_LENGTH)  # type: ignore[arg-type]
     if save_dir is not None:
         tokenizer.save_pretrained(str(save_dir))
     return tokenizer

@@ -141,6 +141,7 @@ class IntensityParams:
                 f"[{self.low:g}, {self.high:g}] HU -> [0, 1]"
             )
         if self.method == "percentiles":
+            assert self.percentiles is not None  # set with this method
             lo, hi = self.percentiles
             return (
                 f"{self.modality} percentiles {lo:g}-{hi:g} of the whole image ({self.source}): "
@@ -228,9 +229,9 @@ def intensity_parameters(
         elif array.dtype == np.uint8:
             return IntensityParams(m, "uint8", 0.0, 255.0, source="8-bit data")
         else:
-            name = window_for_concept(concept)
-            source = "concept" if name else "default"
-            name = name or DEFAULT_CT_WINDOW
+            implied = window_for_concept(concept)
+            source = "concept" if implied else "default"
+            name = implied or DEFAULT_CT_WINDOW
             width, level = CT_WINDOWS[name]
         return IntensityParams(
             m, "window", level - width / 2, level + width / 2, name, width, level, source=source

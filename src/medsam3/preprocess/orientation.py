@@ -139,7 +139,7 @@ class Reorientation:
             parts.append("flipped " + ", ".join(names[a].lower() for a in self.flipped))
         if not parts:
             parts.append("no change")
-        tp = self.through_plane_axis
+        tp = self.source_axes.index(0)  # the through-plane axis of this 3D plan
         parts.append(f"acquired slices along axis {tp}, {PLANE_OF_AXIS[tp]}")
         return f"{self.original_code} -> {self.canonical_code} ({'; '.join(parts)})"
 

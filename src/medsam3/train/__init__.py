@@ -10,6 +10,7 @@
 * :mod:`medsam3.train.config` - :class:`TrainConfig` and :func:`build_config` (YAML overrides + key=value).
 * :mod:`medsam3.train.optim` - parameter groups with the paper's learning rates and layer-wise decay,
   warm-up + inverse-square-root schedule.
+* :mod:`medsam3.train.model` - :func:`build_model` (the ``Sam3Model`` to train) and the training forward.
 * :mod:`medsam3.train.loop` - :func:`train` on accelerate (DDP / FSDP), resumable checkpoints, export.
 
 Conventions: predicted boxes are xyxy normalised (transformers ``Sam3Model``), target boxes cxcywh

@@ -120,7 +120,8 @@ def draw(settings: AugmentSettings, rng: np.random.Generator, *, allow_flip: boo
     out.contrast = float(1 + (2 * u[8] - 1) * settings.contrast)
     out.brightness = float((2 * u[9] - 1) * settings.brightness)
     if is_color and settings.color:
-        out.gains = tuple(float(g) for g in 1 + (2 * rng.random(3) - 1) * settings.color)
+        red, green, blue = (float(g) for g in 1 + (2 * rng.random(3) - 1) * settings.color)
+        out.gains = (red, green, blue)
     else:
         rng.random(3)
     out.noise = float(u[10] * settings.noise)

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops import box_convert
 
 from medsam3.data.labels import load_label_arrays
 from medsam3.data.manifest import Record
@@ -84,27 +85,29 @@ def mask_boxes_cxcywh(masks: np.ndarray) -> np.ndarray:
     divided by the mask width (and likewise rows by the height).
     """
     n, h, w = masks.shape
-    out = np.zeros((n, 4), np.float32)
+    xyxy = torch.zeros((n, 4), dtype=torch.float64)
     for i in range(n):
         rows = np.flatnonzero(masks[i].any(axis=1))
         cols = np.flatnonzero(masks[i].any(axis=0))
-        x1, x2, y1, y2 = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
-        out[i] = ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h)
-    return out
+        xyxy[i] = torch.tensor([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=torch.float64)
+    scale = torch.tensor([w, h, w, h], dtype=torch.float64)
+    return (box_convert(xyxy, "xyxy", "cxcywh") / scale).to(torch.float32).numpy()
 
 
 def noisy_box_cxcywh(
     box: np.ndarray, size: int, rng: np.random.Generator, std: float, max_px: float
 ) -> np.ndarray:
     """A normalised ``cxcywh`` box jittered as SAM3's ``RandomizeInputBbox`` (module docstring)."""
-    cx, cy, w, h = (float(v) * size for v in box)
-    xyxy = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+    cxcywh = torch.tensor([float(v) * size for v in box], dtype=torch.float64)
+    xyxy = box_convert(cxcywh, "cxcywh", "xyxy").numpy()
+    w, h = float(cxcywh[2]), float(cxcywh[3])
     noise = rng.normal(0.0, std, 4) * np.array([w, h, w, h])
     xyxy = np.clip(xyxy + np.clip(noise, -max_px, max_px), 0.0, float(size))
     x1, x2 = sorted(xyxy[[0, 2]])
     y1, y2 = sorted(xyxy[[1, 3]])
     x2, y2 = max(x2, min(size, x1 + 1.0)), max(y2, min(size, y1 + 1.0))
-    return np.array([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], np.float32) / size
+    jittered = torch.tensor([x1, y1, x2, y2], dtype=torch.float64)
+    return (box_convert(jittered, "xyxy", "cxcywh").to(torch.float32) / size).numpy()
 
 
 class ItemLoader:
@@ -234,8 +237,8 @@ class ItemLoader:
             objects = [reference & (inst == i) for i in ids]
         else:
             objects = [reference] if reference.any() else []
-        masks = [transform.mask_to_model(m.astype(np.uint8)).astype(bool) for m in objects]
-        masks = np.stack(masks) if masks else np.zeros((0, self.image_size, self.image_size), bool)
+        resized = [transform.mask_to_model(m.astype(np.uint8)).astype(bool) for m in objects]
+        masks = np.stack(resized) if resized else np.zeros((0, self.image_size, self.image_size), bool)
         if augment and self.augment is not None:
             arng = np.random.default_rng([self.seed, _AUGMENT_STREAM, int(item.index)])
             choice = aug.draw(self.augment, arng, allow_flip=not aug.is_positional(item.concept),

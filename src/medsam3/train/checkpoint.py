@@ -27,13 +27,17 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from medsam3.errors import InputError
 from medsam3.io.atomic import atomic_path
+from medsam3.train.model import build_model
+
+if TYPE_CHECKING:
+    from transformers import Sam3Model
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +223,7 @@ def save_training_state(acc, module, optimizer, scheduler, sampler, position: in
     return path
 
 
-def export_model(template: torch.nn.Module, state: dict[str, torch.Tensor] | None, processor: Any,
+def export_model(template: Sam3Model, state: dict[str, torch.Tensor] | None, processor: Any,
                  out_dir: str | Path) -> Path:
     """Write a ``medsam3 segment``-loadable folder (``save_sam3``) of ``template`` with ``state`` loaded.
 
@@ -243,8 +247,6 @@ def export_model(template: torch.nn.Module, state: dict[str, torch.Tensor] | Non
 def export_run_models(acc, module, processor, cfg, best_step: int | None) -> dict[str, Path]:
     """Write ``run_dir/export/final`` and / or ``best`` (``cfg.export``); every process must call this."""
     from dataclasses import replace
-
-    from medsam3.train.loop import build_model
 
     if cfg.export == "none":
         return {}

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
+
+if TYPE_CHECKING:
+    from transformers import Sam3Model
 
 
 def _inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
@@ -75,7 +78,7 @@ class DecoderLayers:
 
 
 @contextmanager
-def record_decoder_layers(model: nn.Module) -> Iterator[DecoderLayers]:
+def record_decoder_layers(model: Sam3Model) -> Iterator[DecoderLayers]:
     """Record the per-layer decoder predictions of ``model`` (a ``Sam3Model``) inside the ``with`` block."""
     for name in ("detr_decoder", "dot_product_scoring"):
         if not hasattr(model, name):

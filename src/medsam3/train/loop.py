@@ -25,8 +25,8 @@ Read top to bottom, :func:`train` does:
    ``run_dir/export/{final,best}``: folders ``medsam3 segment --model`` loads.
 
 Distributed: launch with ``accelerate launch`` or ``torchrun``; DDP by default, FSDP through an
-``accelerate`` config. The forward goes through one module (:class:`Sam3TrainModule`) so that DDP / FSDP
-see the whole computation.
+``accelerate`` config. The forward goes through one module (:class:`~medsam3.train.model.Sam3TrainModule`)
+so that DDP / FSDP see the whole computation.
 """
 
 from __future__ import annotations
@@ -43,11 +43,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from medsam3.errors import InputError, ModelError
-from medsam3.model.forward import encode_image, predict_prompts
+from medsam3.errors import InputError
 from medsam3.model.input_size import input_size
+from medsam3.train.checkpoint import (
+    LAST,
+    checkpoint_dir,
+    export_run_models,
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    save_training_state,
+    set_rng_state,
+)
 from medsam3.train.config import (
     RUN_CONTROL_KEYS,
     TrainConfig,
@@ -55,108 +63,11 @@ from medsam3.train.config import (
     config_to_dict,
     config_yaml,
 )
-from medsam3.train.decoder_layers import record_decoder_layers
+from medsam3.train.model import Sam3TrainModule, build_model
 
 log = logging.getLogger(__name__)
 
-_OUTPUT_FIELDS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg")
 _DROPOUT_STREAM = 104729
-
-
-class Sam3TrainModule(nn.Module):
-    """``Sam3Model`` forward for training and validation: images, prompts -> outputs (+ per-layer outputs).
-
-    ``forward(pixel_values (B, 3, S, S), input_ids (B, 32), attention_mask (B, 32), boxes (B, 1, 4) | None,
-    box_labels (B, 1) | None)`` runs the image encoder and :func:`~medsam3.model.forward.predict_prompts`
-    (the path of ``medsam3 segment``, Meta's text-only sequence when ``meta_text_cls``) and returns a dict
-    with ``pred_logits (B, Q)``, ``pred_boxes (B, Q, 4)`` xyxy, ``pred_masks (B, Q, h, w)``,
-    ``presence_logits (B, 1)``, ``semantic_seg (B, 1, h, w)`` and, with ``aux``, ``aux_outputs``.
-    """
-
-    def __init__(self, sam3: nn.Module, meta_text_cls: bool = True, aux: bool = True):
-        super().__init__()
-        self.sam3 = sam3
-        self.meta_text_cls = meta_text_cls
-        self.aux = aux
-
-    def forward(self, pixel_values, input_ids, attention_mask, boxes=None, box_labels=None) -> dict[str, Any]:
-        recorder = record_decoder_layers(self.sam3) if self.aux else contextlib.nullcontext()
-        with recorder as layers:
-            vision = encode_image(self.sam3, pixel_values)
-            out = predict_prompts(self.sam3, vision, input_ids=input_ids, attention_mask=attention_mask,
-                                  boxes=boxes, box_labels=box_labels, meta_text_cls=self.meta_text_cls)
-        result = {k: getattr(out, k) for k in _OUTPUT_FIELDS if getattr(out, k, None) is not None}
-        if self.aux:
-            result["aux_outputs"] = layers.aux_outputs()
-        return result
-
-
-def enable_activation_checkpointing(sam3: nn.Module) -> int:
-    """Recompute the ViT and text-encoder layers in the backward pass; returns how many layers.
-
-    ``Sam3Model`` does not declare activation checkpointing as a whole (``gradient_checkpointing_enable``
-    refuses it), but its ViT layers and CLIP encoder layers are transformers ``GradientCheckpointingLayer``
-    modules; they are switched on here the way ``PreTrainedModel`` does it (non-reentrant
-    ``torch.utils.checkpoint``).
-    """
-    from functools import partial
-
-    from torch.utils.checkpoint import checkpoint
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    func = partial(checkpoint, use_reentrant=False)
-    count = 0
-    for name, module in sam3.named_modules():
-        if isinstance(module, GradientCheckpointingLayer) and name.startswith(
-                ("vision_encoder.backbone.", "text_encoder.")):
-            module._gradient_checkpointing_func = func
-            module.gradient_checkpointing = True
-            count += 1
-    return count
-
-
-def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
-    """The ``Sam3Model`` to train (mode applied: frozen parts, LoRA adapters) and its processor."""
-    from transformers import Sam3Model
-
-    from medsam3.model.configs import small_sam3_config, tiny_sam3_config
-    from medsam3.model.input_size import resize_processor, resize_sam3_input
-    from medsam3.model.loading import build_processor, load_sam3
-    from medsam3.train.lora import apply_lora
-    from medsam3.train.optim import freeze_for_mode
-
-    source = cfg.model.source
-    if source in ("tiny", "small"):
-        try:
-            config = (tiny_sam3_config if source == "tiny" else small_sam3_config)(**cfg.model.size)
-        except (TypeError, ValueError) as exc:
-            raise InputError(None, f"config: model.size {cfg.model.size}: {exc}") from None
-        torch.manual_seed(cfg.seed)
-        sam3, processor = Sam3Model(config), build_processor(config)
-    else:
-        if cfg.model.size:
-            raise InputError(None, "config: model.size applies to model.source tiny / small only")
-        loaded = load_sam3(source, device="cpu", dtype="fp32")
-        sam3, processor = loaded.model, loaded.processor
-    if cfg.model.image_size is not None and cfg.model.image_size != input_size(sam3):
-        try:
-            sam3 = resize_sam3_input(sam3, cfg.model.image_size)
-        except ModelError as exc:
-            raise InputError(None, f"config: model.image_size: {exc}") from None
-        resize_processor(processor, cfg.model.image_size,
-                         int(sam3.config.vision_config.backbone_config.patch_size))
-    sam3.train()
-    if cfg.mode == "lora":
-        apply_lora(sam3, cfg.lora)
-    else:
-        freeze_for_mode(sam3, cfg.mode)
-    if cfg.model.activation_checkpointing:
-        enable_activation_checkpointing(sam3)
-    if cfg.model.dropout is not None:
-        for module in sam3.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = cfg.model.dropout
-    return sam3, processor
 
 
 def build_loss(cfg: TrainConfig):
@@ -276,9 +187,21 @@ class RunLogger:
 
             self.writer = SummaryWriter(str(Path(cfg.run_dir) / "tensorboard"), purge_step=start_step + 1)
         if cfg.progress:
-            from tqdm.auto import tqdm
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            self.bar = tqdm(total=total, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(),
+                                TextColumn("loss {task.fields[loss]}"), console=Console(stderr=True))
+            self.bar_task = self.bar.add_task("train", total=total, completed=start_step, loss="")
+            self.bar.start()
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -288,7 +211,7 @@ class RunLogger:
              result: TrainResult) -> None:
         if not self.main:
             return
-        lr = {}
+        lr: dict[str, float] = {}
         for name, value in zip(self.names, lrs, strict=True):
             lr.setdefault(name.removesuffix(".no_decay"), value)
         record = {"step": step, "epoch": epoch, **terms, "grad_norm": grad_norm, "lr": lr,
@@ -296,8 +219,7 @@ class RunLogger:
         self._append(record)
         result.history.append(record)
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}")
+            self.bar.update(self.bar_task, advance=1, loss=f"{terms.get('loss', float('nan')):.4f}")
         if step % self.cfg.log_every == 0 or step == 1:
             if self.writer is not None:
                 for k, v in terms.items():
@@ -324,7 +246,7 @@ class RunLogger:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.stop()
         if self.writer is not None:
             self.writer.close()
 
@@ -332,7 +254,6 @@ class RunLogger:
 def _prepare_run_dir(cfg: TrainConfig, resume_from: Path | None, payload: dict | None) -> Path:
     """Check the run folder against the configuration (main process) and write ``config.yaml``."""
     from medsam3.io.atomic import write_text_atomic
-    from medsam3.train.checkpoint import LAST, checkpoint_dir
 
     run_dir = Path(cfg.run_dir)
     if resume_from is None and (checkpoint_dir(run_dir) / LAST).exists():
@@ -382,14 +303,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     from medsam3.data.manifest import check_records, read_manifest
     from medsam3.data.sampler import SliceSampleDataset, SliceSampler
     from medsam3.train.batches import ItemLoader, collate, count_targets, verify_records
-    from medsam3.train.checkpoint import (
-        export_run_models,
-        find_resume_checkpoint,
-        load_checkpoint,
-        load_optimizer_state,
-        save_training_state,
-        set_rng_state,
-    )
     from medsam3.train.cpu_autocast import geometry_encoder_in_fp32
     from medsam3.train.optim import build_optimizer, build_scheduler, parameter_groups, trainable_summary
     from medsam3.train.validate import validate_now, validation_items
@@ -455,6 +368,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         sampler.load_state_dict(payload["sampler"])
         step, epoch = int(payload["step"]), int(payload.get("epoch", 0))
         best, best_step = payload.get("best_metric"), payload.get("best_step")
+        if main:
+            log.info("resuming from step %d (checkpoint %s)", step, resume_from)
     module = Sam3TrainModule(sam3, cfg.model.meta_text_cls, aux=cfg.loss.kind == "sam3" and cfg.loss.aux_loss)
     module, optimizer = acc.prepare(module, optimizer)
     if payload is not None:

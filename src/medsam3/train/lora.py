@@ -24,10 +24,13 @@ freshly built one, so the export loads with ``medsam3 segment --model`` like any
 from __future__ import annotations
 
 import copy
+from typing import TypeVar
 
 from torch import nn
 
 from medsam3.train.config import LoraSection
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 #: Adapter targets in the ViT (regular expression over module names, full match).
 VISION_TARGETS = r"vision_encoder\.backbone\.layers\.\d+\.(attention\.(q|k|v|o)_proj|mlp\.fc[12])"
@@ -54,7 +57,7 @@ def lora_parameter_count(model: nn.Module, cfg: LoraSection) -> int:
                if isinstance(m, nn.Linear) and rx.fullmatch(n))
 
 
-def apply_lora(model: nn.Module, cfg: LoraSection) -> nn.Module:
+def apply_lora(model: ModuleT, cfg: LoraSection) -> ModuleT:
     """Insert LoRA adapters into ``model`` in place (peft) and set what trains (module docstring).
 
     Returns the same model object; adapter weights are named ``<target>.lora_A.default.weight`` /
@@ -63,8 +66,9 @@ def apply_lora(model: nn.Module, cfg: LoraSection) -> nn.Module:
     import peft
 
     lora_config = peft.LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target_pattern(cfg),
-        bias="none",
+        # peft annotates lora_alpha as int; it is only a factor (alpha / r), a float alpha works the same
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]
+        target_modules=target_pattern(cfg), bias="none",
     )
     peft.inject_adapter_in_model(lora_config, model)
     for name, param in model.named_parameters():
@@ -80,7 +84,7 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: ModuleT) -> ModuleT:
     """A copy of ``model`` with every adapter merged into its weight and removed (a plain ``Sam3Model``).
 
     ``model`` itself is not changed (training can go on). Without adapters the copy is returned as is.

@@ -189,7 +189,8 @@ class Sam3Loss:
         masks = self._target_masks(targets, device)
 
         terms: dict[str, Tensor] = {}
-        common = dict(targets=targets, boxes=boxes, has_target=has_target, num_targets=num_targets)
+        common: dict[str, Any] = dict(targets=targets, boxes=boxes, has_target=has_target,
+                                      num_targets=num_targets)
         self._find_terms(terms, outputs, self.matcher, "", 1.0, masks=masks, **common)
         one_to_many = _one_to_many_view(outputs)
         if one_to_many is not None and c.o2m_weight:
@@ -271,14 +272,14 @@ class Sam3Loss:
                 terms["loss_giou" + suffix] = weight * c.giou_weight * giou
         if masks is None or out.get("pred_masks") is None or not (c.mask_focal_weight or c.mask_dice_weight):
             return
-        with_masks = [b for b, m in enumerate(masks) if m is not None]
+        with_masks = {b: m for b, m in enumerate(masks) if m is not None}
         if not with_masks:
             return
-        keep = torch.isin(batch_idx, torch.tensor(with_masks, device=batch_idx.device))
+        keep = torch.isin(batch_idx, torch.tensor(list(with_masks), device=batch_idx.device))
         pred = out["pred_masks"][batch_idx[keep], query_idx[keep]]
-        size = next(m.shape[-2:] for m in masks if m is not None)
-        target = [masks[b][target_idx[batch_idx == b]] for b in with_masks]
-        target = torch.cat(target) if target else torch.zeros(0, *size, dtype=torch.bool, device=pred.device)
+        size = next(iter(with_masks.values())).shape[-2:]
+        parts = [m[target_idx[batch_idx == b]] for b, m in with_masks.items()]
+        target = torch.cat(parts) if parts else torch.zeros(0, *size, dtype=torch.bool, device=pred.device)
         focal, dice = matched_mask_losses(pred, target, num_targets, c.mask_alpha, c.mask_gamma)
         if c.mask_focal_weight:
             terms["loss_mask" + suffix] = weight * c.mask_focal_weight * focal

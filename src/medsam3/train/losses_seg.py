@@ -34,6 +34,12 @@ def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return 1 - (numerator + 1) / (denominator + 1)
 
 
+def _spatial_size(t: Tensor) -> tuple[int, int]:
+    """``(H, W)``: the last two axes of ``t``."""
+    height, width = t.shape[-2:]
+    return height, width
+
+
 def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear resize of mask logits ``(N, C, h, w)`` to ``size`` (float32; identity when equal)."""
     logits = logits.float()
@@ -57,7 +63,7 @@ def matched_mask_losses(
     if len(pred_masks) == 0:
         zero = pred_masks.float().sum() * 0.0
         return zero, zero
-    logits = upsample_logits(pred_masks[:, None], tuple(target_masks.shape[-2:]))[:, 0].flatten(1)
+    logits = upsample_logits(pred_masks[:, None], _spatial_size(target_masks))[:, 0].flatten(1)
     targets = target_masks.flatten(1).to(logits.dtype)
     focal = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma).mean(1).sum() / num_targets
     dice = dice_loss(logits, targets).sum() / num_targets
@@ -82,7 +88,7 @@ def semantic_seg_losses(
     absence is supervised by the presence loss. Returns ``(loss_focal, loss_dice)``; the focal loss of an
     image is its mean over pixels; both are ``sum over kept images / (kept + 1e-6)``.
     """
-    logits = upsample_logits(semantic_logits, tuple(semantic_targets.shape[-2:]))[:, 0].flatten(1)
+    logits = upsample_logits(semantic_logits, _spatial_size(semantic_targets))[:, 0].flatten(1)
     targets = semantic_targets.flatten(1).to(logits.dtype)
     keep = targets.amax(dim=1) > 0
     if valid is not None:
@@ -153,7 +159,7 @@ class SimpleSegLoss:
 
     def _mask_terms(self, logits: Tensor, union: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         """Pixel loss over all rows, Dice over present rows: logits ``(M, 1, h, w)``, union ``(M, H, W)``."""
-        flat = upsample_logits(logits, tuple(union.shape[-2:]))[:, 0].flatten(1)
+        flat = upsample_logits(logits, _spatial_size(union))[:, 0].flatten(1)
         targets = union.flatten(1).float()
         pixel = self._pixel(flat, targets).mean()
         weights = present.float()

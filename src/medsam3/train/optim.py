@@ -43,11 +43,16 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from medsam3.model.configs import vit_config
 from medsam3.train.config import OptimSection
+
+if TYPE_CHECKING:
+    from transformers import Sam3Model
 
 COMPONENTS = ("decoder", "vision", "text", "geometry", "fusion_encoder")
 
@@ -74,9 +79,9 @@ def component_of(name: str) -> str:
     return _COMPONENT_OF_ATTRIBUTE[top]
 
 
-def num_vit_blocks(model: nn.Module) -> int:
+def num_vit_blocks(model: Sam3Model) -> int:
     """Number of ViT blocks of a ``Sam3Model``."""
-    return int(model.config.vision_config.backbone_config.num_hidden_layers)
+    return int(vit_config(model.config).num_hidden_layers)
 
 
 def vision_layer_id(name: str, num_blocks: int) -> int:
@@ -130,7 +135,7 @@ def _group_label(component: str, name: str, num_blocks: int) -> str:
     return "vision.other"
 
 
-def parameter_groups(model: nn.Module, cfg: OptimSection) -> list[ParamGroup]:
+def parameter_groups(model: Sam3Model, cfg: OptimSection) -> list[ParamGroup]:
     """Trainable parameters of a ``Sam3Model`` (optionally with LoRA adapters) in their groups.
 
     Frozen parameters (``requires_grad=False``) are left out. Groups are in the order their first
@@ -166,7 +171,7 @@ def build_optimizer(
     ``device_type`` is where the parameters will train (default: where they are now); the fused kernel is
     used on ``cpu`` and ``cuda`` only.
     """
-    torch_groups = [
+    torch_groups: list[dict[str, Any]] = [
         {"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "name": g.name}
         for g in groups if g.params
     ]
@@ -174,7 +179,8 @@ def build_optimizer(
         raise ValueError("no trainable parameters")
     devices = {device_type} if device_type else {p.device.type for g in torch_groups for p in g["params"]}
     fused = cfg.fused and devices <= {"cpu", "cuda"}
-    return torch.optim.AdamW(torch_groups, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    beta1, beta2 = cfg.betas  # two numbers (checked by the configuration)
+    return torch.optim.AdamW(torch_groups, betas=(beta1, beta2), eps=cfg.eps, fused=fused or None)
 
 
 def lr_factor(n: int, warmup: int, timescale: int, cooldown: int = 0, total: int | None = None) -> float:
