@@ -283,6 +283,50 @@ def test_tracker_loads_from_video_folder_and_refuses_image_folder(tmp_path, tiny
         load_sam3_tracker(tiny_image_folder, device="cpu")
 
 
+def test_load_pretrained_gives_each_kind_and_refuses_other_folders(tmp_path, tiny_image_folder):
+    import shutil
+
+    from transformers import Sam3VideoModel
+
+    from medsam3.model.configs import tiny_sam3_video_config
+    from medsam3.model.loading import (
+        LoadedSam3,
+        LoadedSam3Tracker,
+        LoadedSam3Video,
+        build_processor,
+        load_pretrained,
+        save_sam3,
+    )
+    from medsam3.model.video import load_sam3_video
+
+    torch.manual_seed(2)
+    video = Sam3VideoModel(tiny_sam3_video_config()).eval()
+    folder = save_sam3(video, build_processor(video.config, video=True), tmp_path / "video")
+    kinds = (("image", LoadedSam3, "Sam3Model", "Sam3Processor"),
+             ("tracker", LoadedSam3Tracker, "Sam3TrackerModel", "Sam3TrackerProcessor"),
+             ("video", LoadedSam3Video, "Sam3VideoModel", "Sam3VideoProcessor"))
+    for kind, record, model_class, processor_class in kinds:
+        loaded = load_pretrained(folder, kind, device="cpu")
+        assert type(loaded) is record, kind
+        names = (type(loaded.model).__name__, type(loaded.processor).__name__)
+        assert names == (model_class, processor_class), kind
+        assert (loaded.device, loaded.dtype, loaded.source) == (torch.device("cpu"), torch.float32,
+                                                                str(folder.resolve()))
+        assert not loaded.model.training
+        assert loaded.resolved is not None and loaded.resolved.origin == "--model"
+    sd = video.state_dict()
+    same = load_sam3_video(folder, device="cpu")
+    assert all(torch.equal(v, sd[k]) for k, v in same.model.state_dict().items())
+
+    with pytest.raises(ModelError, match="a 'sam3' model has no tracker; tracking through a volume needs"):
+        load_pretrained(tiny_image_folder, "video", device="cpu")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_image_folder, other)
+    (other / "config.json").write_text(json.dumps({"model_type": "sam2"}))
+    with pytest.raises(ModelError, match="model_type 'sam2' is not a SAM3 image or video model"):
+        load_pretrained(other, "image", device="cpu")
+
+
 def test_overwrite_replaces_folder_only_when_complete(tmp_path, tiny_model):
     from medsam3.model.loading import atomic_directory, build_processor, save_sam3
 

@@ -1,8 +1,12 @@
 """Load and save SAM3 models (transformers layout) for inference.
 
-* :func:`load_sam3` -> ``Sam3Model`` + ``Sam3Processor`` (concept prompts: text, boxes);
-* :func:`load_sam3_tracker` -> ``Sam3TrackerModel`` + ``Sam3TrackerProcessor`` (point / box prompts, SAM2
-  style) from a folder that holds the tracker weights (a converted ``sam3.pt`` or ``facebook/sam3``);
+* :func:`load_pretrained` resolves a model (see :mod:`medsam3.model.resolve`) and loads one of three kinds:
+  ``"image"`` -> ``Sam3Model`` + ``Sam3Processor`` (concept prompts: text, boxes); ``"tracker"`` ->
+  ``Sam3TrackerModel`` + ``Sam3TrackerProcessor`` (point / box prompts, SAM2 style) from a folder that holds
+  the tracker weights (a converted ``sam3.pt`` or ``facebook/sam3``); ``"video"`` -> ``Sam3VideoModel`` +
+  ``Sam3VideoProcessor`` (text concepts through a frame sequence, see :mod:`medsam3.model.video`);
+* :func:`load_sam3`, :func:`load_sam3_tracker` and :func:`medsam3.model.video.load_sam3_video` are the same
+  with the kind fixed;
 * :func:`save_sam3` writes a model folder atomically (temporary folder, then rename).
 
 Loading is strict: any missing, unexpected or mis-shaped weight raises :class:`ModelError` listing them.
@@ -20,16 +24,30 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 
 import torch
 
 from medsam3.errors import ModelError, OutputError
 from medsam3.io.atomic import check_not_input
 from medsam3.model.resolve import ResolvedModel, model_directory, resolve_model
+
+if TYPE_CHECKING:
+    from transformers import (
+        PreTrainedConfig,
+        PreTrainedModel,
+        ProcessorMixin,
+        Sam3Model,
+        Sam3Processor,
+        Sam3TrackerConfig,
+        Sam3TrackerModel,
+        Sam3TrackerProcessor,
+        Sam3VideoModel,
+        Sam3VideoProcessor,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +58,18 @@ DTYPE_NAMES = {
 }
 IMAGE_MODEL_TYPES = ("sam3", "sam3_video")
 TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker", "sam3_tracker_video")
+#: ``model_type`` of a video model folder's ``config.json``.
+VIDEO_MODEL_TYPE = "sam3_video"
+
+#: What :func:`load_pretrained` loads: the image model, the point / box tracker or the video model.
+ModelKind = Literal["image", "tracker", "video"]
+#: The ``model_type`` values (``config.json``) of the folders each kind loads from.
+MODEL_TYPES: dict[ModelKind, tuple[str, ...]] = {
+    "image": IMAGE_MODEL_TYPES, "tracker": TRACKER_MODEL_TYPES, "video": (VIDEO_MODEL_TYPE,),
+}
+
+ModelT = TypeVar("ModelT", bound="PreTrainedModel")
+ProcessorT = TypeVar("ProcessorT", bound="ProcessorMixin")
 
 
 @dataclass
@@ -49,8 +79,8 @@ class LoadedSam3:
     ``source`` is the local folder the weights came from; ``resolved`` says how it was chosen.
     """
 
-    model: Any  # transformers.Sam3Model
-    processor: Any  # transformers.Sam3Processor
+    model: Sam3Model
+    processor: Sam3Processor
     device: torch.device
     dtype: torch.dtype
     source: str
@@ -61,8 +91,20 @@ class LoadedSam3:
 class LoadedSam3Tracker:
     """A ready point/box-prompt model: ``Sam3TrackerModel`` and ``Sam3TrackerProcessor``."""
 
-    model: Any  # transformers.Sam3TrackerModel
-    processor: Any  # transformers.Sam3TrackerProcessor
+    model: Sam3TrackerModel
+    processor: Sam3TrackerProcessor
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    resolved: ResolvedModel | None = None
+
+
+@dataclass
+class LoadedSam3Video:
+    """A ready video model: ``Sam3VideoModel`` (eval mode, on ``device`` in ``dtype``) and its processor."""
+
+    model: Sam3VideoModel
+    processor: Sam3VideoProcessor
     device: torch.device
     dtype: torch.dtype
     source: str
@@ -132,13 +174,13 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; on success it becomes ``path`` in one rename.
 
     On error the temporary folder is removed and ``path`` is untouched. An existing non-empty ``path`` is
     refused unless ``overwrite`` (then it is replaced only after the new folder is complete).
     """
-    target = check_not_input(path)
+    target = check_not_input(os.fspath(path))
     if target.exists() and not target.is_dir():
         raise OutputError(f"{path}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
@@ -179,7 +221,8 @@ def read_model_config(folder: Path) -> dict[str, Any]:
         raise ModelError(f"{folder / 'config.json'}: cannot read the model configuration ({exc})") from exc
 
 
-def _raise_on_loading_problems(info: dict[str, Any], folder: Path, what: str) -> None:
+def _raise_on_loading_problems(info: Mapping[str, Collection[object]], folder: Path, what: str) -> None:
+    """Raise :class:`ModelError` if a loading report (``output_loading_info``) lists any problem."""
     problems = []
     for name, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
                         ("mismatched_keys", "mis-shaped")):
@@ -197,8 +240,21 @@ def _raise_on_loading_problems(info: dict[str, Any], folder: Path, what: str) ->
 # processors
 
 
-def build_processor(config: Any, *, video: bool = False):
-    """A processor for ``config`` (Sam3Config or Sam3VideoConfig), with the offline CLIP tokenizer.
+@overload
+def build_processor(config: PreTrainedConfig, *, video: Literal[False] = False) -> Sam3Processor: ...
+
+
+@overload
+def build_processor(config: PreTrainedConfig, *, video: Literal[True]) -> Sam3VideoProcessor: ...
+
+
+@overload
+def build_processor(config: PreTrainedConfig, *, video: bool) -> Sam3Processor | Sam3VideoProcessor: ...
+
+
+def build_processor(config: PreTrainedConfig, *, video: bool = False) -> Sam3Processor | Sam3VideoProcessor:
+    """A processor for ``config`` (Sam3Config, Sam3VideoConfig or Sam3TrackerConfig), with the offline CLIP
+    tokenizer.
 
     Images are resized to the model's square input size, rescaled to [0, 1] and normalised with mean = std
     = 0.5; masks come out at 4 x the ViT grid. ``video=True`` returns a ``Sam3VideoProcessor`` (which
@@ -224,7 +280,7 @@ def build_processor(config: Any, *, video: bool = False):
                               tokenizer=tokenizer)
 
 
-def _load_processor(cls: Any, folder: Path, config: Any) -> Any:
+def _load_processor(cls: type[ProcessorT], folder: Path, config: PreTrainedConfig) -> ProcessorT:
     """``cls.from_pretrained(folder)``; a folder without processor files gets one built from its config."""
     has_processor = any((folder / n).is_file() for n in ("processor_config.json", "preprocessor_config.json"))
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
@@ -243,80 +299,167 @@ def _load_processor(cls: Any, folder: Path, config: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# image model
+# loading: the steps every kind of model shares
 
 
-def load_sam3(model: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
-              dtype: str | torch.dtype = "auto") -> LoadedSam3:
-    """Resolve (see :mod:`medsam3.model.resolve`), load and place a ``Sam3Model`` and its processor.
+def _wrong_model_type(kind: ModelKind, folder: Path, found: object) -> str:
+    """Why a folder whose ``config.json`` says ``model_type`` ``found`` cannot give a model of ``kind``."""
+    if kind == "image":
+        return (f"{folder}: model_type {found!r} is not a SAM3 image or video model "
+                f"(expected one of {', '.join(IMAGE_MODEL_TYPES)})")
+    if kind == "tracker":
+        return (f"{folder}: holds a {found!r} model without tracker weights; point prompts need the tracker: "
+                "convert the full sam3.pt (detector and tracker keys) with `medsam3 convert`, or use "
+                "facebook/sam3")
+    return (f"{folder}: a {found!r} model has no tracker; tracking through a volume needs a SAM3 video model "
+            f"(config.json model_type {VIDEO_MODEL_TYPE!r}: facebook/sam3, or a full sam3.pt / Medical SAM3 "
+            "checkpoint converted with `medsam3 convert`)")
 
-    Works on folders of ``Sam3Model`` (``model_type`` ``sam3``) and of ``Sam3VideoModel`` (``sam3_video``,
-    e.g. ``facebook/sam3`` or a converted ``sam3.pt``); for the latter the detector part is loaded.
+
+def _from_pretrained(cls: type[ModelT], folder: Path, what: str, dtype: torch.dtype, *,
+                     ignore_mismatched_sizes: bool = False, config: PreTrainedConfig | None = None,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> ModelT:
+    """``cls.from_pretrained`` in ``dtype``, strictly: any weight problem raises :class:`ModelError`.
+
+    The weights come from ``folder``, or, when ``state_dict`` is given, from it and ``config`` (``folder``
+    then only names the source in messages). ``what`` names the model in the error of a failed load.
+    """
+    try:
+        loaded = cls.from_pretrained(None if state_dict is not None else str(folder), config=config,
+                                     state_dict=state_dict, dtype=dtype, output_loading_info=True,
+                                     ignore_mismatched_sizes=ignore_mismatched_sizes)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{folder}: cannot load {what} ({exc})") from exc
+    # With output_loading_info=True, from_pretrained returns (model, loading report).
+    net, info = cast("tuple[ModelT, dict[str, list[object]]]", loaded)
+    _raise_on_loading_problems(info, folder, cls.__name__)
+    return net
+
+
+def _ready(net: ModelT, processor_class: type[ProcessorT], folder: Path,
+           device: torch.device) -> tuple[ModelT, ProcessorT]:
+    """``net``'s processor (:func:`_load_processor`), then ``net`` in eval mode on ``device``."""
+    processor = _load_processor(processor_class, folder, net.config)
+    module: torch.nn.Module = net  # checked as a Module: transformers' ``to`` wrapper has no typed binding
+    module.to(device).eval()
+    return net, processor
+
+
+@overload
+def load_pretrained(source: str | os.PathLike | None, kind: Literal["image"], *,
+                    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> LoadedSam3: ...
+
+
+@overload
+def load_pretrained(source: str | os.PathLike | None, kind: Literal["tracker"], *,
+                    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+                    ) -> LoadedSam3Tracker: ...
+
+
+@overload
+def load_pretrained(source: str | os.PathLike | None, kind: Literal["video"], *,
+                    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+                    ) -> LoadedSam3Video: ...
+
+
+@overload
+def load_pretrained(source: str | os.PathLike | None, kind: ModelKind, *,
+                    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+                    ) -> LoadedSam3 | LoadedSam3Tracker | LoadedSam3Video: ...
+
+
+def load_pretrained(source: str | os.PathLike | None, kind: ModelKind, *,
+                    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+                    ) -> LoadedSam3 | LoadedSam3Tracker | LoadedSam3Video:
+    """Resolve (see :mod:`medsam3.model.resolve`), load and place a SAM3 model of ``kind`` and its processor.
+
+    Args:
+        source: a model folder or Hub id; ``None`` for the configured (or bundled) model.
+        kind: ``"image"``: a ``Sam3Model`` (:class:`LoadedSam3`) from a ``sam3`` folder, or the detector of
+            a ``sam3_video`` one; ``"tracker"``: a ``Sam3TrackerModel`` (:class:`LoadedSam3Tracker`) from the
+            tracker weights of a ``sam3_video``, ``sam3_tracker`` or ``sam3_tracker_video`` folder;
+            ``"video"``: a ``Sam3VideoModel`` (:class:`LoadedSam3Video`) from a ``sam3_video`` folder.
+        device, dtype: see :func:`pick_device` and :func:`pick_dtype`.
+
+    A folder without processor files gets SAM3's standard preprocessing and the offline CLIP tokenizer.
 
     Raises:
-        ModelError: no model found, not a SAM3 folder, or weights missing / unexpected / mis-shaped.
+        ModelError: no model found, a folder that holds no model of ``kind``, or weights missing /
+            unexpected / mis-shaped.
     """
-    from transformers import Sam3Model, Sam3Processor
-
-    resolved = resolve_model(model)
+    resolved = resolve_model(source)
     folder = model_directory(resolved)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     raw = read_model_config(folder)
-    if raw.get("model_type") not in IMAGE_MODEL_TYPES:
-        raise ModelError(f"{folder}: model_type {raw.get('model_type')!r} is not a SAM3 image or video model "
-                         f"(expected one of {', '.join(IMAGE_MODEL_TYPES)})")
-    try:
-        net, info = Sam3Model.from_pretrained(str(folder), dtype=torch_dtype, output_loading_info=True,
-                                              ignore_mismatched_sizes=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{folder}: cannot load the SAM3 model ({exc})") from exc
-    _raise_on_loading_problems(info, folder, "Sam3Model")
-    processor = _load_processor(Sam3Processor, folder, net.config)
-    net = net.to(dev).eval()
-    return LoadedSam3(net, processor, dev, torch_dtype, str(folder), resolved)
+    found = raw.get("model_type")
+    if found not in MODEL_TYPES[kind]:
+        raise ModelError(_wrong_model_type(kind, folder, found))
+    if kind == "image":
+        from transformers import Sam3Processor
 
+        image = _ready(_load_image_model(folder, torch_dtype), Sam3Processor, folder, dev)
+        return LoadedSam3(*image, dev, torch_dtype, str(folder), resolved)
+    if kind == "tracker":
+        from transformers import Sam3TrackerProcessor
 
-def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Save a state dict as safetensors; tensors sharing storage are copied (safetensors refuses them)."""
-    from safetensors.torch import save_file
+        tracker = _ready(_load_tracker_model(folder, raw, torch_dtype), Sam3TrackerProcessor, folder, dev)
+        return LoadedSam3Tracker(*tracker, dev, torch_dtype, str(folder), resolved)
+    from transformers import Sam3VideoProcessor
 
-    seen: set[tuple[int, int]] = set()
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        t = tensor.detach()
-        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if ident in seen or not t.is_contiguous():
-            t = t.contiguous().clone()
-        seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
-        out[key] = t
-    save_file(out, str(path), metadata={"format": "pt"})
-
-
-def save_sam3(model: Any, processor: Any, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``model`` (Sam3Model or Sam3VideoModel) and ``processor`` to ``out_dir`` atomically.
-
-    The folder gets ``config.json``, ``model.safetensors``, the tokenizer files and the processor
-    configuration; it loads back with ``from_pretrained``. Returns the folder path.
-
-    A ``Sam3VideoModel`` is written with its own state-dict keys (``detector_model.*``, ``tracker_model.*``,
-    ``tracker_neck.*``, the layout of ``facebook/sam3``), which ``Sam3Model``, ``Sam3TrackerModel``,
-    ``Sam3TrackerVideoModel`` and ``Sam3VideoModel`` all load; transformers' own ``save_pretrained``
-    would prefix the tracker keys twice.
-    """
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        if type(model).__name__ == "Sam3VideoModel":
-            model.config.architectures = [type(model).__name__]
-            model.config.save_pretrained(str(tmp))
-            write_safetensors(model.state_dict(), tmp / "model.safetensors")
-        else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        processor.save_pretrained(str(tmp))
-    return Path(out_dir)
+    video = _ready(_load_video_model(folder, torch_dtype), Sam3VideoProcessor, folder, dev)
+    return LoadedSam3Video(*video, dev, torch_dtype, str(folder), resolved)
 
 
 # --------------------------------------------------------------------------------------------------
-# tracker (point prompts)
+# loading: what differs between the kinds
+
+
+def _load_image_model(folder: Path, dtype: torch.dtype) -> Sam3Model:
+    """``Sam3Model`` of a ``sam3`` folder, or the detector part of a ``sam3_video`` folder."""
+    from transformers import Sam3Model
+
+    return _from_pretrained(Sam3Model, folder, "the SAM3 model", dtype, ignore_mismatched_sizes=True)
+
+
+def _load_video_model(folder: Path, dtype: torch.dtype) -> Sam3VideoModel:
+    """``Sam3VideoModel`` of a ``sam3_video`` folder."""
+    from transformers import Sam3VideoModel
+
+    return _from_pretrained(Sam3VideoModel, folder, "the SAM3 video model", dtype)
+
+
+def _load_tracker_model(folder: Path, raw: dict[str, Any], dtype: torch.dtype) -> Sam3TrackerModel:
+    """``Sam3TrackerModel`` from the tracker weights of a video or tracker folder (``raw``: its config.json).
+
+    The weights are picked out of the folder's state dict (:func:`_tracker_state_dict`); every weight the
+    tracker needs must be there, in the right shape.
+    """
+    from transformers import Sam3TrackerModel
+
+    config = _tracker_config(raw)
+    with torch.device("meta"):
+        wanted = {k: v.shape for k, v in Sam3TrackerModel(config).state_dict().items()}
+    state = _tracker_state_dict(folder, wanted)
+    missing = sorted(set(wanted) - set(state))
+    mis_shaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(wanted[k])}" for k in state
+                        if state[k].shape != wanted[k])
+    _raise_on_loading_problems({"missing_keys": missing, "mismatched_keys": mis_shaped}, folder,
+                               "Sam3TrackerModel")
+    return _from_pretrained(Sam3TrackerModel, folder, "the SAM3 tracker", dtype, config=config,
+                            state_dict=state)
+
+
+def _tracker_config(raw: dict[str, Any]) -> Sam3TrackerConfig:
+    """The ``Sam3TrackerConfig`` of a folder's ``config.json`` (a video model's ``tracker_config``), with the
+    FPN levels of :func:`tracker_vision_levels`."""
+    from transformers import Sam3TrackerConfig
+
+    sub: Any = raw.get("tracker_config") if raw.get("model_type") == "sam3_video" else raw  # a JSON object
+    parts = {k: sub[k] for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config") if k in sub}
+    if isinstance(parts.get("vision_config"), dict):
+        parts["vision_config"] = tracker_vision_levels(parts["vision_config"])
+    return Sam3TrackerConfig(**parts)
 
 
 def _tracker_state_dict(folder: Path, wanted: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
@@ -348,7 +491,7 @@ def _tracker_state_dict(folder: Path, wanted: dict[str, torch.Size]) -> dict[str
     return state
 
 
-def tracker_vision_levels(vision: dict) -> dict:
+def tracker_vision_levels(vision: dict[str, Any]) -> dict[str, Any]:
     """The tracker's vision configuration with only the FPN levels Meta's tracker reads.
 
     A ``Sam3VideoConfig`` gives its tracker the detector's four FPN scale factors ``[4, 2, 1, 0.5]`` and
@@ -367,49 +510,76 @@ def tracker_vision_levels(vision: dict) -> dict:
     return vision
 
 
+# --------------------------------------------------------------------------------------------------
+# the kinds by name
+
+
+def load_sam3(model: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
+              dtype: str | torch.dtype = "auto") -> LoadedSam3:
+    """Resolve (see :mod:`medsam3.model.resolve`), load and place a ``Sam3Model`` and its processor.
+
+    Works on folders of ``Sam3Model`` (``model_type`` ``sam3``) and of ``Sam3VideoModel`` (``sam3_video``,
+    e.g. ``facebook/sam3`` or a converted ``sam3.pt``); for the latter the detector part is loaded.
+    Same as :func:`load_pretrained` with ``kind="image"``.
+
+    Raises:
+        ModelError: no model found, not a SAM3 folder, or weights missing / unexpected / mis-shaped.
+    """
+    return load_pretrained(model, "image", device=device, dtype=dtype)
+
+
 def load_sam3_tracker(model: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
                       dtype: str | torch.dtype = "auto") -> LoadedSam3Tracker:
     """Load ``Sam3TrackerModel`` (SAM2-style point / box prompts) and ``Sam3TrackerProcessor``.
 
     The folder must hold the tracker weights: a ``Sam3VideoModel`` folder (``facebook/sam3``, a converted
     ``sam3.pt`` / Medical SAM3 checkpoint with its ``tracker.*`` keys) or a ``Sam3TrackerModel`` folder.
+    Same as :func:`load_pretrained` with ``kind="tracker"``.
 
     Raises:
         ModelError: the folder holds only the image model, or tracker weights are missing / mis-shaped.
     """
-    from transformers import Sam3TrackerConfig, Sam3TrackerModel, Sam3TrackerProcessor
+    return load_pretrained(model, "tracker", device=device, dtype=dtype)
 
-    resolved = resolve_model(model)
-    folder = model_directory(resolved)
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
-    raw = read_model_config(folder)
-    kind = raw.get("model_type")
-    if kind not in TRACKER_MODEL_TYPES:
-        raise ModelError(
-            f"{folder}: holds a {kind!r} model without tracker weights; point prompts need the tracker: "
-            "convert the full sam3.pt (detector and tracker keys) with `medsam3 convert`, or use "
-            "facebook/sam3"
-        )
-    sub = raw.get("tracker_config") if kind == "sam3_video" else raw
-    parts = {k: sub[k] for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config") if k in sub}
-    if isinstance(parts.get("vision_config"), dict):
-        parts["vision_config"] = tracker_vision_levels(parts["vision_config"])
-    config = Sam3TrackerConfig(**parts)
-    with torch.device("meta"):
-        wanted = {k: v.shape for k, v in Sam3TrackerModel(config).state_dict().items()}
-    state = _tracker_state_dict(folder, wanted)
-    missing = sorted(set(wanted) - set(state))
-    mis_shaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(wanted[k])}" for k in state
-                        if state[k].shape != wanted[k])
-    _raise_on_loading_problems({"missing_keys": missing, "mismatched_keys": mis_shaped}, folder,
-                               "Sam3TrackerModel")
-    try:
-        net, info = Sam3TrackerModel.from_pretrained(None, config=config, state_dict=state, dtype=torch_dtype,
-                                                     output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{folder}: cannot load the SAM3 tracker ({exc})") from exc
-    _raise_on_loading_problems(info, folder, "Sam3TrackerModel")
-    net = net.to(dev).eval()
-    processor = _load_processor(Sam3TrackerProcessor, folder, config)
-    return LoadedSam3Tracker(net, processor, dev, torch_dtype, str(folder), resolved)
+
+# --------------------------------------------------------------------------------------------------
+# saving
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save a state dict as safetensors; tensors sharing storage are copied (safetensors refuses them)."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        t = tensor.detach()
+        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if ident in seen or not t.is_contiguous():
+            t = t.contiguous().clone()
+        seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        out[key] = t
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+def save_sam3(model: Any, processor: ProcessorMixin, out_dir: str | os.PathLike[str], *,
+              overwrite: bool = False) -> Path:
+    """Write ``model`` (Sam3Model or Sam3VideoModel) and ``processor`` to ``out_dir`` atomically.
+
+    The folder gets ``config.json``, ``model.safetensors``, the tokenizer files and the processor
+    configuration; it loads back with ``from_pretrained``. Returns the folder path.
+
+    A ``Sam3VideoModel`` is written with its own state-dict keys (``detector_model.*``, ``tracker_model.*``,
+    ``tracker_neck.*``, the layout of ``facebook/sam3``), which ``Sam3Model``, ``Sam3TrackerModel``,
+    ``Sam3TrackerVideoModel`` and ``Sam3VideoModel`` all load; transformers' own ``save_pretrained``
+    would prefix the tracker keys twice.
+    """
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        if type(model).__name__ == "Sam3VideoModel":
+            model.config.architectures = [type(model).__name__]
+            model.config.save_pretrained(str(tmp))
+            write_safetensors(model.state_dict(), tmp / "model.safetensors")
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+    return Path(out_dir)

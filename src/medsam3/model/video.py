@@ -30,25 +30,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from medsam3.errors import ModelError
-from medsam3.model.loading import (
-    _load_processor,
-    _raise_on_loading_problems,
-    pick_device,
-    pick_dtype,
-    read_model_config,
-)
-from medsam3.model.resolve import ResolvedModel, model_directory, resolve_model
+from medsam3.model.loading import VIDEO_MODEL_TYPE as VIDEO_MODEL_TYPE  # re-exported: defined with the loader
+from medsam3.model.loading import LoadedSam3Video, load_pretrained
 from medsam3.preprocess.resize import resize_rgb
 
-#: ``model_type`` of a video model folder's ``config.json``.
-VIDEO_MODEL_TYPE = "sam3_video"
 #: Keys of a tracker output entry that hold masks; only the current frame's are ever read.
 _MASK_KEYS = ("pred_masks", "high_res_masks")
 #: Keys holding a frame's memory features (read by the memory attention of later frames).
@@ -56,19 +46,7 @@ _MEMORY_KEYS = ("maskmem_features", "maskmem_pos_enc")
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading (the conventions of :mod:`medsam3.model.loading`)
-
-
-@dataclass
-class LoadedSam3Video:
-    """A ready video model: ``Sam3VideoModel`` (eval mode, on ``device`` in ``dtype``) and its processor."""
-
-    model: Any  # transformers.Sam3VideoModel
-    processor: Any  # transformers.Sam3VideoProcessor
-    device: torch.device
-    dtype: torch.dtype
-    source: str
-    resolved: ResolvedModel | None = None
+# Loading (:func:`medsam3.model.loading.load_pretrained`, kind ``"video"``)
 
 
 def video_input_size(model) -> int:
@@ -84,32 +62,13 @@ def load_sam3_video(model: str | os.PathLike | None = None, *, device: str | tor
     ``sam3.pt`` / Medical SAM3 3D checkpoint, or a folder written by
     :func:`~medsam3.model.loading.save_sam3`); an image-only SAM3 has no tracker and cannot track.
     Loading is strict, and a folder without processor files gets SAM3's standard preprocessing and the
-    offline CLIP tokenizer, as in :func:`~medsam3.model.loading.load_sam3`.
+    offline CLIP tokenizer, as in :func:`~medsam3.model.loading.load_sam3`. Same as
+    :func:`~medsam3.model.loading.load_pretrained` with ``kind="video"``.
 
     Raises:
         ModelError: no model found, not a video model, or weights missing / unexpected / mis-shaped.
     """
-    from transformers import Sam3VideoModel, Sam3VideoProcessor
-
-    resolved = resolve_model(model)
-    folder = model_directory(resolved)
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
-    kind = read_model_config(folder).get("model_type")
-    if kind != VIDEO_MODEL_TYPE:
-        raise ModelError(
-            f"{folder}: a {kind!r} model has no tracker; tracking through a volume needs a SAM3 video model "
-            f"(config.json model_type {VIDEO_MODEL_TYPE!r}: facebook/sam3, or a full sam3.pt / Medical SAM3 "
-            "checkpoint converted with `medsam3 convert`)"
-        )
-    try:
-        net, info = Sam3VideoModel.from_pretrained(str(folder), dtype=torch_dtype, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{folder}: cannot load the SAM3 video model ({exc})") from exc
-    _raise_on_loading_problems(info, folder, "Sam3VideoModel")
-    processor = _load_processor(Sam3VideoProcessor, folder, net.config)
-    net = net.to(dev).eval()
-    return LoadedSam3Video(net, processor, dev, torch_dtype, str(folder), resolved)
+    return load_pretrained(model, "video", device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------------
