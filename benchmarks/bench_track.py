@@ -5,7 +5,7 @@ Variants, each run in its own fresh subprocess so that its peak resident memory 
 * ``transformers``: ``Sam3VideoProcessor.init_video_session(video=...)`` (all slices preprocessed up front
   and kept as float tensors), ``add_text_prompt``, ``propagate_in_video_iterator`` forward from the start
   slice then reverse, ``postprocess_outputs`` per slice; nothing is freed during the run.
-* ``track``: :func:`medsam3.predict.track.track_volume` with the same start slice (slices streamed to the
+* ``track``: :func:`medsam3.predict.volume.track.track_volume` with the same start slice (slices streamed to the
   session, per-slice state pruned to the tracker's reach; same masks, checked by the tests).
 * ``track-w4``: the same with ``max_frames_in_memory=4`` (a shorter memory than the tracker reads).
 
@@ -74,7 +74,7 @@ def run_variant(variant: str, length: int, queries: int, prompts: int, size: int
     import torch
 
     from medsam3.model.video import session_tensor_bytes
-    from medsam3.predict.track import track_volume, track_volume_prompts
+    from medsam3.predict.volume.track import track_volume, track_volume_prompts
 
     torch.set_num_threads(2)
     model, processor = build(queries, size)

@@ -140,12 +140,11 @@ def worker(variant: str, n: int, model_dir: str, volume_path: str) -> dict:
     from medsam3.model.loading import load_sam3
     from medsam3.predict.prompts import Prompt
     from medsam3.predict.segmenter import Segmenter
-    from medsam3.predict.volume import VolumeOptions
 
     loaded = load_sam3(model_dir, device="cpu", dtype="fp32")
     image = read_image(volume_path)
     rss_loaded = maxrss_mib()
-    seg = Segmenter(loaded, volume=VolumeOptions(slice_batch=SLICE_BATCH))
+    seg = Segmenter(loaded, slice_batch=SLICE_BATCH)
     crop = image.with_array(np.ascontiguousarray(image.array[:2]))
 
     def run(img, prompts):

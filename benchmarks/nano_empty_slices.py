@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true", help="test-time mirroring")
     args = parser.parse_args()
     seg = Segmenter(load_sam3(args.model, device="cpu", dtype="fp32"), presence_threshold=0.5,
-                    mirror=args.tta)
+                    tta=args.tta)
     cases = json.loads(Path(args.split).read_text())["datasets"]["MSD-Hippocampus"]["test"]
     parts = {"empty": 0, "hit": 0, "other_part": 0, "near": 0}
     whole = {"empty": 0, "hit": 0, "near": 0}

@@ -47,7 +47,7 @@ def cases(data: Path) -> list[tuple[str, object, list[str]]]:
 def time_model(model: str | None, work: list, runs: int, mirror: bool = False
                ) -> tuple[float, int, list[tuple[float, float]]]:
     t = time.perf_counter()
-    seg = Segmenter(load_sam3(model, device="cpu", dtype="fp32"), mirror=mirror)
+    seg = Segmenter(load_sam3(model, device="cpu", dtype="fp32"), tta=mirror)
     load = time.perf_counter() - t
     rows = []
     for _, image, prompts in work:
@@ -58,7 +58,7 @@ def time_model(model: str | None, work: list, runs: int, mirror: bool = False
             seg.segment(image, [Prompt(text=p) for p in prompts])
             times.append(time.perf_counter() - t)
         rows.append((float(np.median(times)), float(min(times))))
-    return load, seg.image_size, rows
+    return load, seg.engine.image_size, rows
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from medsam3.evaluate.run_model import (
     absent_concepts,
     absent_pools,
     box_of,
+    evaluation_options,
     interior_point,
     load_record,
     reference_prompt,
@@ -272,7 +273,7 @@ def test_region_concepts_are_scored_on_their_own_masks(data_dir, model_dirs, tmp
                     {1: names[0], 2: names[2]}, modality="MR", dims=3, split="val", group="MR",
                     shape=list(arr.shape), regions={"hippocampus": [1, 2]},
                     foreground={c: [[0, 4]] for c in names})
-    options = RunOptions(prompt_mode="text", device="cpu", volume_mode="volume", threshold=0.0)
+    options = RunOptions(prompt_mode="text", device="cpu", volume_mode="volume", inference=evaluation_options(threshold=0.0))
     result = run_models([record], [ModelSpec("tiny", str(model_dirs[0]))], options, None)
     rows = {r.concept: r for r in result.rows}
     assert sorted(rows) == sorted(names)
@@ -302,7 +303,8 @@ def test_the_absent_test_on_a_volume_takes_the_scored_path(data_dir, model_dirs,
     image = read_image(tmp_path / "img.nii.gz", modality="MR")
     got = {}
     for mode in ("volume", "slices"):
-        options = RunOptions(prompt_mode="text", device="cpu", volume_mode=mode, threshold=0.0, absent=1)
+        options = RunOptions(prompt_mode="text", device="cpu", volume_mode=mode, absent=1,
+                             inference=evaluation_options(threshold=0.0))
         (row,) = run_models([record], [spec], options, None, all_records=[record, other]).absent
         got[mode] = row
         seg = build_segmenter(spec, options)
@@ -325,12 +327,14 @@ def _slice(volume, z: int):
 
 
 def test_models_can_be_evaluated_at_another_input_size(model_dirs):
-    from medsam3.errors import InputError
+    from medsam3.errors import OptionError
     from medsam3.evaluate.run_model import build_segmenter
 
     spec = ModelSpec("tiny", str(model_dirs[0]))
-    assert build_segmenter(spec, RunOptions(device="cpu")).image_size == 224
-    seg = build_segmenter(spec, RunOptions(device="cpu", image_size=168))
-    assert seg.image_size == 168 and seg.resized
-    with pytest.raises(InputError, match="--image-size 0 must be positive"):
-        RunOptions(image_size=0).check()
+    plain = build_segmenter(spec, RunOptions(device="cpu"))
+    assert plain.engine.at_size(plain.options.image_size).image_size == 224
+    seg = build_segmenter(spec, RunOptions(device="cpu", inference=evaluation_options(image_size=168)))
+    assert seg.engine.at_size(seg.options.image_size).image_size == 168
+    assert seg.engine.image_size == 224  # the loaded model itself is not changed
+    with pytest.raises(OptionError, match="image_size must be at least 1, got 0"):
+        evaluation_options(image_size=0)

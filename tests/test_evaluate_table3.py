@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,6 @@ from PIL import Image as PILImage
 from data_fixtures import hc18_folder
 from medsam3.cli import main
 from medsam3.evaluate.table3 import PAPER_TABLE3, evaluation_records, find_dataset_folders
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _polyp_folder(data_dir: Path, dest: Path, images: str, masks: str, names: list[str]) -> None:
@@ -109,14 +105,14 @@ def test_table3_end_to_end(data_root, models, tmp_path, capsys):
                                                                                   "FetoPlac"}
 
 
-def test_script_reports_errors(tmp_path):
-    script = REPO / "scripts" / "reproduce_table3.py"
-    done = subprocess.run([sys.executable, str(script), "--data-root", str(tmp_path / "none"), "--vanilla",
-                           "a", "--medical", "b", "-o", str(tmp_path / "o")], capture_output=True, text=True)
-    assert done.returncode == 2 and "data root folder not found" in done.stderr
+def test_cli_reports_errors(tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["evaluate", "--table3", "--data-root", str(tmp_path / "none"), "--vanilla", "a", "--medical",
+                 "b", "-o", str(out)])
+    assert code == 2 and "data root folder not found" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    done = subprocess.run([sys.executable, str(script), "--data-root", str(empty), "--vanilla", "a",
-                           "--medical", "b", "-o", str(tmp_path / "o")], capture_output=True, text=True)
-    assert done.returncode == 2 and "no Table 3 dataset could be prepared" in done.stderr
-    assert not (tmp_path / "o").exists()
+    code = main(["evaluate", "--table3", "--data-root", str(empty), "--vanilla", "a", "--medical", "b",
+                 "-o", str(out)])
+    assert code == 2 and "no Table 3 dataset could be prepared" in capsys.readouterr().err
+    assert not out.exists()

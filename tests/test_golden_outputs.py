@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from golden_cases import CASES, GOLDEN, run_case
 
 

@@ -120,7 +120,7 @@ def test_fetal_head_sample_with_test_time_mirroring(segmenter):
     image = read_image(SAMPLES / "hc18_400_HC.png")
     reference = read_image(SAMPLES / "hc18_400_HC_mask.png").array
     reference = (reference[..., 0] if reference.ndim == 3 else reference) > 127
-    mirrored = Segmenter(segmenter.loaded, mirror=True)
+    mirrored = Segmenter(segmenter.engine, tta=True)
     result = mirrored.segment(image, [Prompt(text="fetal head"), Prompt(text="polyp")])
     head, polyp = result.labels
     assert result.settings["image_encoder_runs"] == 4

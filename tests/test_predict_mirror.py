@@ -1,4 +1,4 @@
-"""Test-time mirroring (medsam3.predict.mirror): hand-computed merges, the segmenter with controlled model
+"""Test-time mirroring (medsam3.predict.tta): hand-computed merges, the segmenter with controlled model
 outputs, the tiny random SAM3 (mirror equivariance, positional concepts, volumes, refusals) and the CLIs.
 The bundled model with mirroring on the real samples: tests/test_nano_model.py.
 """
@@ -13,10 +13,13 @@ import pytest
 import torch
 from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
 
-from medsam3.errors import InputError, PromptError
+from medsam3.errors import OptionError
 from medsam3.image import Image
-from medsam3.predict import segmenter as segmenter_module
-from medsam3.predict.mirror import (
+from medsam3.predict import engine as engine_module
+from medsam3.predict.options import VolumeOptions
+from medsam3.predict.prompts import Prompt
+from medsam3.predict.segmenter import Segmenter
+from medsam3.predict.tta import (
     MIRRORS,
     merge_mirrored,
     mirror_boxes,
@@ -24,9 +27,6 @@ from medsam3.predict.mirror import (
     mirroring_settings,
     mirrors_for,
 )
-from medsam3.predict.prompts import Prompt
-from medsam3.predict.segmenter import Segmenter
-from medsam3.predict.volume import VolumeOptions
 
 
 def logit(p: float) -> float:
@@ -148,10 +148,10 @@ def test_segmenter_merges_the_four_passes_by_hand(loaded, monkeypatch):
             pred_logits=torch.full((n, 1), [2.0, 1.0, 0.0, -1.0][f]),
             presence_logits=torch.full((n, 1), 3.0), pred_masks=torch.tensor(masks, dtype=torch.float32))
 
-    monkeypatch.setattr(segmenter_module, "predict_prompts", fake)
+    monkeypatch.setattr(engine_module, "predict_prompts", fake)
     image = rgb_image(8, 8)
     prompts = [Prompt("polyp", boxes=[(0.0, 0.0, 2.0, 4.0)]), Prompt("left polyp")]
-    result = Segmenter(loaded, threshold=0.0, mirror=True).segment(image, prompts)
+    result = Segmenter(loaded, threshold=0.0, tta=True).segment(image, prompts)
     assert len(calls) == 4
     # the box (normalised cxcywh (0.125, 0.25, 0.25, 0.5)) is mirrored with the image in each pass
     centres = [tuple(round(v, 6) for v in c[0, 0, :2].tolist()) for c in calls]
@@ -171,7 +171,7 @@ def test_segmenter_merges_the_four_passes_by_hand(loaded, monkeypatch):
             pred_logits=torch.tensor([[logit(mean_score)], [2.0]]), presence_logits=torch.full((2, 1), 3.0),
             pred_masks=torch.tensor(expected, dtype=torch.float32))
 
-    monkeypatch.setattr(segmenter_module, "predict_prompts", plain)
+    monkeypatch.setattr(engine_module, "predict_prompts", plain)
     reference = Segmenter(loaded, threshold=0.0).segment(image, prompts)
     np.testing.assert_array_equal(result.label_map, reference.label_map)
     assert (result.label_map == 1).any() and (result.label_map == 2).any()
@@ -188,7 +188,7 @@ def test_segmenter_merges_the_four_passes_by_hand(loaded, monkeypatch):
 def test_tiny_model_mirroring_is_mirror_equivariant(loaded):
     """Mirroring averages over a group of mirrors: segmenting the x-mirrored image gives the mirrored
     result (the same passes in another order). Without mirroring the tiny model is not equivariant."""
-    seg = Segmenter(loaded, threshold=0.0, presence_threshold=0.0, mirror=True)
+    seg = Segmenter(loaded, threshold=0.0, presence_threshold=0.0, tta=True)
     image = rgb_image(40, 60)
     flipped = Image.from_array(image.array[:, ::-1].copy(), spacing=(1.0, 1.0), modality="RGB", color=True,
                                path="flipped.png")
@@ -207,7 +207,7 @@ def test_tiny_model_mirroring_is_mirror_equivariant(loaded):
 def test_tiny_model_positional_concepts_are_not_mirrored(loaded):
     image = rgb_image(40, 60, seed=3)
     prompts = [Prompt("left kidney"), Prompt("anterior hippocampus")]
-    mirrored = Segmenter(loaded, threshold=0.0, presence_threshold=0.0, mirror=True).segment(image, prompts)
+    mirrored = Segmenter(loaded, threshold=0.0, presence_threshold=0.0, tta=True).segment(image, prompts)
     plain = Segmenter(loaded, threshold=0.0, presence_threshold=0.0).segment(image, prompts)
     assert mirrored.settings["image_encoder_runs"] == 1  # no prompt to mirror: one pass
     np.testing.assert_array_equal(mirrored.label_map, plain.label_map)
@@ -225,7 +225,7 @@ def test_tiny_model_volume_mirroring(loaded):
     vol_x = Image.from_array(arr[:, :, ::-1].copy(), spacing=(2.0, 1.0, 1.0), modality="MR",
                              path="synthetic_x.nii.gz")
     options = VolumeOptions(fill_holes=False)
-    seg = Segmenter(loaded, threshold=0.0, presence_threshold=0.0, mirror=True, volume=options)
+    seg = Segmenter(loaded, threshold=0.0, presence_threshold=0.0, tta=True, options=options)
     a = seg.segment(vol, [Prompt("hippocampus")])
     b = seg.segment(vol_x, [Prompt("hippocampus")])
     assert a.settings["image_encoder_runs"] == 12 and a.settings["test_time_mirroring"] == ["none", "x", "y",
@@ -234,28 +234,28 @@ def test_tiny_model_volume_mirroring(loaded):
     assert (a.label_map[:, :, ::-1] != b.label_map).sum() <= 3
     both = [Prompt("hippocampus"), Prompt("posterior hippocampus")]
     m = seg.segment(vol, both)
-    p = Segmenter(loaded, threshold=0.0, presence_threshold=0.0, volume=options).segment(vol, both)
+    p = Segmenter(loaded, threshold=0.0, presence_threshold=0.0, options=options).segment(vol, both)
     assert m.settings["image_encoder_runs"] == 12
     assert m.labels[1].score == pytest.approx(p.labels[1].score, rel=1e-5)
     only = [Prompt("posterior hippocampus")]
     np.testing.assert_array_equal(seg.segment(vol, only).label_map,
                                   Segmenter(loaded, threshold=0.0, presence_threshold=0.0,
-                                            volume=options).segment(vol, only).label_map)
+                                            options=options).segment(vol, only).label_map)
 
 
 def test_mirroring_refusals(loaded):
-    with pytest.raises(PromptError, match="instance mode"):
-        Segmenter(loaded, mirror=True, instances=True)
-    seg = Segmenter(loaded, mirror=True)
+    with pytest.raises(OptionError, match="cannot be combined with instances"):
+        Segmenter(loaded, tta=True, instances=True)
+    seg = Segmenter(loaded, tta=True)
     image = rgb_image()
-    with pytest.raises(PromptError, match="instance mode"):
+    with pytest.raises(OptionError, match="cannot be combined with instances"):
         seg.segment(image, [Prompt("polyp")], instances=True)
-    with pytest.raises(PromptError, match="point prompts"):
+    with pytest.raises(OptionError, match="cannot be combined with point prompts"):
         seg.segment(image, [Prompt("polyp", points=[(3.0, 4.0)], point_labels=[1])])
     vol = Image.from_array(np.zeros((2, 8, 8), np.float32), spacing=(1.0, 1.0, 1.0), modality="MR",
                            path="v.nii.gz")
-    with pytest.raises(PromptError, match="track mode"):
-        seg.segment(vol, [Prompt("polyp")], volume=VolumeOptions(mode="track"))
+    with pytest.raises(OptionError, match="cannot be combined with mode track"):
+        seg.segment(vol, [Prompt("polyp")], mode="track")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -293,10 +293,10 @@ def test_segment_cli_tta(tiny_folder, tmp_path):
 
 
 def test_evaluate_refuses_tta_with_instances_or_points():
-    from medsam3.evaluate.run_model import RunOptions
+    from medsam3.evaluate.run_model import RunOptions, evaluation_options
 
-    RunOptions(mirror=True).check()
-    with pytest.raises(InputError, match="--instances"):
-        RunOptions(mirror=True, instances=True).check()
-    with pytest.raises(InputError, match="--prompt-mode point"):
-        RunOptions(mirror=True, prompt_mode="point").check()
+    RunOptions(inference=evaluation_options(tta=True)).check()
+    with pytest.raises(OptionError, match="cannot be combined with instances"):
+        RunOptions(inference=evaluation_options(tta=True, instances=True)).check()
+    with pytest.raises(OptionError, match="cannot be combined with point prompts"):
+        RunOptions(inference=evaluation_options(tta=True), prompt_mode="point").check()

@@ -16,7 +16,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
 
 from medsam3.errors import InputError, PromptError
 from medsam3.image import Image
-from medsam3.predict import segmenter as segmenter_module
+from medsam3.predict import engine as engine_module
 from medsam3.predict.prompts import Prompt, parse_box, parse_point, prompts_from_cli, validate_prompt
 from medsam3.predict.segmenter import Segmenter
 
@@ -107,7 +107,7 @@ def sig(x):
 
 def test_pixelwise_resolution_by_hand(loaded, monkeypatch):
     logits, presence, masks = quadrant_case()
-    monkeypatch.setattr(segmenter_module, "predict_prompts", fake_outputs(logits, presence, masks))
+    monkeypatch.setattr(engine_module, "predict_prompts", fake_outputs(logits, presence, masks))
     image = rgb_image()  # 40 x 60: mask grid rows 0-31 -> image rows 0-19, cols 0-31 -> image cols 0-29
     result = Segmenter(loaded).segment(image, [Prompt("a"), Prompt("b"), Prompt("c")])
 
@@ -135,7 +135,7 @@ def test_presence_gates_even_a_confident_query(loaded, monkeypatch):
     logits, presence, masks = quadrant_case()
     logits[0, 2] = 10.0
     presence[0] = -1.0  # presence 0.269 < 0.5; the query score 0.269 would pass the 0.1 threshold
-    monkeypatch.setattr(segmenter_module, "predict_prompts", fake_outputs(logits, presence, masks))
+    monkeypatch.setattr(engine_module, "predict_prompts", fake_outputs(logits, presence, masks))
     result = Segmenter(loaded).segment(rgb_image(), [Prompt("a"), Prompt("b")])
     a, b = result.labels
     assert a.absent and a.reason == "presence" and a.area_px == 0
@@ -143,10 +143,10 @@ def test_presence_gates_even_a_confident_query(loaded, monkeypatch):
     assert (result.label_map == 2).all()
 
     # A lower presence threshold lets it through; a high score threshold then removes both.
-    monkeypatch.setattr(segmenter_module, "predict_prompts", fake_outputs(logits, presence, masks))
+    monkeypatch.setattr(engine_module, "predict_prompts", fake_outputs(logits, presence, masks))
     result = Segmenter(loaded, presence_threshold=0.2).segment(rgb_image(), [Prompt("a"), Prompt("b")])
     assert not result.labels[0].absent
-    monkeypatch.setattr(segmenter_module, "predict_prompts", fake_outputs(logits, presence, masks))
+    monkeypatch.setattr(engine_module, "predict_prompts", fake_outputs(logits, presence, masks))
     result = Segmenter(loaded, presence_threshold=0.2, threshold=0.5).segment(rgb_image(), [Prompt("a"),
                                                                                            Prompt("b")])
     assert [e.reason for e in result.labels] == ["score", "score"]
@@ -158,7 +158,7 @@ def test_instances_mode_keeps_every_query_above_threshold(loaded, monkeypatch):
     logits[0, 6] = 1.0  # a second instance for "a": score sig(1) sig(3) = 0.696
     masks[0, 6] = -4.0
     masks[0, 6, 32:, :] = 6.0  # bottom half, where "b" (0.476 sig(8)) competes and loses
-    monkeypatch.setattr(segmenter_module, "predict_prompts", fake_outputs(logits, presence, masks))
+    monkeypatch.setattr(engine_module, "predict_prompts", fake_outputs(logits, presence, masks))
     result = Segmenter(loaded, instances=True).segment(rgb_image(), [Prompt("a"), Prompt("b"), Prompt("c")])
     names = [(e.value, e.name, e.instance, e.absent) for e in result.labels]
     assert names == [(1, "a #1", 1, False), (2, "a #2", 2, False), (3, "b #1", 1, False),
@@ -169,7 +169,7 @@ def test_instances_mode_keeps_every_query_above_threshold(loaded, monkeypatch):
     np.testing.assert_array_equal(result.label_map, expected)
     assert result.labels[1].score == pytest.approx(sig(1) * sig(3), rel=1e-5)
     # The same outputs in semantic mode keep only the best query of "a".
-    monkeypatch.setattr(segmenter_module, "predict_prompts", fake_outputs(logits, presence, masks))
+    monkeypatch.setattr(engine_module, "predict_prompts", fake_outputs(logits, presence, masks))
     semantic = Segmenter(loaded).segment(rgb_image(), [Prompt("a"), Prompt("b"), Prompt("c")])
     assert semantic.labels[0].area_px == 600 and semantic.labels[1].area_px == 1800
 
@@ -179,14 +179,14 @@ def test_text_with_points_selects_the_detection_under_the_point(loaded, monkeypa
     logits[0, 6] = 1.0  # second candidate of "a", bottom half
     masks[0, 6] = -4.0
     masks[0, 6, 32:, :] = 6.0
-    monkeypatch.setattr(segmenter_module, "predict_prompts", fake_outputs(logits, presence, masks))
+    monkeypatch.setattr(engine_module, "predict_prompts", fake_outputs(logits, presence, masks))
     prompt = Prompt("a", points=[(10.5, 30.5)])  # row 30 is in the bottom half: picks query 6
     result = Segmenter(loaded).segment(rgb_image(), [prompt])
     (a,) = result.labels
     assert a.score == pytest.approx(sig(1) * sig(3), rel=1e-5)
     assert a.box == (0, 20, 60, 40)
     # A negative point on that instance and a positive one on nothing: absent, reason "points".
-    monkeypatch.setattr(segmenter_module, "predict_prompts", fake_outputs(logits, presence, masks))
+    monkeypatch.setattr(engine_module, "predict_prompts", fake_outputs(logits, presence, masks))
     prompt = Prompt("a", points=[(10, 30), (45, 5)], point_labels=[0, 0])
     with pytest.raises(PromptError, match="positive point"):
         Segmenter(loaded).segment(rgb_image(), [prompt])
@@ -269,13 +269,13 @@ def test_masks_come_back_on_the_original_grid(loaded, monkeypatch):
     from medsam3.preprocess.resize import resize_bilinear
 
     captured = {}
-    real = segmenter_module.predict_prompts
+    real = engine_module.predict_prompts
 
     def spy(*args, **kwargs):
         captured["out"] = real(*args, **kwargs)
         return captured["out"]
 
-    monkeypatch.setattr(segmenter_module, "predict_prompts", spy)
+    monkeypatch.setattr(engine_module, "predict_prompts", spy)
     image = rgb_image(37, 91)
     result = Segmenter(loaded, threshold=0.0, presence_threshold=0.0).segment(image, [Prompt("polyp")])
     out = captured["out"]
@@ -313,7 +313,7 @@ def test_3d_volumes_are_segmented_but_not_in_instance_mode(loaded):
     vol = Image.from_array(np.zeros((4, 16, 16), dtype=np.int16), modality="CT", path="ct.nii.gz")
     result = Segmenter(loaded).segment(vol, [Prompt("liver")])  # volumes: tests/test_volume_*.py
     assert result.label_map.shape == (4, 16, 16) and result.labels[0].voxels is not None
-    with pytest.raises(PromptError, match="instance mode is for 2D images; a 3D volume"):
+    with pytest.raises(PromptError, match="instances is for 2D images: a volume gets one label per prompt"):
         Segmenter(loaded, instances=True).segment(vol, [Prompt("liver")])
 
 

@@ -313,8 +313,8 @@ def test_unknown_ids_and_routes_are_json_errors(client):
     ({"prompts": [{"text": "x"}], "window": "lung"}, "CT only"),
     ({"prompts": [{"text": "x"}], "slice": {"plane": "axial", "index": 0}}, "volumes only"),
     ({"prompts": [{"text": "x"}], "colour": "red"}, "colour"),
-    ({"prompts": [{"text": "x"}], "tta": True, "instances": True}, "does not combine with 'instances'"),
-    ({"prompts": [{"text": "x", "points": [[5, 5]]}], "tta": True}, "does not combine with point prompts"),
+    ({"prompts": [{"text": "x"}], "tta": True, "instances": True}, "cannot be combined with instances"),
+    ({"prompts": [{"text": "x", "points": [[5, 5]]}], "tta": True}, "cannot be combined with point prompts"),
 ])
 def test_bad_prompts_are_refused_before_queueing(client, data_dir, body, message):
     image_id = upload(client, data_dir / HC18).json()["image_id"]

@@ -16,8 +16,8 @@ from medsam3.errors import PromptError
 from medsam3.image import Image
 from medsam3.io.readers import read_image, read_label_map
 from medsam3.predict.prompts import Prompt
-from medsam3.predict.volume import plan_prompt
-from medsam3.predict.volume_prompts import VolumePrompt
+from medsam3.predict.volume.plan import plan_prompt
+from medsam3.predict.volume.prompts import VolumePrompt
 from medsam3.preprocess.orientation import plan_reorientation
 from medsam3.preprocess.slices import take_slice
 from medsam3.serve.results import display_box_to_input, propagation_prompts, reorientation_of
@@ -209,7 +209,7 @@ def test_box3d_searches_only_the_slices_it_covers(client, hippo, data_dir, tmp_p
     ({"prompts": [{"text": "x"}], "slice": {"plane": "axial", "index": 5}, "propagate": True},
      "no prompt has a box"),
     ({"prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}], "slice": {"plane": "axial", "index": 5},
-      "propagate": True, "instances": True}, "instance mode"),
+      "propagate": True, "instances": True}, "instances is for 2D images"),
     ({"prompts": [{"text": "x", "box3d": [1, 1, 1, 5, 5, 5]}], "slice": {"plane": "axial", "index": 5}},
      "cannot be combined with 'slice'"),
     ({"prompts": [{"text": "x", "box3d": [1, 1, 1, 5, 5, 99]}]}, "lies outside the volume of 36 x 47 x 41"),

@@ -27,7 +27,7 @@ from medsam3.model.video import (
     session_tensor_bytes,
     tracker_reach,
 )
-from medsam3.predict.track import (
+from medsam3.predict.volume.track import (
     clean_mask,
     probe_indices,
     probe_scores,

@@ -7,15 +7,16 @@ import pytest
 
 from medsam3.errors import PromptError
 from medsam3.image import Image
-from medsam3.predict.volume import VolumeOptions, check_volume_request, plan_prompt
-from medsam3.predict.volume_post import (
+from medsam3.predict.options import VolumeOptions
+from medsam3.predict.volume.plan import check_volume_request, plan_prompt
+from medsam3.predict.volume.post import (
     assign_labels,
     chain_from_key,
     fill_holes_2d,
     fill_holes_in_slices,
     filter_components,
 )
-from medsam3.predict.volume_prompts import (
+from medsam3.predict.volume.prompts import (
     VolumePrompt,
     canonical_box,
     covered_slices,
@@ -192,7 +193,9 @@ def test_check_volume_request_without_the_model():
     assert axis == 2 and plans[0].slices == range(9) and reo.is_identity
     with pytest.raises(PromptError, match="track mode takes text prompts only"):
         check_volume_request(vol, [VolumePrompt("a", box3d=(0, 0, 0, 2, 2, 2))], VolumeOptions(mode="track"))
-    for bad, message in [(dict(mode="video"), "volume mode"), (dict(axis=3), "slice axis"),
-                         (dict(slice_batch=0), "slice batch"), (dict(min_component_ml=-1), "sizes")]:
+    for bad, message in [(dict(mode="video"), "mode must be one of slices, track, got 'video'"),
+                         (dict(axis=3), "axis must be one of 0, 1, 2, got 3"),
+                         (dict(slice_batch=0), "slice_batch must be at least 1, got 0"),
+                         (dict(min_component_ml=-1), "min_component_ml must be at least 0, got -1")]:
         with pytest.raises(PromptError, match=message):
             VolumeOptions(**bad)

@@ -19,11 +19,11 @@ from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, 
 from medsam3.errors import ModelError, PromptError
 from medsam3.image import Image
 from medsam3.io.readers import read_image
-from medsam3.predict import volume as volume_module
+from medsam3.predict import engine as engine_module
+from medsam3.predict.options import VolumeOptions
 from medsam3.predict.prompts import Prompt
 from medsam3.predict.segmenter import Segmenter
-from medsam3.predict.volume import VolumeOptions
-from medsam3.predict.volume_prompts import VolumePrompt
+from medsam3.predict.volume.prompts import VolumePrompt
 from medsam3.preprocess.resize import resize_bilinear
 
 HIPPOCAMPUS = "msd_hippocampus/images/hippocampus_019.nii.gz"  # MR (41, 47, 36), RAS
@@ -109,7 +109,7 @@ class Fakes:
 
     def install(self, monkeypatch):
         for name in ("encode_image", "encode_text", "predict_prompts"):
-            monkeypatch.setattr(volume_module, name, getattr(self, name))
+            monkeypatch.setattr(engine_module, name, getattr(self, name))
 
 
 def left_half():
@@ -163,7 +163,7 @@ def test_slice_rule_and_3d_post_processing_by_hand(loaded, monkeypatch, flipped)
     fakes.install(monkeypatch)
     direction = np.diag([-1.0, -1.0, 1.0]) if flipped else None  # stored R, A, S: canonical flips y, x
     image = ct_volume(direction)
-    result = Segmenter(loaded, volume=OPTIONS).segment(image, PROMPTS)
+    result = Segmenter(loaded, options=OPTIONS).segment(image, PROMPTS)
 
     expected = expected_canonical()
     if flipped:
@@ -193,7 +193,7 @@ def test_holes_stay_without_filling_and_absent_reasons(loaded, monkeypatch):
     spec, holed = scenario()
     Fakes(spec).install(monkeypatch)
     options = dataclasses.replace(OPTIONS, fill_holes=False, min_slices=1)
-    result = Segmenter(loaded, volume=options).segment(ct_volume(), PROMPTS)
+    result = Segmenter(loaded, options=options).segment(ct_volume(), PROMPTS)
     slice2 = resize_bilinear(holed, (H, W)) > 0  # what the hole looks like on the slice grid
     assert not slice2[9, 7]
     np.testing.assert_array_equal(result.label_map[2] == 1, slice2)
@@ -275,7 +275,7 @@ def test_encoder_runs_once_per_slice_whatever_the_prompts(loaded, data_dir, n_pr
     prompts = [Prompt(t) for t in ["hippocampus", "anterior hippocampus", "brain"]]
     rows, handle = encoder_rows(loaded.model)
     try:
-        result = Segmenter(loaded, volume=VolumeOptions(slice_batch=8)).segment(image, prompts[:n_prompts])
+        result = Segmenter(loaded, options=VolumeOptions(slice_batch=8)).segment(image, prompts[:n_prompts])
     finally:
         handle.remove()
     assert rows == [8, 8, 8, 4]  # each of the 28 slices once, in batches of 8
@@ -308,7 +308,7 @@ def test_slicing_along_another_axis(loaded, data_dir):
     image = read_image(data_dir / HIPPOCAMPUS)
     rows, handle = encoder_rows(loaded.model)
     try:
-        result = Segmenter(loaded, volume=VolumeOptions(axis=2)).segment(image, [Prompt("hippocampus")])
+        result = Segmenter(loaded, options=VolumeOptions(axis=2)).segment(image, [Prompt("hippocampus")])
     finally:
         handle.remove()
     assert sum(rows) == image.spatial_shape[2] and result.settings["slice_plane"] == "sagittal"
@@ -341,14 +341,14 @@ def video():
 
 
 def test_track_mode_maps_tracked_slices_back_to_the_input_grid(loaded, video, data_dir):
-    from medsam3.predict.track import track_volume_prompts
+    from medsam3.predict.volume.track import track_volume_prompts
     from medsam3.preprocess.intensity import apply_intensity, intensity_parameters
     from medsam3.preprocess.orientation import to_canonical
     from medsam3.preprocess.slices import slice_to_rgb
 
     image = read_image(data_dir / "totalsegmentator" / "example_ct_sm.nii.gz")  # (30, 101, 122), RAS
     options = VolumeOptions(mode="track", fill_holes=False, probes=2)
-    result = Segmenter(loaded, video=video, volume=options).segment(image, [Prompt("liver")])
+    result = Segmenter(loaded, video=video, options=options).segment(image, [Prompt("liver")])
 
     canonical, reo = to_canonical(image)
     assert reo.flipped == (1, 2)  # the input grid differs from the canonical one
@@ -363,9 +363,9 @@ def test_track_mode_maps_tracked_slices_back_to_the_input_grid(loaded, video, da
     assert result.settings["mode"] == "volume (track)" and result.settings["slices_tracked"] == 30
     assert result.to_image().same_geometry(image)
     with pytest.raises(PromptError, match="text prompts only"):
-        Segmenter(loaded, video=video, volume=options).segment(
+        Segmenter(loaded, video=video, options=options).segment(
             image, [VolumePrompt("liver", box3d=(0, 0, 0, 5, 5, 5))])
-    bare = Segmenter(loaded, video=video.model).video_model()  # a bare Sam3VideoModel gets its processor
+    bare = Segmenter(loaded, video=video.model).engine.video()  # a bare Sam3VideoModel gets its processor
     assert bare.model is video.model and bare.processor.tokenizer("liver")["input_ids"][1] > 0
     with pytest.raises(ModelError, match="track mode needs SAM3's video model"):
-        Segmenter(loaded).video_model()  # an in-memory image model has no source to load a video model from
+        Segmenter(loaded).engine.video()  # an in-memory image model has no source to load a video model from

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medsam3", description="Prompt-driven medical image segmentation with SAM3."
     )
     parser.add_argument("--version", action="version", version=f"medsam3 {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _add_verbosity(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:
@@ -33,7 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command in sub.choices.values():  # -v / -q also after the subcommand: medsam3 segment ... -v
+        _add_verbosity(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    """``-v/--verbose`` and ``-q/--quiet``; on subcommands with ``SUPPRESS`` defaults, so that a flag given
+    before the subcommand is not reset by the subcommand's parser."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug messages")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="log warnings and errors only")
 
 
 def _quiet_libraries() -> None:
@@ -48,10 +59,15 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0), a usage error (2, message printed): a status, as below
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.verbose and args.quiet:  # one before the subcommand, the other after it
+        print("error: -v/--verbose and -q/--quiet cannot be combined", file=sys.stderr)
+        return 2
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
     try:

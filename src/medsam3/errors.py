@@ -33,3 +33,8 @@ class ModelError(MedSam3Error):
 
 class PromptError(MedSam3Error):
     """A prompt (text, box or point) is empty or invalid for the image."""
+
+
+class OptionError(PromptError):
+    """An inference option, or a combination of options and prompts, is not valid (a kind of prompt error:
+    options are part of what a request asks)."""

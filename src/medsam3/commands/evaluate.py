@@ -10,7 +10,7 @@ Three forms::
     medsam3 evaluate --manifest manifest.jsonl --model A_DIR --model-name A --model B_DIR --model-name B
         --prompt-mode text|box|text+box|point [--split val|test|eval|all] [--absent 3] -o REPORT_DIR
 
-    # the paper's Table 3 (vanilla SAM3 vs Medical SAM3, text only), same as scripts/reproduce_table3.py
+    # the paper's Table 3 (vanilla SAM3 vs Medical SAM3, text only)
     medsam3 evaluate --table3 --data-root ROOT --vanilla SAM3_DIR --medical MEDSAM3_DIR -o REPORT_DIR
 
 Report files: cases.csv, summary.csv, table.md, table.csv, config.json, dice_by_dataset.png,
@@ -30,8 +30,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from medsam3.commands.inference_options import (
+    add_model_arguments,
+    add_option_arguments,
+    flag_of,
+    options_from_args,
+)
 from medsam3.errors import InputError
 from medsam3.io.atomic import check_not_input, protect_inputs
+from medsam3.predict.options import VolumeOptions, default_of, option_fields
 
 EPILOG = """\
 pairing (form a): files are paired by name without extension and without one trailing _mask, _pred,
@@ -60,16 +67,6 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"{text} must be positive")
-    return v
-
-
-def _unit(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
     return v
 
 
@@ -116,26 +113,16 @@ def register(subparsers) -> None:
                    help="records to evaluate: val, test, eval = val + test (default), all")
     b.add_argument("--datasets", nargs="+", metavar="NAME", help="only these datasets of the manifest")
     b.add_argument("--limit", type=int, metavar="N", help="at most N records per dataset")
-    b.add_argument("--threshold", type=_unit, default=0.1, help="confidence threshold (default 0.1)")
-    b.add_argument("--presence-threshold", type=_unit, default=0.0,
-                   help="presence gate (default 0: none; `medsam3 segment` uses 0.5)")
     b.add_argument("--absent", type=int, default=0, metavar="N",
                    help="also prompt each image with N concepts it does not contain (false-positive rate)")
     b.add_argument("--include-empty", action="store_true",
                    help="also score concepts the dataset names but the image lacks")
-    b.add_argument("--instances", action="store_true",
-                   help="keep every mask above the threshold (their union is scored), not only the best")
     b.add_argument("--prompt-text", action="append", metavar="CONCEPT=TEXT",
                    help="prompt TEXT instead of CONCEPT (DATASET:CONCEPT=TEXT for one dataset)")
     b.add_argument("--volume-mode", choices=VOLUME_MODES, default="slices",
                    help="3D records: segment axial slices (default) or hand the volume to the segmenter")
-    b.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    b.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    b.add_argument("--image-size", type=int, default=None, metavar="PX",
-                   help="run every model at this square input size (default: each model's own)")
-    b.add_argument("--tta", action="store_true",
-                   help="test-time mirroring (as medsam3 segment --tta): average the predictions on the "
-                   "image and its mirrors along x, y and both (not with --instances or --prompt-mode point)")
+    add_model_arguments(b)
+    add_option_arguments(b, "evaluate")
     t = p.add_argument_group("--table3")
     t.add_argument("--data-root", type=Path, help="folder with one sub-folder per Table 3 dataset")
     t.add_argument("--vanilla", help="vanilla SAM3 model folder or id")
@@ -239,23 +226,22 @@ def _run_manifest(args) -> int:
         raise InputError(args.manifest, f"has no record in split {args.split!r}"
                          + (f" of datasets {args.datasets}" if args.datasets else ""))
     protect_inputs([p for r in records for p in (*r.image, *r.label)])
-    options = RunOptions(prompt_mode=args.prompt_mode, geometry=args.geometry, threshold=args.threshold,
-                         presence_threshold=args.presence_threshold, nsd_tolerance=args.nsd_tolerance,
-                         absent=args.absent, seed=args.seed, include_empty=args.include_empty,
-                         instances=args.instances,
-                         prompt_text=_prompt_overrides(args.prompt_text), volume_mode=args.volume_mode,
-                         device=args.device, dtype=args.dtype, image_size=args.image_size,
-                         mirror=args.tta)
+    options = RunOptions(prompt_mode=args.prompt_mode, geometry=args.geometry,
+                         nsd_tolerance=args.nsd_tolerance, absent=args.absent, seed=args.seed,
+                         include_empty=args.include_empty, prompt_text=_prompt_overrides(args.prompt_text),
+                         volume_mode=args.volume_mode, device=args.device, dtype=args.dtype,
+                         inference=options_from_args(args, "evaluate"))
     options.check()
     gallery = GalleryCollector(args.gallery)
     specs = [ModelSpec(n, m) for n, m in zip(names, models, strict=True)]
     result = run_models(records, specs, options, gallery, all_records=all_records)
     config = {
         "form": "manifest", "arguments": _arguments(args), "models": result.models,
-        "prompt_mode": options.prompt_mode, "geometry": options.geometry, "threshold": options.threshold,
-        "presence_threshold": options.presence_threshold, "nsd_tolerance": options.nsd_tolerance,
+        "prompt_mode": options.prompt_mode, "geometry": options.geometry,
+        "threshold": options.inference.threshold, "presence_threshold": options.inference.presence_threshold,
+        "nsd_tolerance": options.nsd_tolerance,
         "absent": options.absent, "volume_mode": options.volume_mode, "prompts": options.prompt_text,
-        "instances": options.instances,
+        "instances": options.inference.instances,
         "records": len(records), "datasets": sorted({r.dataset for r in records}),
         "warnings": result.warnings,
     }
@@ -292,18 +278,17 @@ _FORM_OPTIONS = {
     "--model": ("model", None, ("manifest",)), "--prompt-mode": ("prompt_mode", "text", ("manifest",)),
     "--geometry": ("geometry", "whole", ("manifest",)), "--split": ("split", "eval", ("manifest",)),
     "--absent": ("absent", 0, ("manifest",)), "--include-empty": ("include_empty", False, ("manifest",)),
-    "--instances": ("instances", False, ("manifest",)), "--prompt-text": ("prompt_text", None, ("manifest",)),
-    "--threshold": ("threshold", 0.1, ("manifest",)),
-    "--presence-threshold": ("presence_threshold", 0.0, ("manifest",)),
+    "--prompt-text": ("prompt_text", None, ("manifest",)),
     "--volume-mode": ("volume_mode", "slices", ("manifest",)),
     "--datasets": ("datasets", None, ("manifest", "table3")),
     "--limit": ("limit", None, ("manifest", "table3")),
     "--device": ("device", "auto", ("manifest", "table3")),
     "--dtype": ("dtype", "auto", ("manifest", "table3")),
-    "--image-size": ("image_size", None, ("manifest",)),
-    "--tta": ("tta", False, ("manifest",)),
     "--data-root": ("data_root", None, ("table3",)), "--vanilla": ("vanilla", None, ("table3",)),
     "--medical": ("medical", None, ("table3",)), "--model-name": ("model_name", None, ("files", "manifest")),
+    # the inference options (medsam3.predict.options) belong to the manifest form
+    **{flag_of(f.name): (f.name, default_of(f.name, "evaluate"), ("manifest",))
+       for f, _ in option_fields(VolumeOptions, "evaluate")},
 }
 
 

@@ -7,7 +7,7 @@ INPUT is one of:
   preprocessing, versions);
 * a **volume** (NIfTI, NRRD, MHA, BiomedSegFM npz, a DICOM series folder or file): writes the label map in
   the input's format and geometry, a DICOM SEG for DICOM input, overlays and ``<stem>.json``
-  (:mod:`medsam3.predict.volume_outputs`);
+  (:mod:`medsam3.predict.volume.outputs`);
 * a **folder of cases** or a **list file**: every case as above, resumable, with ``summary.csv``
   (:mod:`medsam3.predict.batch_cases`); exits 1 when a case failed.
 
@@ -22,15 +22,27 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medsam3.commands.inference_options import (
+    add_model_arguments,
+    add_option_arguments,
+    input_argument,
+    options_from_args,
+    resolve_input,
+)
 from medsam3.errors import OutputError, PromptError
-from medsam3.image import MODALITIES
+from medsam3.image import Image
 from medsam3.io.atomic import check_not_input, protect_inputs
+from medsam3.predict.options import VolumeOptions, check_request
 from medsam3.predict.prompts import prompts_from_cli, validate_prompt
 from medsam3.predict.summary import default_stem
-from medsam3.preprocess.intensity import CT_WINDOWS, intensity_parameters
+from medsam3.preprocess.intensity import intensity_parameters
+
+if TYPE_CHECKING:
+    from medsam3.predict.segmenter import Segmenter
 
 EPILOG = """\
 prompts:
@@ -84,34 +96,6 @@ class _PromptItem(argparse.Action):
         namespace.prompt_items = items
 
 
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def _axis(text: str) -> int | None:
-    if text == "auto":
-        return None
-    if text in ("0", "1", "2"):
-        return int(text)
-    raise argparse.ArgumentTypeError(f"{text!r}: expected auto, 0 (axial), 1 (coronal) or 2 (sagittal)")
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "segment",
@@ -122,8 +106,7 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", type=Path, metavar="INPUT",
-                   help="2D image, volume, DICOM series folder, folder of cases or list file")
+    input_argument(p, "2D image, volume, DICOM series folder, folder of cases or list file")
     p.add_argument("-p", "--prompt", dest="prompt_items", action=_PromptItem, const="text", metavar="TEXT",
                    help="a concept to segment; repeat for several (see prompts below)")
     p.add_argument("--box", dest="prompt_items", action=_PromptItem, const="box",
@@ -135,48 +118,10 @@ def register(subparsers) -> None:
     p.add_argument("--box3d", dest="prompt_items", action=_PromptItem, const="box3d",
                    metavar="X1,Y1,Z1,X2,Y2,Z2", help="volumes: a 3D box in input voxels for the preceding -p")
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR", help="output folder")
-    p.add_argument("--instances", action="store_true",
-                   help="2D: keep every instance above the threshold (one label each) instead of one mask "
-                   "per prompt")
-    p.add_argument("--threshold", type=_unit_float, default=0.1, help="score threshold (default 0.1)")
-    p.add_argument("--presence-threshold", type=_unit_float, default=0.5,
-                   help="below this presence probability a prompt is reported absent (default 0.5)")
-    p.add_argument("--modality", type=str.upper, choices=MODALITIES, help="override the guessed modality")
-    p.add_argument("--window", help=f"CT window for every prompt: {', '.join(CT_WINDOWS)} or WIDTH,LEVEL "
-                   "(default: chosen from each prompt's concept, else abdomen)")
-    p.add_argument("--model", help="model folder or id (default: $MEDSAM3_MODEL, the configured model, "
-                   "else the bundled one)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--image-size", type=_count, default=None, metavar="PX",
-                   help="run the model at this square input size (a multiple of its patch size, e.g. 672 for "
-                   "a 1008 px SAM3 on a CPU: faster, coarser; default: the model's own)")
-    p.add_argument("--tta", action="store_true",
-                   help="test-time mirroring: also segment the image (each slice of a volume) mirrored along "
-                   "x, y and both, and average the four predictions (4x the model work; concepts naming a "
-                   "side or position are not mirrored; not with --instances, points or --mode track)")
+    add_model_arguments(p, model_help="model folder or id (default: $MEDSAM3_MODEL, the configured model, "
+                        "else the bundled one)")
     p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
-    v = p.add_argument_group("volumes")
-    v.add_argument("--mode", choices=("slices", "track"), default="slices",
-                   help="slices: detection on every slice (default); track: SAM3's video tracker")
-    v.add_argument("--axis", type=_axis, default=None, metavar="auto|0|1|2",
-                   help="canonical axis to slice along: 0 axial, 1 coronal, 2 sagittal (default auto: the "
-                   "acquisition's slice axis)")
-    v.add_argument("--slice-batch", type=_count, default=4, metavar="N",
-                   help="slices encoded together (default 4)")
-    v.add_argument("--min-slices", type=_count, default=1, metavar="K",
-                   help="a concept found on fewer slices is absent (default 1)")
-    v.add_argument("--min-component-voxels", type=_count, default=0, metavar="N",
-                   help="drop 3D components smaller than N voxels (default 0: keep all)")
-    v.add_argument("--min-component-ml", type=float, default=0.0, metavar="ML",
-                   help="drop 3D components smaller than ML millilitres (default 0)")
-    v.add_argument("--keep-largest", action="store_true", help="keep only each concept's largest component")
-    v.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=True,
-                   help="fill holes enclosed within a slice (default on)")
-    v.add_argument("--max-hole-pixels", type=_count, default=None, metavar="N",
-                   help="fill only holes of at most N pixels (default: any enclosed hole)")
-    v.add_argument("--probes", type=_count, default=8, metavar="N",
-                   help="track mode: slices probed for each concept's start slice (default 8)")
+    add_option_arguments(p, "segment", p.add_argument_group("volumes"))
     b = p.add_argument_group("many cases (a folder or a list file as INPUT)")
     b.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     b.add_argument("--max-cases", type=_count, default=None, metavar="N",
@@ -189,22 +134,24 @@ def register(subparsers) -> None:
 _VOLUME_ITEMS = ("box_slice", "box3d")
 
 
-def _volume_options(args: argparse.Namespace):
-    from medsam3.predict.volume import VolumeOptions
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
 
-    return VolumeOptions(mode=args.mode, axis=args.axis, slice_batch=args.slice_batch,
-                         min_slices=args.min_slices, min_component_voxels=args.min_component_voxels,
-                         min_component_ml=args.min_component_ml, keep_largest=args.keep_largest,
-                         fill_holes=args.fill_holes, max_hole_pixels=args.max_hole_pixels, probes=args.probes)
+
+def _options(args: argparse.Namespace) -> VolumeOptions:
+    return options_from_args(args, "segment")
 
 
-def _segmenter(args: argparse.Namespace, options):
+def _segmenter(args: argparse.Namespace, options: VolumeOptions) -> Segmenter:
     from medsam3.predict.segmenter import Segmenter
 
-    return Segmenter(args.model, device=args.device, dtype=args.dtype, threshold=args.threshold,
-                     presence_threshold=args.presence_threshold, window=args.window,
-                     modality=args.modality, instances=args.instances, volume=options,
-                     image_size=args.image_size, mirror=args.tta)
+    return Segmenter(args.model, device=args.device, dtype=args.dtype, options=options)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -235,9 +182,11 @@ def _print_result(result, segmenter, paths) -> None:
 def run(args: argparse.Namespace) -> int:
     from medsam3.predict.batch_cases import is_batch_input
 
+    resolve_input(args)
+    options = _options(args)  # the option rules, before any file is read
     if is_batch_input(args.input):
-        return _run_batch(args)
-    return _run_single(args)
+        return _run_batch(args, options)
+    return _run_single(args, options)
 
 
 def _protect(args: argparse.Namespace, inputs) -> None:
@@ -247,7 +196,7 @@ def _protect(args: argparse.Namespace, inputs) -> None:
     protect_inputs(protected)
 
 
-def _run_single(args: argparse.Namespace) -> int:
+def _run_single(args: argparse.Namespace, options: VolumeOptions) -> int:
     from medsam3.io.readers import read_image
     from medsam3.predict.segmenter import as_2d
 
@@ -256,10 +205,11 @@ def _run_single(args: argparse.Namespace) -> int:
     volume = read_image(args.input, modality=args.modality)
     image = as_2d(volume)
     if image is None:
-        return _run_volume(args, volume)
+        return _run_volume(args, volume, options)
     if args.mode == "track":
         raise PromptError(f"{args.input}: --mode track is for volumes; this is a 2D image")
     prompts = _prompts_2d(items)
+    check_request(options, points=any(p.points for p in prompts))
     pixels = image.array[..., :3] if image.is_color else image.array
     for prompt in prompts:
         validate_prompt(prompt, image.spatial_shape)
@@ -269,21 +219,18 @@ def _run_single(args: argparse.Namespace) -> int:
     stem = default_stem(args.input)
     for path in (args.out / f"{stem}_mask.png", args.out / f"{stem}_overlay.png", args.out / f"{stem}.json"):
         check_not_input(path)
-    segmenter = _segmenter(args, _volume_options(args))
+    segmenter = _segmenter(args, options)
     result = segmenter.segment(image, prompts)
     _print_result(result, segmenter, result.write(args.out, stem, overlay=not args.no_overlay))
     return 0
 
 
-def _run_volume(args: argparse.Namespace, volume) -> int:
+def _run_volume(args: argparse.Namespace, volume: Image, options: VolumeOptions) -> int:
     from medsam3.predict.batch_cases import case_name
-    from medsam3.predict.volume import check_volume_request
-    from medsam3.predict.volume_outputs import volume_output_paths
-    from medsam3.predict.volume_prompts import volume_prompts_from_cli
+    from medsam3.predict.volume.outputs import volume_output_paths
+    from medsam3.predict.volume.plan import check_volume_request
+    from medsam3.predict.volume.prompts import volume_prompts_from_cli
 
-    if args.instances:
-        raise PromptError(f"{args.input}: --instances is for 2D images; a volume gets one label per prompt")
-    options = _volume_options(args)
     prompts, *_ = check_volume_request(volume, volume_prompts_from_cli(args.prompt_items or []), options)
     _check_window(volume.array, args.modality or volume.modality, args.window, prompts)
     _check_out_dir(args.out)
@@ -296,12 +243,12 @@ def _run_volume(args: argparse.Namespace, volume) -> int:
     return 0
 
 
-def _run_batch(args: argparse.Namespace) -> int:
+def _run_batch(args: argparse.Namespace, options: VolumeOptions) -> int:
     from medsam3.io.readers import read_image
     from medsam3.predict.batch_cases import discover_cases, run_cases, summary_prompts
     from medsam3.predict.segmenter import as_2d
-    from medsam3.predict.volume import check_volume_request
-    from medsam3.predict.volume_prompts import volume_prompts_from_cli
+    from medsam3.predict.volume.plan import check_volume_request
+    from medsam3.predict.volume.prompts import volume_prompts_from_cli
 
     cases = discover_cases(args.input, exclude=[args.out])
     _protect(args, [args.input, *(c.path for c in cases)])
@@ -314,8 +261,10 @@ def _run_batch(args: argparse.Namespace) -> int:
         raise PromptError("points (2D images) and --box-slice / --box3d (volumes) cannot be mixed")
     volume_prompts = None if has_points else volume_prompts_from_cli(items)
     prompts_2d = None if has_volume_items else prompts_from_cli(items)
-    options = _volume_options(args)
-    names = [p.display_name for p in (volume_prompts or prompts_2d)]
+    check_request(options, points=has_points)
+    given = volume_prompts or prompts_2d
+    assert given is not None  # points and --box-slice / --box3d together were refused above
+    names = [p.display_name for p in given]
     segmenter = _segmenter(args, options)
     overlay = not args.no_overlay
 

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from medsam3.commands.inference_options import add_model_arguments, add_option_arguments
 from medsam3.errors import MedSam3Error
 
 log = logging.getLogger("medsam3.serve")
@@ -56,10 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
                    "machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--model", help="model folder or id (default: $MEDSAM3_MODEL, the configured model, "
-                   "else the bundled one)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    add_model_arguments(p, model_help="model folder or id (default: $MEDSAM3_MODEL, the configured model, "
+                        "else the bundled one)")
     p.add_argument("--max-upload-mb", type=_positive(float), default=512.0,
                    help="largest upload in MB (default 512); larger ones get 413")
     p.add_argument("--max-voxels", type=_positive(int), default=2**27,
@@ -78,8 +77,8 @@ def register(subparsers) -> None:
                    help="images whose vision features are kept (default 8)")
     p.add_argument("--cache-mb", type=_positive(float), default=2048.0,
                    help="memory for cached vision features in MB (default 2048)")
-    p.add_argument("--threshold", type=float, default=0.1, help="default score threshold (0.1)")
-    p.add_argument("--presence-threshold", type=float, default=0.5, help="default presence threshold (0.5)")
+    # the server's defaults for requests that leave them out (declared in medsam3.predict.options)
+    add_option_arguments(p, "serve")
     p.set_defaults(func=run)
 
 

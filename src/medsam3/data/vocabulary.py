@@ -47,7 +47,7 @@ _US_SPELLING = {
 
 #: Words that make a concept depend on the image's orientation: such concepts are never mirrored, neither
 #: by training augmentation (:mod:`medsam3.train.augment`) nor by test-time mirroring
-#: (:mod:`medsam3.predict.mirror`): a mirror image swaps the side the name refers to.
+#: (:mod:`medsam3.predict.tta`): a mirror image swaps the side the name refers to.
 POSITIONAL_WORDS = frozenset({
     "left", "right", "anterior", "posterior", "superior", "inferior", "upper", "lower", "medial", "lateral",
     "proximal", "distal", "dorsal", "ventral", "cranial", "caudal",

@@ -50,7 +50,7 @@ import os
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
@@ -60,8 +60,12 @@ from medsam3.errors import InputError, MedSam3Error, ModelError
 from medsam3.evaluate.figures import GalleryCollector
 from medsam3.evaluate.rows import AbsentRow, CaseRow, empty_slice_stats, failure_metrics, score_masks
 from medsam3.image import Image
-from medsam3.predict.mirror import mirroring_settings
+from medsam3.predict.options import FRONT_DEFAULTS, VolumeOptions, build_options, check_request
 from medsam3.predict.prompts import Prompt
+from medsam3.predict.tta import MIRRORS, mirroring_settings
+
+if TYPE_CHECKING:
+    from medsam3.predict.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -81,27 +85,32 @@ class ModelSpec:
     source: Any = None
 
 
+def evaluation_options(**changes: Any) -> VolumeOptions:
+    """The inference options of an evaluation: the segmenter's, with ``medsam3 evaluate``'s own defaults
+    (:data:`medsam3.predict.options.FRONT_DEFAULTS`: no presence gate beyond the confidence), and
+    ``changes``."""
+    return build_options(VolumeOptions, None, **{**FRONT_DEFAULTS["evaluate"], **changes})
+
+
 @dataclass
 class RunOptions:
-    """How models are prompted and scored (see the module docstring)."""
+    """How models are prompted and scored (see the module docstring); ``inference`` holds the segmenter's
+    options (threshold, presence threshold, instances, input size, tta)."""
 
     prompt_mode: str = "text"
     geometry: str = "whole"
-    threshold: float = 0.1
-    presence_threshold: float = 0.0
     nsd_tolerance: float = 2.0
     absent: int = 0
     seed: int = 0
     include_empty: bool = False
-    instances: bool = False
     prompt_text: dict[str, str] = field(default_factory=dict)  # "concept" or "dataset:concept" -> text
     volume_mode: str = "slices"
     device: str = "auto"
     dtype: str = "auto"
-    image_size: int | None = None
-    mirror: bool = False  # test-time mirroring (medsam3.predict.mirror)
+    inference: VolumeOptions = field(default_factory=evaluation_options)
 
     def check(self) -> None:
+        """Refuse unknown modes and combinations (the option rules of :mod:`medsam3.predict.options`)."""
         if self.prompt_mode not in PROMPT_MODES:
             raise InputError(None, f"prompt mode {self.prompt_mode!r} is not one of {PROMPT_MODES}")
         if self.geometry not in GEOMETRIES:
@@ -112,12 +121,7 @@ class RunOptions:
             raise InputError(None, "volume mode takes text prompts only; use --volume-mode slices")
         if self.absent < 0:
             raise InputError(None, f"--absent {self.absent} must be 0 or more")
-        if self.image_size is not None and self.image_size <= 0:
-            raise InputError(None, f"--image-size {self.image_size} must be positive")
-        if self.mirror and (self.instances or self.prompt_mode == "point"):
-            what = "--instances" if self.instances else "--prompt-mode point"
-            raise InputError(None, f"--tta (test-time mirroring) keeps one mask per text or box prompt and "
-                             f"does not combine with {what}")
+        check_request(self.inference, points=self.prompt_mode == "point")
 
 
 @dataclass
@@ -220,7 +224,7 @@ def reference_prompt(mode: str, text: str, mask: np.ndarray, geometry: str = "wh
         return None
     if mode == "point":
         return Prompt(points=[interior_point(p) for p in parts])
-    boxes = [box_of(p) for p in parts]
+    boxes: list[tuple[float, ...]] = [box_of(p) for p in parts]
     return Prompt(text if mode == "text+box" else None, boxes=boxes)
 
 
@@ -265,15 +269,13 @@ def absent_concepts(record: Record, pools: Mapping[str, list[str]], named: set[s
 
 
 # -- running -----------------------------------------------------------------------------------------------
-def build_segmenter(spec: ModelSpec, options: RunOptions):
-    """A ``Segmenter`` for ``spec`` with the evaluation thresholds (a given one is used as it is)."""
+def build_segmenter(spec: ModelSpec, options: RunOptions) -> Segmenter:
+    """A ``Segmenter`` for ``spec`` with the evaluation's options (a given one is used as it is)."""
     from medsam3.predict.segmenter import Segmenter
 
     if isinstance(spec.source, Segmenter):
         return spec.source
-    return Segmenter(spec.source, device=options.device, dtype=options.dtype, threshold=options.threshold,
-                     presence_threshold=options.presence_threshold, image_size=options.image_size,
-                     mirror=options.mirror)
+    return Segmenter(spec.source, device=options.device, dtype=options.dtype, options=options.inference)
 
 
 def _prompt_masks(result, n_prompts: int) -> tuple[list[np.ndarray], list[float | None], list[float | None]]:
@@ -301,7 +303,8 @@ def _segment_2d(segmenter, image: Image, texts: list[str], refs: list[np.ndarray
     presence: list[float | None] = [None] * len(texts)
     display = None
     if live:
-        instances = options.instances or (options.geometry == "objects" and options.prompt_mode != "text")
+        instances = options.inference.instances or (options.geometry == "objects"
+                                                     and options.prompt_mode != "text")
         result = segmenter.segment(image, [prompts[i] for i in live], instances=instances)
         got = _prompt_masks(result, len(live))
         for k, i in enumerate(live):
@@ -377,7 +380,8 @@ def _segment_groups(segmenter, image: Image, texts: list[str], refs: list[np.nda
 def _absent_test(segmenter, image: Image, texts: list[str], volume_mode: str) -> tuple[list[int], list, list]:
     """Pixels each absent-concept text got (text prompts, one call per image, or per slice / per volume of
     a 3D image as ``volume_mode`` says: the path the scored prompts took)."""
-    opts = RunOptions(prompt_mode="text", volume_mode=volume_mode)
+    opts = RunOptions(prompt_mode="text", volume_mode=volume_mode,
+                      inference=segmenter.options.replace(instances=False))
     dummy = [np.zeros(image.spatial_shape, bool) for _ in texts]
     masks, scores, presence, _ = _segment(segmenter, image, texts, dummy, opts)
     return [int(m.sum()) for m in masks], scores, presence
@@ -399,9 +403,11 @@ def run_models(records: Sequence[Record], models: Sequence[ModelSpec], options: 
         out.models.append({
             "name": spec.name,
             "requested": str(spec.source) if isinstance(spec.source, (str, os.PathLike)) else None,
-            "loaded_from": segmenter.source, "input_size": segmenter.image_size,
-            "test_time_mirroring": mirroring_settings(segmenter.mirrors),
-            "threshold": segmenter.threshold, "presence_threshold": segmenter.presence_threshold,
+            "loaded_from": segmenter.source,
+            "input_size": segmenter.engine.at_size(segmenter.options.image_size).image_size,
+            "test_time_mirroring": mirroring_settings(MIRRORS if segmenter.options.tta else ((),)),
+            "threshold": segmenter.options.threshold,
+            "presence_threshold": segmenter.options.presence_threshold,
         })
         log.info("evaluating %s on %d records (%s prompts)", spec.name, len(records), options.prompt_mode)
         for n, record in enumerate(records, 1):
@@ -414,9 +420,9 @@ def run_models(records: Sequence[Record], models: Sequence[ModelSpec], options: 
 
 def _run_record(segmenter, model: str, record: Record, options: RunOptions, out: RunResult,
                 gallery: GalleryCollector | None, pools, named) -> None:
-    common = dict(dataset=record.dataset, role=record_role(record), group=record.group, case=record.case_id,
-                  model=model, prompt_mode=options.prompt_mode, image=record.image[0],
-                  reference=record.label[0])
+    common: dict[str, Any] = dict(dataset=record.dataset, role=record_role(record), group=record.group,
+                                  case=record.case_id, model=model, prompt_mode=options.prompt_mode,
+                                  image=record.image[0], reference=record.label[0])
     concepts = sorted(record.concepts if options.include_empty else record.foreground)
     try:
         image, semantic = load_record(record)

@@ -17,7 +17,6 @@ first, see ``medsam3 prepare --list``), appears in the table as not run, with th
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,8 +307,8 @@ def run_table3(data_root: str | Path, vanilla: Any, medical: Any, out_dir: str |
         "data_root": str(data_root),
         "models": result.models,
         "prompt_mode": "text",
-        "threshold": options.threshold,
-        "presence_threshold": options.presence_threshold,
+        "threshold": options.inference.threshold,
+        "presence_threshold": options.inference.presence_threshold,
         "prompts": options.prompt_text,
         "limit_per_dataset": limit,
         "skipped_datasets": skipped,
@@ -322,41 +321,3 @@ def run_table3(data_root: str | Path, vanilla: Any, medical: Any, out_dir: str |
     for name, reason in skipped.items():
         log.warning("%s not run: %s", name, reason)
     return comp
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(
-        prog="reproduce_table3",
-        description="Reproduce the Medical SAM3 paper's Table 3 (text prompts only).")
-    p.add_argument("--data-root", type=Path, required=True, help="folder with one sub-folder per dataset")
-    p.add_argument("--vanilla", required=True, help="vanilla SAM3 model folder or id (e.g. facebook/sam3)")
-    p.add_argument("--medical", required=True, help="Medical SAM3 model folder (converted checkpoint)")
-    p.add_argument("-o", "--out", type=Path, required=True, help="report folder")
-    p.add_argument("--datasets", nargs="+", help="only these Table 3 datasets (registry names)")
-    p.add_argument("--limit", type=int, help="at most N cases per dataset (quick check)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``scripts/reproduce_table3.py``; errors print ``error: ...`` and return 2."""
-    import sys
-
-    from medsam3.errors import MedSam3Error
-    from medsam3.io.atomic import protect_inputs
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        protect_inputs([args.data_root] + [m for m in (args.vanilla, args.medical) if Path(m).exists()])
-        comp = run_table3(args.data_root, args.vanilla, args.medical, args.out, datasets=args.datasets,
-                          limit=args.limit, device=args.device, dtype=args.dtype,
-                          command={"arguments": {k: str(v) for k, v in vars(args).items()}})
-    except MedSam3Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print((Path(args.out) / "table3.md").read_text(encoding="utf-8"))
-    ran = sum(1 for e in comp["datasets"] if e["ours_medsam3"] is not None)
-    print(f"{ran} of {len(PAPER_TABLE3)} datasets run; report: {args.out}")
-    return 0

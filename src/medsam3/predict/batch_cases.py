@@ -15,7 +15,7 @@ name; two cases with the same name are refused before anything runs (their outpu
 Resuming
 --------
 A case is **done** when its ``<name>.json`` exists and every output file it lists exists; the JSON is
-renamed into place after all other outputs (:mod:`medsam3.predict.volume_outputs`), so an interrupted case
+renamed into place after all other outputs (:mod:`medsam3.predict.volume.outputs`), so an interrupted case
 is never mistaken for a finished one. Done cases are skipped unless ``overwrite``; a JSON made with other
 prompts is not silently reused: that case fails and asks for ``--overwrite`` or another output folder.
 Interrupting a run (Ctrl-C) stops after writing the summary CSV; re-running the same command redoes only

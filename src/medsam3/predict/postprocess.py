@@ -19,6 +19,7 @@ All arrays here are numpy on the CPU; masks are logits on the original image gri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,7 +159,7 @@ def label_dtype(max_value: int) -> np.dtype:
     return np.dtype(np.uint8) if max_value <= 255 else np.dtype(np.uint16)
 
 
-def points_select(masks: np.ndarray, points: list[tuple[float, float]], labels: list[int]) -> np.ndarray:
+def points_select(masks: np.ndarray, points: Sequence[Sequence[float]], labels: Sequence[int]) -> np.ndarray:
     """Which of ``K`` binary masks ``(K, H, W)`` a point set selects.
 
     A mask is selected when it contains at least one positive point and no negative point. A point

@@ -50,9 +50,9 @@ class Prompt:
     """
 
     text: str | None = None
-    boxes: list[Box] | None = None
+    boxes: list[tuple[float, ...]] | None = None
     box_labels: list[int] | None = None
-    points: list[Point] | None = None
+    points: list[tuple[float, ...]] | None = None
     point_labels: list[int] | None = None
 
     def __post_init__(self) -> None:
@@ -64,12 +64,10 @@ class Prompt:
             self.box_labels = [1] * len(self.boxes)
         if self.points and self.point_labels is None:
             self.point_labels = [1] * len(self.points)
-        self.box_labels = [int(v) for v in self.box_labels] if self.boxes else None
-        self.point_labels = [int(v) for v in self.point_labels] if self.points else None
-
-    @property
-    def has_text(self) -> bool:
-        return bool(self.text)
+        self.box_labels = ([int(v) for v in self.box_labels]
+                           if self.boxes and self.box_labels is not None else None)
+        self.point_labels = ([int(v) for v in self.point_labels]
+                             if self.points and self.point_labels is not None else None)
 
     @property
     def kind(self) -> str:
@@ -102,9 +100,11 @@ class Prompt:
         """JSON-ready description."""
         out: dict = {"text": self.text, "kind": self.kind}
         if self.boxes:
+            assert self.box_labels is not None  # set with the boxes in __post_init__
             out["boxes"] = [list(b) for b in self.boxes]
             out["box_labels"] = list(self.box_labels)
         if self.points:
+            assert self.point_labels is not None  # set with the points in __post_init__
             out["points"] = [list(p) for p in self.points]
             out["point_labels"] = list(self.point_labels)
         return out
@@ -114,7 +114,7 @@ def _fmt(values: Iterable[float]) -> str:
     return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
-def validate_prompt(prompt: Prompt, image_hw: tuple[int, int]) -> Prompt:
+def validate_prompt(prompt: Prompt, image_hw: Sequence[int]) -> Prompt:
     """Check ``prompt`` against an image of ``(H, W)`` pixels; return it unchanged.
 
     Raises:
@@ -148,14 +148,16 @@ def validate_prompt(prompt: Prompt, image_hw: tuple[int, int]) -> Prompt:
                                 ("point", prompt.points, prompt.point_labels)):
         if not items:
             continue
+        assert labels is not None  # set with the boxes / points in __post_init__
         if len(labels) != len(items):
             raise PromptError(f"{len(labels)} {what} labels for {len(items)} {what}es/points")
         bad = [v for v in labels if v not in (0, 1)]
         if bad:
             raise PromptError(f"{what} label {bad[0]} is not 1 (positive) or 0 (negative)")
-    if prompt.boxes and not prompt.points and prompt.text is None and 1 not in prompt.box_labels:
+    if (prompt.boxes and not prompt.points and prompt.text is None and prompt.box_labels is not None
+            and 1 not in prompt.box_labels):
         raise PromptError("a box-only prompt needs at least one positive box")
-    if prompt.points and 1 not in prompt.point_labels:
+    if prompt.points and prompt.point_labels is not None and 1 not in prompt.point_labels:
         raise PromptError("point prompts need at least one positive point (label 1)")
     return prompt
 
@@ -203,9 +205,9 @@ def parse_point(text: str) -> tuple[Point, int]:
 @dataclass
 class _Draft:
     text: str | None = None
-    boxes: list[Box] = field(default_factory=list)
+    boxes: list[tuple[float, ...]] = field(default_factory=list)
     box_labels: list[int] = field(default_factory=list)
-    points: list[Point] = field(default_factory=list)
+    points: list[tuple[float, ...]] = field(default_factory=list)
     point_labels: list[int] = field(default_factory=list)
 
     def build(self) -> Prompt:

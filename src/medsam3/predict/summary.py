@@ -10,7 +10,7 @@ failure leaves none of them):
   thresholds, preprocessing and package versions.
 
 For a volume the label map keeps the input's format and geometry (see
-:mod:`medsam3.predict.volume_outputs`): ``<stem>_seg.nii.gz`` / ``.nrrd`` / ``.mha`` / ``.npz`` (and a DICOM
+:mod:`medsam3.predict.volume.outputs`): ``<stem>_seg.nii.gz`` / ``.nrrd`` / ``.mha`` / ``.npz`` (and a DICOM
 SEG ``<stem>_seg.dcm`` for DICOM input), overlays, and the JSON, renamed into place last.
 """
 
@@ -19,15 +19,19 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medsam3.image import Image
 from medsam3.io.atomic import atomic_path
 from medsam3.predict.prompts import Prompt
+
+if TYPE_CHECKING:
+    from medsam3.preprocess.orientation import Reorientation
 
 
 @dataclass
@@ -91,6 +95,11 @@ class LabelEntry:
         return self.voxels is not None
 
     @property
+    def concept(self) -> str | None:
+        """The prompt's concept text (``None`` for a box or point prompt without text)."""
+        return self.prompt.text
+
+    @property
     def name(self) -> str:
         """Display name: the prompt's concept (``#k`` appended for instances)."""
         base = self.prompt.display_name
@@ -105,7 +114,7 @@ class LabelEntry:
             "score": _round(self.score),
             "presence": _round(self.presence),
         }
-        if self.is_volume:
+        if self.voxels is not None:  # is_volume
             out.update(
                 voxels=int(self.voxels),
                 volume_ml=None if self.volume_ml is None else round(float(self.volume_ml), 6),
@@ -171,12 +180,12 @@ class SegmentationResult:
     reference: Image
     settings: dict[str, Any] = field(default_factory=dict)
     display: np.ndarray | None = None
-    reorientation: Any = None
+    reorientation: Reorientation | None = None
     slice_axis: int | None = None
 
     @property
     def is_volume(self) -> bool:
-        """True for a 3D label map (see :mod:`medsam3.predict.volume_outputs` for its files)."""
+        """True for a 3D label map (see :mod:`medsam3.predict.volume.outputs` for its files)."""
         return self.label_map.ndim == 3
 
     # -- access --------------------------------------------------------------------------------------
@@ -194,6 +203,19 @@ class SegmentationResult:
         """Bool mask of one label value, on the input grid."""
         return self.label_map == value
 
+    def to_nibabel(self) -> Any:
+        """The label map as a ``nibabel.Nifti1Image`` on the input's grid (RAS affine; a 2D map is one
+        slice)."""
+        from medsam3.io.memory import to_nibabel
+
+        return to_nibabel(self.to_image())
+
+    def to_sitk(self) -> Any:
+        """The label map as a ``SimpleITK.Image`` with the input's geometry."""
+        from medsam3.io.memory import to_sitk
+
+        return to_sitk(self.to_image())
+
     def to_image(self) -> Image:
         """The label map as an :class:`Image` with the input's geometry."""
         return self.reference.with_array(self.label_map)
@@ -202,7 +224,7 @@ class SegmentationResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (what ``<stem>.json`` holds)."""
         ref = self.reference
-        image = {
+        image: dict[str, Any] = {
             "path": str(ref.meta.get("path")) if ref.meta.get("path") is not None else None,
             "shape": list(ref.spatial_shape),
             "spacing": list(ref.spacing),
@@ -227,6 +249,8 @@ class SegmentationResult:
 
     def table(self) -> str:
         """A short plain-text table: value, name, score, presence, area (voxels, ml, slices), status."""
+        head: tuple[str, ...]
+        area: Callable[[LabelEntry], tuple[str, ...]]
         if self.is_volume:
             head = ("voxels", "ml", "slices")
             area = lambda e: (str(e.voxels), "-" if e.volume_ml is None else f"{e.volume_ml:.3f}",  # noqa: E731
@@ -234,7 +258,7 @@ class SegmentationResult:
         else:
             head = ("area px", "area mm2")
             area = lambda e: (str(e.area_px), "-" if e.area_mm2 is None else f"{e.area_mm2:.1f}")  # noqa: E731
-        rows = [("value", "prompt", "score", "presence", *head, "status")]
+        rows: list[tuple[str, ...]] = [("value", "prompt", "score", "presence", *head, "status")]
         for e in self.labels:
             rows.append((
                 "-" if e.value is None else str(e.value),
@@ -250,7 +274,7 @@ class SegmentationResult:
     def output_paths(self, out_dir: str | Path, stem: str, *, overlay: bool = True) -> dict[str, Path]:
         """The files :meth:`write` produces, by kind (the JSON last)."""
         if self.is_volume:
-            from medsam3.predict.volume_outputs import volume_output_paths
+            from medsam3.predict.volume.outputs import volume_output_paths
 
             return volume_output_paths(self.reference, out_dir, stem, overlay=overlay)
         out = Path(out_dir)
@@ -270,7 +294,7 @@ class SegmentationResult:
             src = self.reference.meta.get("path")
             stem = default_stem(src) if src else "image"
         if self.is_volume:
-            from medsam3.predict.volume_outputs import write_volume_result
+            from medsam3.predict.volume.outputs import write_volume_result
 
             return write_volume_result(self, out_dir, stem, overlay=overlay)
         paths = self.output_paths(out_dir, stem)

@@ -1,6 +1,6 @@
 """Test-time mirroring: predict on the image and its in-plane mirror images, and average.
 
-With mirroring on (``Segmenter(mirror=True)``, ``medsam3 segment --tta``), every image (or volume slice)
+With mirroring on (``tta=True``, ``medsam3 segment --tta``), every image (or volume slice)
 goes through the model four times, as it is and mirrored along x, along y and along both (the four
 in-plane mirrors that nnU-Net's test-time augmentation also uses for 2D). Each pass gives, per prompt,
 the detections on the mirrored input; the passes are merged into **one candidate per prompt**:
@@ -94,7 +94,9 @@ def merge_mirrored(outs: Sequence, mirrors: Sequence[tuple[int, ...]], mirrored_
     use = torch.tensor([[True] * n] + [list(map(bool, mirrored_rows))] * (len(outs) - 1),
                        dtype=torch.float32, device=first.device)  # (F, N)
     weight = use / use.sum(dim=0, keepdim=True)
-    score = mask = presence = 0
+    score: torch.Tensor | int = 0
+    mask: torch.Tensor | int = 0
+    presence: torch.Tensor | int = 0
     has_presence = outs[0].presence_logits is not None
     for f, (out, dims) in enumerate(zip(outs, mirrors, strict=True)):
         logits = out.pred_logits.float()
@@ -105,10 +107,11 @@ def merge_mirrored(outs: Sequence, mirrors: Sequence[tuple[int, ...]], mirrored_
         mask = mask + w[:, None, None] * torch.sigmoid(masks)
         if has_presence:
             presence = presence + w * torch.sigmoid(out.presence_logits.float().reshape(n))
+    assert isinstance(score, torch.Tensor) and isinstance(mask, torch.Tensor)  # outs is not empty
     return SimpleNamespace(
         pred_logits=_logit(score)[:, None],
         pred_masks=_logit(mask)[:, None],
-        presence_logits=_logit(presence)[:, None] if has_presence else None,
+        presence_logits=_logit(presence)[:, None] if isinstance(presence, torch.Tensor) else None,
     )
 
 

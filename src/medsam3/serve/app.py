@@ -73,7 +73,7 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def _token_ok(given: str | None, token: str) -> bool:
-    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
+    return bool(given and hmac.compare_digest(given.encode(), token.encode()))
 
 
 def _request_token(request: Request) -> tuple[str | None, bool]:
@@ -345,6 +345,7 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
             if style == "labels":
                 return _png(sl if sl.dtype.itemsize <= 2 else sl.astype(np.uint16))
             rgba = np.zeros((*sl.shape, 4), dtype=np.uint8)
+            assert job.result is not None  # _display_labels found the finished job's files
             for entry in job.result["labels"]:
                 if entry["value"] is not None and entry["color"] is not None:
                     rgba[sl == entry["value"]] = (*entry["color"], 255)

@@ -44,7 +44,7 @@ def pixel_key(pixel_values: torch.Tensor) -> str:
     head = f"{tuple(t.shape)}|{t.dtype}|{t.device}".encode()
     data = t.contiguous().cpu().view(torch.uint8).numpy() if t.numel() else b""
     h = hashlib.blake2b(head, digest_size=20)
-    h.update(memoryview(data) if not isinstance(data, bytes) else data)
+    h.update(data.data if not isinstance(data, bytes) else data)
     return h.hexdigest()
 
 

@@ -11,7 +11,7 @@ Scopes:
   back into an empty label volume on the original grid (exactly: reorientation is a permutation and flips).
 * **a volume from boxes on one slice** (``slice`` and ``propagate``): each box drawn on the displayed slice
   is mapped exactly to the input voxels it covers (:func:`display_box_to_input`) and becomes a box on a
-  **key slice** (:class:`~medsam3.predict.volume_prompts.VolumePrompt` ``boxes`` + ``box_slice``, as
+  **key slice** (:class:`~medsam3.predict.volume.prompts.VolumePrompt` ``boxes`` + ``box_slice``, as
   ``medsam3 segment --box --box-slice``); the whole volume goes to the segmenter. The volume segmenter
   slices along the acquisition's through-plane axis and takes key slices along it only, so the boxes must
   be drawn on that plane (:func:`propagation_prompts` names it otherwise). The scope is reported as
@@ -28,6 +28,7 @@ the upload's geometry), ``mask.seg.dcm`` for DICOM uploads (DICOM SEG referencin
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,11 @@ from medsam3.image import Image
 from medsam3.io.atomic import write_text_atomic
 from medsam3.io.writers import write_dicom_seg, write_label_map
 from medsam3.overlay import label_colors
-from medsam3.predict.prompts import Box, Prompt, validate_prompt
-from medsam3.predict.volume_prompts import Box3D, VolumePrompt, validate_volume_prompt
+from medsam3.predict.options import check_request
+from medsam3.predict.prompts import Prompt, validate_prompt
+from medsam3.predict.segmenter import Segmenter
+from medsam3.predict.summary import SegmentationResult
+from medsam3.predict.volume.prompts import Box3D, VolumePrompt, validate_volume_prompt
 from medsam3.preprocess.orientation import Reorientation, plan_reorientation
 from medsam3.preprocess.slices import take_slice
 from medsam3.serve.schemas import SegmentIn
@@ -96,7 +100,7 @@ def reorientation_of(info: dict) -> Reorientation:
     return plan_reorientation(geometry)
 
 
-def display_box_to_input(reo: Reorientation, plane: str, index: int, box: Box) -> Box3D:
+def display_box_to_input(reo: Reorientation, plane: str, index: int, box: Sequence[float]) -> Box3D:
     """A box ``(x1, y1, x2, y2)`` on display slice ``index`` of ``plane`` as a 3D box of the input volume.
 
     Display slices (:mod:`medsam3.serve.store`) are slices of the canonical array ``(Z, Y, X)``: axial
@@ -104,12 +108,12 @@ def display_box_to_input(reo: Reorientation, plane: str, index: int, box: Box) -
     the top), so a display row ``y`` is canonical coordinate ``n - y`` along the row axis. The slice is one
     voxel thick, ``[index, index + 1]`` along the plane's canonical axis. The canonical box is taken back
     through the reorientation's mirroring and permutation (the inverse of
-    :func:`~medsam3.predict.volume_prompts.canonical_box`), which is exact.
+    :func:`~medsam3.predict.volume.prompts.canonical_box`), which is exact.
 
     Returns:
         ``(x1, y1, z1, x2, y2, z2)``: continuous voxel coordinates of the **input** array, ``x`` along
         array axis 2, ``y`` along axis 1, ``z`` along axis 0, ends exclusive (the frame of
-        :attr:`~medsam3.predict.volume_prompts.VolumePrompt.box3d`). Exactly one of the three extents is
+        :attr:`~medsam3.predict.volume.prompts.VolumePrompt.box3d`). Exactly one of the three extents is
         ``[k, k + 1]``: the input axis the display plane cuts.
     """
     axis = PLANE_AXIS[plane]
@@ -158,6 +162,7 @@ def propagation_prompts(prompts: list[Prompt], reo: Reorientation, plane: str, i
                           "prompt has a box: draw a box, or leave out 'slice' and 'propagate' to search the "
                           "whole volume for the text")
     acquired = acquired_plane(reo)
+    assert acquired is not None  # reo is a volume's (propagate applies to volumes only)
     out: list[Prompt | VolumePrompt] = []
     for p in prompts:
         if not p.boxes:
@@ -169,12 +174,14 @@ def propagation_prompts(prompts: list[Prompt], reo: Reorientation, plane: str, i
                 f"in {acquired} slices and is segmented slice by slice along them, so a box to propagate "
                 f"must be drawn on {_article(acquired)} slice (or leave out 'propagate' to segment only this "
                 f"{plane} slice)")
-        boxes, keys = [], set()
+        boxes: list[tuple[float, ...]] = []
+        keys: set[int] = set()
         for box in p.boxes:
             x1, y1, z1, x2, y2, z2 = display_box_to_input(reo, plane, index, box)
             boxes.append((x1, y1, x2, y2))
             keys.add(int(z1))
         (key,) = keys  # the acquired plane cuts input axis 0: every box lies on input slice z1
+        assert p.box_labels is not None  # set with the boxes in Prompt.__post_init__
         vp = VolumePrompt(p.text, boxes, list(p.box_labels), key)
         out.append(validate_volume_prompt(vp, reo.original_shape))
     return out
@@ -197,7 +204,7 @@ def _whole_volume_prompts(body: SegmentIn, prompts: list[Prompt], rec: ImageReco
 
 
 def request_prompts(body: SegmentIn, rec: ImageRecord, reo: Reorientation | None = None
-                    ) -> list[Prompt | VolumePrompt]:
+                    ) -> Sequence[Prompt | VolumePrompt]:
     """The prompts the segmenter gets for ``body`` on ``rec``, checked against the image.
 
     2D images and single slices: ``Prompt`` in pixels of the image / slice. ``propagate``:
@@ -210,10 +217,8 @@ def request_prompts(body: SegmentIn, rec: ImageRecord, reo: Reorientation | None
     info = rec.info
     is_volume = info["ndim"] == 3
     plane = body.slice.plane if body.slice is not None else None
-    if body.tta and (body.instances or any(p.points for p in body.prompts)):
-        what = "'instances'" if body.instances else "point prompts"
-        raise PromptError(f"test-time mirroring ('tta') keeps one mask per text or box prompt and does not "
-                          f"combine with {what}")
+    options = body.options()
+    check_request(options, points=any(p.points for p in body.prompts))
     if any(p.box3d is not None for p in body.prompts):
         if not is_volume:
             raise PromptError("'box3d' applies to volumes only; this image is 2D (give its box in 'boxes')")
@@ -235,10 +240,10 @@ def request_prompts(body: SegmentIn, rec: ImageRecord, reo: Reorientation | None
     if single and (body.propagate or any(p.box3d is not None for p in body.prompts)):
         raise PromptError("this volume has a single slice and is segmented as a 2D image: give its boxes "
                           "with \"slice\" (without 'propagate' or 'box3d')")
-    if body.instances and not single:
-        raise PromptError("instance mode ('instances': true) is for 2D images and single slices; a whole "
-                          "volume is segmented with one label per prompt")
+    if not single:
+        check_request(options, volume=True)
     if body.propagate:
+        assert body.slice is not None and plane is not None  # 'propagate' without a slice was refused above
         validate_prompts(prompts, rec, plane)  # the boxes lie inside the displayed slice
         return propagation_prompts(prompts, reo or reorientation_of(info), plane, body.slice.index)
     return _whole_volume_prompts(body, prompts, rec)
@@ -250,7 +255,7 @@ def _to_display(labels: np.ndarray, image: Image) -> np.ndarray:
     return plan_reorientation(image).apply(labels)
 
 
-def _entries(result, colours: dict[int, tuple[int, int, int]]) -> list[dict[str, Any]]:
+def _entries(result: SegmentationResult, colours: dict[int, tuple[int, int, int]]) -> list[dict[str, Any]]:
     out = []
     for entry in result.labels:
         d = entry.to_dict()
@@ -259,8 +264,9 @@ def _entries(result, colours: dict[int, tuple[int, int, int]]) -> list[dict[str,
     return out
 
 
-def segment_job(segmenter, image: Image, rec: ImageRecord, prompts: list[Prompt | VolumePrompt],
-                request: dict, folder: Path, model_name: str) -> dict[str, Any]:
+def segment_job(segmenter: Segmenter, image: Image, rec: ImageRecord,
+                prompts: Sequence[Prompt | VolumePrompt], request: dict, folder: Path, model_name: str
+                ) -> dict[str, Any]:
     """Segment, write the job's files into ``folder`` and return the job's public result.
 
     ``prompts`` come from :func:`request_prompts`; ``request`` is the validated request as a dict
@@ -269,8 +275,7 @@ def segment_job(segmenter, image: Image, rec: ImageRecord, prompts: list[Prompt 
     scope = request.get("slice")
     if scope is not None and image.ndim == 3 and not request.get("propagate"):
         plane, index = scope["plane"], int(scope["index"])
-        result = segmenter.segment(slice_image(image, rec, plane, index), prompts,
-                                   instances=request.get("instances", False))
+        result = segmenter.segment(slice_image(image, rec, plane, index), prompts)
         reo = plan_reorientation(image)
         canonical = np.zeros(reo.canonical_shape, dtype=result.label_map.dtype)
         take_slice(canonical, PLANE_AXIS[plane], index, display=True)[...] = result.label_map
@@ -278,11 +283,12 @@ def segment_job(segmenter, image: Image, rec: ImageRecord, prompts: list[Prompt 
         display_labels = canonical
         scope_out = {"kind": "slice", "plane": plane, "index": index}
     else:
-        result = segmenter.segment(image, prompts, instances=request.get("instances", False))
+        result = segmenter.segment(image, prompts)
         labels = np.asarray(result.label_map)
         display_labels = _to_display(labels, image)
         scope_out = {"kind": "volume" if image.ndim == 3 else "image"}
-        keys = [p.box_slice for p in prompts if isinstance(p, VolumePrompt) and p.boxes]
+        keys = [p.box_slice for p in prompts
+                if isinstance(p, VolumePrompt) and p.boxes and p.box_slice is not None]
         if scope is not None and keys:
             scope_out["key_slice"] = {"plane": scope["plane"], "index": int(scope["index"]),
                                       "input_slice": int(keys[0])}

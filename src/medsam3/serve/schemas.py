@@ -7,23 +7,27 @@ superior up for coronal and sagittal slices): only that slice is segmented, or, 
 boxes become boxes on a key slice and the whole volume is segmented (:mod:`medsam3.serve.results`).
 
 ``box3d`` ``[x1, y1, z1, x2, y2, z2]`` is the exception: voxel coordinates of the **uploaded** array, as
-``medsam3 segment --box3d`` takes them (:mod:`medsam3.predict.volume_prompts`: ``x`` along array axis 2,
+``medsam3 segment --box3d`` takes them (:mod:`medsam3.predict.volume.prompts`: ``x`` along array axis 2,
 ``y`` along axis 1, ``z`` the stored slice index, continuous, ends exclusive), for volumes without a
 ``slice``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic.config import JsonDict
 
+from medsam3.predict.options import VolumeOptions, default_of
+from medsam3.predict.options import option_fields as option_fields_of
 from medsam3.predict.prompts import Prompt
 
 
 class PromptIn(BaseModel):
     """One prompt: a concept text and / or boxes and points (see :class:`medsam3.predict.prompts.Prompt`),
-    or, on a whole volume, a text and / or a 3D box (:class:`medsam3.predict.volume_prompts.VolumePrompt`)."""
+    or, on a whole volume, a text and / or a 3D box (:class:`medsam3.predict.volume.prompts.VolumePrompt`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -66,7 +70,9 @@ class PromptIn(BaseModel):
 
     def to_prompt(self) -> Prompt:
         """The 2D prompt (text, boxes, points; ``box3d`` is handled by :mod:`medsam3.serve.results`)."""
-        return Prompt(self.text, self.boxes, self.box_labels, self.points, self.point_labels)
+        boxes = [tuple(b) for b in self.boxes] if self.boxes is not None else None
+        points = [tuple(p) for p in self.points] if self.points is not None else None
+        return Prompt(self.text, boxes, self.box_labels, points, self.point_labels)
 
 
 class SliceIn(BaseModel):
@@ -78,8 +84,9 @@ class SliceIn(BaseModel):
     index: int = Field(..., ge=0)
 
 
-class SegmentIn(BaseModel):
-    """A segmentation request on an uploaded image."""
+class SegmentRequest(BaseModel):
+    """A segmentation request on an uploaded image: what to segment, where. Its options are the fields
+    :func:`option_fields` adds (:class:`SegmentIn`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -97,16 +104,48 @@ class SegmentIn(BaseModel):
         "volume segmenter slices along; others are refused with a message naming it). Points cannot be "
         "propagated; text-only prompts of the request search the whole volume. The result is a label map "
         "of the whole volume")
-    instances: bool = Field(False, description="every instance above the threshold instead of one mask "
-                            "per prompt")
-    tta: bool = Field(False, description="test-time mirroring (as 'medsam3 segment --tta'): the image, or "
-                      "each slice, is also segmented mirrored along x, y and both, and the four predictions "
-                      "are averaged into one mask per prompt (4x the model work; concepts naming a side or "
-                      "position are not mirrored). Not with 'instances' or point prompts")
-    threshold: float | None = Field(None, ge=0.0, le=1.0, description="score threshold (server default)")
-    presence_threshold: float | None = Field(None, ge=0.0, le=1.0,
-                                             description="presence threshold (server default)")
-    window: str | None = Field(None, max_length=40, description="CT window name or 'WIDTH,LEVEL' (CT only)")
+
+    def given_options(self) -> dict[str, Any]:
+        """The inference options the request sets (fields left out or ``null`` take the server's
+        defaults)."""
+        return {name: value for name in API_OPTIONS if (value := getattr(self, name, None)) is not None}
+
+    def options(self, defaults: Mapping[str, Any] | None = None) -> VolumeOptions:
+        """The request's :class:`~medsam3.predict.options.VolumeOptions` over ``defaults`` (the server's).
+
+        Raises:
+            OptionError: a value or combination the options refuse.
+        """
+        return VolumeOptions(**{**(defaults or {}), **self.given_options()})
+
+
+def option_fields() -> dict[str, Any]:
+    """The pydantic fields of the inference options the API offers (:mod:`medsam3.predict.options`): each
+    optional (``null``: the server's default), with its range, choices and help."""
+    types = {"bool": bool, "int": int, "float": float, "str": str}
+    fields: dict[str, Any] = {}
+    for f, info in option_fields_of(VolumeOptions, "api"):
+        kind: Any = types[str(f.type).split(" ")[0]]
+        if info.choices is not None:
+            kind = Literal[info.choices]
+        extra: dict[str, Any] = {"max_length": 64} if kind is str else {}
+        # Ranges are checked by the options themselves, so the message is the one Python and the CLI give;
+        # the schema still shows them.
+        bounds: JsonDict = {k: v for k, v in (("minimum", info.low), ("maximum", info.high)) if v is not None}
+        fields[f.name] = (kind | None, Field(None, description=f"{info.help} (default: the server's, "
+                                             f"{default_of(f.name)!r} unless set at its start)",
+                                             json_schema_extra=bounds or None, **extra))
+    return fields
+
+
+#: The inference options a request may set.
+API_OPTIONS = tuple(f.name for f, _ in option_fields_of(VolumeOptions, "api"))
+
+if TYPE_CHECKING:
+    SegmentIn = SegmentRequest
+else:
+    SegmentIn = create_model("SegmentIn", __base__=SegmentRequest, __doc__="A segmentation request on an "
+                             "uploaded image: prompts, where, and inference options.", **option_fields())
 
 
 class LoginIn(BaseModel):

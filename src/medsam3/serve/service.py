@@ -9,9 +9,9 @@
   once with 422, not as failed jobs; :func:`medsam3.serve.results.request_prompts`, which also maps boxes
   drawn on a displayed slice to key-slice boxes for ``propagate``) and queues a
   :class:`~medsam3.serve.jobs.Job` (503 when the queue is full);
-* :meth:`Service.execute` runs in a worker thread: one :class:`~medsam3.predict.segmenter.Segmenter` per
-  job around the shared model (its thresholds are the request's), the shared point tracker (loaded on first
-  use), and :func:`medsam3.serve.results.segment_job`;
+* :meth:`Service.execute` runs in a worker thread: a :class:`~medsam3.predict.segmenter.Segmenter` with the
+  request's options around the shared :class:`~medsam3.predict.engine.Engine` (the model, loaded once; its
+  point tracker loaded on first use), and :func:`medsam3.serve.results.segment_job`;
 * :meth:`Service.cleanup` removes jobs ``result_ttl`` seconds after they ended and images ``result_ttl``
   seconds after their last use (never while a job of theirs waits or runs), files included.
 """
@@ -29,8 +29,9 @@ from typing import Any
 
 from fastapi import Request
 
-from medsam3.errors import InputError, MedSam3Error, ModelError
-from medsam3.predict.prompts import Prompt
+from medsam3.errors import InputError, MedSam3Error
+from medsam3.predict.engine import Engine
+from medsam3.predict.segmenter import Segmenter
 from medsam3.preprocess.intensity import parse_window
 from medsam3.serve.cache import FeatureCache, install_feature_cache
 from medsam3.serve.errors import ApiError, public_message
@@ -51,7 +52,7 @@ class Service:
         self.settings = settings
         self.loaded = loaded
         self._own_work_dir = settings.work_dir is None
-        self.work_dir = Path(tempfile.mkdtemp(prefix="medsam3-serve-")) if self._own_work_dir else \
+        self.work_dir = Path(tempfile.mkdtemp(prefix="medsam3-serve-")) if settings.work_dir is None else \
             Path(settings.work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.images = ImageStore(self.work_dir / "images", memory_bytes=settings.image_memory_bytes)
@@ -63,8 +64,7 @@ class Service:
         self._jobs: dict[str, Job] = {}
         self._expired_jobs: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
-        self._tracker = None
-        self._tracker_lock = threading.Lock()
+        self.engine = Engine(loaded)
         self.queue = JobQueue(self.execute, self.describe_error, workers=settings.workers,
                               queue_size=settings.queue_size)
         self.started = time.time()
@@ -143,12 +143,14 @@ class Service:
 
             check_plane(rec.info, body.slice.plane, body.slice.index)
         try:
+            body.options(self.option_defaults)  # values and rules: the same messages as the CLI's
             request_prompts(body, rec)
-            if body.window is not None:
+            window = body.given_options().get("window")
+            if window is not None:
                 if rec.info["modality"] != "CT":
                     raise ApiError(422, f"a CT window was given for a {rec.info['modality']} image; "
                                         "windows apply to CT only")
-                parse_window(body.window)
+                parse_window(window)
         except MedSam3Error as exc:
             raise ApiError(422, public_message(exc, name=rec.name, hide=self.hidden_paths)) from None
         job = Job(new_id(), image_id, body.model_dump(), self.jobs_dir)
@@ -165,48 +167,24 @@ class Service:
                            headers={"Retry-After": str(exc.retry_after)}) from None
         return job
 
-    def tracker_for(self, prompts) -> Any:
-        """The shared point tracker when a prompt needs it (loaded once), else ``None``."""
-        if not any(p.uses_tracker for p in prompts):
-            return None
-        with self._tracker_lock:
-            if self._tracker is None:
-                from medsam3.model.loading import load_sam3_tracker
-
-                source = getattr(self.loaded, "source", None)
-                try:
-                    self._tracker = load_sam3_tracker(source, device=str(self.loaded.device),
-                                                      dtype=str(self.loaded.dtype).replace("torch.", ""))
-                except ModelError:
-                    raise ModelError(
-                        "point prompts without a text need SAM3's interactive tracker, which this server's "
-                        "model does not hold; give a text with the points, or use a box") from None
-            return self._tracker
+    @property
+    def option_defaults(self) -> dict[str, Any]:
+        """The server's defaults for the options a request leaves out (its thresholds)."""
+        s = self.settings
+        return {"threshold": s.threshold, "presence_threshold": s.presence_threshold}
 
     def execute(self, job: Job) -> dict[str, Any]:
         """Run ``job`` (worker thread): segment and write its files."""
-        from medsam3.predict.segmenter import Segmenter
         from medsam3.preprocess.orientation import plan_reorientation
 
         rec = self.images.get(job.image_id)
         image = self.images.load_image(rec)
-        req = job.request
-        body = SegmentIn.model_validate(req)
+        body = SegmentIn.model_validate(job.request)
         prompts = request_prompts(body, rec, plan_reorientation(image) if image.ndim == 3 else None)
-        s = self.settings
-        segmenter = Segmenter(
-            self.loaded,
-            threshold=s.threshold if body.threshold is None else body.threshold,
-            presence_threshold=s.presence_threshold if body.presence_threshold is None else
-            body.presence_threshold,
-            window=body.window,
-            instances=body.instances,
-            mirror=body.tta,
-            tracker=self.tracker_for([p for p in prompts if isinstance(p, Prompt)]),
-        )
+        segmenter = Segmenter(self.engine, options=body.options(self.option_defaults))
         job.folder.mkdir(parents=True, exist_ok=False)
         try:
-            return segment_job(segmenter, image, rec, prompts, req, job.folder, self.model_name)
+            return segment_job(segmenter, image, rec, prompts, job.request, job.folder, self.model_name)
         except BaseException:
             shutil.rmtree(job.folder, ignore_errors=True)
             raise

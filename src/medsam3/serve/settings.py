@@ -16,10 +16,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsam3.errors import MedSam3Error
+from medsam3.predict.options import default_of
 
 #: Environment variable holding the access token when ``--token`` is not given.
 TOKEN_ENV = "MEDSAM3_TOKEN"
@@ -69,8 +70,8 @@ class ServeSettings:
     cache_items: int = 8
     cache_mb: float = 2048.0
     image_memory_mb: float = 1024.0
-    threshold: float = 0.1
-    presence_threshold: float = 0.5
+    threshold: float = field(default_factory=lambda: default_of("threshold"))
+    presence_threshold: float = field(default_factory=lambda: default_of("presence_threshold"))
     log_level: str = "info"
 
     def __post_init__(self) -> None:

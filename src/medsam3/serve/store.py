@@ -29,6 +29,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def acquired_plane(reo: Reorientation) -> str | None:
     return None if axis is None else PLANE_OF_AXIS[axis]
 
 
-def plane_geometry(display_shape: tuple[int, ...], spacing_zyx: tuple[float, float, float],
+def plane_geometry(display_shape: tuple[int, ...], spacing_zyx: Sequence[float],
                    ndim: int) -> dict:
     """Per plane: slice count, rows, columns and their spacing (mm, or pixel units for pictures)."""
     z, y, x = display_shape[:3]

@@ -30,9 +30,10 @@ import re
 import stat
 import unicodedata
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from fastapi import Request
@@ -42,6 +43,9 @@ from medsam3.errors import InputError
 from medsam3.io.sniff import FORMAT_NAMES, detect_format, extension_format
 from medsam3.serve.errors import ApiError
 from medsam3.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from nibabel.analyze import AnalyzeImage
 
 #: Formats the server accepts, by the name :func:`detect_format` gives them (plus ``dicom-zip``).
 ACCEPTED = ("nifti", "nrrd", "png", "jpeg", "bmp", "tiff", "dicom", "dicom-zip")
@@ -122,7 +126,8 @@ def _too_large(settings: ServeSettings) -> ApiError:
                          "(server option --max-upload-mb)")
 
 
-async def _limited(stream: AsyncIterator[bytes], limit: int, settings: ServeSettings) -> AsyncIterator[bytes]:
+async def _limited(stream: AsyncIterator[bytes], limit: int, settings: ServeSettings
+                   ) -> AsyncGenerator[bytes, None]:
     seen = 0
     async for chunk in stream:
         seen += len(chunk)
@@ -158,7 +163,7 @@ async def receive_upload(request: Request, folder: Path, settings: ServeSettings
                     if size > limit:
                         raise _too_large(settings)
                     out.write(chunk)
-            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            fields: dict[str, str | None] = {k: v for k, v in form.items() if isinstance(v, str)}
             name = display_name(upload.filename)
         finally:
             await form.close()
@@ -356,7 +361,7 @@ def declared_voxels(source: Path, kind: str) -> int:
     if kind == "nifti":
         import nibabel as nib
 
-        shape = nib.load(str(source)).header.get_data_shape()
+        shape = cast("AnalyzeImage", nib.load(str(source))).header.get_data_shape()  # NIfTI: an Analyze image
         return int(np.prod([max(int(s), 1) for s in shape], dtype=np.int64))
     if kind == "nrrd":
         import nrrd

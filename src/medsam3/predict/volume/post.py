@@ -4,7 +4,7 @@ Every function works on canonical ``(Z, Y, X)`` boolean volumes (see
 :mod:`medsam3.preprocess.orientation`) and a slicing ``axis`` (0, 1 or 2): slice ``k`` is
 ``volume[(slice(None),) * axis + (k,)]``. Nothing here resamples; the inputs are never modified.
 
-Rules, in the order :mod:`medsam3.predict.volume` applies them to each concept:
+Rules, in the order :func:`postprocess_concept` applies them to each concept:
 
 1. :func:`chain_from_key` (key-slice box prompts only): starting at the key slice, a neighbouring slice's
    mask is kept while it overlaps (shares at least one pixel with) the kept mask of the slice before it on
@@ -23,13 +23,18 @@ ties go to the earlier prompt).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from medsam3.predict.postprocess import label_dtype
+from medsam3.predict.options import VolumeOptions
+from medsam3.predict.postprocess import label_dtype, sigmoid
+from medsam3.predict.volume.plan import KEPT, NO_PRESENCE, NOT_SEARCHED, ConceptSlices, SlicePlan
+from medsam3.preprocess.resize import ResizeTransform
+from medsam3.preprocess.slices import take_slice
 
 #: 26-connectivity in 3D.
 FULL_3D = ndimage.generate_binary_structure(3, 3)
@@ -156,17 +161,17 @@ def assign_labels(
     """
     shape = tuple(int(s) for s in shape)
     out = np.zeros(shape, dtype=label_dtype(max([int(v) for v in values], default=0)))
-    present = [i for i, m in enumerate(masks) if m is not None and m.any()]
-    counts = {i: slice_counts(masks[i], axis) for i in present}
+    present = {i: m for i, m in enumerate(masks) if m is not None and m.any()}
+    counts = {i: slice_counts(m, axis) for i, m in present.items()}
     for k in range(shape[axis]):
         on = [i for i in present if counts[i][k]]
         if not on:
             continue
         target = _slice(out, axis, k)
         if len(on) == 1:
-            target[_slice(masks[on[0]], axis, k)] = values[on[0]]
+            target[_slice(present[on[0]], axis, k)] = values[on[0]]
             continue
-        stack = np.stack([_slice(masks[i], axis, k) for i in on])
+        stack = np.stack([_slice(present[i], axis, k) for i in on])
         many = stack.sum(axis=0) > 1
         for row, i in enumerate(on):  # voxels claimed once: no contest
             target[stack[row] & ~many] = values[i]
@@ -180,3 +185,59 @@ def assign_labels(
         lut = np.asarray([values[i] for i in on], dtype=out.dtype)
         target[many] = lut[winner]
     return out
+
+
+@dataclass
+class ConceptVolume:
+    """One prompt after 3D post-processing, on the canonical grid."""
+
+    mask: np.ndarray | None  # (Z, Y, X) bool, None when absent
+    reason: str | None
+    slices_detected: int
+    components: dict | None = None
+
+
+def concept_mask(res: ConceptSlices, transform: ResizeTransform, axis: int, shape) -> np.ndarray:
+    """The kept slices of one prompt stacked into a canonical boolean volume."""
+    mask = np.zeros(shape, dtype=bool)
+    for k in res.kept:
+        k = int(k)
+        m = res.masks[k] if k in res.masks else transform.mask_to_original(res.logits[k]) > 0
+        take_slice(mask, axis, k, display=True)[...] = m
+    return mask
+
+
+def postprocess_concept(res: ConceptSlices, plan: SlicePlan, transform: ResizeTransform, axis: int, shape,
+                        options: VolumeOptions, voxel_ml: float | None) -> ConceptVolume:
+    """Step 5 of the module docstring for one prompt."""
+    found = len(res.kept)
+    if found == 0:
+        searched = res.outcome != NOT_SEARCHED
+        only_presence = searched.any() and bool((res.outcome[searched] == NO_PRESENCE).all())
+        return ConceptVolume(None, "presence" if only_presence else "score", 0)
+    if found < options.min_slices:
+        return ConceptVolume(None, "slices", found)
+    mask = concept_mask(res, transform, axis, shape)
+    if plan.key is not None:
+        mask = chain_from_key(mask, axis, plan.key)
+        if not mask.any():
+            return ConceptVolume(None, "key slice", found)
+    if options.fill_holes:
+        mask = fill_holes_in_slices(mask, axis, options.max_hole_pixels)
+    min_voxels = options.min_component_voxels
+    if options.min_component_ml > 0 and voxel_ml:
+        min_voxels = max(min_voxels, math.ceil(options.min_component_ml / voxel_ml - 1e-9))
+    report = None
+    if min_voxels > 0 or options.keep_largest:
+        mask, rep = filter_components(mask, min_voxels=min_voxels, keep_largest=options.keep_largest)
+        report = rep.to_dict() | {"min_voxels": int(min_voxels), "keep_largest": options.keep_largest}
+    if not mask.any():
+        return ConceptVolume(None, "size", found, report)
+    return ConceptVolume(mask, None, found, report)
+
+
+def voxel_confidence(res: ConceptSlices, transform: ResizeTransform, k: int) -> np.ndarray | float:
+    """Confidence of one prompt's voxels on slice ``k`` (displayed slice layout): score x mask probability."""
+    if k in res.logits:
+        return res.scores[k] * sigmoid(transform.mask_to_original(res.logits[k]))
+    return float(res.scores[k]) if res.outcome[k] == KEPT else 0.0

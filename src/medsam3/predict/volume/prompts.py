@@ -32,10 +32,6 @@ from medsam3.predict.prompts import VISUAL_PROMPT_TEXT, Box, parse_box
 
 Box3D = tuple[float, float, float, float, float, float]
 
-#: Command-line item kinds understood here (``-p``, ``--box``, ``--box-slice``, ``--box3d``, ``--point``).
-ITEM_KINDS = ("text", "box", "box_slice", "box3d", "point")
-
-
 @dataclass
 class VolumePrompt:
     """One prompt on a volume (see the module docstring for the coordinates).
@@ -49,10 +45,10 @@ class VolumePrompt:
     """
 
     text: str | None = None
-    boxes: list[Box] | None = None
+    boxes: list[tuple[float, ...]] | None = None
     box_labels: list[int] | None = None
     box_slice: int | None = None
-    box3d: Box3D | None = None
+    box3d: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.text is not None:
@@ -60,7 +56,8 @@ class VolumePrompt:
         self.boxes = [tuple(float(v) for v in b) for b in self.boxes] if self.boxes else None
         if self.boxes and self.box_labels is None:
             self.box_labels = [1] * len(self.boxes)
-        self.box_labels = [int(v) for v in self.box_labels] if self.boxes else None
+        self.box_labels = ([int(v) for v in self.box_labels]
+                           if self.boxes and self.box_labels is not None else None)
         self.box3d = tuple(float(v) for v in self.box3d) if self.box3d is not None else None
 
     @property
@@ -86,6 +83,7 @@ class VolumePrompt:
     def to_dict(self) -> dict:
         out: dict = {"text": self.text, "kind": self.kind}
         if self.boxes:
+            assert self.box_labels is not None  # set with the boxes in __post_init__
             out.update(boxes=[list(b) for b in self.boxes], box_labels=list(self.box_labels),
                        box_slice=self.box_slice)
         if self.box3d is not None:
@@ -129,6 +127,7 @@ def validate_volume_prompt(prompt: VolumePrompt, shape_zyx: Sequence[int]) -> Vo
             if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
                 raise PromptError(f"box {_fmt(box)} lies outside the slices of the {size}: need "
                                   f"0 <= x <= {w}, 0 <= y <= {h}")
+        assert prompt.box_labels is not None  # set with the boxes in __post_init__
         bad = [v for v in prompt.box_labels if v not in (0, 1)]
         if bad:
             raise PromptError(f"box label {bad[0]} is not 1 (positive) or 0 (negative)")
@@ -160,7 +159,7 @@ def parse_box3d(text: str) -> Box3D:
         raise PromptError(f"3D box {text!r}: expected {usage}") from None
     if len(values) != 6:
         raise PromptError(f"3D box {text!r}: expected {usage}")
-    return tuple(values)  # type: ignore[return-value]
+    return (values[0], values[1], values[2], values[3], values[4], values[5])
 
 
 def parse_slice_index(text: str) -> int:
@@ -174,7 +173,7 @@ def parse_slice_index(text: str) -> int:
 @dataclass
 class _Draft:
     text: str | None = None
-    boxes: list[Box] = field(default_factory=list)
+    boxes: list[tuple[float, ...]] = field(default_factory=list)
     box_labels: list[int] = field(default_factory=list)
     box_slice: int | None = None
     box3d: Box3D | None = None

@@ -1,5 +1,8 @@
 """The ``track`` mode of volume inference: SAM3's video model carries text concepts through the slices.
 
+:func:`track_slices` is the mode as :func:`medsam3.predict.volume.segment.segment_volume` runs it; the
+functions below it work on any ``Sam3VideoModel`` and its processor.
+
 A volume's canonical slices ``(Z, H, W)`` are treated as the frames of a video. Flow, per call:
 
 1. **Start slices.** Unless the caller gives them (e.g. from its own slice-wise detection), the video
@@ -42,6 +45,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -57,6 +61,19 @@ from medsam3.model.video import (
     tracker_reach,
     video_input_size,
 )
+from medsam3.predict.engine import Engine
+from medsam3.predict.options import VolumeOptions, default_of
+from medsam3.predict.volume.plan import KEPT, LOW_SCORE, ConceptSlices
+from medsam3.predict.volume.prompts import VolumePrompt
+from medsam3.preprocess.intensity import IntensityParams, apply_intensity
+from medsam3.preprocess.slices import slice_to_rgb, take_slice
+
+if TYPE_CHECKING:
+    from transformers import Sam3VideoModel, Sam3VideoProcessor
+    from transformers.models.sam3_video.modeling_sam3_video import (
+        Sam3VideoInferenceSession,
+        Sam3VideoSegmentationOutput,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +132,7 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def _check_prompts(processor, prompts: Sequence[str]) -> list[str]:
+def _check_prompts(processor: Sam3VideoProcessor, prompts: Sequence[str]) -> list[str]:
     texts = [str(p).strip() for p in prompts]
     if not texts:
         raise PromptError("no prompt to track")
@@ -142,8 +159,8 @@ def probe_indices(n_frames: int, probes: int) -> list[int]:
 
 
 @torch.inference_mode()
-def probe_scores(video_model, processor, frames: np.ndarray, prompts: Sequence[str], indices: Sequence[int],
-                 *, batch_size: int = 4) -> np.ndarray:
+def probe_scores(video_model: Sam3VideoModel, processor: Sam3VideoProcessor, frames: np.ndarray,
+                 prompts: Sequence[str], indices: Sequence[int], *, batch_size: int = 4) -> np.ndarray:
     """Detection confidence of each prompt on the slices ``indices``: ``(P, len(indices))`` float32.
 
     The confidence is SAM3's ``max_q sigmoid(logit_q) * sigmoid(presence)`` from the video model's
@@ -223,8 +240,11 @@ class _PromptOutput:
         self.start: tuple[float, int] | None = None
 
 
-def _collect(processor, session, out, hw, offset: int, first: int, results: dict[str, _PromptOutput]):
+def _collect(processor: Sam3VideoProcessor, session: Sam3VideoInferenceSession,
+             out: Sam3VideoSegmentationOutput, hw: tuple[int, int], offset: int, first: int,
+             results: dict[str, _PromptOutput]) -> None:
     """Merge one finished frame's objects by prompt into ``results`` (frame ``first + out.frame_idx``)."""
+    assert out.frame_idx is not None and out.obj_id_to_score is not None  # set for every processed frame
     pp = processor.postprocess_outputs(session, out, original_sizes=[list(hw)])
     obj_ids = pp["object_ids"].tolist()
     masks = pp["masks"].cpu().numpy()
@@ -240,8 +260,9 @@ def _collect(processor, session, out, hw, offset: int, first: int, results: dict
         acc.presence = max([acc.presence, *scores])
 
 
-def _run_pass(video_model, processor, session, order: Sequence[int], *, reverse: bool, window: int,
-              keep: set[int], finish: Callable, report: Callable) -> None:
+def _run_pass(video_model: Sam3VideoModel, processor: Sam3VideoProcessor, session: Sam3VideoInferenceSession,
+              order: Sequence[int], *, reverse: bool, window: int, keep: set[int], finish: Callable,
+              report: Callable) -> None:
     """Process ``order`` (local frame indices) in one direction, finishing frames after the hot-start delay.
 
     Mirrors ``Sam3VideoModel.propagate_in_video_iterator``: outputs are held for ``hotstart_delay`` frames
@@ -267,15 +288,15 @@ def _run_pass(video_model, processor, session, order: Sequence[int], *, reverse:
 
 
 def track_volume_prompts(
-    video_model,
-    video_processor,
+    video_model: Sam3VideoModel,
+    video_processor: Sam3VideoProcessor,
     frames: np.ndarray,
     prompts: Sequence[str],
     *,
     start_frames: Sequence[int] | None = None,
     score_threshold: float | None = None,
     max_frames_in_memory: int | None = None,
-    probes: int = 8,
+    probes: int = default_of("probes"),
     clean: bool = True,
     progress: Callable[[TrackProgress], None] | None = None,
 ) -> dict[str, TrackResult]:
@@ -324,7 +345,7 @@ def track_volume_prompts(
             results[t].presence = float(row[best])
             results[t].start = (float(row[best]), indices[best])
         tracked = [t for t in texts if results[t].presence >= threshold]
-        starts = sorted({results[t].start[1] for t in tracked})
+        starts = sorted({probe[1] for t in tracked if (probe := results[t].start) is not None})
         log.info("probe slices %s: best %s", indices, {t: results[t].start for t in texts})
     else:
         starts = sorted(set(int(s) for s in start_frames))
@@ -380,15 +401,15 @@ def track_volume_prompts(
 
 
 def track_volume(
-    video_model,
-    video_processor,
+    video_model: Sam3VideoModel,
+    video_processor: Sam3VideoProcessor,
     frames: np.ndarray,
     prompt: str,
     *,
     start_frames: list[int] | None = None,
     score_threshold: float | None = None,
     max_frames_in_memory: int | None = None,
-    probes: int = 8,
+    probes: int = default_of("probes"),
     clean: bool = True,
     progress: Callable[[TrackProgress], None] | None = None,
 ) -> TrackResult:
@@ -398,3 +419,36 @@ def track_volume(
         score_threshold=score_threshold, max_frames_in_memory=max_frames_in_memory, probes=probes,
         clean=clean, progress=progress,
     )[str(prompt).strip()]
+
+
+def track_slices(engine: Engine, volume: np.ndarray, axis: int, prompts: list[VolumePrompt],
+                 groups: dict[IntensityParams, list[int]], options: VolumeOptions, display: np.ndarray
+                 ) -> tuple[list[ConceptSlices], int]:
+    """Track mode: each intensity group's slices go through SAM3's video model as one frame sequence.
+
+    Fills ``display`` like :func:`~medsam3.predict.volume.slices.detect_slices`. Returns per-prompt
+    :class:`ConceptSlices` (masks on the displayed slice grid, the tracker's per-slice score) and the
+    number of slices handed to the video model.
+    """
+    video = engine.video()
+    n = volume.shape[axis]
+    results: list[ConceptSlices] = [ConceptSlices.empty(n) for _ in prompts]
+    passes = 0
+    for g, (params, members) in enumerate(groups.items()):
+        frames = np.stack([slice_to_rgb(apply_intensity(take_slice(volume, axis, k, display=True), params))
+                           for k in range(n)])
+        if g == 0:
+            for k in range(n):
+                take_slice(display, axis, k, display=True)[...] = frames[k, ..., 0]
+        texts = list(dict.fromkeys(prompts[i].model_text for i in members))  # track mode: the text
+        tracked = track_volume_prompts(video.model, video.processor, frames, texts, probes=options.probes)
+        passes += n
+        for i in members:
+            tr = tracked[prompts[i].model_text]
+            res = results[i]
+            on = tr.masks.reshape(n, -1).any(axis=1)
+            res.outcome[:] = np.where(on, KEPT, LOW_SCORE)
+            res.scores[:] = tr.scores
+            res.presence[:] = tr.presence
+            res.masks = {int(k): tr.masks[k] for k in np.flatnonzero(on)}
+    return results, passes
