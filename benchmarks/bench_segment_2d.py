@@ -41,8 +41,18 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROMPTS = ["polyp", "mucosa", "instrument", "blood vessel", "lesion"]
 COUNTS = (1, 2, 5)
-CONFIG = dict(image_size=504, vit_width=384, vit_layers=6, vit_heads=6, window_size=12, global_layers=(2, 5),
-              detector_layers=2, num_queries=50, text_width=128, text_layers=2)
+CONFIG = dict(
+    image_size=504,
+    vit_width=384,
+    vit_layers=6,
+    vit_heads=6,
+    window_size=12,
+    global_layers=(2, 5),
+    detector_layers=2,
+    num_queries=50,
+    text_width=128,
+    text_layers=2,
+)
 
 
 def default_image() -> Path:
@@ -85,11 +95,15 @@ def worker(variant: str, model_dir: str, image_path: str, repeats: int) -> list[
         for text in prompts:
             inputs = processor(images=pil, text=text, return_tensors="pt")
             with torch.inference_mode():
-                out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                            attention_mask=inputs["attention_mask"])
+                out = model(
+                    pixel_values=inputs["pixel_values"],
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                )
                 if post:
-                    res = processor.post_process_instance_segmentation(out, threshold=0.1,
-                                                                       target_sizes=[hw])[0]
+                    res = processor.post_process_instance_segmentation(out, threshold=0.1, target_sizes=[hw])[
+                        0
+                    ]
                     best = int(res["scores"].argmax()) if len(res["scores"]) else None
                     masks.append(None if best is None else res["masks"][best].numpy())
                     continue
@@ -98,8 +112,9 @@ def worker(variant: str, model_dir: str, image_path: str, repeats: int) -> list[
                 if float(scores[best]) <= 0.1:
                     masks.append(None)
                     continue
-                logits = torch.nn.functional.interpolate(out.pred_masks[:, best : best + 1], size=hw,
-                                                         mode="bilinear", align_corners=False)
+                logits = torch.nn.functional.interpolate(
+                    out.pred_masks[:, best : best + 1], size=hw, mode="bilinear", align_corners=False
+                )
                 masks.append((logits[0, 0] > 0).numpy())
         return masks
 
@@ -107,6 +122,7 @@ def worker(variant: str, model_dir: str, image_path: str, repeats: int) -> list[
     for n in COUNTS if variant != "plain+post" else COUNTS[:1]:
         prompts = PROMPTS[:n]
         items = [Prompt(t) for t in prompts]
+
         def once(prompts=prompts, items=items):
             if variant == "segmenter":
                 return seg.segment(image, items).label_map
@@ -118,9 +134,18 @@ def worker(variant: str, model_dir: str, image_path: str, repeats: int) -> list[
             t0 = time.perf_counter()
             once()
             times.append(time.perf_counter() - t0)
-        rows.append({"variant": variant, "prompts": n, "seconds": times, "median_s": statistics.median(times),
-                     "rss_after_load_mib": rss_loaded, "peak_rss_mib": maxrss_mib(),
-                     "image_shape": list(np.asarray(image.array).shape), "threads": torch.get_num_threads()})
+        rows.append(
+            {
+                "variant": variant,
+                "prompts": n,
+                "seconds": times,
+                "median_s": statistics.median(times),
+                "rss_after_load_mib": rss_loaded,
+                "peak_rss_mib": maxrss_mib(),
+                "image_shape": list(np.asarray(image.array).shape),
+                "threads": torch.get_num_threads(),
+            }
+        )
     return rows
 
 
@@ -138,8 +163,9 @@ def build_model(out_dir: Path) -> str:
     model = Sam3Model(config).eval()
     size, mask = CONFIG["image_size"], CONFIG["image_size"] * 4 // 14
     processor = Sam3Processor(
-        image_processor=Sam3ImageProcessor(size={"height": size, "width": size},
-                                           mask_size={"height": mask, "width": mask}),
+        image_processor=Sam3ImageProcessor(
+            size={"height": size, "width": size}, mask_size={"height": mask, "width": mask}
+        ),
         tokenizer=build_clip_tokenizer(),
     )
     save_sam3(model, processor, out_dir)
@@ -190,8 +216,10 @@ def report(rows: list[dict], params: str, image: Path, repeats: int, wall: float
         s, p, q = by[("segmenter", n)], by[("plain", n)], by.get(("plain+post", n))
         speedup = p["median_s"] / s["median_s"]
         q_s, q_mib = (f"{q['median_s']:.2f}", f"{q['peak_rss_mib']:.0f}") if q else ("-", "-")
-        lines.append(f"| {n} | {s['median_s']:.2f} | {p['median_s']:.2f} | {q_s} | {speedup:.1f}x "
-                     f"| {s['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} | {q_mib} |")
+        lines.append(
+            f"| {n} | {s['median_s']:.2f} | {p['median_s']:.2f} | {q_s} | {speedup:.1f}x "
+            f"| {s['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} | {q_mib} |"
+        )
 
     def slope(variant: str) -> float:
         return (by[(variant, 5)]["median_s"] - by[(variant, 1)]["median_s"]) / 4
@@ -224,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "segment_2d_cpu.md")
-    parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "MODEL_DIR", "IMAGE"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("VARIANT", "MODEL_DIR", "IMAGE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.worker:
         variant, model_dir, image = args.worker
@@ -239,16 +268,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="medsam3-bench-") as tmp:
         params = build_model(Path(tmp) / "model")
         for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--repeats", str(args.repeats), "--worker", variant,
-                   str(Path(tmp) / "model"), str(image)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--repeats",
+                str(args.repeats),
+                "--worker",
+                variant,
+                str(Path(tmp) / "model"),
+                str(image),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if done.returncode != 0:
                 sys.stderr.write(done.stderr)
                 return done.returncode
             for r in json.loads(done.stdout.strip().splitlines()[-1]):
                 rows.append(r)
-                print(f"{variant:10s} x{r['prompts']}: {r['median_s']:.2f} s, "
-                      f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+                print(
+                    f"{variant:10s} x{r['prompts']}: {r['median_s']:.2f} s, "
+                    f"peak RSS {r['peak_rss_mib']:.0f} MiB",
+                    flush=True,
+                )
     text = report(rows, params, image, args.repeats, time.perf_counter() - start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")

@@ -98,8 +98,10 @@ def main() -> int:
     from PIL import Image as PILImage
 
     data = data_root()
-    samples = [data / "hc18_ultrasound/training_set/000_HC.png",
-               data / "kvasir_seg_sample/images/cju0sxqiclckk08551ycbwhno.jpg"]
+    samples = [
+        data / "hc18_ultrasound/training_set/000_HC.png",
+        data / "kvasir_seg_sample/images/cju0sxqiclckk08551ycbwhno.jpg",
+    ]
     for s in samples:
         if not s.is_file():
             raise SystemExit(f"sample {s} not found (set MEDSAM3_DATA)")
@@ -109,10 +111,26 @@ def main() -> int:
         model_desc = build_model(Path(tmp) / "model")
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "medsam3", "serve", "--model", str(Path(tmp) / "model"),
-               "--device", "cpu", "--port", str(port), "--workers", str(args.workers),
-               "--queue-size", str(args.queue_size),
-               "--threshold", "0", "--work-dir", str(Path(tmp) / "work")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "medsam3",
+            "serve",
+            "--model",
+            str(Path(tmp) / "model"),
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+            "--workers",
+            str(args.workers),
+            "--queue-size",
+            str(args.queue_size),
+            "--threshold",
+            "0",
+            "--work-dir",
+            str(Path(tmp) / "work"),
+        ]
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
         log_path = Path(tmp) / "server.log"
         log_file = open(log_path, "wb")  # a file, not a pipe: a full pipe would block the server
@@ -231,10 +249,13 @@ def main() -> int:
             f"| {args.requests} | {len(ms)} | {len(failures)} | {lost} | {retries[0]} | "
             f"{percentile(ms, 50):.0f} | {percentile(ms, 90):.0f} | {percentile(ms, 99):.0f} | "
             f"{max(ms):.0f} | "
-            f"{wall:.1f} | {len(ms) / wall:.2f} |")
+            f"{wall:.1f} | {len(ms) / wall:.2f} |"
+        )
     else:
-        lines.append(f"| {args.requests} | 0 | {len(failures)} | {lost} | {retries[0]} | - | - | - | - | "
-                     f"{wall:.1f} | 0 |")
+        lines.append(
+            f"| {args.requests} | 0 | {len(failures)} | {lost} | {retries[0]} | - | - | - | - | "
+            f"{wall:.1f} | 0 |"
+        )
     cache = info["feature_cache"]
     lines += [
         "",
@@ -246,7 +267,8 @@ def main() -> int:
         f"Mean latency {statistics.mean(ms):.0f} ms. At most {args.workers} job(s) run at once, so with "
         f"{args.clients} clients the latency is mostly the wait in the queue; the service time per job is "
         f"about {wall / max(len(ms), 1) * args.workers * 1000:.0f} ms (wall time x workers / jobs)."
-        if ms else "No request succeeded.",
+        if ms
+        else "No request succeeded.",
     ]
     if retries[0]:
         lines += [

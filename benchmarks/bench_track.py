@@ -5,8 +5,8 @@ Variants, each run in its own fresh subprocess so that its peak resident memory 
 * ``transformers``: ``Sam3VideoProcessor.init_video_session(video=...)`` (all slices preprocessed up front
   and kept as float tensors), ``add_text_prompt``, ``propagate_in_video_iterator`` forward from the start
   slice then reverse, ``postprocess_outputs`` per slice; nothing is freed during the run.
-* ``track``: :func:`medsam3.predict.volume.track.track_volume` with the same start slice (slices streamed to the
-  session, per-slice state pruned to the tracker's reach; same masks, checked by the tests).
+* ``track``: :func:`medsam3.predict.volume.track.track_volume` with the same start slice (slices streamed
+  to the session, per-slice state pruned to the tracker's reach; same masks, checked by the tests).
 * ``track-w4``: the same with ``max_frames_in_memory=4`` (a shorter memory than the tracker reads).
 
 For each volume length ``Z`` (default 16 and 64 slices, random 64 x 64 slices, start at ``Z // 4``) the run
@@ -46,8 +46,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["hippocampus", "liver", "left kidney", "spleen", "aorta"]
-OPEN = dict(score_threshold_detection=0.0, new_det_thresh=0.0, hotstart_delay=0, hotstart_unmatch_thresh=0,
-            hotstart_dup_thresh=0, assoc_iou_thresh=0.0, trk_assoc_iou_thresh=0.0)
+OPEN = dict(
+    score_threshold_detection=0.0,
+    new_det_thresh=0.0,
+    hotstart_delay=0,
+    hotstart_unmatch_thresh=0,
+    hotstart_dup_thresh=0,
+    assoc_iou_thresh=0.0,
+    trk_assoc_iou_thresh=0.0,
+)
 
 
 def build(queries: int, size: int = 224):
@@ -99,8 +106,9 @@ def run_variant(variant: str, length: int, queries: int, prompts: int, size: int
                 peak[0] = max(peak[0], session_tensor_bytes(session))
     elif variant in ("track", "track-w4"):
         window = 4 if variant == "track-w4" else None
-        track_volume_prompts(model, processor, frames, texts, start_frames=[start],
-                             max_frames_in_memory=window, progress=watch)
+        track_volume_prompts(
+            model, processor, frames, texts, start_frames=[start], max_frames_in_memory=window, progress=watch
+        )
     elif variant == "separate":
         for text in texts:
             track_volume(model, processor, frames, text, start_frames=[start], progress=watch)
@@ -108,8 +116,14 @@ def run_variant(variant: str, length: int, queries: int, prompts: int, size: int
         raise SystemExit(f"unknown variant {variant}")
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": variant, "length": length, "s_per_slice": seconds / length,
-            "state_mib": peak[0] / 2**20, "rss_mib": rss, "image_encoder_calls": len(calls)}
+    return {
+        "variant": variant,
+        "length": length,
+        "s_per_slice": seconds / length,
+        "state_mib": peak[0] / 2**20,
+        "rss_mib": rss,
+        "image_encoder_calls": len(calls),
+    }
 
 
 def measure(variant: str, length: int, queries: int, prompts: int, size: int) -> dict:
@@ -123,8 +137,13 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--queries", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=1)
-    parser.add_argument("--size", type=int, choices=(224, 1008), default=224,
-                        help="model input size: 224 (tiny) or 1008 (tiny widths at SAM3's input size)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        choices=(224, 1008),
+        default=224,
+        help="model input size: 224 (tiny) or 1008 (tiny widths at SAM3's input size)",
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -140,15 +159,16 @@ def main() -> None:
         "",
         f"Tiny random video model ({args.size} px), {args.queries} query per slice, "
         f"{args.prompts} prompt(s), random 64 x 64 slices, start at Z/4. "
-        "Command: `python benchmarks/bench_track.py "
-        + " ".join(sys.argv[1:]) + "`.",
+        "Command: `python benchmarks/bench_track.py " + " ".join(sys.argv[1:]) + "`.",
         "",
         "| variant | Z | s / slice | session tensors at peak (MiB) | peak RSS (MiB) | image encoder calls |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['length']} | {r['s_per_slice']:.3f} | {r['state_mib']:.1f} | "
-                     f"{r['rss_mib']:.0f} | {r['image_encoder_calls']} |")
+        lines.append(
+            f"| {r['variant']} | {r['length']} | {r['s_per_slice']:.3f} | {r['state_mib']:.1f} | "
+            f"{r['rss_mib']:.0f} | {r['image_encoder_calls']} |"
+        )
     text = "\n".join(lines) + "\n"
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / name).write_text(text, encoding="utf-8")

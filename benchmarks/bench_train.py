@@ -51,8 +51,14 @@ def build_manifest(out: Path, n: int = 8) -> Path:
     from medsam3.data.manifest import write_manifest
 
     opts = {"images": "training_set/*_HC.png", "mask": "{stem}_Annotation.png"}
-    records, _, _ = prepare_dataset("HC18", "folder2d", data_root() / "hc18_ultrasound", options=opts,
-                                    labels={1: "fetal head"}, modality="US")
+    records, _, _ = prepare_dataset(
+        "HC18",
+        "folder2d",
+        data_root() / "hc18_ultrasound",
+        options=opts,
+        labels={1: "fetal head"},
+        modality="US",
+    )
     records = sorted(records, key=lambda r: r.case_id)[:n]
     for r in records:
         r.split = "train"
@@ -67,9 +73,16 @@ def child(args: argparse.Namespace) -> None:
     from medsam3.train.loop import read_metrics, train
 
     torch.set_num_threads(args.threads)
-    overrides = [f"data.manifest={args.manifest}", f"run_dir={args.run_dir}",
-                 f"max_steps={args.warmup + args.steps}", "data.val_max_items=0", "progress=false",
-                 "tensorboard=false", "export=none", *args.overrides]
+    overrides = [
+        f"data.manifest={args.manifest}",
+        f"run_dir={args.run_dir}",
+        f"max_steps={args.warmup + args.steps}",
+        "data.val_max_items=0",
+        "progress=false",
+        "tensorboard=false",
+        "export=none",
+        *args.overrides,
+    ]
     cfg = build_config(REPO / "configs" / "tiny_cpu.yaml", overrides)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # libraries imported
     result = train(cfg)
@@ -78,8 +91,17 @@ def child(args: argparse.Namespace) -> None:
     t1 = steps[-1]["time"]
     images = args.steps * cfg.batch_size
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({"images_per_s": images / (t1 - t0), "s_per_step": (t1 - t0) / args.steps,
-                      "peak_rss_mib": rss, "rss_before_mib": before, "steps": result.step}))
+    print(
+        json.dumps(
+            {
+                "images_per_s": images / (t1 - t0),
+                "s_per_step": (t1 - t0) / args.steps,
+                "peak_rss_mib": rss,
+                "rss_before_mib": before,
+                "steps": result.step,
+            }
+        )
+    )
 
 
 def cpu_model() -> str:
@@ -93,8 +115,9 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -116,17 +139,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = build_manifest(Path(tmp))
         for name, overrides in VARIANTS.items():
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--manifest", str(manifest),
-                   "--run-dir", str(Path(tmp) / name.replace(" ", "_").replace(",", "")),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--", *overrides]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                "--manifest",
+                str(manifest),
+                "--run-dir",
+                str(Path(tmp) / name.replace(" ", "_").replace(",", "")),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--threads",
+                str(args.threads),
+                "--",
+                *overrides,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append((name, result))
-            print(f"{name:45s} {result['images_per_s']:7.2f} img/s  {result['s_per_step']:6.3f} s/step  "
-                  f"peak RSS {result['peak_rss_mib']:7.0f} MiB", flush=True)
+            print(
+                f"{name:45s} {result['images_per_s']:7.2f} img/s  {result['s_per_step']:6.3f} s/step  "
+                f"peak RSS {result['peak_rss_mib']:7.0f} MiB",
+                flush=True,
+            )
 
     command = "OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py " + " ".join(sys.argv[1:])
     lines = [
@@ -150,8 +189,10 @@ def main() -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for name, r in rows:
-        lines.append(f"| {name} | {r['images_per_s']:.2f} | {r['s_per_step']:.3f} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['rss_before_mib']:.0f} |")
+        lines.append(
+            f"| {name} | {r['images_per_s']:.2f} | {r['s_per_step']:.3f} | "
+            f"{r['peak_rss_mib']:.0f} | {r['rss_before_mib']:.0f} |"
+        )
     lines += [
         "",
         "The tiny model says nothing about the speed of the released 848M SAM3 at 1008 px (GPU work); the",

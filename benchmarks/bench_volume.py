@@ -43,8 +43,18 @@ COUNTS = (1, 5)
 VARIANTS = ("segmenter", "plain")
 #: The small random SAM3 (``--vit-width`` changes the ViT width, heads = width / 64). Width 512 puts about
 #: the released model's share of the compute in the image encoder (see :func:`flop_split`).
-CONFIG = dict(image_size=224, vit_width=512, vit_layers=12, vit_heads=8, window_size=8, global_layers=(5, 11),
-              detector_layers=1, num_queries=20, text_width=128, text_layers=2)
+CONFIG = dict(
+    image_size=224,
+    vit_width=512,
+    vit_layers=12,
+    vit_heads=8,
+    window_size=8,
+    global_layers=(5, 11),
+    detector_layers=1,
+    num_queries=20,
+    text_width=128,
+    text_layers=2,
+)
 SLICE_BATCH = 4
 #: torch threads per worker: one keeps the measure steady on a shared machine (no waits at OpenMP barriers
 #: for a core another process holds); both variants get the same.
@@ -86,8 +96,9 @@ def flop_split(config: dict | None = None) -> tuple[float, float]:
     if config is None:
         return _vit_flops(1024, 32, 72 * 72, 24, 4), _prompt_flops(256, 6, 72 * 72, 14)
     tokens = (config["image_size"] // 14) ** 2
-    shared = _vit_flops(config["vit_width"], config["vit_layers"], tokens, config["window_size"],
-                        len(config["global_layers"]))
+    shared = _vit_flops(
+        config["vit_width"], config["vit_layers"], tokens, config["window_size"], len(config["global_layers"])
+    )
     return shared, _prompt_flops(128, config["detector_layers"], tokens, 14)
 
 
@@ -117,15 +128,19 @@ def plain_volume(model, processor, image, prompts: list[str]):
             pil = PILImage.fromarray(slice_to_rgb(apply_intensity(volume[k], params)))
             inputs = processor(images=pil, text=text, return_tensors="pt")
             with torch.inference_mode():
-                out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                            attention_mask=inputs["attention_mask"])
+                out = model(
+                    pixel_values=inputs["pixel_values"],
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                )
                 presence = float(out.presence_logits[0].sigmoid())
                 scores = out.pred_logits[0].sigmoid() * presence
                 best = int(scores.argmax())
                 if presence < 0.5 or float(scores[best]) <= 0.1:
                     continue
-                logits = torch.nn.functional.interpolate(out.pred_masks[:, best : best + 1], size=hw,
-                                                         mode="bilinear", align_corners=False)
+                logits = torch.nn.functional.interpolate(
+                    out.pred_masks[:, best : best + 1], size=hw, mode="bilinear", align_corners=False
+                )
             labels[k][(logits[0, 0] > 0).numpy()] = p + 1
     return reo.invert(labels)
 
@@ -157,10 +172,17 @@ def worker(variant: str, n: int, model_dir: str, volume_path: str) -> dict:
     t0, c0 = time.perf_counter(), cpu_seconds()
     labels = run(image, prompts)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    return {"variant": variant, "prompts": n, "seconds": seconds, "cpu_seconds": cpu,
-            "peak_rss_mib": maxrss_mib(), "rss_after_load_mib": rss_loaded,
-            "shape": list(image.spatial_shape), "labelled_voxels": int((labels > 0).sum()),
-            "threads": torch.get_num_threads()}
+    return {
+        "variant": variant,
+        "prompts": n,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss_mib": maxrss_mib(),
+        "rss_after_load_mib": rss_loaded,
+        "shape": list(image.spatial_shape),
+        "labelled_voxels": int((labels > 0).sum()),
+        "threads": torch.get_num_threads(),
+    }
 
 
 # -- driver ------------------------------------------------------------------------------------------
@@ -190,8 +212,9 @@ def cpu_model() -> str:
     return f"{name}, {cpus} logical CPUs"
 
 
-def report(rows: list[dict], params: str, volume: Path, wall: float, loads: tuple, config: dict,
-           command: str) -> str:
+def report(
+    rows: list[dict], params: str, volume: Path, wall: float, loads: tuple, config: dict, command: str
+) -> str:
     import torch
     import transformers
 
@@ -219,7 +242,7 @@ def report(rows: list[dict], params: str, volume: Path, wall: float, loads: tupl
         f"- torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}",
         f"- model: random `small_sam3_config({', '.join(f'{k}={v}' for k, v in config.items())})`, "
-        f"{params}, fp32, presence head biased to \"present\"",
+        f'{params}, fp32, presence head biased to "present"',
         f"- volume: `{volume.name}` (MSD hippocampus, MR), array {by[('segmenter', 1)]['shape']} (Z, Y, X), "
         f"{z} axial slices; prompts {PROMPTS}",
         f"- each cell: one timed call on the whole volume after a warm-up on 2 slices, in a fresh process "
@@ -237,8 +260,10 @@ def report(rows: list[dict], params: str, volume: Path, wall: float, loads: tupl
         sw, pw = t("segmenter", n, "seconds"), t("plain", n, "seconds")
         sc, pc = t("segmenter", n, "cpu_seconds"), t("plain", n, "cpu_seconds")
         mib = by[("segmenter", n)]["peak_rss_mib"], by[("plain", n)]["peak_rss_mib"]
-        lines.append(f"| {n} | {sw:.1f} | {pw:.1f} | {pw / sw:.1f}x | {sc:.1f} | {pc:.1f} | {pc / sc:.1f}x "
-                     f"| {mib[0]:.0f} | {mib[1]:.0f} |")
+        lines.append(
+            f"| {n} | {sw:.1f} | {pw:.1f} | {pw / sw:.1f}x | {sc:.1f} | {pc:.1f} | {pc / sc:.1f}x "
+            f"| {mib[0]:.0f} | {mib[1]:.0f} |"
+        )
 
     def ratio(variant: str, key: str) -> float:
         return t(variant, 5, key) / t(variant, 1, key)
@@ -282,8 +307,8 @@ def report(rows: list[dict], params: str, volume: Path, wall: float, loads: tupl
         "segmenter adds Meta's geometry token to text prompts and fills holes): "
         + ", ".join(f"{r['variant']} x{r['prompts']}: {r['labelled_voxels']}" for r in rows),
         "",
-        "Raw rows: " + json.dumps([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
-                                   for r in rows]),
+        "Raw rows: "
+        + json.dumps([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -292,10 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--volume", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "volume_cpu.md")
-    parser.add_argument("--vit-width", type=int, default=CONFIG["vit_width"],
-                        help=f"ViT width of the small model (default {CONFIG['vit_width']})")
-    parser.add_argument("--worker", nargs=4, metavar=("VARIANT", "PROMPTS", "MODEL_DIR", "VOLUME"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--vit-width",
+        type=int,
+        default=CONFIG["vit_width"],
+        help=f"ViT width of the small model (default {CONFIG['vit_width']})",
+    )
+    parser.add_argument(
+        "--worker", nargs=4, metavar=("VARIANT", "PROMPTS", "MODEL_DIR", "VOLUME"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.worker:
         variant, n, model_dir, volume_path = args.worker
@@ -305,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     volume = args.volume or default_volume()
     config = dict(CONFIG, vit_width=args.vit_width, vit_heads=max(1, args.vit_width // 64))
     command = "OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_volume.py" + (
-        f" --vit-width {args.vit_width}" if args.vit_width != CONFIG["vit_width"] else "")
+        f" --vit-width {args.vit_width}" if args.vit_width != CONFIG["vit_width"] else ""
+    )
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     start = time.perf_counter()
     load_start = os.getloadavg()
@@ -314,18 +345,29 @@ def main(argv: list[str] | None = None) -> int:
         params = build_model(Path(tmp) / "model", config)
         for n in COUNTS:
             for variant in VARIANTS:
-                cmd = [sys.executable, __file__, "--worker", variant, str(n), str(Path(tmp) / "model"),
-                       str(volume)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    variant,
+                    str(n),
+                    str(Path(tmp) / "model"),
+                    str(volume),
+                ]
                 done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
                 if done.returncode != 0:
                     sys.stderr.write(done.stderr)
                     return done.returncode
                 r = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append(r)
-                print(f"{variant:10s} x{n}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, "
-                      f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
-    text = report(rows, params, volume, time.perf_counter() - start, (load_start, os.getloadavg()), config,
-                  command)
+                print(
+                    f"{variant:10s} x{n}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, "
+                    f"peak RSS {r['peak_rss_mib']:.0f} MiB",
+                    flush=True,
+                )
+    text = report(
+        rows, params, volume, time.perf_counter() - start, (load_start, os.getloadavg()), config, command
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     print(text)

@@ -41,8 +41,10 @@ def main() -> None:
             subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
             times.append(time.perf_counter() - start)
         rows.append((name, float(np.median(times)), float(np.min(times))))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-          f"{args.runs} fresh interpreters per row (interpreter start-up included)\n")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"{args.runs} fresh interpreters per row (interpreter start-up included)\n"
+    )
     print("| import | median s | min s |\n|---|---|---|")
     for name, med, low in rows:
         print(f"| `{name}` | {med:.3f} | {low:.3f} |")

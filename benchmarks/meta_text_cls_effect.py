@@ -26,8 +26,16 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PROMPTS = ["polyp", "liver", "left kidney", "fetal head", "skin lesion", "retinal blood vessel", "nucleus",
-           "optic disc"]
+PROMPTS = [
+    "polyp",
+    "liver",
+    "left kidney",
+    "fetal head",
+    "skin lesion",
+    "retinal blood vessel",
+    "nucleus",
+    "optic disc",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,10 +56,19 @@ def main(argv: list[str] | None = None) -> int:
 
     data = Path(os.environ.get("MEDSAM3_DATA", REPO.parent / "shared" / "data"))
     image = read_image(sorted((data / "kvasir_seg_sample" / "images").glob("*.jpg"))[0])
-    configs = {"tiny (224 px, 1 layer)": tiny_sam3_config(),
-               "small (504 px, 2 detector layers)": small_sam3_config(
-                   image_size=504, vit_width=128, vit_layers=2, window_size=12, detector_layers=2,
-                   num_queries=50, text_width=128, text_layers=2)}
+    configs = {
+        "tiny (224 px, 1 layer)": tiny_sam3_config(),
+        "small (504 px, 2 detector layers)": small_sam3_config(
+            image_size=504,
+            vit_width=128,
+            vit_layers=2,
+            window_size=12,
+            detector_layers=2,
+            num_queries=50,
+            text_width=128,
+            text_layers=2,
+        ),
+    }
     rows = []
     for name, config in configs.items():
         processor = build_processor(config)
@@ -65,9 +82,16 @@ def main(argv: list[str] | None = None) -> int:
             model = Sam3Model(config).eval()
             with torch.inference_mode():
                 vision = encode_image(model, pixels)
-                outs = {cls: predict_prompts(model, vision, input_ids=tokens["input_ids"],
-                                             attention_mask=tokens["attention_mask"], meta_text_cls=cls)
-                        for cls in (True, False)}
+                outs = {
+                    cls: predict_prompts(
+                        model,
+                        vision,
+                        input_ids=tokens["input_ids"],
+                        attention_mask=tokens["attention_mask"],
+                        meta_text_cls=cls,
+                    )
+                    for cls in (True, False)
+                }
             meta, plain = outs[True], outs[False]
             score = {k: (o.pred_logits.sigmoid() * o.presence_logits.sigmoid()) for k, o in outs.items()}
             best = {k: s.argmax(dim=1) for k, s in score.items()}
@@ -78,16 +102,21 @@ def main(argv: list[str] | None = None) -> int:
                 b = plain.pred_masks[row, best[False][row]] > 0
                 union = (a | b).sum().item()
                 ious.append((a & b).sum().item() / union if union else 1.0)
-            rows.append({
-                "config": name, "seed": seed,
-                "logit_max": (meta.pred_logits - plain.pred_logits).abs().max().item(),
-                "logit_scale": plain.pred_logits.abs().mean().item(),
-                "presence_max": (meta.presence_logits - plain.presence_logits).abs().max().item(),
-                "mask_max": (meta.pred_masks - plain.pred_masks).abs().max().item(),
-                "mask_scale": plain.pred_masks.abs().mean().item(),
-                "score_max": (score[True] - score[False]).abs().max().item(),
-                "same_best": same_best, "iou_min": min(ious), "iou_mean": float(np.mean(ious)),
-            })
+            rows.append(
+                {
+                    "config": name,
+                    "seed": seed,
+                    "logit_max": (meta.pred_logits - plain.pred_logits).abs().max().item(),
+                    "logit_scale": plain.pred_logits.abs().mean().item(),
+                    "presence_max": (meta.presence_logits - plain.presence_logits).abs().max().item(),
+                    "mask_max": (meta.pred_masks - plain.pred_masks).abs().max().item(),
+                    "mask_scale": plain.pred_masks.abs().mean().item(),
+                    "score_max": (score[True] - score[False]).abs().max().item(),
+                    "same_best": same_best,
+                    "iou_min": min(ious),
+                    "iou_mean": float(np.mean(ious)),
+                }
+            )
 
     lines = [
         "# Effect of Meta's geometry CLS token on text-only prompts (random weights)",

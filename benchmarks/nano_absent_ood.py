@@ -24,8 +24,11 @@ from medsam3.predict.segmenter import Segmenter
 
 CONCEPTS = ("fetal head", "polyp", "anterior hippocampus", "posterior hippocampus", "hippocampus")
 #: Image stem prefix -> concepts visible there (skipped as prompts).
-VISIBLE = {"12_": {"anterior hippocampus", "posterior hippocampus", "hippocampus"}, "22_": {"fetal head"},
-           "24_": {"polyp"}}
+VISIBLE = {
+    "12_": {"anterior hippocampus", "posterior hippocampus", "hippocampus"},
+    "22_": {"fetal head"},
+    "24_": {"polyp"},
+}
 
 
 def main() -> None:
@@ -51,10 +54,14 @@ def main() -> None:
                 hits += 1
                 per_concept[text][1] += 1
                 entry = result.labels[0]
-                found.append(f"{path.stem} prompted {text!r}: {pixels} pixels, score {entry.score:.3f}, "
-                             f"presence {entry.presence:.3f}")
-    print(f"{len(images)} images, {prompts} prompts, {hits} with a false positive "
-          f"({100 * hits / max(prompts, 1):.1f}%)\n")
+                found.append(
+                    f"{path.stem} prompted {text!r}: {pixels} pixels, score {entry.score:.3f}, "
+                    f"presence {entry.presence:.3f}"
+                )
+    print(
+        f"{len(images)} images, {prompts} prompts, {hits} with a false positive "
+        f"({100 * hits / max(prompts, 1):.1f}%)\n"
+    )
     print("| prompt | prompts | with a false positive |")
     print("|---|---|---|")
     for concept, (n, k) in per_concept.items():

@@ -40,7 +40,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def near(present: np.ndarray, k: int) -> bool:
     """Whether slice ``k`` lies within ``NEAR`` slices of one where ``present`` (per-slice bools) is true."""
-    return bool(present[max(0, k - NEAR): k + NEAR + 1].any())
+    return bool(present[max(0, k - NEAR) : k + NEAR + 1].any())
 
 
 def main() -> None:
@@ -50,8 +50,7 @@ def main() -> None:
     parser.add_argument("--split", default="configs/nano_split.json")
     parser.add_argument("--tta", action="store_true", help="test-time mirroring")
     args = parser.parse_args()
-    seg = Segmenter(load_sam3(args.model, device="cpu", dtype="fp32"), presence_threshold=0.5,
-                    tta=args.tta)
+    seg = Segmenter(load_sam3(args.model, device="cpu", dtype="fp32"), presence_threshold=0.5, tta=args.tta)
     cases = json.loads(Path(args.split).read_text())["datasets"]["MSD-Hippocampus"]["test"]
     parts = {"empty": 0, "hit": 0, "other_part": 0, "near": 0}
     whole = {"empty": 0, "hit": 0, "near": 0}
@@ -60,8 +59,9 @@ def main() -> None:
         image = read_image(args.data / "msd_hippocampus/images" / f"{case}.nii.gz", modality="MR")
         ref = read_image(args.data / "msd_hippocampus/labels" / f"{case}.nii.gz").array
         labels = seg.segment(image, [Prompt(text=NAMES[1]), Prompt(text=NAMES[2])]).label_map
-        dice_rows.append((case, dice(labels == 1, ref == 1), dice(labels == 2, ref == 2),
-                          dice(labels > 0, ref > 0)))
+        dice_rows.append(
+            (case, dice(labels == 1, ref == 1), dice(labels == 2, ref == 2), dice(labels > 0, ref > 0))
+        )
         for value in (1, 2):
             present = (ref == value).reshape(ref.shape[0], -1).any(axis=1)
             for k in np.flatnonzero(~present):
@@ -79,14 +79,20 @@ def main() -> None:
             whole["hit"] += hit
             whole["near"] += hit and near(present, k)
     rate = lambda d: f"{100 * d['hit'] / max(d['empty'], 1):.1f}%"  # noqa: E731
-    print("| prompt | slices where the prompted structure is absent | slices with marked pixels | rate | "
-          f"of them within {NEAR} slices of the structure |")
+    print(
+        "| prompt | slices where the prompted structure is absent | slices with marked pixels | rate | "
+        f"of them within {NEAR} slices of the structure |"
+    )
     print("|---|---|---|---|---|")
-    print(f"| \"anterior hippocampus\" / \"posterior hippocampus\" (each vs its own label) | "
-          f"{parts['empty']} | {parts['hit']} ({parts['other_part']} of them on the other part) | "
-          f"{rate(parts)} | {parts['near']} |")
-    print(f"| \"hippocampus\" (vs labels 1 + 2) | {whole['empty']} | {whole['hit']} | {rate(whole)} | "
-          f"{whole['near']} |")
+    print(
+        f'| "anterior hippocampus" / "posterior hippocampus" (each vs its own label) | '
+        f"{parts['empty']} | {parts['hit']} ({parts['other_part']} of them on the other part) | "
+        f"{rate(parts)} | {parts['near']} |"
+    )
+    print(
+        f'| "hippocampus" (vs labels 1 + 2) | {whole["empty"]} | {whole["hit"]} | {rate(whole)} | '
+        f"{whole['near']} |"
+    )
     print("\n| volume | anterior Dice | posterior Dice | anterior + posterior (union vs labels 1 + 2) Dice |")
     print("|---|---|---|---|")
     for case, *values in dice_rows:

@@ -30,22 +30,32 @@ from medsam3.predict.segmenter import Segmenter
 
 
 def cases(data: Path) -> list[tuple[str, object, list[str]]]:
-    out = [("2D HC18 400_HC, 800x540, 1 prompt",
-            read_image(data / "hc18_ultrasound/training_set/400_HC.png"), ["fetal head"]),
-           ("2D Kvasir-SEG cju0qoxqj9q6s0835b43399p4 (RGB), 1 prompt",
-            read_image(data / "kvasir_seg_sample/images/cju0qoxqj9q6s0835b43399p4.jpg"), ["polyp"])]
+    out = [
+        (
+            "2D HC18 400_HC, 800x540, 1 prompt",
+            read_image(data / "hc18_ultrasound/training_set/400_HC.png"),
+            ["fetal head"],
+        ),
+        (
+            "2D Kvasir-SEG cju0qoxqj9q6s0835b43399p4 (RGB), 1 prompt",
+            read_image(data / "kvasir_seg_sample/images/cju0qoxqj9q6s0835b43399p4.jpg"),
+            ["polyp"],
+        ),
+    ]
     for case in ("hippocampus_001", "hippocampus_019"):
         vol = read_image(data / f"msd_hippocampus/images/{case}.nii.gz", modality="MR")
         shape = "x".join(map(str, vol.array.shape))
         out.append((f"3D {case} {shape} (Z,Y,X), 1 prompt", vol, ["anterior hippocampus"]))
-        out.append((f"3D {case} {shape} (Z,Y,X), 2 prompts", vol,
-                    ["anterior hippocampus", "posterior hippocampus"]))
-        out.append((f"3D {case} {shape} (Z,Y,X), \"hippocampus\"", vol, ["hippocampus"]))
+        out.append(
+            (f"3D {case} {shape} (Z,Y,X), 2 prompts", vol, ["anterior hippocampus", "posterior hippocampus"])
+        )
+        out.append((f'3D {case} {shape} (Z,Y,X), "hippocampus"', vol, ["hippocampus"]))
     return out
 
 
-def time_model(model: str | None, work: list, runs: int, mirror: bool = False
-               ) -> tuple[float, int, list[tuple[float, float]]]:
+def time_model(
+    model: str | None, work: list, runs: int, mirror: bool = False
+) -> tuple[float, int, list[tuple[float, float]]]:
     t = time.perf_counter()
     seg = Segmenter(load_sam3(model, device="cpu", dtype="fp32"), tta=mirror)
     load = time.perf_counter() - t
@@ -79,8 +89,10 @@ def main() -> None:
         settings += [(m, f"{n} --tta", True) for m, n in zip(models, names, strict=True)]
     names = [n for _, n, _ in settings]
     results = [time_model(m, work, args.runs, mirror) for m, _, mirror in settings]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     for name, (load, size, _) in zip(names, results, strict=True):
         print(f"- {name}: {size} px input, model load {load:.2f} s")
     head = " | ".join(f"{n} median s | {n} min s" for n in names)

@@ -11,5 +11,7 @@ if [ ! -d "${MEDSAM3_DATA:-../shared/data}" ]; then
   echo "note: sample data not found at ${MEDSAM3_DATA:-../shared/data} (set MEDSAM3_DATA): the tests" \
     "marked needs_data will skip (and fail with MEDSAM3_REQUIRE_DATA=1)" >&2
 fi
-.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks scripts
+.venv/bin/ruff check src tests benchmarks scripts
+.venv/bin/mypy
 .venv/bin/python -m pytest "$@"

@@ -30,9 +30,11 @@ def data_required() -> bool:
 
 def missing_data_message() -> str:
     """The error when the data is required but absent: the folder looked at and how to point elsewhere."""
-    return (f"sample data not found at {DATA}, and MEDSAM3_REQUIRE_DATA=1 makes that an error: put the "
-            "samples in ../shared/data beside the checkout or set MEDSAM3_DATA to their folder "
-            '(or run only the tests that work without it: pytest -m "not needs_data")')
+    return (
+        f"sample data not found at {DATA}, and MEDSAM3_REQUIRE_DATA=1 makes that an error: put the "
+        "samples in ../shared/data beside the checkout or set MEDSAM3_DATA to their folder "
+        '(or run only the tests that work without it: pytest -m "not needs_data")'
+    )
 
 
 def skip_or_fail_without_data() -> None:
@@ -58,8 +60,10 @@ def pytest_collection_finish(session):
         return
     needing = sum(1 for item in session.items if item.get_closest_marker(NEEDS_DATA) is not None)
     if needing:
-        pytest.exit(f"{needing} selected test(s) need the sample data; {missing_data_message()}",
-                    returncode=pytest.ExitCode.USAGE_ERROR)
+        pytest.exit(
+            f"{needing} selected test(s) need the sample data; {missing_data_message()}",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 def pytest_runtest_setup(item):

@@ -127,12 +127,21 @@ def _detector(w: _Writer, config, p: str) -> None:
     w.take(g + "img_pre_norm", hg + "vision_layer_norm")
     w.take(g + "norm", hg + "prompt_layer_norm")
     w.take(g + "encode_norm", hg + "output_layer_norm")
-    for name in ("boxes_direct_project", "boxes_pool_project", "boxes_pos_enc_project", "final_proj",
-                 "cls_embed", "label_embed"):
+    for name in (
+        "boxes_direct_project",
+        "boxes_pool_project",
+        "boxes_pos_enc_project",
+        "final_proj",
+        "cls_embed",
+        "label_embed",
+    ):
         w.take(g + name, hg + name)
     ref = w.dst[g + "final_proj.weight"]
-    for name, shape in (("points_direct_project", (d, 2)), ("points_pool_project", (d, d)),
-                        ("points_pos_enc_project", (d, d))):
+    for name, shape in (
+        ("points_direct_project", (d, 2)),
+        ("points_pool_project", (d, d)),
+        ("points_pos_enc_project", (d, d)),
+    ):
         w.random(f"{g}{name}.weight", shape, ref)
         w.random(f"{g}{name}.bias", (d,), ref)
 
@@ -152,9 +161,13 @@ def _detector(w: _Writer, config, p: str) -> None:
         w.take(dec + name, hd + name)
     w.take(dec + "presence_token_out_norm", hd + "presence_layer_norm")
     w.take(dec + "norm", hd + "output_layer_norm")
-    for meta_name, hf_name in (("presence_token_head", "presence_head"), ("bbox_embed", "box_head"),
-                               ("ref_point_head", "ref_point_head"), ("boxRPB_embed_x", "box_rpb_embed_x"),
-                               ("boxRPB_embed_y", "box_rpb_embed_y")):
+    for meta_name, hf_name in (
+        ("presence_token_head", "presence_head"),
+        ("bbox_embed", "box_head"),
+        ("ref_point_head", "ref_point_head"),
+        ("boxRPB_embed_x", "box_rpb_embed_x"),
+        ("boxRPB_embed_y", "box_rpb_embed_y"),
+    ):
         k = 0
         while f"{hd}{hf_name}.layer{k + 1}.weight" in w.src:
             w.take(f"{dec}{meta_name}.layers.{k}", f"{hd}{hf_name}.layer{k + 1}")
@@ -162,8 +175,11 @@ def _detector(w: _Writer, config, p: str) -> None:
         assert k >= 2, hf_name
     for i in range(config.detr_decoder_config.num_layers):
         b, h = f"{dec}layers.{i}.", f"{hd}layers.{i}."
-        for meta_name, hf_name in (("self_attn", "self_attn"), ("ca_text", "text_cross_attn"),
-                                   ("cross_attn", "vision_cross_attn")):
+        for meta_name, hf_name in (
+            ("self_attn", "self_attn"),
+            ("ca_text", "text_cross_attn"),
+            ("cross_attn", "vision_cross_attn"),
+        ):
             w.fuse(f"{b}{meta_name}.in_proj_weight", f"{b}{meta_name}.in_proj_bias", h + hf_name)
             w.take(f"{b}{meta_name}.out_proj", f"{h}{hf_name}.o_proj")
         w.take(b + "linear1", h + "mlp.fc1")
@@ -188,8 +204,11 @@ def _detector(w: _Writer, config, p: str) -> None:
         w.take(f"{seg}mask_predictor.mask_embed.layers.{k}", f"{hm}mask_embedder.layers.{k}")
     w.take(seg + "instance_seg_head", hm + "instance_projection")
     w.take(seg + "semantic_seg_head", hm + "semantic_projection")
-    w.fuse(seg + "cross_attend_prompt.in_proj_weight", seg + "cross_attend_prompt.in_proj_bias",
-           hm + "prompt_cross_attn")
+    w.fuse(
+        seg + "cross_attend_prompt.in_proj_weight",
+        seg + "cross_attend_prompt.in_proj_bias",
+        hm + "prompt_cross_attn",
+    )
     w.take(seg + "cross_attend_prompt.out_proj", hm + "prompt_cross_attn.o_proj")
     w.take(seg + "cross_attn_norm", hm + "prompt_cross_attn_norm")
 
@@ -240,10 +259,14 @@ def _tracker(w: _Writer, config) -> None:
         for n in (1, 2, 3, 4):
             w.take(f"{b}norm{n}", f"{hh}layer_norm{n}")
     for proj in ("q_proj", "k_proj", "v_proj"):
-        w.take(f"{md}transformer.final_attn_token_to_image.{proj}",
-               f"{hm}transformer.final_attn_token_to_image.{proj}")
-    w.take(md + "transformer.final_attn_token_to_image.out_proj",
-           hm + "transformer.final_attn_token_to_image.o_proj")
+        w.take(
+            f"{md}transformer.final_attn_token_to_image.{proj}",
+            f"{hm}transformer.final_attn_token_to_image.{proj}",
+        )
+    w.take(
+        md + "transformer.final_attn_token_to_image.out_proj",
+        hm + "transformer.final_attn_token_to_image.o_proj",
+    )
     w.take(md + "transformer.norm_final_attn", hm + "transformer.layer_norm_final_attn")
 
     for i in range(config.tracker_config.memory_attention_num_layers):
@@ -274,11 +297,13 @@ def _tracker(w: _Writer, config) -> None:
         w.take(b + "pwconv2", hh + "pointwise_conv2")
         w.take(b + "gamma", hh + "scale")
 
-    for meta_name, hf_name in (("maskmem_tpos_enc", "memory_temporal_positional_encoding"),
-                               ("no_mem_embed", "no_memory_embedding"),
-                               ("no_mem_pos_enc", "no_memory_positional_encoding"),
-                               ("no_obj_embed_spatial", "occlusion_spatial_embedding_parameter"),
-                               ("no_obj_ptr", "no_object_pointer")):
+    for meta_name, hf_name in (
+        ("maskmem_tpos_enc", "memory_temporal_positional_encoding"),
+        ("no_mem_embed", "no_memory_embedding"),
+        ("no_mem_pos_enc", "no_memory_positional_encoding"),
+        ("no_obj_embed_spatial", "occlusion_spatial_embedding_parameter"),
+        ("no_obj_ptr", "no_object_pointer"),
+    ):
         w.take(t + meta_name, h + hf_name)
     _sam_mlp(w, t + "obj_ptr_proj", h + "object_pointer_proj")
     w.take(t + "obj_ptr_tpos_proj", h + "temporal_positional_encoding_projection_layer")
@@ -295,7 +320,8 @@ def tie_fourier_copies(model) -> None:
     tracker = model.tracker_model
     with torch.no_grad():
         tracker.shared_image_embedding.positional_embedding.copy_(
-            tracker.prompt_encoder.shared_embedding.positional_embedding)
+            tracker.prompt_encoder.shared_embedding.positional_embedding
+        )
 
 
 def hf_to_meta(hf_state: dict[str, torch.Tensor], config, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -309,8 +335,12 @@ def hf_to_meta(hf_state: dict[str, torch.Tensor], config, *, seed: int = 0) -> d
     detector = config.detector_config if video else config
     _detector(w, detector, "detector_model." if video else "")
     if video:
-        _neck(w, "detector.backbone.vision_backbone.sam2_convs", "tracker_neck.fpn_layers",
-              list(detector.vision_config.scale_factors))
+        _neck(
+            w,
+            "detector.backbone.vision_backbone.sam2_convs",
+            "tracker_neck.fpn_layers",
+            list(detector.vision_config.scale_factors),
+        )
         _tracker(w, config)
     assert not w.src, f"transformers keys with no Meta counterpart: {sorted(w.src)[:10]}"
     return w.dst

@@ -42,8 +42,9 @@ def build_model(folder: Path) -> Path:
 def make_settings(model: Path, work: Path, **overrides):
     from medsam3.serve.settings import ServeSettings
 
-    values = dict(model=str(model), device="cpu", dtype="fp32", work_dir=work, threshold=0.0,
-                  presence_threshold=0.5)
+    values = dict(
+        model=str(model), device="cpu", dtype="fp32", work_dir=work, threshold=0.0, presence_threshold=0.5
+    )
     values.update(overrides)
     return ServeSettings(**values)
 
@@ -60,8 +61,14 @@ def client_for(settings, **client_kwargs):
         yield client
 
 
-def upload(client, path: Path | None = None, *, data: bytes | None = None, name: str | None = None,
-           headers: dict | None = None):
+def upload(
+    client,
+    path: Path | None = None,
+    *,
+    data: bytes | None = None,
+    name: str | None = None,
+    headers: dict | None = None,
+):
     """POST a file to /api/images as multipart; returns the response."""
     content = data if data is not None else Path(path).read_bytes()
     return client.post("/api/images", files={"file": (name or Path(path).name, content)}, headers=headers)

@@ -47,9 +47,19 @@ def fake_segmenter(out_dir: Path, calls: list, fail: set = frozenset(), interrup
         if case.name in fail:
             raise InputError(case.path, "is broken")
         (out_dir / f"{case.name}_seg.nii.gz").write_bytes(b"x")
-        summary = {"labels": [{"value": 1, "name": "liver", "prompt_index": 0,
-                               "prompt": {"text": "liver", "kind": "text"}, "voxels": 7, "volume_ml": 0.5}],
-                   "outputs": {"labels": f"{case.name}_seg.nii.gz"}}
+        summary = {
+            "labels": [
+                {
+                    "value": 1,
+                    "name": "liver",
+                    "prompt_index": 0,
+                    "prompt": {"text": "liver", "kind": "text"},
+                    "voxels": 7,
+                    "volume_ml": 0.5,
+                }
+            ],
+            "outputs": {"labels": f"{case.name}_seg.nii.gz"},
+        }
         (out_dir / f"{case.name}.json").write_text(json.dumps(summary))
         return summary
 
@@ -185,10 +195,20 @@ def test_folder_with_a_broken_case(case_folder, model_dir, tmp_path, capsys):
     assert "failed cases:" in err and "broken" in err and "3 cases: 2 ok, 0 skipped" in stdout
     good = json.loads((out / "good.json").read_text())
     assert rows["good"]["liver voxels"] == str(good["labels"][0]["voxels"])
-    assert sorted(p.name for p in out.iterdir()) == sorted([
-        "good_seg.nii.gz", "good_overlay.png", "good_montage.png", "good.json",
-        "series_seg.nii.gz", "series_seg.dcm", "series_overlay.png", "series_montage.png", "series.json",
-        "summary.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "good_seg.nii.gz",
+            "good_overlay.png",
+            "good_montage.png",
+            "good.json",
+            "series_seg.nii.gz",
+            "series_seg.dcm",
+            "series_overlay.png",
+            "series_montage.png",
+            "series.json",
+            "summary.csv",
+        ]
+    )
 
     # delete one case's outputs: only that one (and the broken one) is redone
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("good*")}
@@ -246,6 +266,18 @@ def test_batch_input_errors(case_folder, model_dir, tmp_path, capsys):
     assert code == 2 and "refusing to write over an input" in err
     code, _, err = run(capsys, tmp_path / "missing.txt", "-p", "liver", "--model", model_dir, "-o", tmp_path)
     assert code == 2 and "no such file" in err
-    code, _, err = run(capsys, case_folder, "-p", "liver", "--point", "1,1", "--box3d", "0,0,0,1,1,1",
-                       "--model", model_dir, "-o", tmp_path / "o")
+    code, _, err = run(
+        capsys,
+        case_folder,
+        "-p",
+        "liver",
+        "--point",
+        "1,1",
+        "--box3d",
+        "0,0,0,1,1,1",
+        "--model",
+        model_dir,
+        "-o",
+        tmp_path / "o",
+    )
     assert code == 2 and "cannot be mixed" in err

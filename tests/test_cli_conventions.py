@@ -46,8 +46,10 @@ def test_verbosity_before_or_after_the_subcommand(monkeypatch):
 
 
 def test_input_as_option_or_positional(tmp_path, capsys):
-    assert main(["segment", "-i", str(HC18), "-p", "fetal head", "-o", str(tmp_path / "a"), "--device",
-                 "cpu"]) == 0
+    assert (
+        main(["segment", "-i", str(HC18), "-p", "fetal head", "-o", str(tmp_path / "a"), "--device", "cpu"])
+        == 0
+    )
     assert main(["segment", str(HC18), "-p", "fetal head", "-o", str(tmp_path / "b"), "--device", "cpu"]) == 0
     a = (tmp_path / "a" / "hc18_400_HC_mask.png").read_bytes()
     assert a == (tmp_path / "b" / "hc18_400_HC_mask.png").read_bytes()
@@ -62,12 +64,16 @@ def test_input_as_option_or_positional(tmp_path, capsys):
 def test_device_names(tmp_path, capsys):
     parser = build_parser()
     for name in ("auto", "cpu", "cuda", "cuda:1", "mps"):
-        assert parser.parse_args(["segment", str(HC18), "-p", "x", "-o", "o", "--device", name]).device == name
+        assert (
+            parser.parse_args(["segment", str(HC18), "-p", "x", "-o", "o", "--device", name]).device == name
+        )
     with pytest.raises(SystemExit):
         parser.parse_args(["segment", str(HC18), "-p", "x", "-o", "o", "--device", "gpu1"])
     assert "expected auto, cpu, cuda, cuda:N or mps" in capsys.readouterr().err
     if not torch.cuda.is_available():  # the loader names what is missing; nothing is written
-        assert main(["segment", str(HC18), "-p", "fetal head", "-o", str(tmp_path / "o"), "--device",
-                     "cuda:1"]) == 2
+        assert (
+            main(["segment", str(HC18), "-p", "fetal head", "-o", str(tmp_path / "o"), "--device", "cuda:1"])
+            == 2
+        )
         assert "--device cuda:1: no CUDA GPU is available" in capsys.readouterr().err
         assert not (tmp_path / "o").exists()

@@ -369,8 +369,23 @@ def test_labels_file_regions_add_union_concepts(data_dir, tmp_path):
     root = msd_hippocampus(data_dir, tmp_path / "data" / "Task04")
     labels = _labels(tmp_path, {"anterior hippocampus": 1, "posterior hippocampus": 2, "hippocampus": [1, 2]})
     out = tmp_path / "o.jsonl"
-    assert run(["--layout", "nnunet", "--root", str(root), "--name", "Hippo", "--labels", str(labels),
-                "-o", str(out)]) == 0
+    assert (
+        run(
+            [
+                "--layout",
+                "nnunet",
+                "--root",
+                str(root),
+                "--name",
+                "Hippo",
+                "--labels",
+                str(labels),
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     records = read_manifest(out)
     assert records and all(r.regions == {"hippocampus": [1, 2]} for r in records)
     for r in records:
@@ -380,12 +395,25 @@ def test_labels_file_regions_add_union_concepts(data_dir, tmp_path):
         expected = [k for k in range(label.shape[0]) if (label[k] > 0).any()]
         assert r.foreground_slices("hippocampus").tolist() == expected
         union = set(r.foreground_slices("anterior hippocampus").tolist()) | set(
-            r.foreground_slices("posterior hippocampus").tolist())
+            r.foreground_slices("posterior hippocampus").tolist()
+        )
         assert sorted(union) == expected
     # A region over a value the labels do not name is refused, naming the file; no manifest is written.
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"anterior hippocampus": 1, "hippocampus": [1, 2]}))
     with pytest.raises(InputError, match=r"region 'hippocampus' uses label value\(s\) \[2\]"):
-        run(["--layout", "nnunet", "--root", str(root), "--name", "Hippo", "--labels", str(bad),
-             "-o", str(tmp_path / "bad.jsonl")])
+        run(
+            [
+                "--layout",
+                "nnunet",
+                "--root",
+                str(root),
+                "--name",
+                "Hippo",
+                "--labels",
+                str(bad),
+                "-o",
+                str(tmp_path / "bad.jsonl"),
+            ]
+        )
     assert not (tmp_path / "bad.jsonl").exists()

@@ -101,8 +101,18 @@ def segmented(tmp_path_factory) -> dict[str, Path]:
         mp.setenv("MEDSAM3_CONFIG", str(config))
         for name, case in CASES.items():
             folders[name] = root / name
-            printed = run_cli(["segment", SAMPLES / case["image"], "-p", case["prompt"],
-                               "--modality", case["modality"], "-o", folders[name]])
+            printed = run_cli(
+                [
+                    "segment",
+                    SAMPLES / case["image"],
+                    "-p",
+                    case["prompt"],
+                    "--modality",
+                    case["modality"],
+                    "-o",
+                    folders[name],
+                ]
+            )
             assert "medsam3-nano" in printed  # the bundled model did the work
     return folders
 
@@ -121,7 +131,9 @@ def test_info_on_both_samples_and_their_reference_labels():
     reference = np.asarray(nib.load(SAMPLES / "hippocampus_019_labels.nii.gz").dataobj)
     assert labels["kind"] == "label map" and labels["shape"] == hippo["shape"]
     assert {e["value"]: e["voxels"] for e in labels["labels"]} == {
-        1: int((reference == 1).sum()), 2: int((reference == 2).sum())}
+        1: int((reference == 1).sum()),
+        2: int((reference == 2).sum()),
+    }
 
     table = run_cli(["info", SAMPLES / "hc18_400_HC.png", "--modality", "US"])  # the table form
     assert "US" in table
@@ -131,8 +143,20 @@ def test_info_on_both_samples_and_their_reference_labels():
 def test_preview_with_the_reference_labels(name, tmp_path):
     case = CASES[name]
     out = tmp_path / "preview"
-    run_cli(["preview", SAMPLES / case["image"], "--modality", case["modality"], "--labels",
-             SAMPLES / case["reference"], "--label-names", SAMPLES / case["names"], "-o", out])
+    run_cli(
+        [
+            "preview",
+            SAMPLES / case["image"],
+            "--modality",
+            case["modality"],
+            "--labels",
+            SAMPLES / case["reference"],
+            "--label-names",
+            SAMPLES / case["names"],
+            "-o",
+            out,
+        ]
+    )
     report = json.loads((out / "preview.json").read_text(encoding="utf-8"))
     names = json.loads((SAMPLES / case["names"]).read_text(encoding="utf-8"))
     assert report["labels"]["present"] == names
@@ -187,8 +211,23 @@ def test_evaluate_files_form_reports_the_dice_of_the_files(name, segmented, tmp_
         ref_names.write_text(json.dumps({"1": case["prompt"]}), encoding="utf-8")
 
     report = tmp_path / "report"
-    run_cli(["evaluate", "--pred", folder, "--ref", refs, "--ref-labels", ref_names, "-o", report,
-             "--bootstrap", "20", "--gallery", "0"])
+    run_cli(
+        [
+            "evaluate",
+            "--pred",
+            folder,
+            "--ref",
+            refs,
+            "--ref-labels",
+            ref_names,
+            "-o",
+            report,
+            "--bootstrap",
+            "20",
+            "--gallery",
+            "0",
+        ]
+    )
     with open(report / "cases.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [(r["concept"], r["status"]) for r in rows] == [(case["prompt"], "ok")]

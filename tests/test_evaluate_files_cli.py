@@ -18,8 +18,16 @@ from medsam3.cli import main
 from medsam3.evaluate.rows import CASE_COLUMNS
 
 HC18 = "hc18_ultrasound/training_set"
-REPORT_FILES = ("cases.csv", "summary.csv", "table.md", "table.csv", "config.json", "dice_by_dataset.png",
-                "dice_by_modality.png", "gallery.html")
+REPORT_FILES = (
+    "cases.csv",
+    "summary.csv",
+    "table.md",
+    "table.csv",
+    "config.json",
+    "dice_by_dataset.png",
+    "dice_by_modality.png",
+    "gallery.html",
+)
 
 
 def evaluate(capsys, *argv):
@@ -72,8 +80,21 @@ def hc18_pair(data_dir, tmp_path):
 def test_files_end_to_end(hc18_pair, data_dir, tmp_path, capsys):
     pred, ref = hc18_pair
     out = tmp_path / "report"
-    code, stdout, err = evaluate(capsys, "--pred", pred, "--ref", ref, "-o", out, "--images", data_dir / HC18,
-                                 "--dataset-name", "HC18", "--bootstrap", 500)
+    code, stdout, err = evaluate(
+        capsys,
+        "--pred",
+        pred,
+        "--ref",
+        ref,
+        "-o",
+        out,
+        "--images",
+        data_dir / HC18,
+        "--dataset-name",
+        "HC18",
+        "--bootstrap",
+        500,
+    )
     assert code == 1 and "1 reference label(s) without a prediction" in err and "--allow-missing" in err
     for name in REPORT_FILES:
         assert (out / name).is_file(), name
@@ -149,8 +170,9 @@ def volumes(tmp_path):
     ref[:, 2:6, 4:8] = 1  # "Kidney_L": 64 voxels
     ref[1:3, 0:2, 0:4] = 2  # "liver": 16 voxels
     write_volume(ref, ref_dir / "case1.nii.gz", spacing=(1.0, 1.0, 2.0))
-    (ref_dir / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "Kidney_L",
-                                                                 "2": "liver"}}))
+    (ref_dir / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "1": "Kidney_L", "2": "liver"}})
+    )
     return ref_dir, pred_dir, ref
 
 
@@ -162,8 +184,13 @@ def test_named_labels_and_exact_rearrangement(volumes, tmp_path, capsys):
     pred[0, 7, 0] = 3  # ... and one on a slice without liver
     pred[0, 0, 0] = 9  # a label the reference does not name
     # stored with the x axis reversed: the same voxels, no interpolation needed
-    write_volume(np.ascontiguousarray(pred[:, :, ::-1]), pred_dir / "case1_seg.nii.gz",
-                 spacing=(1.0, 1.0, 2.0), origin=(7.0, 0.0, 0.0), direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_volume(
+        np.ascontiguousarray(pred[:, :, ::-1]),
+        pred_dir / "case1_seg.nii.gz",
+        spacing=(1.0, 1.0, 2.0),
+        origin=(7.0, 0.0, 0.0),
+        direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1),
+    )
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"3": "Liver", "4": "kidney_left", "9": "spleen"}))
     out = tmp_path / "r"
@@ -234,18 +261,44 @@ def test_segment_outputs_matched_by_name(data_dir, model_dir, tmp_path, capsys):
     seg, ref = tmp_path / "seg", tmp_path / "ref"
     ref.mkdir()
     for case in ("000", "001"):
-        assert main(["segment", str(data_dir / HC18 / f"{case}_HC.png"), "-p", "fetal head", "--model",
-                     str(model_dir), "-o", str(seg)]) == 0
+        assert (
+            main(
+                [
+                    "segment",
+                    str(data_dir / HC18 / f"{case}_HC.png"),
+                    "-p",
+                    "fetal head",
+                    "--model",
+                    str(model_dir),
+                    "-o",
+                    str(seg),
+                ]
+            )
+            == 0
+        )
         shutil.copy(data_dir / HC18 / f"{case}_HC_Annotation.png", ref)
     capsys.readouterr()
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"1": "Fetal Head"}))
-    code, _, err = evaluate(capsys, "--pred", seg, "--ref", ref, "--ref-labels", names, "-o", tmp_path / "r",
-                            "--model-name", "tiny")
+    code, _, err = evaluate(
+        capsys,
+        "--pred",
+        seg,
+        "--ref",
+        ref,
+        "--ref-labels",
+        names,
+        "-o",
+        tmp_path / "r",
+        "--model-name",
+        "tiny",
+    )
     assert code == 0, err
     rows = read_rows(tmp_path / "r" / "cases.csv")
     assert [(r["case"], r["concept"], r["model"], r["status"], r["note"]) for r in rows] == [
-        ("000_HC", "fetal head", "tiny", "ok", ""), ("001_HC", "fetal head", "tiny", "ok", "")]
+        ("000_HC", "fetal head", "tiny", "ok", ""),
+        ("001_HC", "fetal head", "tiny", "ok", ""),
+    ]
     for r, case in zip(rows, ("000", "001"), strict=True):
         mask = np.asarray(PILImage.open(seg / f"{case}_HC_mask.png")) == 1
         summary = json.loads((seg / f"{case}_HC.json").read_text())

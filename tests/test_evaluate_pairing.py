@@ -51,11 +51,13 @@ def test_index_folder(tmp_path):
 
 
 def test_summary_of_medsam3_segment(tmp_path):
-    doc = {"labels": [
-        {"value": 1, "name": "polyp", "prompt": {"text": "polyp"}, "score": 0.8, "presence": 0.9},
-        {"value": 2, "name": "nucleus #1", "prompt": {"text": "nucleus"}, "score": 0.5, "presence": None},
-        {"value": None, "name": "lung", "prompt": {"text": "lung"}, "score": 0.01, "absent": True},
-    ]}
+    doc = {
+        "labels": [
+            {"value": 1, "name": "polyp", "prompt": {"text": "polyp"}, "score": 0.8, "presence": 0.9},
+            {"value": 2, "name": "nucleus #1", "prompt": {"text": "nucleus"}, "score": 0.5, "presence": None},
+            {"value": None, "name": "lung", "prompt": {"text": "lung"}, "score": 0.01, "absent": True},
+        ]
+    }
     (tmp_path / "img.json").write_text(json.dumps(doc))
     (tmp_path / "img_mask.png").write_bytes(b"x")
     path = summary_for(tmp_path / "img_mask.png")
@@ -76,10 +78,18 @@ def test_reference_names_from_dataset_json(tmp_path):
 
 
 def test_match_by_name_through_the_vocabulary(vocab):
-    matches, warns = match_labels([1, 2], {1: "Kidney_L", 2: "liver"}, [3, 4, 9],
-                                  {3: "Liver", 4: "left kidney", 9: "spleen"}, vocab, where="c1")
+    matches, warns = match_labels(
+        [1, 2],
+        {1: "Kidney_L", 2: "liver"},
+        [3, 4, 9],
+        {3: "Liver", 4: "left kidney", 9: "spleen"},
+        vocab,
+        where="c1",
+    )
     assert [(m.ref_value, m.name, m.pred_values, m.how) for m in matches] == [
-        (1, "left kidney", [4], "name"), (2, "liver", [3], "name")]
+        (1, "left kidney", [4], "name"),
+        (2, "liver", [3], "name"),
+    ]
     assert warns == ["c1: predicted labels ['spleen'] are not named by the reference (not scored)"]
     # several prediction values of one concept (instances) are one mask
     matches, _ = match_labels([1], {1: "cell nucleus"}, [1, 2], {1: "nucleus", 2: "nuclei"}, vocab)
@@ -89,7 +99,9 @@ def test_match_by_name_through_the_vocabulary(vocab):
 def test_match_without_prediction_names(vocab):
     matches, warns = match_labels([1, 2], {1: "liver", 2: "spleen"}, [1, 2, 5], {}, vocab, where="c")
     assert [(m.ref_value, m.name, m.pred_values, m.how) for m in matches] == [
-        (1, "liver", [1], "value"), (2, "spleen", [2], "value")]
+        (1, "liver", [1], "value"),
+        (2, "spleen", [2], "value"),
+    ]
     assert "prediction values [5]" in warns[0]
     # a binary reference takes the prediction's single value, whatever it is
     matches, _ = match_labels([1], {}, [255], {}, vocab)
@@ -108,8 +120,14 @@ def test_match_unnamed_reference_with_named_prediction(vocab):
 
 
 def volume(array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None, path="x.nii.gz"):
-    return Image(np.asarray(array), spacing, origin, np.eye(3) if direction is None else direction, "OTHER",
-                 {"path": path, "spacing_known": True})
+    return Image(
+        np.asarray(array),
+        spacing,
+        origin,
+        np.eye(3) if direction is None else direction,
+        "OTHER",
+        {"path": path, "spacing_known": True},
+    )
 
 
 def test_align_same_and_rearranged_grids(tmp_path):
@@ -147,8 +165,15 @@ def test_align_refuses_other_grids_unless_resampling(tmp_path):
 
 
 def test_resample_picture_without_geometry_stretches():
-    small = Image(np.array([[0, 1], [2, 3]], np.uint8), (1.0, 1.0), (0.0, 0.0), np.eye(2), "OTHER",
-                  {"spacing_known": False})
-    big = Image(np.zeros((4, 4), np.uint8), (1.0, 1.0), (0.0, 0.0), np.eye(2), "OTHER",
-                {"spacing_known": False})
+    small = Image(
+        np.array([[0, 1], [2, 3]], np.uint8),
+        (1.0, 1.0),
+        (0.0, 0.0),
+        np.eye(2),
+        "OTHER",
+        {"spacing_known": False},
+    )
+    big = Image(
+        np.zeros((4, 4), np.uint8), (1.0, 1.0), (0.0, 0.0), np.eye(2), "OTHER", {"spacing_known": False}
+    )
     assert resample_nearest(small, big).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]

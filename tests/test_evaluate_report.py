@@ -86,15 +86,28 @@ def row(dataset, dice, model="A", role="internal", group="g", status="ok", case=
     _, ref = square_pair()
     metrics = failure_metrics(ref, 1.0) if status != "ok" else score_masks(ref, ref, 1.0)
     metrics.update(dice=dice, iou=dice / (2 - dice) if iou is None else iou)
-    return CaseRow(dataset=dataset, case=case or f"c{dice}", concept="x", model=model, prompt_mode="text",
-                   status=status, metrics=metrics, role=role, group=group)
+    return CaseRow(
+        dataset=dataset,
+        case=case or f"c{dice}",
+        concept="x",
+        model=model,
+        prompt_mode="text",
+        status=status,
+        metrics=metrics,
+        role=role,
+        group=group,
+    )
 
 
 def test_summary_and_table_by_hand():
-    rows = [row("A", 1.0, iou=1.0), row("A", 0.5, iou=0.25), row("B", 0.0, role="external", iou=0.0,
-                                                                 status="missing"),
-            row("A", 0.8, model="M", iou=0.5), row("A", 0.4, model="M", iou=0.5),
-            row("B", 0.6, model="M", role="external", iou=0.4)]
+    rows = [
+        row("A", 1.0, iou=1.0),
+        row("A", 0.5, iou=0.25),
+        row("B", 0.0, role="external", iou=0.0, status="missing"),
+        row("A", 0.8, model="M", iou=0.5),
+        row("A", 0.4, model="M", iou=0.5),
+        row("B", 0.6, model="M", role="external", iou=0.4),
+    ]
     summary = summarize(rows, n_boot=500)
     a = next(s for s in summary if s["level"] == "dataset" and s["name"] == "A" and s["model"] == "A")
     assert a["n"] == 2 and a["dice_mean"] == pytest.approx(0.75) and a["iou_mean"] == pytest.approx(0.625)
@@ -117,7 +130,11 @@ def test_summary_and_table_by_hand():
     assert "*Internal average (1 dataset)*" in md and "| B | 1 | 0.0 | 0.0 | 60.0 | 40.0 |" in md
     parsed = list(csv.DictReader(io.StringIO(table_csv(table))))
     assert [(r["section"], r["dataset"]) for r in parsed] == [
-        ("Internal", "A"), ("Internal", "average"), ("External", "B"), ("External", "average")]
+        ("Internal", "A"),
+        ("Internal", "average"),
+        ("External", "B"),
+        ("External", "average"),
+    ]
     assert float(parsed[0]["M dice %"]) == pytest.approx(60.0)
 
 
@@ -137,7 +154,11 @@ def test_gallery_keeps_best_and_worst_deterministically():
         g.offer(row("A", d, case=f"case{k}"), image, ref, ref)
     items = g.items()
     assert [(i.kind, i.rank, i.row.case) for i in items] == [
-        ("best", 1, "case1"), ("best", 2, "case3"), ("worst", 1, "case2"), ("worst", 2, "case0")]
+        ("best", 1, "case1"),
+        ("best", 2, "case3"),
+        ("worst", 1, "case2"),
+        ("worst", 2, "case0"),
+    ]
     assert all(max(i.ref.shape) <= 16 and i.image.dtype == np.uint8 for i in items)
     small = GalleryCollector(per_side=2)
     for k, d in enumerate([0.2, 0.7, 0.5]):
@@ -163,12 +184,25 @@ def test_write_report_files_and_html_links(tmp_path):
     _, ref = square_pair()
     for r in rows:
         g.offer(r, None, ref, ref)
-    absent = [AbsentRow("A", "k0", "A", "liver", 0, 600), AbsentRow("A", "k0", "A", "lung", 5, 600),
-              AbsentRow("A", "k1", "A", "liver", 0, 600)]
+    absent = [
+        AbsentRow("A", "k0", "A", "liver", 0, 600),
+        AbsentRow("A", "k0", "A", "lung", 5, 600),
+        AbsentRow("A", "k1", "A", "liver", 0, 600),
+    ]
     out = write_report(tmp_path / "rep", rows, {"form": "test"}, g.items(), absent, n_boot=200)
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert {"cases.csv", "summary.csv", "table.md", "table.csv", "config.json", "dice_by_dataset.png",
-            "dice_by_modality.png", "gallery.html", "absent.csv", "absent_summary.csv"} <= names
+    assert {
+        "cases.csv",
+        "summary.csv",
+        "table.md",
+        "table.csv",
+        "config.json",
+        "dice_by_dataset.png",
+        "dice_by_modality.png",
+        "gallery.html",
+        "absent.csv",
+        "absent_summary.csv",
+    } <= names
     with open(out / "cases.csv", newline="") as fh:
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames) == CASE_COLUMNS
@@ -199,8 +233,11 @@ def test_write_files_is_all_or_nothing(tmp_path):
 
 
 def test_absent_summary_per_dataset():
-    rows = [AbsentRow("D1", "a", "m", "x", 3, 100), AbsentRow("D1", "b", "m", "x", 0, 100),
-            AbsentRow("D2", "c", "m", "x", 0, 100)]
+    rows = [
+        AbsentRow("D1", "a", "m", "x", 3, 100),
+        AbsentRow("D1", "b", "m", "x", 0, 100),
+        AbsentRow("D2", "c", "m", "x", 0, 100),
+    ]
     s = {r["dataset"]: r for r in absent_summary(rows, n_boot=100)}
     assert s["D1"]["image_fp_rate"] == 0.5 and s["D2"]["image_fp_rate"] == 0.0
     assert s["all"]["images"] == 3 and s["all"]["image_fp_rate"] == pytest.approx(1 / 3)
@@ -227,8 +264,12 @@ def test_paper_numbers_match_the_papers_averages():
 
 
 def test_comparison_by_hand():
-    rows = [row("HC18", 0.5, model="SAM3", iou=0.4), row("HC18", 0.9, model="Medical SAM3", iou=0.8),
-            row("FetoPlac", 0.6, model="SAM3"), row("FetoPlac", 0.8, model="Medical SAM3")]
+    rows = [
+        row("HC18", 0.5, model="SAM3", iou=0.4),
+        row("HC18", 0.9, model="Medical SAM3", iou=0.8),
+        row("FetoPlac", 0.6, model="SAM3"),
+        row("FetoPlac", 0.8, model="Medical SAM3"),
+    ]
     comp = comparison(rows, {"DRIVE": "no folder"})
     hc = next(e for e in comp["datasets"] if e["dataset"] == "HC18")
     assert (hc["ours_sam3"], hc["ours_medsam3"], hc["n"]) == (pytest.approx(50.0), pytest.approx(90.0), 1)

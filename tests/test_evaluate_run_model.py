@@ -57,14 +57,26 @@ def test_box_and_point_from_the_reference():
 
 
 def rec(dataset, case, split, group="g", concepts=("a",)):
-    return Record(dataset, case, [f"/x/{case}.png"], [f"/x/{case}_m.png"], dict(enumerate(concepts, 1)),
-                  split=split, group=group, shape=[4, 4], dims=2)
+    return Record(
+        dataset,
+        case,
+        [f"/x/{case}.png"],
+        [f"/x/{case}_m.png"],
+        dict(enumerate(concepts, 1)),
+        split=split,
+        group=group,
+        shape=[4, 4],
+        dims=2,
+    )
 
 
 def test_select_records():
     records = [rec("A", "2", "val"), rec("A", "1", "test"), rec("A", "3", "train"), rec("B", "1", "val")]
-    assert [(r.dataset, r.case_id) for r in select_records(records, "eval")] == [("A", "1"), ("A", "2"),
-                                                                                   ("B", "1")]
+    assert [(r.dataset, r.case_id) for r in select_records(records, "eval")] == [
+        ("A", "1"),
+        ("A", "2"),
+        ("B", "1"),
+    ]
     assert [r.case_id for r in select_records(records, "val", ["a"])] == ["2"]
     assert len(select_records(records, "all", limit=1)) == 2
     with pytest.raises(InputError, match=r"datasets \['c'\] are not in the manifest"):
@@ -72,8 +84,10 @@ def test_select_records():
 
 
 def test_absent_concepts_come_from_the_group_and_skip_the_dataset():
-    records = [rec("US1", "1", "val", "ultrasound", ("fetal head",)),
-               rec("US2", "1", "val", "ultrasound", ("breast lesion", "fetal head"))]
+    records = [
+        rec("US1", "1", "val", "ultrasound", ("fetal head",)),
+        rec("US2", "1", "val", "ultrasound", ("breast lesion", "fetal head")),
+    ]
     pools = absent_pools(records)
     assert "kidney" in pools["ultrasound"]  # from the registry's ultrasound datasets
     named = {"fetal head"}
@@ -110,16 +124,38 @@ def manifest(data_dir, tmp_path_factory) -> Path:
     kv = kvasir_folder(data_dir, root / "Kvasir-SEG", cases=KVASIR_CASES[:4])
     out = root / "manifest.jsonl"
     assert main(["prepare", "--dataset", "HC18", "--root", str(hc), "-o", str(out)]) == 0
-    assert main(["prepare", "--dataset", "Kvasir-SEG", "--root", str(kv), "--role", "external", "-o",
-                 str(out)]) == 0
+    assert (
+        main(["prepare", "--dataset", "Kvasir-SEG", "--root", str(kv), "--role", "external", "-o", str(out)])
+        == 0
+    )
     return out
 
 
 def test_manifest_two_models_text_prompts(manifest, model_dirs, tmp_path, capsys):
     out = tmp_path / "report"
-    argv = ["evaluate", "--manifest", str(manifest), "--model", str(model_dirs[0]), "--model-name", "A",
-            "--model", str(model_dirs[1]), "--model-name", "B", "--prompt-mode", "text", "--absent", "2",
-            "--device", "cpu", "--bootstrap", "300", "-o", str(out)]
+    argv = [
+        "evaluate",
+        "--manifest",
+        str(manifest),
+        "--model",
+        str(model_dirs[0]),
+        "--model-name",
+        "A",
+        "--model",
+        str(model_dirs[1]),
+        "--model-name",
+        "B",
+        "--prompt-mode",
+        "text",
+        "--absent",
+        "2",
+        "--device",
+        "cpu",
+        "--bootstrap",
+        "300",
+        "-o",
+        str(out),
+    ]
     capsys.readouterr()
     assert main(argv) == 0, capsys.readouterr().err
     stdout = capsys.readouterr().out
@@ -129,7 +165,9 @@ def test_manifest_two_models_text_prompts(manifest, model_dirs, tmp_path, capsys
         rows = list(reader)
     assert len(rows) == 16  # 8 records x 1 concept x 2 models
     assert {(r["dataset"], r["concept"], r["group"]) for r in rows} == {
-        ("HC18", "fetal head", "ultrasound"), ("Kvasir-SEG", "polyp", "endoscopy")}
+        ("HC18", "fetal head", "ultrasound"),
+        ("Kvasir-SEG", "polyp", "endoscopy"),
+    }
     assert {r["model"] for r in rows} == {"A", "B"} and {r["status"] for r in rows} == {"ok"}
     assert {r["prompt_mode"] for r in rows} == {"text"} and {r["role"] for r in rows} == {"external"}
     assert all(0.0 <= float(r["dice"]) <= 1.0 and r["score"] != "" for r in rows)
@@ -148,8 +186,11 @@ def test_manifest_two_models_text_prompts(manifest, model_dirs, tmp_path, capsys
     assert float(got["dice"]) == pytest.approx(expected, abs=1e-6)
 
     summary = list(csv.DictReader(open(out / "summary.csv")))
-    assert {(s["level"], s["name"]) for s in summary} >= {("dataset", "HC18"), ("group", "endoscopy"),
-                                                         ("all", "all")}
+    assert {(s["level"], s["name"]) for s in summary} >= {
+        ("dataset", "HC18"),
+        ("group", "endoscopy"),
+        ("all", "all"),
+    }
     for s in summary:
         assert float(s["dice_low"]) <= float(s["dice_mean"]) + 1e-9 <= float(s["dice_high"]) + 2e-9
         assert s["n"] == "4" or s["level"] == "all"
@@ -181,8 +222,25 @@ def test_manifest_box_prompts_and_unreadable_image(manifest, model_dirs, tmp_pat
     doc["image"] = [str(tmp_path / "gone.png")]
     broken.write_text("\n".join([json.dumps(doc)] + lines[1:]) + "\n")
     out = tmp_path / "r"
-    code = main(["evaluate", "--manifest", str(broken), "--model", str(model_dirs[0]), "--prompt-mode", "box",
-                 "--limit", "2", "--device", "cpu", "--gallery", "0", "-o", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--manifest",
+            str(broken),
+            "--model",
+            str(model_dirs[0]),
+            "--prompt-mode",
+            "box",
+            "--limit",
+            "2",
+            "--device",
+            "cpu",
+            "--gallery",
+            "0",
+            "-o",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "1 failed" in err
     rows = list(csv.DictReader(open(out / "cases.csv")))
@@ -202,8 +260,12 @@ def test_point_prompts_use_the_tracker(manifest, tiny_config):
     config = Sam3TrackerConfig(
         vision_config=tiny_config.vision_config.to_dict(),
         prompt_encoder_config={"hidden_size": 128, "image_size": 224, "patch_size": 14},
-        mask_decoder_config={"hidden_size": 128, "mlp_dim": 256, "num_attention_heads": 4,
-                             "iou_head_hidden_dim": 64},
+        mask_decoder_config={
+            "hidden_size": 128,
+            "mlp_dim": 256,
+            "num_attention_heads": 4,
+            "iou_head_hidden_dim": 64,
+        },
     )
     torch.manual_seed(0)
     tracker = Sam3TrackerModel(config).eval()
@@ -235,13 +297,26 @@ def hippocampus_slab(data_dir: Path, folder: Path, z0: int, z1: int) -> np.ndarr
 def test_volume_records_are_scored_in_3d(data_dir, model_dirs, tmp_path):
     arr = hippocampus_slab(data_dir, tmp_path, 4, 8)  # 4 slices around the start of the hippocampus
     present = {v: np.flatnonzero((arr == v).reshape(4, -1).any(axis=1)) for v in (1, 2)}
-    record = Record("Hippocampus", "h001", [str(tmp_path / "img.nii.gz")], [str(tmp_path / "lab.nii.gz")],
-                    {1: "anterior hippocampus", 2: "posterior hippocampus"}, modality="MR", dims=3,
-                    split="val", group="MR", shape=list(arr.shape),
-                    foreground={"anterior hippocampus": [[int(present[1][0]), 4]]})
+    record = Record(
+        "Hippocampus",
+        "h001",
+        [str(tmp_path / "img.nii.gz")],
+        [str(tmp_path / "lab.nii.gz")],
+        {1: "anterior hippocampus", 2: "posterior hippocampus"},
+        modality="MR",
+        dims=3,
+        split="val",
+        group="MR",
+        shape=list(arr.shape),
+        foreground={"anterior hippocampus": [[int(present[1][0]), 4]]},
+    )
     gallery = GalleryCollector(1)
-    result = run_models([record], [ModelSpec("tiny", str(model_dirs[0]))],
-                        RunOptions(prompt_mode="box", device="cpu"), gallery)
+    result = run_models(
+        [record],
+        [ModelSpec("tiny", str(model_dirs[0]))],
+        RunOptions(prompt_mode="box", device="cpu"),
+        gallery,
+    )
     (row,) = result.rows
     assert row.concept == "anterior hippocampus" and row.metrics["distance_unit"] == "mm"
     assert row.metrics["ref_voxels"] == int((arr == 1).sum())
@@ -269,11 +344,23 @@ def test_region_concepts_are_scored_on_their_own_masks(data_dir, model_dirs, tmp
 
     arr = hippocampus_slab(data_dir, tmp_path, 8, 12)
     names = ("anterior hippocampus", "hippocampus", "posterior hippocampus")
-    record = Record("Hippocampus", "h001", [str(tmp_path / "img.nii.gz")], [str(tmp_path / "lab.nii.gz")],
-                    {1: names[0], 2: names[2]}, modality="MR", dims=3, split="val", group="MR",
-                    shape=list(arr.shape), regions={"hippocampus": [1, 2]},
-                    foreground={c: [[0, 4]] for c in names})
-    options = RunOptions(prompt_mode="text", device="cpu", volume_mode="volume", inference=evaluation_options(threshold=0.0))
+    record = Record(
+        "Hippocampus",
+        "h001",
+        [str(tmp_path / "img.nii.gz")],
+        [str(tmp_path / "lab.nii.gz")],
+        {1: names[0], 2: names[2]},
+        modality="MR",
+        dims=3,
+        split="val",
+        group="MR",
+        shape=list(arr.shape),
+        regions={"hippocampus": [1, 2]},
+        foreground={c: [[0, 4]] for c in names},
+    )
+    options = RunOptions(
+        prompt_mode="text", device="cpu", volume_mode="volume", inference=evaluation_options(threshold=0.0)
+    )
     result = run_models([record], [ModelSpec("tiny", str(model_dirs[0]))], options, None)
     rows = {r.concept: r for r in result.rows}
     assert sorted(rows) == sorted(names)
@@ -293,18 +380,43 @@ def test_the_absent_test_on_a_volume_takes_the_scored_path(data_dir, model_dirs,
 
     arr = hippocampus_slab(data_dir, tmp_path, 8, 12)
     names = {1: "anterior hippocampus", 2: "posterior hippocampus"}
-    record = Record("Hippocampus", "h001", [str(tmp_path / "img.nii.gz")], [str(tmp_path / "lab.nii.gz")],
-                    names, modality="MR", dims=3, split="val", group="MR", shape=list(arr.shape),
-                    foreground={c: [[0, 4]] for c in names.values()})
+    record = Record(
+        "Hippocampus",
+        "h001",
+        [str(tmp_path / "img.nii.gz")],
+        [str(tmp_path / "lab.nii.gz")],
+        names,
+        modality="MR",
+        dims=3,
+        split="val",
+        group="MR",
+        shape=list(arr.shape),
+        foreground={c: [[0, 4]] for c in names.values()},
+    )
     # Another record of the group only lends its concept to the pool of absent concepts.
-    other = Record("Other", "o1", ["unused.nii.gz"], ["unused_lab.nii.gz"], {1: "brain tumour"},
-                   modality="MR", dims=3, split="val", group="MR", shape=[1, 1, 1])
+    other = Record(
+        "Other",
+        "o1",
+        ["unused.nii.gz"],
+        ["unused_lab.nii.gz"],
+        {1: "brain tumour"},
+        modality="MR",
+        dims=3,
+        split="val",
+        group="MR",
+        shape=[1, 1, 1],
+    )
     spec = ModelSpec("tiny", str(model_dirs[0]))
     image = read_image(tmp_path / "img.nii.gz", modality="MR")
     got = {}
     for mode in ("volume", "slices"):
-        options = RunOptions(prompt_mode="text", device="cpu", volume_mode=mode, absent=1,
-                             inference=evaluation_options(threshold=0.0))
+        options = RunOptions(
+            prompt_mode="text",
+            device="cpu",
+            volume_mode=mode,
+            absent=1,
+            inference=evaluation_options(threshold=0.0),
+        )
         (row,) = run_models([record], [spec], options, None, all_records=[record, other]).absent
         got[mode] = row
         seg = build_segmenter(spec, options)
@@ -313,8 +425,10 @@ def test_the_absent_test_on_a_volume_takes_the_scored_path(data_dir, model_dirs,
         else:
             canonical = load_record(record)[0]  # slices of the canonical frame, as the evaluation cuts them
             prompt = [Prompt(text=row.concept)]
-            expect = sum(int((seg.segment(_slice(canonical, z), prompt).label_map > 0).sum())
-                         for z in range(canonical.spatial_shape[0]))
+            expect = sum(
+                int((seg.segment(_slice(canonical, z), prompt).label_map > 0).sum())
+                for z in range(canonical.spatial_shape[0])
+            )
         assert row.predicted_pixels == expect
     assert got["volume"].concept == got["slices"].concept
     assert got["volume"].predicted_pixels != got["slices"].predicted_pixels

@@ -69,12 +69,38 @@ def test_dataset_folders_and_splits(data_root):
 
 def test_table3_end_to_end(data_root, models, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["evaluate", "--table3", "--data-root", str(data_root), "--vanilla", str(models[0]),
-                 "--medical", str(models[1]), "--device", "cpu", "--bootstrap", "200", "-o", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--table3",
+            "--data-root",
+            str(data_root),
+            "--vanilla",
+            str(models[0]),
+            "--medical",
+            str(models[1]),
+            "--device",
+            "cpu",
+            "--bootstrap",
+            "200",
+            "-o",
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0 and "3 of 17 datasets run" in stdout
-    for name in ("table3.md", "table3.csv", "table.md", "table.csv", "cases.csv", "summary.csv",
-                 "config.json", "manifest.jsonl", "gallery.html", "dice_by_dataset.png"):
+    for name in (
+        "table3.md",
+        "table3.csv",
+        "table.md",
+        "table.csv",
+        "cases.csv",
+        "summary.csv",
+        "config.json",
+        "manifest.jsonl",
+        "gallery.html",
+        "dice_by_dataset.png",
+    ):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "table3.csv")))
     assert [r["dataset"] for r in rows[:17]] == [p.dataset for p in PAPER_TABLE3]
@@ -85,7 +111,8 @@ def test_table3_end_to_end(data_root, models, tmp_path, capsys):
         r = by[name]
         assert r["n"] == n and r["ours_sam3_dice"] and r["ours_medsam3_dice"]
         assert float(r["diff_medsam3_dice"]) == pytest.approx(
-            float(r["ours_medsam3_dice"]) - float(r["paper_medsam3_dice"]), abs=0.02)
+            float(r["ours_medsam3_dice"]) - float(r["paper_medsam3_dice"]), abs=0.02
+        )
     assert by["STARE"]["ours_sam3_dice"] == "" and "no folder" in by["STARE"]["note"]
     # averages of the paper over the datasets run: external = (23.9 + 0.0) / 2, (92.6 + 87.9) / 2
     ext = by["average (2 of 7)"]
@@ -101,18 +128,45 @@ def test_table3_end_to_end(data_root, models, tmp_path, capsys):
     assert table.index("**Internal**") < table.index("FetoPlac") < table.index("**External**")
     config = json.loads((out / "config.json").read_text())
     assert config["prompts"] == {"CVC-ClinicDB:polyp": "Polyp", "HC18:fetal head": "fetal head"}
-    assert set(config["skipped_datasets"]) == {p.dataset for p in PAPER_TABLE3} - {"HC18", "CVC-ClinicDB",
-                                                                                  "FetoPlac"}
+    assert set(config["skipped_datasets"]) == {p.dataset for p in PAPER_TABLE3} - {
+        "HC18",
+        "CVC-ClinicDB",
+        "FetoPlac",
+    }
 
 
 def test_cli_reports_errors(tmp_path, capsys):
     out = tmp_path / "o"
-    code = main(["evaluate", "--table3", "--data-root", str(tmp_path / "none"), "--vanilla", "a", "--medical",
-                 "b", "-o", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--table3",
+            "--data-root",
+            str(tmp_path / "none"),
+            "--vanilla",
+            "a",
+            "--medical",
+            "b",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 2 and "data root folder not found" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    code = main(["evaluate", "--table3", "--data-root", str(empty), "--vanilla", "a", "--medical", "b",
-                 "-o", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--table3",
+            "--data-root",
+            str(empty),
+            "--vanilla",
+            "a",
+            "--medical",
+            "b",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 2 and "no Table 3 dataset could be prepared" in capsys.readouterr().err
     assert not out.exists()

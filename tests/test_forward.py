@@ -44,8 +44,13 @@ def test_text_only_without_cls_is_plain_sam3model(tiny_model, inputs):
     pixels, ids, mask = inputs
     with torch.inference_mode():
         plain = tiny_model(pixel_values=pixels, input_ids=ids[:1], attention_mask=mask[:1])
-        ours = predict_prompts(tiny_model, encode_image(tiny_model, pixels), input_ids=ids[:1],
-                               attention_mask=mask[:1], meta_text_cls=False)
+        ours = predict_prompts(
+            tiny_model,
+            encode_image(tiny_model, pixels),
+            input_ids=ids[:1],
+            attention_mask=mask[:1],
+            meta_text_cls=False,
+        )
     assert_same(ours, plain, exact=True)
 
 
@@ -54,12 +59,24 @@ def test_text_and_box_is_plain_sam3model(tiny_model, inputs):
     boxes = torch.tensor([[[0.4, 0.5, 0.3, 0.2], [0.7, 0.3, 0.1, 0.1]]])
     labels = torch.tensor([[1, 0]])
     with torch.inference_mode():
-        plain = tiny_model(pixel_values=pixels, input_ids=ids[:1], attention_mask=mask[:1],
-                           input_boxes=boxes, input_boxes_labels=labels)
+        plain = tiny_model(
+            pixel_values=pixels,
+            input_ids=ids[:1],
+            attention_mask=mask[:1],
+            input_boxes=boxes,
+            input_boxes_labels=labels,
+        )
         vision = encode_image(tiny_model, pixels)
         for cls in (True, False):  # the flag only concerns text-only prompts
-            ours = predict_prompts(tiny_model, vision, input_ids=ids[:1], attention_mask=mask[:1],
-                                   boxes=boxes, box_labels=labels, meta_text_cls=cls)
+            ours = predict_prompts(
+                tiny_model,
+                vision,
+                input_ids=ids[:1],
+                attention_mask=mask[:1],
+                boxes=boxes,
+                box_labels=labels,
+                meta_text_cls=cls,
+            )
             assert_same(ours, plain, exact=True)
 
 
@@ -69,11 +86,13 @@ def test_prompt_batch_matches_one_call_per_prompt(tiny_model, inputs):
         vision = encode_image(tiny_model, pixels)
         batch = predict_prompts(tiny_model, vision, input_ids=ids, attention_mask=mask, meta_text_cls=False)
         for row in range(3):
-            single = tiny_model(pixel_values=pixels, input_ids=ids[row : row + 1],
-                                attention_mask=mask[row : row + 1])
+            single = tiny_model(
+                pixel_values=pixels, input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1]
+            )
             for name in FIELDS:
-                torch.testing.assert_close(getattr(batch, name)[row : row + 1], getattr(single, name),
-                                           atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    getattr(batch, name)[row : row + 1], getattr(single, name), atol=1e-5, rtol=1e-4
+                )
 
 
 def test_meta_cls_equals_geometry_path_with_padding_box(tiny_model, inputs):
@@ -88,8 +107,13 @@ def test_meta_cls_equals_geometry_path_with_padding_box(tiny_model, inputs):
     with torch.inference_mode():
         vision = encode_image(tiny_model, pixels)
         ours = predict_prompts(tiny_model, vision, input_ids=ids, attention_mask=mask)
-        reference = tiny_model(vision_embeds=expand_vision(vision, 3), input_ids=ids, attention_mask=mask,
-                               input_boxes=pad_box, input_boxes_labels=pad_label)
+        reference = tiny_model(
+            vision_embeds=expand_vision(vision, 3),
+            input_ids=ids,
+            attention_mask=mask,
+            input_boxes=pad_box,
+            input_boxes_labels=pad_label,
+        )
         plain = predict_prompts(tiny_model, vision, input_ids=ids, attention_mask=mask, meta_text_cls=False)
     assert_same(ours, reference, exact=False, atol=1e-6)
     # The CLS token does change the prediction (it is not a no-op on random weights).
@@ -129,18 +153,27 @@ def test_mixed_batch_without_cls_matches_separate_calls(tiny_model, inputs, per_
     labels = torch.tensor([[BOX_PAD_LABEL], [1], [BOX_PAD_LABEL]])
     with torch.inference_mode():
         vision = encode_image(tiny_model, pixels)
-        mixed = predict_prompts(tiny_model, vision, input_ids=ids, attention_mask=mask, boxes=boxes,
-                                box_labels=labels, meta_text_cls=False)
+        mixed = predict_prompts(
+            tiny_model,
+            vision,
+            input_ids=ids,
+            attention_mask=mask,
+            boxes=boxes,
+            box_labels=labels,
+            meta_text_cls=False,
+        )
         for row in range(3):
             kw = {}
             if row == 1:
                 kw = {"input_boxes": boxes[1:2], "input_boxes_labels": labels[1:2]}
             image = pixels[row : row + 1] if per_row_images else pixels
-            single = tiny_model(pixel_values=image, input_ids=ids[row : row + 1],
-                                attention_mask=mask[row : row + 1], **kw)
+            single = tiny_model(
+                pixel_values=image, input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1], **kw
+            )
             for name in FIELDS:
-                torch.testing.assert_close(getattr(mixed, name)[row : row + 1], getattr(single, name),
-                                           atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    getattr(mixed, name)[row : row + 1], getattr(single, name), atol=1e-5, rtol=1e-4
+                )
 
 
 def test_cached_features_are_not_recomputed_or_copied(tiny_model, inputs):
@@ -152,8 +185,9 @@ def test_cached_features_are_not_recomputed_or_copied(tiny_model, inputs):
             vision = encode_image(tiny_model, pixels)
             grown = expand_vision(vision, 3)
             predict_prompts(tiny_model, vision, input_ids=ids, attention_mask=mask)
-            predict_prompts(tiny_model, vision, input_ids=ids[:2], attention_mask=mask[:2],
-                            meta_text_cls=False)
+            predict_prompts(
+                tiny_model, vision, input_ids=ids[:2], attention_mask=mask[:2], meta_text_cls=False
+            )
     finally:
         handle.remove()
     assert len(calls) == 1
@@ -168,7 +202,13 @@ def test_bad_shapes_are_refused(tiny_model, inputs):
         with pytest.raises(ValueError, match="exactly one"):
             predict_prompts(tiny_model, vision)
         with pytest.raises(ValueError, match="do not match"):
-            predict_prompts(tiny_model, vision, input_ids=ids, attention_mask=mask,
-                            boxes=torch.rand(2, 1, 4), box_labels=torch.ones(2, 1, dtype=torch.long))
+            predict_prompts(
+                tiny_model,
+                vision,
+                input_ids=ids,
+                attention_mask=mask,
+                boxes=torch.rand(2, 1, 4),
+                box_labels=torch.ones(2, 1, dtype=torch.long),
+            )
         with pytest.raises(ValueError, match="expected 1 or 3"):
             predict_prompts(tiny_model, expand_vision(vision, 2), input_ids=ids, attention_mask=mask)

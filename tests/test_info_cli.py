@@ -26,9 +26,15 @@ def _sitk_orientation(direction) -> str:
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(list(np.ravel(direction)))
 
 
-@pytest.mark.parametrize("rel", ["msd_hippocampus/images/hippocampus_003.nii.gz",
-                                 "totalsegmentator/example_ct_sm.nii.gz", "pyradiomics/brain1_image.nrrd",
-                                 "nilearn_mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "msd_hippocampus/images/hippocampus_003.nii.gz",
+        "totalsegmentator/example_ct_sm.nii.gz",
+        "pyradiomics/brain1_image.nrrd",
+        "nilearn_mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    ],
+)
 def test_info_equals_simpleitk(data_dir, capsys, rel):
     path = data_dir / rel
     info = _info_json(capsys, path)

@@ -88,16 +88,19 @@ def _bad(tmp_path: Path, kind: str, data_dir: Path) -> tuple[Path, str]:
             ds.SOPInstanceUID = ds.SOPInstanceUID + ".7"
             ds.SeriesDescription = "second series"
             ds.save_as(p / f"b_{f.name}")
-        return p, ("(?s)holds 2 DICOM series; choose one with --series .*"
-                   r"1.2.392.200103.20080913.113635.1.2009.6.22.21.43.10.23430.1 +'no description' +CT +3 "
-                   "files.*"
-                   r"1.2.826.0.1.3680043.8.498.77 +'second series' +CT +3 files")
+        return p, (
+            "(?s)holds 2 DICOM series; choose one with --series .*"
+            r"1.2.392.200103.20080913.113635.1.2009.6.22.21.43.10.23430.1 +'no description' +CT +3 "
+            "files.*"
+            r"1.2.826.0.1.3680043.8.498.77 +'second series' +CT +3 files"
+        )
     if kind == "missing_slice":
         p = d / "gap"
         p.mkdir()
         files = sorted((data_dir / "totalsegmentator" / "example_ct_dicom").iterdir())
-        positions = {f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
-                     for f in files}
+        positions = {
+            f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files
+        }
         ordered = sorted(files, key=positions.get)
         for f in ordered[:5] + ordered[6:8]:
             shutil.copy(f, p / f.name)
@@ -127,9 +130,26 @@ def _bad(tmp_path: Path, kind: str, data_dir: Path) -> tuple[Path, str]:
     raise AssertionError(kind)
 
 
-KINDS = ["empty", "truncated_gz", "truncated_nii", "png_as_nifti", "gzip_not_nifti", "text", "4d",
-         "one_voxel", "nan", "nan_nrrd", "missing", "empty_folder", "two_series", "missing_slice",
-         "duplicate_slice", "npz_no_images", "npz_unsafe_pickle", "npz_bad_gts"]
+KINDS = [
+    "empty",
+    "truncated_gz",
+    "truncated_nii",
+    "png_as_nifti",
+    "gzip_not_nifti",
+    "text",
+    "4d",
+    "one_voxel",
+    "nan",
+    "nan_nrrd",
+    "missing",
+    "empty_folder",
+    "two_series",
+    "missing_slice",
+    "duplicate_slice",
+    "npz_no_images",
+    "npz_unsafe_pickle",
+    "npz_bad_gts",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)

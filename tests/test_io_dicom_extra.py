@@ -33,8 +33,12 @@ def test_enhanced_multiframe_equals_the_series(dcmqi, dcmqi_ct, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
-            legacy, series_instance_uid=hd.UID(), series_number=9, sop_instance_uid=hd.UID(),
-            instance_number=1)
+            legacy,
+            series_instance_uid=hd.UID(),
+            series_number=9,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+        )
     enhanced.save_as(tmp_path / "enhanced.dcm")
     image = read_image(tmp_path / "enhanced.dcm")
     np.testing.assert_array_equal(image.array, dcmqi_ct.array)
@@ -88,16 +92,30 @@ def test_fractional_seg_is_thresholded_at_one_half(dcmqi, dcmqi_ct, tmp_path):
     prob[1, 100:110, 200:220] = 0.8
     prob[1, 100:110, 220:230] = 0.3  # below one half: background
     desc = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.Tissue,
-        segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        segment_number=1,
+        segment_label="lesion",
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Lesion,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         seg = hd.seg.Segmentation(
-            source_images=sources, pixel_array=prob, segmentation_type="FRACTIONAL",
-            segment_descriptions=[desc], series_instance_uid=hd.UID(), series_number=5,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test", manufacturer_model_name="test",
-            software_versions="1", device_serial_number="1", max_fractional_value=100,
-            specific_character_set=None)
+            source_images=sources,
+            pixel_array=prob,
+            segmentation_type="FRACTIONAL",
+            segment_descriptions=[desc],
+            series_instance_uid=hd.UID(),
+            series_number=5,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="test",
+            manufacturer_model_name="test",
+            software_versions="1",
+            device_serial_number="1",
+            max_fractional_value=100,
+            specific_character_set=None,
+        )
     seg.save_as(tmp_path / "frac.dcm")
     labels = read_label_map(tmp_path / "frac.dcm", dcmqi_ct)
     expected = (prob >= 0.5).astype(np.uint8)
@@ -112,9 +130,16 @@ def _layered_seg_nrrd(path, ref, liver, heart):
     image.SetSpacing(ref.spacing)
     image.SetOrigin(ref.origin)
     image.SetDirection(tuple(ref.direction.ravel()))
-    fields = {"Segment0_ID": "Segment_1", "Segment0_Name": "liver", "Segment0_LabelValue": "1",
-              "Segment0_Layer": "0", "Segment1_ID": "Segment_2", "Segment1_Name": "heart",
-              "Segment1_LabelValue": "1", "Segment1_Layer": "1"}
+    fields = {
+        "Segment0_ID": "Segment_1",
+        "Segment0_Name": "liver",
+        "Segment0_LabelValue": "1",
+        "Segment0_Layer": "0",
+        "Segment1_ID": "Segment_2",
+        "Segment1_Name": "heart",
+        "Segment1_LabelValue": "1",
+        "Segment1_Layer": "1",
+    }
     for k, v in fields.items():
         image.SetMetaData(k, v)
     sitk.WriteImage(image, str(path), True)

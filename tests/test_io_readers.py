@@ -47,13 +47,21 @@ def totalseg_ct(data_dir):
 
 
 # -- volumes ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rel", [
-    "msd_hippocampus/images/hippocampus_001.nii.gz", "msd_hippocampus/images/hippocampus_003.nii.gz",
-    "msd_hippocampus/labels/hippocampus_003.nii.gz", "totalsegmentator/example_ct_sm.nii.gz",
-    "totalsegmentator/example_mr_sm.nii.gz", "totalsegmentator/pulmonary_report/ct_cropped.nii.gz",
-    "pyradiomics/brain1_image.nrrd", "pyradiomics/breast1_label.nrrd",
-    "pyradiomics/prostate_phantom_subvolume.nrrd", "dcmqi_ct3slice/liver_spine_seg.nrrd",
-])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "msd_hippocampus/images/hippocampus_001.nii.gz",
+        "msd_hippocampus/images/hippocampus_003.nii.gz",
+        "msd_hippocampus/labels/hippocampus_003.nii.gz",
+        "totalsegmentator/example_ct_sm.nii.gz",
+        "totalsegmentator/example_mr_sm.nii.gz",
+        "totalsegmentator/pulmonary_report/ct_cropped.nii.gz",
+        "pyradiomics/brain1_image.nrrd",
+        "pyradiomics/breast1_label.nrrd",
+        "pyradiomics/prostate_phantom_subvolume.nrrd",
+        "dcmqi_ct3slice/liver_spine_seg.nrrd",
+    ],
+)
 def test_volume_readers_equal_simpleitk(data_dir, rel):
     path = data_dir / rel
     image = read_image(path)
@@ -165,8 +173,9 @@ def test_seg_equals_nrrd_labels_on_the_source_grid(dcmqi, dcmqi_ct):
     assert seg.meta["label_names"] == {1: "Liver"}
     assert seg.array.dtype == np.uint8
     np.testing.assert_array_equal(seg.array, nrrd.array)
-    assert int(seg.array.sum()) == int((sitk.GetArrayFromImage(sitk.ReadImage(str(dcmqi / "liver_seg.nrrd")))
-                                        == 1).sum())
+    assert int(seg.array.sum()) == int(
+        (sitk.GetArrayFromImage(sitk.ReadImage(str(dcmqi / "liver_seg.nrrd"))) == 1).sum()
+    )
     assert seg.same_geometry(dcmqi_ct)
 
 
@@ -212,8 +221,13 @@ def test_npz_text_prompts_pickled_dict_and_json(tmp_path):
     img[1:3, 2:6, 2:6] = 200
     gts = (img > 0).astype(np.uint8) * 2
     prompts = {"2": "left kidney", "instance_label": 0}
-    np.savez(tmp_path / "MR_case.npz", imgs=img, gts=gts, spacing=np.array([0.5, 0.5, 2.0]),
-             text_prompts=np.array(prompts, dtype=object))
+    np.savez(
+        tmp_path / "MR_case.npz",
+        imgs=img,
+        gts=gts,
+        spacing=np.array([0.5, 0.5, 2.0]),
+        text_prompts=np.array(prompts, dtype=object),
+    )
     image, labels, got = read_npz_case(tmp_path / "MR_case.npz")
     assert got == {2: "left kidney"}
     assert labels.meta["label_names"] == {2: "left kidney"}
@@ -313,7 +327,7 @@ def test_synthetic_bmp_palette_and_16bit_png(tmp_path):
     assert as_image.is_color
     np.testing.assert_array_equal(as_image.array[2, 1], (0, 255, 0))
     np.testing.assert_array_equal(read_label_map(tmp_path / "p.png").array, idx)  # indices are the labels
-    deep = (np.arange(42, dtype=np.uint16).reshape(6, 7) * 1000)
+    deep = np.arange(42, dtype=np.uint16).reshape(6, 7) * 1000
     PILImage.fromarray(deep).save(tmp_path / "d.png")
     png16 = read_image(tmp_path / "d.png")
     assert png16.array.dtype == np.uint16 and png16.modality == "MICROSCOPY"
@@ -324,8 +338,13 @@ def test_tiff_physical_pixel_size(tmp_path):
     import tifffile
 
     a = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)
-    tifffile.imwrite(tmp_path / "ij.tif", a, imagej=True, resolution=(1 / 0.5, 1 / 0.25),
-                     metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"})
+    tifffile.imwrite(
+        tmp_path / "ij.tif",
+        a,
+        imagej=True,
+        resolution=(1 / 0.5, 1 / 0.25),
+        metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"},
+    )
     stack = read_image(tmp_path / "ij.tif")
     assert stack.spacing == pytest.approx((0.5e-3, 0.25e-3, 2e-3))  # µm -> mm, ITK order x, y, z
     assert stack.meta["spacing_known"]

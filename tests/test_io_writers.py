@@ -42,8 +42,9 @@ def _oblique_reference() -> Image:
     return Image(arr, (0.8125, 0.6875, 2.5), (-120.25, 35.5, 18.0), rot, "MR", {"path": "ref"})
 
 
-@pytest.mark.parametrize("suffix,atol", [(".nii.gz", 1e-5), (".nii", 1e-5), (".nrrd", 0.0), (".mha", 1e-12),
-                                         (".npz", 0.0)])
+@pytest.mark.parametrize(
+    "suffix,atol", [(".nii.gz", 1e-5), (".nii", 1e-5), (".nrrd", 0.0), (".mha", 1e-12), (".npz", 0.0)]
+)
 def test_label_round_trip_keeps_array_and_geometry(tmp_path, suffix, atol):
     ref = _oblique_reference()
     labels = np.zeros(ref.spatial_shape, np.int64)

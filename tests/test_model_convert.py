@@ -36,51 +36,120 @@ def _same_architecture(a, b) -> dict:
     """Configuration fields that differ, ignoring bookkeeping (dtype, architectures, name)."""
     skip = ("dtype", "architectures", "_name_or_path", "transformers_version")
     fa, fb = _flat(a.to_dict()), _flat(b.to_dict())
-    return {k: (fa.get(k), fb.get(k)) for k in set(fa) | set(fb)
-            if fa.get(k) != fb.get(k) and k.rsplit(".", 1)[-1] not in skip}
+    return {
+        k: (fa.get(k), fb.get(k))
+        for k in set(fa) | set(fb)
+        if fa.get(k) != fb.get(k) and k.rsplit(".", 1)[-1] not in skip
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # hand-written keys and operations
 
 
-@pytest.mark.parametrize("meta, part, hf, op", [
-    ("detector.backbone.vision_backbone.trunk.blocks.5.attn.qkv.weight", "detector",
-     ("vision_encoder.backbone.layers.5.attention.q_proj.weight",
-      "vision_encoder.backbone.layers.5.attention.k_proj.weight",
-      "vision_encoder.backbone.layers.5.attention.v_proj.weight"), "split3"),
-    ("detector.backbone.vision_backbone.convs.0.dconv_2x2_1.bias", "detector",
-     ("vision_encoder.neck.fpn_layers.0.scale_layers.2.bias",), "copy"),
-    ("detector.backbone.vision_backbone.sam2_convs.1.dconv_2x2.weight", "tracker_neck",
-     ("fpn_layers.1.scale_layers.0.weight",), "copy"),
-    ("detector.backbone.language_backbone.encoder.text_projection", "detector",
-     ("text_encoder.text_projection.weight",), "transpose"),
-    ("detector.transformer.decoder.layers.3.norm1.weight", "detector",
-     ("detr_decoder.layers.3.vision_cross_attn_layer_norm.weight",), "copy"),
-    ("detector.transformer.decoder.layers.3.catext_norm.bias", "detector",
-     ("detr_decoder.layers.3.text_cross_attn_layer_norm.bias",), "copy"),
-    ("detector.transformer.decoder.bbox_embed.layers.2.weight", "detector",
-     ("detr_decoder.box_head.layer3.weight",), "copy"),
-    ("detector.segmentation_head.mask_predictor.mask_embed.layers.1.bias", "detector",
-     ("mask_decoder.mask_embedder.layers.1.bias",), "copy"),
-    ("tracker.sam_mask_decoder.iou_prediction_head.layers.1.weight", "tracker",
-     ("mask_decoder.iou_prediction_head.layers.0.weight",), "copy"),
-    ("tracker.sam_mask_decoder.output_hypernetworks_mlps.2.layers.2.bias", "tracker",
-     ("mask_decoder.output_hypernetworks_mlps.2.proj_out.bias",), "copy"),
-    ("tracker.maskmem_backbone.mask_downsampler.encoder.4.bias", "tracker",
-     ("memory_encoder.mask_downsampler.layers.1.layer_norm.bias",), "copy"),
-    ("tracker.maskmem_backbone.mask_downsampler.encoder.12.weight", "tracker",
-     ("memory_encoder.mask_downsampler.final_conv.weight",), "copy"),
-    ("tracker.maskmem_backbone.fuser.layers.1.gamma", "tracker",
-     ("memory_encoder.memory_fuser.layers.1.scale",), "copy"),
-    ("tracker.transformer.encoder.layers.2.cross_attn_image.out_proj.weight", "tracker",
-     ("memory_attention.layers.2.cross_attn_image.o_proj.weight",), "copy"),
-    ("tracker.sam_prompt_encoder.point_embeddings.3.weight", "tracker",
-     ("prompt_encoder.point_embed.weight",), "stack"),
-])
+@pytest.mark.parametrize(
+    "meta, part, hf, op",
+    [
+        (
+            "detector.backbone.vision_backbone.trunk.blocks.5.attn.qkv.weight",
+            "detector",
+            (
+                "vision_encoder.backbone.layers.5.attention.q_proj.weight",
+                "vision_encoder.backbone.layers.5.attention.k_proj.weight",
+                "vision_encoder.backbone.layers.5.attention.v_proj.weight",
+            ),
+            "split3",
+        ),
+        (
+            "detector.backbone.vision_backbone.convs.0.dconv_2x2_1.bias",
+            "detector",
+            ("vision_encoder.neck.fpn_layers.0.scale_layers.2.bias",),
+            "copy",
+        ),
+        (
+            "detector.backbone.vision_backbone.sam2_convs.1.dconv_2x2.weight",
+            "tracker_neck",
+            ("fpn_layers.1.scale_layers.0.weight",),
+            "copy",
+        ),
+        (
+            "detector.backbone.language_backbone.encoder.text_projection",
+            "detector",
+            ("text_encoder.text_projection.weight",),
+            "transpose",
+        ),
+        (
+            "detector.transformer.decoder.layers.3.norm1.weight",
+            "detector",
+            ("detr_decoder.layers.3.vision_cross_attn_layer_norm.weight",),
+            "copy",
+        ),
+        (
+            "detector.transformer.decoder.layers.3.catext_norm.bias",
+            "detector",
+            ("detr_decoder.layers.3.text_cross_attn_layer_norm.bias",),
+            "copy",
+        ),
+        (
+            "detector.transformer.decoder.bbox_embed.layers.2.weight",
+            "detector",
+            ("detr_decoder.box_head.layer3.weight",),
+            "copy",
+        ),
+        (
+            "detector.segmentation_head.mask_predictor.mask_embed.layers.1.bias",
+            "detector",
+            ("mask_decoder.mask_embedder.layers.1.bias",),
+            "copy",
+        ),
+        (
+            "tracker.sam_mask_decoder.iou_prediction_head.layers.1.weight",
+            "tracker",
+            ("mask_decoder.iou_prediction_head.layers.0.weight",),
+            "copy",
+        ),
+        (
+            "tracker.sam_mask_decoder.output_hypernetworks_mlps.2.layers.2.bias",
+            "tracker",
+            ("mask_decoder.output_hypernetworks_mlps.2.proj_out.bias",),
+            "copy",
+        ),
+        (
+            "tracker.maskmem_backbone.mask_downsampler.encoder.4.bias",
+            "tracker",
+            ("memory_encoder.mask_downsampler.layers.1.layer_norm.bias",),
+            "copy",
+        ),
+        (
+            "tracker.maskmem_backbone.mask_downsampler.encoder.12.weight",
+            "tracker",
+            ("memory_encoder.mask_downsampler.final_conv.weight",),
+            "copy",
+        ),
+        (
+            "tracker.maskmem_backbone.fuser.layers.1.gamma",
+            "tracker",
+            ("memory_encoder.memory_fuser.layers.1.scale",),
+            "copy",
+        ),
+        (
+            "tracker.transformer.encoder.layers.2.cross_attn_image.out_proj.weight",
+            "tracker",
+            ("memory_attention.layers.2.cross_attn_image.o_proj.weight",),
+            "copy",
+        ),
+        (
+            "tracker.sam_prompt_encoder.point_embeddings.3.weight",
+            "tracker",
+            ("prompt_encoder.point_embed.weight",),
+            "stack",
+        ),
+    ],
+)
 def test_single_key_plans(meta, part, hf, op):
-    scan = meta_keys.Prescan(mlp_depth={"iou_prediction_head": 3, "output_hypernetworks_mlps.2": 3},
-                             downsampler_last=12)
+    scan = meta_keys.Prescan(
+        mlp_depth={"iou_prediction_head": 3, "output_hypernetworks_mlps.2": 3}, downsampler_last=12
+    )
     plan = meta_keys.plan_key(meta, scan)
     assert (plan.part, plan.targets, plan.op) == (part, hf, op)
 
@@ -133,8 +202,11 @@ def test_inverse_layout_reproduces_metas_keys_and_shapes(listing):
 
     for cls, config, expected in (
         (Sam3VideoModel, Sam3VideoConfig(), listing),
-        (Sam3Model, Sam3Config(),
-         {k: v for k, v in listing.items() if k.startswith("detector.") and ".sam2_convs." not in k}),
+        (
+            Sam3Model,
+            Sam3Config(),
+            {k: v for k, v in listing.items() if k.startswith("detector.") and ".sam2_convs." not in k},
+        ),
     ):
         with torch.device("meta"):
             model = cls(config)
@@ -149,8 +221,13 @@ def test_full_size_conversion_plan(listing):
     meta = {k: torch.empty(s, dtype=DTYPES[d], device="meta") for k, (s, d) in listing.items()}
     out, report = convert_meta_state_dict(meta)
     assert report.ok and report.model_class == "Sam3VideoModel"
-    assert report.counts() == {"converted": 1427, "dropped": 38, "unexpected": 0, "missing": 0,
-                               "mis_shaped": 0}
+    assert report.counts() == {
+        "converted": 1427,
+        "dropped": 38,
+        "unexpected": 0,
+        "missing": 0,
+        "mis_shaped": 0,
+    }
     assert len(out) == 1797
     reasons = [d["reason"] for d in report.dropped]
     assert sum("rotary" in r for r in reasons) == 32 and sum("point projections" in r for r in reasons) == 6
@@ -161,7 +238,9 @@ def test_full_size_conversion_plan(listing):
     shapes = {k: s for k, (s, _) in listing.items()}
     eps = "vision_config.backbone_config.layer_norm_eps"
     assert _same_architecture(infer_sam3_config(shapes, with_tracker=True), Sam3VideoConfig()) == {
-        f"detector_config.{eps}": (1e-5, 1e-6), f"tracker_config.{eps}": (1e-5, 1e-6)}
+        f"detector_config.{eps}": (1e-5, 1e-6),
+        f"tracker_config.{eps}": (1e-5, 1e-6),
+    }
     assert _same_architecture(infer_sam3_config(shapes), Sam3Config()) == {eps: (1e-5, 1e-6)}
 
     image_only = {k: v for k, v in meta.items() if k.startswith("detector.") and ".sam2_convs." not in k}
@@ -218,10 +297,15 @@ def _detector_inputs(model_config):
 
 def _outputs(model, inputs):
     with torch.inference_mode():
-        out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                    attention_mask=inputs["attention_mask"])
-    return {n: getattr(out, n) for n in ("pred_masks", "pred_boxes", "pred_logits", "presence_logits",
-                                         "semantic_seg")}
+        out = model(
+            pixel_values=inputs["pixel_values"],
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+        )
+    return {
+        n: getattr(out, n)
+        for n in ("pred_masks", "pred_boxes", "pred_logits", "presence_logits", "semantic_seg")
+    }
 
 
 def test_cli_converts_trainer_checkpoint(tiny_video, tmp_path, capsys):
@@ -238,8 +322,9 @@ def test_cli_converts_trainer_checkpoint(tiny_video, tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert report["ok"] and report["model_class"] == "Sam3VideoModel"
     assert report["ignored_entries"] == ["epoch", "optimizer", "steps"]
-    assert {d["meta"] for d in report["dropped"]} == {k for k in meta if k.endswith("freqs_cis")
-                                                     or ".points_" in k}
+    assert {d["meta"] for d in report["dropped"]} == {
+        k for k in meta if k.endswith("freqs_cis") or ".points_" in k
+    }
 
     converted, info = Sam3VideoModel.from_pretrained(out_dir, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
@@ -251,8 +336,9 @@ def test_cli_converts_trainer_checkpoint(tiny_video, tmp_path, capsys):
 
     detector = Sam3Model.from_pretrained(out_dir).eval()
     processor = Sam3Processor.from_pretrained(out_dir)
-    inputs = processor(images=(torch.rand(3, 200, 150) * 255).to(torch.uint8), text=["liver"],
-                       return_tensors="pt")
+    inputs = processor(
+        images=(torch.rand(3, 200, 150) * 255).to(torch.uint8), text=["liver"], return_tensors="pt"
+    )
     assert inputs["pixel_values"].shape == (1, 3, 224, 224) and inputs["input_ids"].shape == (1, 32)
     inputs = _detector_inputs(model.config.detector_config)
     with torch.no_grad():
@@ -263,10 +349,12 @@ def test_cli_converts_trainer_checkpoint(tiny_video, tmp_path, capsys):
         assert torch.equal(ours[name], ref[name]), name
 
     tracker = load_sam3_tracker(out_dir, device="cpu").model
-    assert torch.equal(tracker.prompt_encoder.point_embed.weight,
-                       model.tracker_model.prompt_encoder.point_embed.weight)
-    assert torch.equal(tracker.vision_encoder.neck.fpn_layers[0].proj1.weight,
-                       model.tracker_neck.fpn_layers[0].proj1.weight)
+    assert torch.equal(
+        tracker.prompt_encoder.point_embed.weight, model.tracker_model.prompt_encoder.point_embed.weight
+    )
+    assert torch.equal(
+        tracker.vision_encoder.neck.fpn_layers[0].proj1.weight, model.tracker_neck.fpn_layers[0].proj1.weight
+    )
 
 
 def test_cli_bare_image_state_dict_with_config_and_bf16(tmp_path, tiny_config, tiny_model):
@@ -274,10 +362,19 @@ def test_cli_bare_image_state_dict_with_config_and_bf16(tmp_path, tiny_config, t
     from transformers import Sam3Model
 
     meta = hf_to_meta(tiny_model.state_dict(), tiny_config)
-    torch.save({k[len("detector."):]: v for k, v in meta.items()}, tmp_path / "image.pt")
+    torch.save({k[len("detector.") :]: v for k, v in meta.items()}, tmp_path / "image.pt")
     tiny_config.save_pretrained(tmp_path / "cfg")
-    rc = main(["convert", str(tmp_path / "image.pt"), str(tmp_path / "out"), "--dtype", "bf16",
-               "--config", str(tmp_path / "cfg" / "config.json")])
+    rc = main(
+        [
+            "convert",
+            str(tmp_path / "image.pt"),
+            str(tmp_path / "out"),
+            "--dtype",
+            "bf16",
+            "--config",
+            str(tmp_path / "cfg" / "config.json"),
+        ]
+    )
     assert rc == 0
     converted = Sam3Model.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
     assert converted.config.text_config.num_attention_heads == 2

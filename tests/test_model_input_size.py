@@ -44,10 +44,16 @@ def test_a_linear_field_is_resampled_at_the_pixel_centres(g0, g):
     src = (np.arange(g) + 0.5) * g0 / g - 0.5
     exact = ((src * 2) % 1 == 0) & (src >= 1) & (src <= g0 - 2)
     assert exact.sum() >= 2
-    np.testing.assert_allclose(out[np.ix_(exact, exact)][..., 0],
-                               np.broadcast_to(2.0 * src[exact] + 1.0, (exact.sum(),) * 2), atol=1e-4)
-    np.testing.assert_allclose(out[np.ix_(exact, exact)][..., 1],
-                               np.broadcast_to(-0.5 * src[exact][:, None], (exact.sum(),) * 2), atol=1e-4)
+    np.testing.assert_allclose(
+        out[np.ix_(exact, exact)][..., 0],
+        np.broadcast_to(2.0 * src[exact] + 1.0, (exact.sum(),) * 2),
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(
+        out[np.ix_(exact, exact)][..., 1],
+        np.broadcast_to(-0.5 * src[exact][:, None], (exact.sum(),) * 2),
+        atol=1e-4,
+    )
 
 
 def test_resample_refuses_a_non_square_embedding():
@@ -143,8 +149,14 @@ def test_training_at_another_input_size_exports_that_size(tmp_path, data_dir):
     from test_train_loop import config, hc18_manifest
 
     manifest, _ = hc18_manifest(data_dir, tmp_path, n=2)
-    cfg = config(tmp_path, manifest, max_steps=2, export="final", data={"val_max_items": 0},
-                 model={"size": {"image_size": 112}, "image_size": 126})
+    cfg = config(
+        tmp_path,
+        manifest,
+        max_steps=2,
+        export="final",
+        data={"val_max_items": 0},
+        model={"size": {"image_size": 112}, "image_size": 126},
+    )
     result = train(cfg)
     loaded = load_sam3(result.exports["final"], device="cpu", dtype="fp32")
     assert input_size(loaded.model) == 126

@@ -38,8 +38,7 @@ def test_resolve_order(clean_env, tmp_path):
     cfg = tmp_path / "cfgdir" / "config.toml"
     cfg.write_text('model = "from_cfg"\n')  # relative to the config file's folder
     clean_env.setenv(resolve.ENV_CONFIG, str(cfg))
-    assert resolve_model() == ResolvedModel(str(from_cfg.resolve()), "local",
-                                            f"configuration file {cfg}")
+    assert resolve_model() == ResolvedModel(str(from_cfg.resolve()), "local", f"configuration file {cfg}")
     clean_env.setenv(resolve.ENV_MODEL, str(from_env))
     assert resolve_model().source == str(from_env.resolve())
     assert resolve_model().origin == "environment variable MEDSAM3_MODEL"
@@ -172,8 +171,12 @@ def test_save_load_round_trip_identical_outputs(tiny_image_folder, tiny_model):
     from medsam3.model.loading import build_processor, load_sam3
 
     assert sorted(p.name for p in tiny_image_folder.iterdir()) == [
-        "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-        "tokenizer_config.json"]
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert not [p for p in tiny_image_folder.parent.iterdir() if p.name.startswith(".")]  # no temp left
     mode = tiny_image_folder.stat().st_mode & 0o777
     umask = os.umask(0)
@@ -193,8 +196,11 @@ def test_save_load_round_trip_identical_outputs(tiny_image_folder, tiny_model):
     assert_same_outputs(model, tiny_model, inputs)
 
     loaded = load_sam3(tiny_image_folder, device="cpu")
-    assert (loaded.device, loaded.dtype, loaded.source) == (torch.device("cpu"), torch.float32,
-                                                            str(tiny_image_folder.resolve()))
+    assert (loaded.device, loaded.dtype, loaded.source) == (
+        torch.device("cpu"),
+        torch.float32,
+        str(tiny_image_folder.resolve()),
+    )
     assert not loaded.model.training
     assert all(torch.equal(v, sd[k]) for k, v in loaded.model.state_dict().items())
 
@@ -258,7 +264,7 @@ def test_tracker_loads_from_video_folder_and_refuses_image_folder(tmp_path, tiny
         if key.startswith("vision_encoder.backbone."):
             source = "detector_model." + key
         elif key.startswith("vision_encoder.neck."):
-            source = "tracker_neck." + key[len("vision_encoder.neck."):]
+            source = "tracker_neck." + key[len("vision_encoder.neck.") :]
         else:
             source = "tracker_model." + key
         assert torch.equal(value, sd[source]), key
@@ -302,16 +308,21 @@ def test_load_pretrained_gives_each_kind_and_refuses_other_folders(tmp_path, tin
     torch.manual_seed(2)
     video = Sam3VideoModel(tiny_sam3_video_config()).eval()
     folder = save_sam3(video, build_processor(video.config, video=True), tmp_path / "video")
-    kinds = (("image", LoadedSam3, "Sam3Model", "Sam3Processor"),
-             ("tracker", LoadedSam3Tracker, "Sam3TrackerModel", "Sam3TrackerProcessor"),
-             ("video", LoadedSam3Video, "Sam3VideoModel", "Sam3VideoProcessor"))
+    kinds = (
+        ("image", LoadedSam3, "Sam3Model", "Sam3Processor"),
+        ("tracker", LoadedSam3Tracker, "Sam3TrackerModel", "Sam3TrackerProcessor"),
+        ("video", LoadedSam3Video, "Sam3VideoModel", "Sam3VideoProcessor"),
+    )
     for kind, record, model_class, processor_class in kinds:
         loaded = load_pretrained(folder, kind, device="cpu")
         assert type(loaded) is record, kind
         names = (type(loaded.model).__name__, type(loaded.processor).__name__)
         assert names == (model_class, processor_class), kind
-        assert (loaded.device, loaded.dtype, loaded.source) == (torch.device("cpu"), torch.float32,
-                                                                str(folder.resolve()))
+        assert (loaded.device, loaded.dtype, loaded.source) == (
+            torch.device("cpu"),
+            torch.float32,
+            str(folder.resolve()),
+        )
         assert not loaded.model.training
         assert loaded.resolved is not None and loaded.resolved.origin == "--model"
     sd = video.state_dict()

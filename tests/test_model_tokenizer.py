@@ -14,11 +14,32 @@ from medsam3.model.tokenizer import (
 )
 
 MEDICAL_PHRASES = [
-    "liver", "Left Kidney", "right kidney", "hippocampus", "spleen", "pancreas", "aorta",
-    "inferior vena cava", "optic disc", "optic cup", "retinal vessels", "polyp", "brain tumour (enhancing)",
-    "non-enhancing tumor core", "C3-C4 vertebra", "T1w-MRI lesion", "nodule <5mm", "fetal head",
-    "placenta & vessels", "left atrium", "gland", "it's a cyst", "  lung   nodule ", "café-au-lait macule",
-    "肝脏", "O2 saturation 95%",
+    "liver",
+    "Left Kidney",
+    "right kidney",
+    "hippocampus",
+    "spleen",
+    "pancreas",
+    "aorta",
+    "inferior vena cava",
+    "optic disc",
+    "optic cup",
+    "retinal vessels",
+    "polyp",
+    "brain tumour (enhancing)",
+    "non-enhancing tumor core",
+    "C3-C4 vertebra",
+    "T1w-MRI lesion",
+    "nodule <5mm",
+    "fetal head",
+    "placenta & vessels",
+    "left atrium",
+    "gland",
+    "it's a cyst",
+    "  lung   nodule ",
+    "café-au-lait macule",
+    "肝脏",
+    "O2 saturation 95%",
 ]
 
 

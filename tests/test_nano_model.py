@@ -89,8 +89,11 @@ def test_bundled_model_is_the_default_and_loads_in_fp32(default_model):
     got = loaded.model.config
     vit, vit_expected = got.vision_config.backbone_config, expected.vision_config.backbone_config
     assert (vit.image_size, vit.hidden_size, vit.num_hidden_layers, list(vit.global_attn_indexes)) == (
-        vit_expected.image_size, vit_expected.hidden_size, vit_expected.num_hidden_layers,
-        list(vit_expected.global_attn_indexes))
+        vit_expected.image_size,
+        vit_expected.hidden_size,
+        vit_expected.num_hidden_layers,
+        list(vit_expected.global_attn_indexes),
+    )
     assert got.detr_decoder_config.num_queries == expected.detr_decoder_config.num_queries == 20
     assert got.text_config.vocab_size == 49408
 
@@ -148,14 +151,15 @@ def test_hippocampus_sample_volume(segmenter):
 
 
 def test_whole_hippocampus_and_absent_concepts_on_the_sample_volume(segmenter):
-    """"hippocampus" (the region anterior + posterior) in one prompt; other samples' concepts are absent."""
+    """ "hippocampus" (the region anterior + posterior) in one prompt; other samples' concepts are absent."""
     from medsam3.io.readers import read_image
     from medsam3.predict.prompts import Prompt
 
     image = read_image(SAMPLES / "hippocampus_019.nii.gz", modality="MR")
     labels = read_image(SAMPLES / "hippocampus_019_labels.nii.gz").array
-    result = segmenter.segment(image, [Prompt(text="hippocampus"), Prompt(text="fetal head"),
-                                       Prompt(text="polyp")])
+    result = segmenter.segment(
+        image, [Prompt(text="hippocampus"), Prompt(text="fetal head"), Prompt(text="polyp")]
+    )
     whole, head, polyp = result.labels
     assert dice(result.mask(whole.value), labels > 0) >= 0.75  # measured 0.86
     assert head.absent and polyp.absent and set(np.unique(result.label_map)) <= {0, whole.value}

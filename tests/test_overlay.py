@@ -164,8 +164,13 @@ def test_real_hippocampus_overlay(data_dir, tmp_path):
         s = sitk.ReadImage(str(data_dir / rel))
         from medsam3.image import Image
 
-        return Image(sitk.GetArrayFromImage(s), s.GetSpacing(), s.GetOrigin(),
-                     np.array(s.GetDirection()).reshape(3, 3), "MR")
+        return Image(
+            sitk.GetArrayFromImage(s),
+            s.GetSpacing(),
+            s.GetOrigin(),
+            np.array(s.GetDirection()).reshape(3, 3),
+            "MR",
+        )
 
     img = load("msd_hippocampus/images/hippocampus_003.nii.gz")
     lab = load("msd_hippocampus/labels/hippocampus_003.nii.gz")
@@ -173,8 +178,15 @@ def test_real_hippocampus_overlay(data_dir, tmp_path):
     vol = normalize_intensity(canon.array, "MR")
     names = {1: "anterior hippocampus", 2: "posterior hippocampus"}
     for mode in ("planes", "montage"):
-        res = overlay_volume(vol, reo.apply(lab.array), names, tmp_path / f"{mode}.png",
-                             canon.spacing_array_order, mode, title="hippocampus_003")
+        res = overlay_volume(
+            vol,
+            reo.apply(lab.array),
+            names,
+            tmp_path / f"{mode}.png",
+            canon.spacing_array_order,
+            mode,
+            title="hippocampus_003",
+        )
         png = read_png(res.path)
         assert png.shape[1::-1] == res.size
         inside = np.concatenate([crop(png, p.box).reshape(-1, 3) for p in res.panels])

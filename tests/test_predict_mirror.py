@@ -77,9 +77,11 @@ def test_settings_and_passes_by_hand():
 
 
 def _pass(logits, presence, masks):
-    return Sam3ImageSegmentationOutput(pred_logits=torch.tensor(logits, dtype=torch.float32),
-                                       presence_logits=torch.tensor(presence, dtype=torch.float32)[:, None],
-                                       pred_masks=torch.tensor(masks, dtype=torch.float32))
+    return Sam3ImageSegmentationOutput(
+        pred_logits=torch.tensor(logits, dtype=torch.float32),
+        presence_logits=torch.tensor(presence, dtype=torch.float32)[:, None],
+        pred_masks=torch.tensor(masks, dtype=torch.float32),
+    )
 
 
 def test_merge_by_hand():
@@ -106,8 +108,7 @@ def test_merge_by_hand():
     assert merged.pred_logits.shape == (2, 1) and merged.pred_masks.shape == (2, 1, 1, 2)
     np.testing.assert_allclose(sig(merged.pred_logits.numpy())[:, 0], [0.5, 0.7], atol=1e-6)
     np.testing.assert_allclose(sig(merged.presence_logits.numpy())[:, 0], [0.6, 0.8], atol=1e-6)
-    np.testing.assert_allclose(sig(merged.pred_masks.numpy())[:, 0, 0], [[0.45, 0.45], [0.2, 0.6]],
-                               atol=1e-6)
+    np.testing.assert_allclose(sig(merged.pred_masks.numpy())[:, 0, 0], [[0.45, 0.45], [0.2, 0.6]], atol=1e-6)
 
 
 def test_merge_rejects_bad_inputs():
@@ -146,7 +147,9 @@ def test_segmenter_merges_the_four_passes_by_hand(loaded, monkeypatch):
             masks[1, 0] = 5.0  # the positional prompt's mirrored passes, if any, would fill the image
         return Sam3ImageSegmentationOutput(
             pred_logits=torch.full((n, 1), [2.0, 1.0, 0.0, -1.0][f]),
-            presence_logits=torch.full((n, 1), 3.0), pred_masks=torch.tensor(masks, dtype=torch.float32))
+            presence_logits=torch.full((n, 1), 3.0),
+            pred_masks=torch.tensor(masks, dtype=torch.float32),
+        )
 
     monkeypatch.setattr(engine_module, "predict_prompts", fake)
     image = rgb_image(8, 8)
@@ -168,8 +171,10 @@ def test_segmenter_merges_the_four_passes_by_hand(loaded, monkeypatch):
 
     def plain(model, vision, *, input_ids, attention_mask, boxes, box_labels, meta_text_cls):
         return Sam3ImageSegmentationOutput(
-            pred_logits=torch.tensor([[logit(mean_score)], [2.0]]), presence_logits=torch.full((2, 1), 3.0),
-            pred_masks=torch.tensor(expected, dtype=torch.float32))
+            pred_logits=torch.tensor([[logit(mean_score)], [2.0]]),
+            presence_logits=torch.full((2, 1), 3.0),
+            pred_masks=torch.tensor(expected, dtype=torch.float32),
+        )
 
     monkeypatch.setattr(engine_module, "predict_prompts", plain)
     reference = Segmenter(loaded, threshold=0.0).segment(image, prompts)
@@ -190,8 +195,9 @@ def test_tiny_model_mirroring_is_mirror_equivariant(loaded):
     result (the same passes in another order). Without mirroring the tiny model is not equivariant."""
     seg = Segmenter(loaded, threshold=0.0, presence_threshold=0.0, tta=True)
     image = rgb_image(40, 60)
-    flipped = Image.from_array(image.array[:, ::-1].copy(), spacing=(1.0, 1.0), modality="RGB", color=True,
-                               path="flipped.png")
+    flipped = Image.from_array(
+        image.array[:, ::-1].copy(), spacing=(1.0, 1.0), modality="RGB", color=True, path="flipped.png"
+    )
     a = seg.segment(image, [Prompt("polyp")])
     b = seg.segment(flipped, [Prompt("polyp")])
     assert a.settings["image_encoder_runs"] == 4
@@ -222,14 +228,19 @@ def test_tiny_model_volume_mirroring(loaded):
     rng = np.random.default_rng(5)
     arr = rng.normal(100, 30, size=(3, 24, 32)).astype(np.float32)
     vol = Image.from_array(arr, spacing=(2.0, 1.0, 1.0), modality="MR", path="synthetic.nii.gz")
-    vol_x = Image.from_array(arr[:, :, ::-1].copy(), spacing=(2.0, 1.0, 1.0), modality="MR",
-                             path="synthetic_x.nii.gz")
+    vol_x = Image.from_array(
+        arr[:, :, ::-1].copy(), spacing=(2.0, 1.0, 1.0), modality="MR", path="synthetic_x.nii.gz"
+    )
     options = VolumeOptions(fill_holes=False)
     seg = Segmenter(loaded, threshold=0.0, presence_threshold=0.0, tta=True, options=options)
     a = seg.segment(vol, [Prompt("hippocampus")])
     b = seg.segment(vol_x, [Prompt("hippocampus")])
-    assert a.settings["image_encoder_runs"] == 12 and a.settings["test_time_mirroring"] == ["none", "x", "y",
-                                                                                            "xy"]
+    assert a.settings["image_encoder_runs"] == 12 and a.settings["test_time_mirroring"] == [
+        "none",
+        "x",
+        "y",
+        "xy",
+    ]
     assert 0 < (a.label_map == 1).sum() < a.label_map.size
     assert (a.label_map[:, :, ::-1] != b.label_map).sum() <= 3
     both = [Prompt("hippocampus"), Prompt("posterior hippocampus")]
@@ -238,9 +249,12 @@ def test_tiny_model_volume_mirroring(loaded):
     assert m.settings["image_encoder_runs"] == 12
     assert m.labels[1].score == pytest.approx(p.labels[1].score, rel=1e-5)
     only = [Prompt("posterior hippocampus")]
-    np.testing.assert_array_equal(seg.segment(vol, only).label_map,
-                                  Segmenter(loaded, threshold=0.0, presence_threshold=0.0,
-                                            options=options).segment(vol, only).label_map)
+    np.testing.assert_array_equal(
+        seg.segment(vol, only).label_map,
+        Segmenter(loaded, threshold=0.0, presence_threshold=0.0, options=options)
+        .segment(vol, only)
+        .label_map,
+    )
 
 
 def test_mirroring_refusals(loaded):
@@ -252,8 +266,9 @@ def test_mirroring_refusals(loaded):
         seg.segment(image, [Prompt("polyp")], instances=True)
     with pytest.raises(OptionError, match="cannot be combined with point prompts"):
         seg.segment(image, [Prompt("polyp", points=[(3.0, 4.0)], point_labels=[1])])
-    vol = Image.from_array(np.zeros((2, 8, 8), np.float32), spacing=(1.0, 1.0, 1.0), modality="MR",
-                           path="v.nii.gz")
+    vol = Image.from_array(
+        np.zeros((2, 8, 8), np.float32), spacing=(1.0, 1.0, 1.0), modality="MR", path="v.nii.gz"
+    )
     with pytest.raises(OptionError, match="cannot be combined with mode track"):
         seg.segment(vol, [Prompt("polyp")], mode="track")
 
@@ -280,14 +295,47 @@ def test_segment_cli_tta(tiny_folder, tmp_path):
     PILImage.fromarray(rgb_image(30, 40).array).save(path)
     before = path.read_bytes()
     out = tmp_path / "out"
-    assert main(["segment", str(path), "-p", "polyp", "-o", str(out), "--model", str(tiny_folder),
-                 "--tta", "--threshold", "0", "--presence-threshold", "0"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(path),
+                "-p",
+                "polyp",
+                "-o",
+                str(out),
+                "--model",
+                str(tiny_folder),
+                "--tta",
+                "--threshold",
+                "0",
+                "--presence-threshold",
+                "0",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "in.json").read_text())
     assert summary["settings"]["test_time_mirroring"] == ["none", "x", "y", "xy"]
     assert summary["settings"]["image_encoder_runs"] == 4
     bad = tmp_path / "bad"
-    assert main(["segment", str(path), "-p", "polyp", "-o", str(bad), "--model", str(tiny_folder),
-                 "--tta", "--instances"]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(path),
+                "-p",
+                "polyp",
+                "-o",
+                str(bad),
+                "--model",
+                str(tiny_folder),
+                "--tta",
+                "--instances",
+            ]
+        )
+        == 2
+    )
     assert not bad.exists() or not any(bad.iterdir())
     assert path.read_bytes() == before
 

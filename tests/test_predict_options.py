@@ -30,24 +30,47 @@ from medsam3.predict.options import (
 # -- values, by hand --------------------------------------------------------------------------------------
 def test_defaults_are_the_papers_rule():
     o = VolumeOptions()
-    assert (o.threshold, o.presence_threshold, o.instances, o.tta, o.image_size) == (0.1, 0.5, False, False, None)
-    assert (o.mode, o.axis, o.slice_batch, o.min_slices, o.fill_holes, o.probes) == ("slices", None, 4, 1, True, 8)
-    assert default_of("presence_threshold", "evaluate") == 0.0 == FRONT_DEFAULTS["evaluate"]["presence_threshold"]
+    assert (o.threshold, o.presence_threshold, o.instances, o.tta, o.image_size) == (
+        0.1,
+        0.5,
+        False,
+        False,
+        None,
+    )
+    assert (o.mode, o.axis, o.slice_batch, o.min_slices, o.fill_holes, o.probes) == (
+        "slices",
+        None,
+        4,
+        1,
+        True,
+        8,
+    )
+    assert (
+        default_of("presence_threshold", "evaluate")
+        == 0.0
+        == FRONT_DEFAULTS["evaluate"]["presence_threshold"]
+    )
     assert default_of("presence_threshold", "segment") == 0.5
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(threshold=1.5), "threshold must be between 0 and 1, got 1.5"),
-    (dict(presence_threshold=-0.1), "presence_threshold must be between 0 and 1, got -0.1"),
-    (dict(slice_batch=0), "slice_batch must be at least 1, got 0"),
-    (dict(min_component_ml=-2), "min_component_ml must be at least 0, got -2"),
-    (dict(mode="video"), "mode must be one of slices, track, got 'video'"),
-    (dict(axis=3), "axis must be one of 0, 1, 2, got 3"),
-    (dict(modality="PET-CT"), "modality must be one of CT, MR, PT, US, XR, RGB, MICROSCOPY, OTHER, got 'PET-CT'"),
-    (dict(tta="yes"), "tta must be a bool, got 'yes'"),
-    (dict(slice_batch=2.5), "slice_batch must be an int, got 2.5"),
-    (dict(threshold=None), "threshold needs a value"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(threshold=1.5), "threshold must be between 0 and 1, got 1.5"),
+        (dict(presence_threshold=-0.1), "presence_threshold must be between 0 and 1, got -0.1"),
+        (dict(slice_batch=0), "slice_batch must be at least 1, got 0"),
+        (dict(min_component_ml=-2), "min_component_ml must be at least 0, got -2"),
+        (dict(mode="video"), "mode must be one of slices, track, got 'video'"),
+        (dict(axis=3), "axis must be one of 0, 1, 2, got 3"),
+        (
+            dict(modality="PET-CT"),
+            "modality must be one of CT, MR, PT, US, XR, RGB, MICROSCOPY, OTHER, got 'PET-CT'",
+        ),
+        (dict(tta="yes"), "tta must be a bool, got 'yes'"),
+        (dict(slice_batch=2.5), "slice_batch must be an int, got 2.5"),
+        (dict(threshold=None), "threshold needs a value"),
+    ],
+)
 def test_bad_values_are_refused_with_the_option_named(changes, message):
     with pytest.raises(OptionError) as err:
         VolumeOptions(**changes)
@@ -71,21 +94,30 @@ def test_replace_and_build_refuse_unknown_names():
     assert (merged.threshold, merged.min_slices) == (0.3, 2)
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(tta=True, instances=True), "tta (test-time mirroring) keeps one mask per text or box prompt and cannot "
-                                     "be combined with instances"),
-    (dict(tta=True, mode="track"), "cannot be combined with mode track"),
-    (dict(image_size=672, mode="track"), "image_size cannot be combined with mode track"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(tta=True, instances=True),
+            "tta (test-time mirroring) keeps one mask per text or box prompt and cannot "
+            "be combined with instances",
+        ),
+        (dict(tta=True, mode="track"), "cannot be combined with mode track"),
+        (dict(image_size=672, mode="track"), "image_size cannot be combined with mode track"),
+    ],
+)
 def test_rules_on_the_options_alone_refuse_their_construction(changes, message):
     with pytest.raises(OptionError, match=re.escape(message)):
         VolumeOptions(**changes)
 
 
-@pytest.mark.parametrize("changes, points, volume, message", [
-    (dict(tta=True), True, False, "cannot be combined with point prompts"),
-    (dict(instances=True), False, True, "instances is for 2D images: a volume gets one label per prompt"),
-])
+@pytest.mark.parametrize(
+    "changes, points, volume, message",
+    [
+        (dict(tta=True), True, False, "cannot be combined with point prompts"),
+        (dict(instances=True), False, True, "instances is for 2D images: a volume gets one label per prompt"),
+    ],
+)
 def test_rules_on_the_request(changes, points, volume, message):
     options = VolumeOptions(**changes)
     check_request(options)  # fine without points / on a 2D image
@@ -172,13 +204,25 @@ def _cli_message(capsys, tmp_path, model, flags, points) -> str:
 
     path = tmp_path / "in.png"
     PILImage.fromarray(np.zeros((40, 60), np.uint8)).save(path)
-    argv = ["segment", str(path), "-p", "polyp", *[a for p in points for a in ("--point", f"{p[0]},{p[1]}")],
-            *flags, "-o", str(tmp_path / "out"), "--model", str(model)]
+    argv = [
+        "segment",
+        str(path),
+        "-p",
+        "polyp",
+        *[a for p in points for a in ("--point", f"{p[0]},{p[1]}")],
+        *flags,
+        "-o",
+        str(tmp_path / "out"),
+        "--model",
+        str(model),
+    ]
     code = main(argv)
     assert code == 2 and not (tmp_path / "out").exists()
     line = [x for x in capsys.readouterr().err.splitlines() if "error: " in x][-1]
     message = line.split("error: ", 1)[1]
-    return message.split(": ", 1)[1] if message.startswith("argument ") else message  # argparse names the flag
+    return (
+        message.split(": ", 1)[1] if message.startswith("argument ") else message
+    )  # argparse names the flag
 
 
 def _api_message(serve_model, tmp_path, options, points) -> str:

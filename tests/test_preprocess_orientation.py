@@ -133,8 +133,9 @@ def test_label_map_follows_its_image(data_dir):
     assert set(np.unique(canon_lab.array)) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("rel", ["msd_hippocampus/images/hippocampus_003.nii.gz",
-                                 "totalsegmentator/example_ct_sm.nii.gz"])
+@pytest.mark.parametrize(
+    "rel", ["msd_hippocampus/images/hippocampus_003.nii.gz", "totalsegmentator/example_ct_sm.nii.gz"]
+)
 def test_every_permutation_and_flip_reaches_the_same_canonical_volume(data_dir, rel):
     src = sitk.ReadImage(str(data_dir / rel))
     reference, _ = to_canonical(sitk_to_image(src))
@@ -182,8 +183,11 @@ def test_oblique_volume_keeps_residual_rotation_and_physical_positions(data_dir,
     for _ in range(20):
         idx = [int(rng.integers(n)) for n in canon.array.shape]
         src_idx = np.unravel_index(
-            np.flatnonzero(reo.invert(np.arange(canon.array.size).reshape(canon.array.shape)) ==
-                           np.ravel_multi_index(idx, canon.array.shape))[0], img.array.shape
+            np.flatnonzero(
+                reo.invert(np.arange(canon.array.size).reshape(canon.array.shape))
+                == np.ravel_multi_index(idx, canon.array.shape)
+            )[0],
+            img.array.shape,
         )
         np.testing.assert_allclose(physical_point(canon, idx), physical_point(img, src_idx), atol=1e-9)
         assert canon.array[tuple(idx)] == img.array[tuple(src_idx)]

@@ -24,15 +24,33 @@ def test_preview_mr_volume_with_labels(data_dir, tmp_path, capsys):
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"labels": {"background": 0, "anterior": 1, "posterior": 2}}))
     out = tmp_path / "out"
-    rc = main(["preview", str(src), "-o", str(out), "--size", "128", "--labels", str(lab),
-               "--label-names", str(names)])
+    rc = main(
+        [
+            "preview",
+            str(src),
+            "-o",
+            str(out),
+            "--size",
+            "128",
+            "--labels",
+            str(lab),
+            "--label-names",
+            str(names),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "RAS -> LPS" in text and "percentiles 0.5-99.5" in text
     assert "2 present: 1: anterior, 2: posterior" in text
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["model_input.png", "montage.png", "overlay_montage.png", "overlay_planes.png",
-                     "planes.png", "preview.json"]
+    assert files == [
+        "model_input.png",
+        "montage.png",
+        "overlay_montage.png",
+        "overlay_planes.png",
+        "planes.png",
+        "preview.json",
+    ]
     model_input = png(out / "model_input.png")
     assert model_input.shape == (128, 128, 3) and model_input.dtype == np.uint8
     assert model_input.std() > 10  # an image, not a blank
@@ -52,8 +70,22 @@ def test_preview_ct_window_from_concept_and_names(data_dir, tmp_path, capsys):
     lab = data_dir / "totalsegmentator/example_seg.nii.gz"
     names = data_dir / "totalsegmentator/labels_total_and_total_mr.json"
     out = tmp_path / "ct"
-    rc = main(["preview", str(src), "-o", str(out), "--size", "64", "--concept", "liver tumor",
-               "--labels", str(lab), "--label-names", f"{names}#total"])
+    rc = main(
+        [
+            "preview",
+            str(src),
+            "-o",
+            str(out),
+            "--size",
+            "64",
+            "--concept",
+            "liver tumor",
+            "--labels",
+            str(lab),
+            "--label-names",
+            f"{names}#total",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "window liver (W150 L30, concept)" in text

@@ -29,7 +29,9 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     monkeypatch.delenv("MEDSAM3_MODEL", raising=False)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(BLOCKS[index], f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+        exec(
+            compile(BLOCKS[index], f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"}
+        )
     assert out.getvalue().strip(), "every example prints what it found"
     if "write(" in BLOCKS[index]:
         assert any(p.is_file() for p in (tmp_path / "out").rglob("*"))

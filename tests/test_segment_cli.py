@@ -69,12 +69,14 @@ def check_consistent(mask: np.ndarray, summary: dict, shape: tuple[int, int]) ->
 
 def test_kvasir_jpeg_two_prompts(data_dir, model_dir, tmp_path, capsys):
     image = data_dir / KVASIR
-    code, out, err = segment(capsys, image, "-p", "polyp", "-p", "blood vessel", "--model", model_dir,
-                             "-o", tmp_path)
+    code, out, err = segment(
+        capsys, image, "-p", "polyp", "-p", "blood vessel", "--model", model_dir, "-o", tmp_path
+    )
     assert code == 0, err
     stem = image.stem
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"{stem}_mask.png", f"{stem}_overlay.png", f"{stem}.json"])
+        [f"{stem}_mask.png", f"{stem}_overlay.png", f"{stem}.json"]
+    )
     mask, summary, overlay = read_outputs(tmp_path, stem)
     check_consistent(mask, summary, (1070, 1348))
     assert [(e["value"], e["name"]) for e in summary["labels"]] == [(1, "polyp"), (2, "blood vessel")]
@@ -92,14 +94,31 @@ def test_kvasir_jpeg_two_prompts(data_dir, model_dir, tmp_path, capsys):
 
 def test_hc18_png_text_and_box_and_instances(data_dir, model_dir, tmp_path, capsys):
     image = data_dir / HC18
-    code, _, err = segment(capsys, image, "-p", "fetal head", "--box", "200,100,600,450", "--instances",
-                           "--threshold", "0.2", "--model", model_dir, "-o", tmp_path)
+    code, _, err = segment(
+        capsys,
+        image,
+        "-p",
+        "fetal head",
+        "--box",
+        "200,100,600,450",
+        "--instances",
+        "--threshold",
+        "0.2",
+        "--model",
+        model_dir,
+        "-o",
+        tmp_path,
+    )
     assert code == 0, err
     mask, summary, _ = read_outputs(tmp_path, image.stem)
     check_consistent(mask, summary, (540, 800))
     labels = summary["labels"]
-    assert labels[0]["prompt"] == {"text": "fetal head", "kind": "text+box",
-                                   "boxes": [[200.0, 100.0, 600.0, 450.0]], "box_labels": [1]}
+    assert labels[0]["prompt"] == {
+        "text": "fetal head",
+        "kind": "text+box",
+        "boxes": [[200.0, 100.0, 600.0, 450.0]],
+        "box_labels": [1],
+    }
     kept = [e for e in labels if not e["absent"]]
     assert [e["value"] for e in kept] == list(range(1, len(kept) + 1))
     assert all(e["instance"] == k + 1 for k, e in enumerate(kept))
@@ -109,8 +128,9 @@ def test_hc18_png_text_and_box_and_instances(data_dir, model_dir, tmp_path, caps
 
 def test_biomedparse_rgba_png(data_dir, model_dir, tmp_path, capsys):
     image = data_dir / BIOMEDPARSE
-    code, _, err = segment(capsys, image, "-p", "liver", "-p", "left kidney", "--model", model_dir,
-                           "-o", tmp_path)
+    code, _, err = segment(
+        capsys, image, "-p", "liver", "-p", "left kidney", "--model", model_dir, "-o", tmp_path
+    )
     assert code == 0, err
     mask, summary, _ = read_outputs(tmp_path, image.stem)
     check_consistent(mask, summary, (1024, 1024))
@@ -119,8 +139,9 @@ def test_biomedparse_rgba_png(data_dir, model_dir, tmp_path, capsys):
 
 def test_sam_med2d_ct_png_with_ct_modality(data_dir, model_dir, tmp_path, capsys):
     image = data_dir / SAM_MED2D
-    code, _, err = segment(capsys, image, "-p", "liver", "-p", "lung", "--modality", "CT", "--model",
-                           model_dir, "-o", tmp_path)
+    code, _, err = segment(
+        capsys, image, "-p", "liver", "-p", "lung", "--modality", "CT", "--model", model_dir, "-o", tmp_path
+    )
     assert code == 0, err
     mask, summary, _ = read_outputs(tmp_path, image.stem)
     check_consistent(mask, summary, (155, 225))
@@ -132,15 +153,19 @@ def test_sam_med2d_ct_png_with_ct_modality(data_dir, model_dir, tmp_path, capsys
 
 def test_single_dicom_ct_slice_in_hounsfield_units(data_dir, model_dir, tmp_path, capsys):
     image = data_dir / "dcmqi_ct3slice" / "ct-3slice" / "03.dcm"  # int16 HU, read as a (1, 512, 512) volume
-    code, _, err = segment(capsys, image, "-p", "liver", "-p", "lung", "-p", "spleen", "--model", model_dir,
-                           "-o", tmp_path)
+    code, _, err = segment(
+        capsys, image, "-p", "liver", "-p", "lung", "-p", "spleen", "--model", model_dir, "-o", tmp_path
+    )
     assert code == 0, err
     mask, summary, _ = read_outputs(tmp_path, "03")
     check_consistent(mask, summary, (512, 512))
     # The concepts choose the windows: abdomen for liver and spleen, lung for lung: two encoder runs.
     assert summary["settings"]["image_encoder_runs"] == 2
     assert [e["preprocessing"].split(" (")[0] for e in summary["labels"]] == [
-        "CT window abdomen", "CT window lung", "CT window abdomen"]
+        "CT window abdomen",
+        "CT window lung",
+        "CT window abdomen",
+    ]
     assert summary["image"]["spacing"][:2] == pytest.approx([0.810547, 0.810547])
     liver = summary["labels"][0]
     assert liver["area_mm2"] == pytest.approx(liver["area_px"] * 0.810547**2, rel=1e-5)
@@ -168,12 +193,30 @@ def test_points_use_the_tracker_of_a_video_model_folder(data_dir, tmp_path_facto
 
     torch.manual_seed(0)
     config = tiny_sam3_video_config()
-    folder = save_sam3(Sam3VideoModel(config).eval(), build_processor(config, video=True),
-                       tmp_path_factory.mktemp("video") / "model")
+    folder = save_sam3(
+        Sam3VideoModel(config).eval(),
+        build_processor(config, video=True),
+        tmp_path_factory.mktemp("video") / "model",
+    )
     image = data_dir / HC18
-    code, _, err = segment(capsys, image, "--point", "400,270", "-p", "fetal head", "--point", "420,300",
-                           "--presence-threshold", "0", "--threshold", "0", "--model", folder,
-                           "-o", tmp_path)
+    code, _, err = segment(
+        capsys,
+        image,
+        "--point",
+        "400,270",
+        "-p",
+        "fetal head",
+        "--point",
+        "420,300",
+        "--presence-threshold",
+        "0",
+        "--threshold",
+        "0",
+        "--model",
+        folder,
+        "-o",
+        tmp_path,
+    )
     assert code == 0, err
     mask, summary, _ = read_outputs(tmp_path, image.stem)
     check_consistent(mask, summary, (540, 800))
@@ -184,8 +227,9 @@ def test_points_use_the_tracker_of_a_video_model_folder(data_dir, tmp_path_facto
 
 
 def test_points_without_tracker_weights_are_a_clear_error(data_dir, model_dir, tmp_path, capsys):
-    code, _, err = segment(capsys, data_dir / HC18, "--point", "400,270", "--model", model_dir,
-                           "-o", tmp_path / "out")
+    code, _, err = segment(
+        capsys, data_dir / HC18, "--point", "400,270", "--model", model_dir, "-o", tmp_path / "out"
+    )
     assert code == 2
     assert "tracker" in err and "Give a text with the points" in err
     assert not (tmp_path / "out").exists()
@@ -194,8 +238,10 @@ def test_points_without_tracker_weights_are_a_clear_error(data_dir, model_dir, t
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["-p", "polyp", "--box", "10,10,900,200"],
-         r"box \(10, 10, 900, 200\) lies outside the image of 800 x 540"),
+        (
+            ["-p", "polyp", "--box", "10,10,900,200"],
+            r"box \(10, 10, 900, 200\) lies outside the image of 800 x 540",
+        ),
         (["-p", ""], "empty text prompt"),
         (["-p", "polyp", "--box", "10,10,5,20"], "degenerate"),
         (["--point", "3"], "point '3'"),
@@ -227,13 +273,15 @@ def test_output_folder_that_is_a_file(data_dir, model_dir, tmp_path, capsys):
 
 
 def test_missing_image_and_3d_volume(data_dir, model_dir, tmp_path, capsys):
-    code, _, err = segment(capsys, tmp_path / "nope.png", "-p", "liver", "--model", model_dir,
-                           "-o", tmp_path / "o")
+    code, _, err = segment(
+        capsys, tmp_path / "nope.png", "-p", "liver", "--model", model_dir, "-o", tmp_path / "o"
+    )
     assert code == 2 and "nope.png" in err
     volume = sorted((data_dir / "msd_hippocampus" / "images").glob("*.nii.gz"))[0]
     # Volumes are segmented (tests/test_volume_cli.py); instance mode stays 2D only.
-    code, _, err = segment(capsys, volume, "-p", "hippocampus", "--instances", "--model", model_dir,
-                           "-o", tmp_path / "o")
+    code, _, err = segment(
+        capsys, volume, "-p", "hippocampus", "--instances", "--model", model_dir, "-o", tmp_path / "o"
+    )
     assert code == 2 and "instances is for 2D images" in err
     assert not (tmp_path / "o").exists()
 
@@ -245,8 +293,12 @@ def test_inputs_are_never_written(data_dir, model_dir, tmp_path, capsys):
     code, _, err = segment(capsys, image, "-p", "liver", "--model", model_dir, "-o", tmp_path)
     assert code == 0, err
     assert image.read_bytes() == before
-    assert {p.name for p in tmp_path.iterdir()} == {"case.png", "case_mask.png", "case_overlay.png",
-                                                    "case.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "case.png",
+        "case_mask.png",
+        "case_overlay.png",
+        "case.json",
+    }
     # The model folder is an input too: writing into it is refused before the model runs.
     listing = sorted(p.name for p in model_dir.iterdir())
     code, _, err = segment(capsys, image, "-p", "liver", "--model", model_dir, "-o", model_dir / "out")
@@ -270,8 +322,20 @@ def test_image_size_runs_the_model_at_another_input_size(data_dir, model_dir, tm
     from medsam3.predict.segmenter import Segmenter
 
     before = (model_dir / "model.safetensors").read_bytes()
-    code, _, err = segment(capsys, data_dir / HC18, "-p", "fetal head", "--model", model_dir, "--image-size",
-                           "168", "-o", tmp_path / "out", "--device", "cpu")
+    code, _, err = segment(
+        capsys,
+        data_dir / HC18,
+        "-p",
+        "fetal head",
+        "--model",
+        model_dir,
+        "--image-size",
+        "168",
+        "-o",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     mask, summary, _ = read_outputs(tmp_path / "out", "000_HC")
     assert summary["settings"]["model_input_size"] == 168
@@ -284,8 +348,20 @@ def test_image_size_runs_the_model_at_another_input_size(data_dir, model_dir, tm
     plain = Segmenter(model_dir, device="cpu")
     assert plain.engine.image_size == 224 and plain.engine.at_size(None) is plain.engine
 
-    code, _, err = segment(capsys, data_dir / HC18, "-p", "fetal head", "--model", model_dir, "--image-size",
-                           "100", "-o", tmp_path / "bad", "--device", "cpu")
+    code, _, err = segment(
+        capsys,
+        data_dir / HC18,
+        "-p",
+        "fetal head",
+        "--model",
+        model_dir,
+        "--image-size",
+        "100",
+        "-o",
+        tmp_path / "bad",
+        "--device",
+        "cpu",
+    )
     assert code == 2 and "multiple of the patch size 14" in err
     assert not (tmp_path / "bad").exists()
 

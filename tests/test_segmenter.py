@@ -45,8 +45,12 @@ def tracker(tiny_config):
     config = Sam3TrackerConfig(
         vision_config=tiny_config.vision_config.to_dict(),
         prompt_encoder_config={"hidden_size": 128, "image_size": 224, "patch_size": 14},
-        mask_decoder_config={"hidden_size": 128, "mlp_dim": 256, "num_attention_heads": 4,
-                             "iou_head_hidden_dim": 64},
+        mask_decoder_config={
+            "hidden_size": 128,
+            "mlp_dim": 256,
+            "num_attention_heads": 4,
+            "iou_head_hidden_dim": 64,
+        },
     )
     torch.manual_seed(0)
     model = Sam3TrackerModel(config).eval()
@@ -147,8 +151,9 @@ def test_presence_gates_even_a_confident_query(loaded, monkeypatch):
     result = Segmenter(loaded, presence_threshold=0.2).segment(rgb_image(), [Prompt("a"), Prompt("b")])
     assert not result.labels[0].absent
     monkeypatch.setattr(engine_module, "predict_prompts", fake_outputs(logits, presence, masks))
-    result = Segmenter(loaded, presence_threshold=0.2, threshold=0.5).segment(rgb_image(), [Prompt("a"),
-                                                                                           Prompt("b")])
+    result = Segmenter(loaded, presence_threshold=0.2, threshold=0.5).segment(
+        rgb_image(), [Prompt("a"), Prompt("b")]
+    )
     assert [e.reason for e in result.labels] == ["score", "score"]
     assert not result.label_map.any()
 
@@ -161,8 +166,12 @@ def test_instances_mode_keeps_every_query_above_threshold(loaded, monkeypatch):
     monkeypatch.setattr(engine_module, "predict_prompts", fake_outputs(logits, presence, masks))
     result = Segmenter(loaded, instances=True).segment(rgb_image(), [Prompt("a"), Prompt("b"), Prompt("c")])
     names = [(e.value, e.name, e.instance, e.absent) for e in result.labels]
-    assert names == [(1, "a #1", 1, False), (2, "a #2", 2, False), (3, "b #1", 1, False),
-                     (None, "c", None, True)]
+    assert names == [
+        (1, "a #1", 1, False),
+        (2, "a #2", 2, False),
+        (3, "b #1", 1, False),
+        (None, "c", None, True),
+    ]
     expected = np.full((40, 60), 3, dtype=np.uint8)
     expected[:20, :30] = 1
     expected[20:, :] = 2
@@ -207,9 +216,13 @@ def count_vision_calls(model):
 
 def test_many_prompts_encode_the_image_once(loaded):
     image = rgb_image(50, 70)
-    prompts = [Prompt("polyp"), Prompt("liver"), Prompt("left kidney", boxes=[(5, 5, 40, 30)]),
-               Prompt(boxes=[(10, 12, 60, 45)]), Prompt("spleen", boxes=[(1, 2, 20, 20), (30, 30, 69, 49)],
-                                                           box_labels=[1, 0])]
+    prompts = [
+        Prompt("polyp"),
+        Prompt("liver"),
+        Prompt("left kidney", boxes=[(5, 5, 40, 30)]),
+        Prompt(boxes=[(10, 12, 60, 45)]),
+        Prompt("spleen", boxes=[(1, 2, 20, 20), (30, 30, 69, 49)], box_labels=[1, 0]),
+    ]
     calls, handle = count_vision_calls(loaded.model)
     try:
         result = Segmenter(loaded, prompt_batch_size=2).segment(image, prompts)
@@ -238,8 +251,11 @@ def test_ct_windows_one_encoder_run_per_distinct_window(loaded):
         handle.remove()
     assert same.settings["image_encoder_runs"] == 1 and mixed.settings["image_encoder_runs"] == 2
     windows = {e.name: e.preprocessing.split(" (")[0] for e in mixed.labels}
-    assert windows == {"liver": "CT window abdomen", "lung nodule": "CT window lung",
-                       "spleen": "CT window abdomen"}
+    assert windows == {
+        "liver": "CT window abdomen",
+        "lung nodule": "CT window lung",
+        "spleen": "CT window abdomen",
+    }
     assert all("window bone" in e.preprocessing for e in fixed.labels)
     with pytest.raises(InputError, match="CT only"):
         Segmenter(loaded, window="lung").segment(rgb_image(), [Prompt("polyp")])
@@ -293,10 +309,14 @@ def test_point_prompts_use_the_tracker(loaded, tracker):
     seg = Segmenter(loaded, tracker=tracker, threshold=0.0)
     calls, handle = count_vision_calls(tracker)
     try:
-        result = seg.segment(image, [Prompt(points=[(20.5, 10.5)]), Prompt(points=[(5, 5), (60, 30)],
-                                                                       point_labels=[1, 0],
-                                                                       boxes=[(0, 0, 70, 40)]),
-                                     Prompt("polyp")])
+        result = seg.segment(
+            image,
+            [
+                Prompt(points=[(20.5, 10.5)]),
+                Prompt(points=[(5, 5), (60, 30)], point_labels=[1, 0], boxes=[(0, 0, 70, 40)]),
+                Prompt("polyp"),
+            ],
+        )
     finally:
         handle.remove()
     assert len(calls) == 1  # one tracker image encoding for both point prompts
@@ -371,14 +391,25 @@ def test_validate_prompt_by_hand():
 
 
 def test_cli_items_attach_geometry_to_the_preceding_text():
-    prompts = prompts_from_cli([
-        ("box", "1,1,5,5"), ("point", "2,2"),
-        ("text", "liver"), ("box", "0,0,10,10"), ("box", "3,3,4,4,neg"),
-        ("text", "spleen"),
-        ("text", "kidney"), ("point", "7,8,0"), ("point", "9,9"),
-    ])
-    assert [(p.text, p.kind) for p in prompts] == [(None, "box+point"), ("liver", "text+box"),
-                                                   ("spleen", "text"), ("kidney", "text+point")]
+    prompts = prompts_from_cli(
+        [
+            ("box", "1,1,5,5"),
+            ("point", "2,2"),
+            ("text", "liver"),
+            ("box", "0,0,10,10"),
+            ("box", "3,3,4,4,neg"),
+            ("text", "spleen"),
+            ("text", "kidney"),
+            ("point", "7,8,0"),
+            ("point", "9,9"),
+        ]
+    )
+    assert [(p.text, p.kind) for p in prompts] == [
+        (None, "box+point"),
+        ("liver", "text+box"),
+        ("spleen", "text"),
+        ("kidney", "text+point"),
+    ]
     assert prompts[1].box_labels == [1, 0]
     assert prompts[3].points == [(7.0, 8.0), (9.0, 9.0)] and prompts[3].point_labels == [0, 1]
     with pytest.raises(PromptError, match="no prompt"):

@@ -44,9 +44,12 @@ def done(status: dict) -> dict:
 
 
 def same_geometry(a, b) -> bool:
-    return (a.spatial_shape == b.spatial_shape and np.allclose(a.spacing, b.spacing, atol=1e-4)
-            and np.allclose(a.origin, b.origin, atol=1e-3)
-            and np.allclose(a.direction, b.direction, atol=1e-5))
+    return (
+        a.spatial_shape == b.spatial_shape
+        and np.allclose(a.spacing, b.spacing, atol=1e-4)
+        and np.allclose(a.origin, b.origin, atol=1e-3)
+        and np.allclose(a.direction, b.direction, atol=1e-5)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,8 +64,9 @@ def test_png_upload_text_prompt_and_viewer_data(client, data_dir, tmp_path):
     assert info["shape"] == [540, 800] and info["ndim"] == 2 and not info["is_3d"]
     assert info["format"] == "PNG" and info["kind"] == "png" and not info["spacing_known"]
     assert info["display"]["shape"] == [1, 540, 800] and info["display"]["channels"] == 1
-    assert info["display"]["planes"] == {"image": dict(count=1, rows=540, cols=800, row_spacing=1.0,
-                                                       col_spacing=1.0)}
+    assert info["display"]["planes"] == {
+        "image": dict(count=1, rows=540, cols=800, row_spacing=1.0, col_spacing=1.0)
+    }
     assert client.get(f"/api/images/{info['image_id']}").json() == info
 
     # 8-bit ultrasound is shown as stored: the display volume is the PNG's pixels.
@@ -92,11 +96,15 @@ def test_png_upload_text_prompt_and_viewer_data(client, data_dir, tmp_path):
     np.testing.assert_array_equal(np.frombuffer(labels.content, np.uint8).reshape(540, 800), mask)
     value_png = client.get(f"/api/jobs/{status['job_id']}/slices/image/0.png")
     np.testing.assert_array_equal(np.asarray(PILImage.open(io.BytesIO(value_png.content))), mask)
-    overlay = np.asarray(PILImage.open(io.BytesIO(
-        client.get(f"/api/jobs/{status['job_id']}/slices/image/0.png?style=overlay").content)))
+    overlay = np.asarray(
+        PILImage.open(
+            io.BytesIO(client.get(f"/api/jobs/{status['job_id']}/slices/image/0.png?style=overlay").content)
+        )
+    )
     assert overlay.shape == (540, 800, 4)
-    np.testing.assert_array_equal(overlay[mask == 1], np.array([*entry["color"], 255], np.uint8)[None].repeat(
-        int((mask == 1).sum()), 0))
+    np.testing.assert_array_equal(
+        overlay[mask == 1], np.array([*entry["color"], 255], np.uint8)[None].repeat(int((mask == 1).sum()), 0)
+    )
     assert not overlay[mask == 0].any()
 
     summary = client.get(f"/api/jobs/{status['job_id']}/summary").json()
@@ -108,8 +116,9 @@ def test_png_upload_text_prompt_and_viewer_data(client, data_dir, tmp_path):
 def test_test_time_mirroring_on_an_image_and_a_volume(client, data_dir):
     """'tta': four encodings per image or slice, recorded in the summary; a whole volume too."""
     image_id = upload(client, data_dir / KVASIR).json()["image_id"]
-    status = segment(client, image_id, {"prompts": [{"text": "polyp", "boxes": [[100, 120, 300, 330]]}],
-                                        "tta": True})
+    status = segment(
+        client, image_id, {"prompts": [{"text": "polyp", "boxes": [[100, 120, 300, 330]]}], "tta": True}
+    )
     done(status)
     summary = client.get(f"/api/jobs/{status['job_id']}/summary").json()
     assert summary["settings"]["test_time_mirroring"] == ["none", "x", "y", "xy"]
@@ -135,8 +144,9 @@ def test_jpeg_colour_upload_box_and_text_box(client, data_dir):
     np.testing.assert_array_equal(raw.reshape(531, 570, 3), np.asarray(PILImage.open(data_dir / KVASIR)))
 
     box = [100.0, 120.0, 300.0, 330.0]
-    result = done(segment(client, info["image_id"], {"prompts": [{"boxes": [box]},
-                                                                 {"text": "polyp", "boxes": [box]}]}))
+    result = done(
+        segment(client, info["image_id"], {"prompts": [{"boxes": [box]}, {"text": "polyp", "boxes": [box]}]})
+    )
     kinds = [e["prompt"]["kind"] for e in result["labels"]]
     assert kinds == ["box", "text+box"] and result["labels"][0]["name"] == "1 box"
     assert result["labels"][1]["prompt"]["boxes"] == [box]
@@ -145,10 +155,16 @@ def test_jpeg_colour_upload_box_and_text_box(client, data_dir):
 
 def test_points_with_and_without_text(client, data_dir):
     info = upload(client, data_dir / HC18).json()
-    status = segment(client, info["image_id"], {"prompts": [
-        {"points": [[400, 270]]},
-        {"text": "fetal head", "points": [[420, 300], [10, 10]], "point_labels": [1, 0]},
-    ]})
+    status = segment(
+        client,
+        info["image_id"],
+        {
+            "prompts": [
+                {"points": [[400, 270]]},
+                {"text": "fetal head", "points": [[420, 300], [10, 10]], "point_labels": [1, 0]},
+            ]
+        },
+    )
     point, text = done(status)["labels"]
     assert point["source"] == "tracker" and point["prompt"]["kind"] == "point" and not point["absent"]
     assert text["source"] == "detector" and text["prompt"]["kind"] == "text+point"
@@ -167,8 +183,11 @@ def test_nifti_volume_slice_and_whole_volume(client, data_dir, tmp_path):
     assert sorted(info["display"]["shape"]) == sorted(reference.spatial_shape)  # a permutation, no resampling
 
     index = planes["coronal"]["count"] // 2
-    status = segment(client, info["image_id"], {"prompts": [{"text": "hippocampus"}],
-                                                "slice": {"plane": "coronal", "index": index}})
+    status = segment(
+        client,
+        info["image_id"],
+        {"prompts": [{"text": "hippocampus"}], "slice": {"plane": "coronal", "index": index}},
+    )
     result = done(status)
     assert result["scope"] == {"kind": "slice", "plane": "coronal", "index": index}
     f = tmp_path / "mask.nii.gz"
@@ -198,8 +217,11 @@ def test_nrrd_box_on_a_slice_keeps_geometry_and_names(client, data_dir, tmp_path
     assert info["format"] == "NRRD" and info["shape"] == [21, 120, 45]
     geo = info["display"]["planes"]["axial"]
     box = [2.0, 3.0, geo["cols"] - 2.0, geo["rows"] - 3.0]
-    status = segment(client, info["image_id"], {"prompts": [{"text": "lesion", "boxes": [box]}],
-                                                "slice": {"plane": "axial", "index": 10}})
+    status = segment(
+        client,
+        info["image_id"],
+        {"prompts": [{"text": "lesion", "boxes": [box]}], "slice": {"plane": "axial", "index": 10}},
+    )
     assert done(status)["files"]["mask"] == "mask.nrrd"
     out = tmp_path / "mask.nrrd"
     out.write_bytes(client.get(f"/api/jobs/{status['job_id']}/mask").content)
@@ -215,8 +237,9 @@ def test_dicom_zip_gives_nifti_and_dicom_seg(client, data_dir, tmp_path):
     info = upload(client, archive).json()
     assert info["kind"] == "dicom-zip" and info["modality"] == "CT" and info["shape"] == [3, 512, 512]
     assert info["dicom_seg"] and info["mask_format"] == "nii.gz"
-    status = segment(client, info["image_id"], {"prompts": [{"text": "liver"}],
-                                                "slice": {"plane": "axial", "index": 1}})
+    status = segment(
+        client, info["image_id"], {"prompts": [{"text": "liver"}], "slice": {"plane": "axial", "index": 1}}
+    )
     result = done(status)
     assert result["files"] == {"mask": "mask.nii.gz", "summary": "summary.json", "dicom_seg": "mask.seg.dcm"}
     nii = tmp_path / "mask.nii.gz"
@@ -236,8 +259,9 @@ def test_dicom_zip_gives_nifti_and_dicom_seg(client, data_dir, tmp_path):
 # the vision-feature cache
 
 
-def test_new_prompts_on_the_same_image_reuse_the_vision_features(serve_model, data_dir, tmp_path,
-                                                                  monkeypatch):
+def test_new_prompts_on_the_same_image_reuse_the_vision_features(
+    serve_model, data_dir, tmp_path, monkeypatch
+):
     from transformers import Sam3Model
 
     calls = []
@@ -292,8 +316,13 @@ def test_feature_cache_is_bounded_lru():
 
 
 def test_unknown_ids_and_routes_are_json_errors(client):
-    for path in ("/api/images/" + "0" * 32, "/api/jobs/" + "f" * 32, "/api/images/not-an-id",
-                 "/api/jobs/..%2F..%2Fetc", "/api/nothing-here"):
+    for path in (
+        "/api/images/" + "0" * 32,
+        "/api/jobs/" + "f" * 32,
+        "/api/images/not-an-id",
+        "/api/jobs/..%2F..%2Fetc",
+        "/api/nothing-here",
+    ):
         r = client.get(path)
         assert r.status_code == 404, path
         assert set(r.json()) == {"error"} and r.json()["error"]
@@ -301,21 +330,27 @@ def test_unknown_ids_and_routes_are_json_errors(client):
     assert r.status_code == 404 and "unknown image id" in r.json()["error"]
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"prompts": []}, "prompts"),
-    ({"prompts": [{}]}, "a prompt needs a text, a box or a point"),
-    ({"prompts": [{"text": "   "}]}, "empty text prompt"),
-    ({"prompts": [{"text": "x", "boxes": [[10, 10, 5, 20]]}]}, "degenerate"),
-    ({"prompts": [{"text": "x", "boxes": [[10, 10, 900, 20]]}]}, "outside"),
-    ({"prompts": [{"text": "x", "boxes": [[1, 2, 3]]}]}, "4 numbers"),
-    ({"prompts": [{"points": [[5, 5]], "point_labels": [2]}]}, "point label 2"),
-    ({"prompts": [{"text": "x"}], "threshold": 1.5}, "threshold"),
-    ({"prompts": [{"text": "x"}], "window": "lung"}, "CT only"),
-    ({"prompts": [{"text": "x"}], "slice": {"plane": "axial", "index": 0}}, "volumes only"),
-    ({"prompts": [{"text": "x"}], "colour": "red"}, "colour"),
-    ({"prompts": [{"text": "x"}], "tta": True, "instances": True}, "cannot be combined with instances"),
-    ({"prompts": [{"text": "x", "points": [[5, 5]]}], "tta": True}, "cannot be combined with point prompts"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"prompts": []}, "prompts"),
+        ({"prompts": [{}]}, "a prompt needs a text, a box or a point"),
+        ({"prompts": [{"text": "   "}]}, "empty text prompt"),
+        ({"prompts": [{"text": "x", "boxes": [[10, 10, 5, 20]]}]}, "degenerate"),
+        ({"prompts": [{"text": "x", "boxes": [[10, 10, 900, 20]]}]}, "outside"),
+        ({"prompts": [{"text": "x", "boxes": [[1, 2, 3]]}]}, "4 numbers"),
+        ({"prompts": [{"points": [[5, 5]], "point_labels": [2]}]}, "point label 2"),
+        ({"prompts": [{"text": "x"}], "threshold": 1.5}, "threshold"),
+        ({"prompts": [{"text": "x"}], "window": "lung"}, "CT only"),
+        ({"prompts": [{"text": "x"}], "slice": {"plane": "axial", "index": 0}}, "volumes only"),
+        ({"prompts": [{"text": "x"}], "colour": "red"}, "colour"),
+        ({"prompts": [{"text": "x"}], "tta": True, "instances": True}, "cannot be combined with instances"),
+        (
+            {"prompts": [{"text": "x", "points": [[5, 5]]}], "tta": True},
+            "cannot be combined with point prompts",
+        ),
+    ],
+)
 def test_bad_prompts_are_refused_before_queueing(client, data_dir, body, message):
     image_id = upload(client, data_dir / HC18).json()["image_id"]
     r = client.post(f"/api/images/{image_id}/segment", json=body)
@@ -325,11 +360,14 @@ def test_bad_prompts_are_refused_before_queueing(client, data_dir, body, message
 
 def test_volume_prompt_errors(client, data_dir):
     image_id = upload(client, data_dir / HIPPO).json()["image_id"]
-    r = client.post(f"/api/images/{image_id}/segment",
-                    json={"prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}]})
+    r = client.post(
+        f"/api/images/{image_id}/segment", json={"prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}]}
+    )
     assert r.status_code == 422 and "need a slice" in r.json()["error"]
-    r = client.post(f"/api/images/{image_id}/segment",
-                    json={"prompts": [{"text": "x"}], "slice": {"plane": "axial", "index": 999}})
+    r = client.post(
+        f"/api/images/{image_id}/segment",
+        json={"prompts": [{"text": "x"}], "slice": {"plane": "axial", "index": 999}},
+    )
     assert r.status_code == 400 and "out of range" in r.json()["error"]
     r = client.get(f"/api/images/{image_id}/slices/image/0.png")
     assert r.status_code == 400 and "axial, coronal, sagittal" in r.json()["error"]
@@ -410,8 +448,14 @@ def test_failed_job_reports_the_message(client, data_dir, monkeypatch):
 def test_token_protects_every_endpoint(serve_model, data_dir, tmp_path):
     token = "s3cret-token-123"
     with client_for(make_settings(serve_model, tmp_path / "work", token=token)) as c:
-        for path in ("/api/info", "/openapi.json", "/docs", "/docs-assets/swagger-ui.css",
-                     "/static/viewer.js", "/api/images/" + "0" * 32):
+        for path in (
+            "/api/info",
+            "/openapi.json",
+            "/docs",
+            "/docs-assets/swagger-ui.css",
+            "/static/viewer.js",
+            "/api/images/" + "0" * 32,
+        ):
             r = c.get(path)
             assert r.status_code == 401, path
             assert r.json()["error"].startswith("authentication required")
@@ -460,8 +504,13 @@ def test_results_and_images_expire(serve_model, data_dir, tmp_path):
 
 def test_openapi_and_docs(client):
     spec = client.get("/openapi.json").json()
-    for path in ("/api/images", "/api/images/{image_id}/segment", "/api/jobs/{job_id}",
-                 "/api/jobs/{job_id}/mask", "/api/images/{image_id}/slices/{plane}/{index}.png"):
+    for path in (
+        "/api/images",
+        "/api/images/{image_id}/segment",
+        "/api/jobs/{job_id}",
+        "/api/jobs/{job_id}/mask",
+        "/api/images/{image_id}/slices/{plane}/{index}.png",
+    ):
         assert path in spec["paths"], path
     upload_body = spec["paths"]["/api/images"]["post"]["requestBody"]["content"]
     assert upload_body["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
@@ -484,8 +533,9 @@ def test_command_line_settings_and_exposure_warning(monkeypatch):
     from medsam3.serve.settings import SettingsError
 
     monkeypatch.delenv("MEDSAM3_TOKEN", raising=False)
-    args = build_parser().parse_args(["serve", "--workers", "2", "--queue-size", "3", "--result-ttl", "60",
-                                      "--max-upload-mb", "5"])
+    args = build_parser().parse_args(
+        ["serve", "--workers", "2", "--queue-size", "3", "--result-ttl", "60", "--max-upload-mb", "5"]
+    )
     s = settings_from_args(args)
     assert (s.host, s.port, s.workers, s.queue_size, s.result_ttl) == ("127.0.0.1", 8000, 2, 3, 60.0)
     assert s.max_upload_bytes == 5 * 1024 * 1024 and s.token is None

@@ -24,11 +24,20 @@ from serve_fixtures import HC18, HIPPO, make_settings
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 TOKEN = "browser-test-token"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="/usr/bin/chromium is missing (run scripts/install_browser.sh)")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (run scripts/install_browser.sh)"
+)
 
 
 def free_port() -> int:
@@ -45,8 +54,9 @@ def server(serve_model, tmp_path_factory):
     from medsam3.serve.app import create_app
 
     port = free_port()
-    app = create_app(make_settings(serve_model, tmp_path_factory.mktemp("browser") / "work", token=TOKEN,
-                                   port=port))
+    app = create_app(
+        make_settings(serve_model, tmp_path_factory.mktemp("browser") / "work", token=TOKEN, port=port)
+    )
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -65,8 +75,13 @@ def page(server, tmp_path):
 
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=FLAGS,
-            viewport={"width": 1280, "height": 800}, accept_downloads=True)
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1280, "height": 800},
+            accept_downloads=True,
+        )
         errors: list[str] = []
         pg = context.new_page()
         pg.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -182,7 +197,6 @@ def test_viewer_upload_segment_refine_download(server, page, data_dir, tmp_path)
     assert not page.errors, page.errors
 
 
-
 HIPPO19 = "msd_hippocampus/images/hippocampus_019.nii.gz"  # MR NIfTI (41, 47, 36), stored RAS
 
 
@@ -217,15 +231,18 @@ def test_viewer_box_on_acquired_slice_segments_the_whole_volume(server, page, da
     assert job["request"]["propagate"] is True
     assert job["request"]["slice"] == {"plane": "axial", "index": 20}
     # RAS -> display flips y and x only: axial display slice 20 is stored slice 20.
-    assert job["result"]["scope"] == {"kind": "volume",
-                                      "key_slice": {"plane": "axial", "index": 20, "input_slice": 20}}
+    assert job["result"]["scope"] == {
+        "kind": "volume",
+        "key_slice": {"plane": "axial", "index": 20, "input_slice": 20},
+    }
     (entry,) = job["result"]["labels"]
     assert entry["prompt"]["kind"] == "text+box" and not entry["absent"]
     info = api(server, f"/api/images/{job['image_id']}")
     assert info["display"]["acquired_plane"] == "axial"
 
-    r = httpx.get(f"{server}/api/jobs/{job['job_id']}/labels", headers={"Authorization": f"Bearer {TOKEN}"},
-                  timeout=30)
+    r = httpx.get(
+        f"{server}/api/jobs/{job['job_id']}/labels", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    )
     r.raise_for_status()
     assert r.headers["x-dtype"] == "uint8" and r.headers["x-shape"] == "41,47,36"
     labels = np.frombuffer(r.content, np.uint8).reshape(41, 47, 36)

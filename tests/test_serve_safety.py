@@ -28,8 +28,16 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(serve_model, work):
-    settings = make_settings(serve_model, work, max_upload_mb=1.0, max_zip_entries=8, max_unzipped_mb=4.0,
-                             max_zip_ratio=50.0, max_voxels=2_000_000, max_json_kb=4.0)
+    settings = make_settings(
+        serve_model,
+        work,
+        max_upload_mb=1.0,
+        max_zip_entries=8,
+        max_unzipped_mb=4.0,
+        max_zip_ratio=50.0,
+        max_voxels=2_000_000,
+        max_json_kb=4.0,
+    )
     with client_for(settings) as c:
         yield c
 
@@ -61,16 +69,20 @@ def test_oversize_upload_is_413(client, work):
 
 
 def test_oversize_json_body_is_413_and_chunked_needs_a_length(client):
-    r = client.post("/api/images/" + "0" * 32 + "/segment", content=b"{" + b" " * 5000 + b"}",
-                    headers={"Content-Type": "application/json"})
+    r = client.post(
+        "/api/images/" + "0" * 32 + "/segment",
+        content=b"{" + b" " * 5000 + b"}",
+        headers={"Content-Type": "application/json"},
+    )
     assert "request body too large" in error_of(r, 413)
 
     def chunks():
         yield b'{"prompts": '
         yield b'[{"text": "x"}]}'
 
-    r = client.post("/api/images/" + "0" * 32 + "/segment", content=chunks(),
-                    headers={"Content-Type": "application/json"})
+    r = client.post(
+        "/api/images/" + "0" * 32 + "/segment", content=chunks(), headers={"Content-Type": "application/json"}
+    )
     assert "Content-Length" in error_of(r, 411)
 
 
@@ -113,8 +125,10 @@ def test_truncated_file_is_a_clear_400_without_server_paths(client, data_dir, wo
 
 
 def test_files_that_point_at_other_files_are_refused(client, data_dir, work):
-    detached = (b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n"
-                b"data file: ../../../../etc/passwd\n\n")
+    detached = (
+        b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n"
+        b"data file: ../../../../etc/passwd\n\n"
+    )
     message = error_of(upload(client, data=detached, name="head.nhdr"), 400)
     assert "detached NRRD header" in message
     header = bytearray(gzip.decompress((data_dir / HIPPO).read_bytes())[:348])
@@ -151,13 +165,16 @@ def _symlink(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
     return info, target.encode()
 
 
-@pytest.mark.parametrize("entry, problem", [
-    (("../evil.dcm", b"x" * 100), "would leave the upload folder"),
-    (("ok/../../evil.dcm", b"x" * 100), "would leave the upload folder"),
-    (("/etc/evil.dcm", b"x" * 100), "has an absolute path"),
-    (("C:\\evil.dcm", b"x" * 100), "has an absolute path"),
-    (_symlink("link.dcm", "/etc/passwd"), "is a symbolic link"),
-])
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        (("../evil.dcm", b"x" * 100), "would leave the upload folder"),
+        (("ok/../../evil.dcm", b"x" * 100), "would leave the upload folder"),
+        (("/etc/evil.dcm", b"x" * 100), "has an absolute path"),
+        (("C:\\evil.dcm", b"x" * 100), "has an absolute path"),
+        (_symlink("link.dcm", "/etc/passwd"), "is a symbolic link"),
+    ],
+)
 def test_zip_slip_and_links_are_refused(client, work, entry, problem):
     data = zip_bytes([("series/a.dcm", b"y" * 100), entry])
     message = error_of(upload(client, data=data, name="series.zip"), 400)

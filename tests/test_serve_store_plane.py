@@ -33,8 +33,9 @@ CORONAL = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, -1.0, 0.0]])
 # CORONAL turned 15 degrees about the S axis: k = (sin 15, -cos 15, 0) = (0.26, -0.97, 0), still mostly
 # anterior -> coronal slices (the rotation stays in the direction matrix).
 _T = np.deg2rad(15.0)
-OBLIQUE_CORONAL = np.array([[np.cos(_T), -np.sin(_T), 0.0], [np.sin(_T), np.cos(_T), 0.0],
-                            [0.0, 0.0, 1.0]]) @ CORONAL
+OBLIQUE_CORONAL = (
+    np.array([[np.cos(_T), -np.sin(_T), 0.0], [np.sin(_T), np.cos(_T), 0.0], [0.0, 0.0, 1.0]]) @ CORONAL
+)
 
 
 def slabs(shape: tuple[int, int, int], direction: np.ndarray) -> Image:
@@ -47,8 +48,9 @@ def slabs(shape: tuple[int, int, int], direction: np.ndarray) -> Image:
 def add(store: ImageStore, image: Image, kind: str = "nifti"):
     image_id = new_id()
     folder = store.new_folder(image_id)
-    return store.add(image_id, folder, "test", Stored(folder / "source", kind, image.array.size), image,
-                     None, None)
+    return store.add(
+        image_id, folder, "test", Stored(folder / "source", kind, image.array.size), image, None, None
+    )
 
 
 def uniform_slices(display: np.ndarray, axis: int) -> bool:
@@ -57,12 +59,15 @@ def uniform_slices(display: np.ndarray, axis: int) -> bool:
     return bool((moved == moved[:, :1]).all())
 
 
-@pytest.mark.parametrize("direction, plane", [
-    (RAS, "axial"),
-    (CORONAL, "coronal"),
-    (SAGITTAL, "sagittal"),
-    (OBLIQUE_CORONAL, "coronal"),
-])
+@pytest.mark.parametrize(
+    "direction, plane",
+    [
+        (RAS, "axial"),
+        (CORONAL, "coronal"),
+        (SAGITTAL, "sagittal"),
+        (OBLIQUE_CORONAL, "coronal"),
+    ],
+)
 def test_acquired_plane_of_synthetic_volumes(tmp_path, direction, plane):
     store = ImageStore(tmp_path / "images")
     rec = add(store, slabs((4, 5, 6), direction))

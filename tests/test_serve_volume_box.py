@@ -96,8 +96,12 @@ def test_display_box_covers_the_voxels_the_slice_shows(direction, plane):
 
 def test_reorientation_from_the_upload_description_matches_the_image():
     image = numbered((5, 6, 7), CORONAL)
-    info = {"shape": list(image.spatial_shape), "spacing": list(image.spacing), "origin": list(image.origin),
-            "direction": image.direction.tolist()}
+    info = {
+        "shape": list(image.spatial_shape),
+        "spacing": list(image.spacing),
+        "origin": list(image.origin),
+        "direction": image.direction.tolist(),
+    }
     a, b = reorientation_of(info), plan_reorientation(image)
     assert (a.source_axes, a.flipped, a.canonical_shape) == (b.source_axes, b.flipped, b.canonical_shape)
 
@@ -105,8 +109,12 @@ def test_reorientation_from_the_upload_description_matches_the_image():
 def test_propagation_prompts_are_key_slice_boxes_the_volume_segmenter_reads_back():
     image = numbered((4, 5, 6), SAGITTAL)
     reo = plan_reorientation(image)
-    out = propagation_prompts([Prompt("lesion", boxes=[(2, 1, 5, 3), (0, 0, 1, 1)], box_labels=[1, 0]),
-                               Prompt("liver")], reo, "sagittal", 1)
+    out = propagation_prompts(
+        [Prompt("lesion", boxes=[(2, 1, 5, 3), (0, 0, 1, 1)], box_labels=[1, 0]), Prompt("liver")],
+        reo,
+        "sagittal",
+        1,
+    )
     vp, text = out
     assert isinstance(vp, VolumePrompt) and vp.text == "lesion" and vp.box_slice == 1
     assert vp.boxes == [(2.0, 1.0, 5.0, 3.0), (0.0, 0.0, 1.0, 1.0)] and vp.box_labels == [1, 0]
@@ -138,9 +146,12 @@ def hippo(client, data_dir):
 
 
 def same_geometry(a, b) -> bool:
-    return (a.spatial_shape == b.spatial_shape and np.allclose(a.spacing, b.spacing, atol=1e-4)
-            and np.allclose(a.origin, b.origin, atol=1e-3)
-            and np.allclose(a.direction, b.direction, atol=1e-5))
+    return (
+        a.spatial_shape == b.spatial_shape
+        and np.allclose(a.spacing, b.spacing, atol=1e-4)
+        and np.allclose(a.origin, b.origin, atol=1e-3)
+        and np.allclose(a.direction, b.direction, atol=1e-5)
+    )
 
 
 def test_box_on_an_axial_slice_segments_the_whole_volume(client, hippo, data_dir, tmp_path):
@@ -149,13 +160,21 @@ def test_box_on_an_axial_slice_segments_the_whole_volume(client, hippo, data_dir
     geo = hippo["display"]["planes"]["axial"]
     assert (geo["rows"], geo["cols"]) == (47, 36)
     box = [8.0, 10.0, 28.0, 37.5]
-    status = segment(client, hippo["image_id"], {"prompts": [{"text": "hippocampus", "boxes": [box]}],
-                                                 "slice": {"plane": "axial", "index": 20},
-                                                 "propagate": True})
+    status = segment(
+        client,
+        hippo["image_id"],
+        {
+            "prompts": [{"text": "hippocampus", "boxes": [box]}],
+            "slice": {"plane": "axial", "index": 20},
+            "propagate": True,
+        },
+    )
     assert status["status"] == "done", status
     result = status["result"]
-    assert result["scope"] == {"kind": "volume",
-                               "key_slice": {"plane": "axial", "index": 20, "input_slice": 20}}
+    assert result["scope"] == {
+        "kind": "volume",
+        "key_slice": {"plane": "axial", "index": 20, "input_slice": 20},
+    }
     assert result["shape"] == [41, 47, 36] and result["display_shape"] == [41, 47, 36]
     (entry,) = result["labels"]
     # RAS -> display: x and y mirrored (36 columns, 47 rows), axial slice 20 is stored slice 20.
@@ -179,8 +198,9 @@ def test_box_on_an_axial_slice_segments_the_whole_volume(client, hippo, data_dir
 
 
 def test_box3d_searches_only_the_slices_it_covers(client, hippo, data_dir, tmp_path):
-    status = segment(client, hippo["image_id"],
-                     {"prompts": [{"text": "hippocampus", "box3d": [4, 6, 10, 30, 40, 13]}]})
+    status = segment(
+        client, hippo["image_id"], {"prompts": [{"text": "hippocampus", "box3d": [4, 6, 10, 30, 40, 13]}]}
+    )
     assert status["status"] == "done", status
     result = status["result"]
     assert result["scope"] == {"kind": "volume"} and result["shape"] == [41, 47, 36]
@@ -197,27 +217,70 @@ def test_box3d_searches_only_the_slices_it_covers(client, hippo, data_dir, tmp_p
 # refusals
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}], "propagate": True}, "'propagate' needs the slice"),
-    ({"prompts": [{"text": "x", "points": [[3, 3]]}], "slice": {"plane": "axial", "index": 5},
-      "propagate": True}, "points cannot be propagated"),
-    ({"prompts": [{"text": "x", "boxes": [[1, 1, 40, 5]]}], "slice": {"plane": "axial", "index": 5},
-      "propagate": True}, "lies outside"),
-    ({"prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}], "slice": {"plane": "coronal", "index": 5},
-      "propagate": True}, "acquired in axial slices and is segmented slice by slice along them, so a box to "
-                          "propagate must be drawn on an axial slice"),
-    ({"prompts": [{"text": "x"}], "slice": {"plane": "axial", "index": 5}, "propagate": True},
-     "no prompt has a box"),
-    ({"prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}], "slice": {"plane": "axial", "index": 5},
-      "propagate": True, "instances": True}, "instances is for 2D images"),
-    ({"prompts": [{"text": "x", "box3d": [1, 1, 1, 5, 5, 5]}], "slice": {"plane": "axial", "index": 5}},
-     "cannot be combined with 'slice'"),
-    ({"prompts": [{"text": "x", "box3d": [1, 1, 1, 5, 5, 99]}]}, "lies outside the volume of 36 x 47 x 41"),
-    ({"prompts": [{"text": "x", "box3d": [1, 1, 5, 5, 5, 5]}]}, "degenerate"),
-    ({"prompts": [{"text": "x", "box3d": [1, 1, 1, 5, 5]}]}, "box3d needs 6 numbers"),
-    ({"prompts": [{"text": "x", "box3d": [1, 1, 1, 5, 5, 5], "boxes": [[1, 1, 3, 3]]}]},
-     "'box3d' cannot be combined with 'boxes'"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            {"prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}], "propagate": True},
+            "'propagate' needs the slice",
+        ),
+        (
+            {
+                "prompts": [{"text": "x", "points": [[3, 3]]}],
+                "slice": {"plane": "axial", "index": 5},
+                "propagate": True,
+            },
+            "points cannot be propagated",
+        ),
+        (
+            {
+                "prompts": [{"text": "x", "boxes": [[1, 1, 40, 5]]}],
+                "slice": {"plane": "axial", "index": 5},
+                "propagate": True,
+            },
+            "lies outside",
+        ),
+        (
+            {
+                "prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}],
+                "slice": {"plane": "coronal", "index": 5},
+                "propagate": True,
+            },
+            "acquired in axial slices and is segmented slice by slice along them, so a box to "
+            "propagate must be drawn on an axial slice",
+        ),
+        (
+            {"prompts": [{"text": "x"}], "slice": {"plane": "axial", "index": 5}, "propagate": True},
+            "no prompt has a box",
+        ),
+        (
+            {
+                "prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}],
+                "slice": {"plane": "axial", "index": 5},
+                "propagate": True,
+                "instances": True,
+            },
+            "instances is for 2D images",
+        ),
+        (
+            {
+                "prompts": [{"text": "x", "box3d": [1, 1, 1, 5, 5, 5]}],
+                "slice": {"plane": "axial", "index": 5},
+            },
+            "cannot be combined with 'slice'",
+        ),
+        (
+            {"prompts": [{"text": "x", "box3d": [1, 1, 1, 5, 5, 99]}]},
+            "lies outside the volume of 36 x 47 x 41",
+        ),
+        ({"prompts": [{"text": "x", "box3d": [1, 1, 5, 5, 5, 5]}]}, "degenerate"),
+        ({"prompts": [{"text": "x", "box3d": [1, 1, 1, 5, 5]}]}, "box3d needs 6 numbers"),
+        (
+            {"prompts": [{"text": "x", "box3d": [1, 1, 1, 5, 5, 5], "boxes": [[1, 1, 3, 3]]}]},
+            "'box3d' cannot be combined with 'boxes'",
+        ),
+    ],
+)
 def test_volume_box_requests_are_refused_before_queueing(client, hippo, body, message):
     r = client.post(f"/api/images/{hippo['image_id']}/segment", json=body)
     assert r.status_code == 422, r.text
@@ -227,21 +290,37 @@ def test_volume_box_requests_are_refused_before_queueing(client, hippo, body, me
 def test_propagate_on_a_volume_from_the_test_set_names_its_plane(client, data_dir):
     # hippocampus_001 is also stored RAS with axial slices; a sagittal box is refused with the right plane.
     info = upload(client, data_dir / HIPPO).json()
-    r = client.post(f"/api/images/{info['image_id']}/segment",
-                    json={"prompts": [{"boxes": [[1, 1, 5, 5]]}], "slice": {"plane": "sagittal", "index": 3},
-                          "propagate": True})
+    r = client.post(
+        f"/api/images/{info['image_id']}/segment",
+        json={
+            "prompts": [{"boxes": [[1, 1, 5, 5]]}],
+            "slice": {"plane": "sagittal", "index": 3},
+            "propagate": True,
+        },
+    )
     assert r.status_code == 422
     assert "boxes drawn on a sagittal slice cannot be propagated" in r.json()["error"]
     assert "drawn on an axial slice" in r.json()["error"]
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}], "slice": {"plane": "axial", "index": 0},
-      "propagate": True}, "'slice' and 'propagate' apply to volumes only"),
-    ({"prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}], "propagate": True},
-     "'propagate' applies to volumes only"),
-    ({"prompts": [{"text": "x", "box3d": [1, 1, 0, 5, 5, 1]}]}, "'box3d' applies to volumes only"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            {
+                "prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}],
+                "slice": {"plane": "axial", "index": 0},
+                "propagate": True,
+            },
+            "'slice' and 'propagate' apply to volumes only",
+        ),
+        (
+            {"prompts": [{"text": "x", "boxes": [[1, 1, 5, 5]]}], "propagate": True},
+            "'propagate' applies to volumes only",
+        ),
+        ({"prompts": [{"text": "x", "box3d": [1, 1, 0, 5, 5, 1]}]}, "'box3d' applies to volumes only"),
+    ],
+)
 def test_volume_box_options_are_refused_on_2d_images(client, data_dir, body, message):
     image_id = upload(client, data_dir / HC18).json()["image_id"]
     r = client.post(f"/api/images/{image_id}/segment", json=body)

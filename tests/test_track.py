@@ -37,9 +37,15 @@ from medsam3.predict.volume.track import (
 )
 
 PROMPT = "hippocampus"
-OPEN_THRESHOLDS = dict(score_threshold_detection=0.0, new_det_thresh=0.0, hotstart_delay=0,
-                       hotstart_unmatch_thresh=0, hotstart_dup_thresh=0, assoc_iou_thresh=0.0,
-                       trk_assoc_iou_thresh=0.0)
+OPEN_THRESHOLDS = dict(
+    score_threshold_detection=0.0,
+    new_det_thresh=0.0,
+    hotstart_delay=0,
+    hotstart_unmatch_thresh=0,
+    hotstart_dup_thresh=0,
+    assoc_iou_thresh=0.0,
+    trk_assoc_iou_thresh=0.0,
+)
 
 
 def video_model(queries: int | None = None, object_bias: float | None = None, **overrides):
@@ -143,13 +149,19 @@ def test_prune_session_rules_on_a_hand_built_state():
     t = torch.zeros(2)
 
     def entry():
-        return {"maskmem_features": t, "maskmem_pos_enc": t, "object_pointer": t, "pred_masks": t,
-                "high_res_masks": t}
+        return {
+            "maskmem_features": t,
+            "maskmem_pos_enc": t,
+            "object_pointer": t,
+            "pred_masks": t,
+            "high_res_masks": t,
+        }
 
     cond = {f: entry() for f in range(0, 101, 10)}  # conditioning slices 0, 10, ..., 100
     session = SimpleNamespace(
-        output_dict_per_obj={0: {"cond_frame_outputs": cond,
-                                 "non_cond_frame_outputs": {f: entry() for f in range(94, 100)}}},
+        output_dict_per_obj={
+            0: {"cond_frame_outputs": cond, "non_cond_frame_outputs": {f: entry() for f in range(94, 100)}}
+        },
         mask_inputs_per_obj={0: {50: t, 100: t}},
         frames_tracked_per_obj={0: {f: {} for f in range(94, 101)}},
         obj_id_to_tracker_score_frame_wise={99: {0: 0.5}, 100: {0: 0.6}},
@@ -211,8 +223,9 @@ def test_tracking_equals_transformers_unbounded_run(processor, queries, short_me
     start = 3
     expected, per_object, ref_session = reference(model, processor, frames, PROMPT, start)
     reports = []
-    result = track_volume(model, processor, frames, PROMPT, start_frames=[start], clean=False,
-                          progress=reports.append)
+    result = track_volume(
+        model, processor, frames, PROMPT, start_frames=[start], clean=False, progress=reports.append
+    )
     np.testing.assert_array_equal(result.masks, expected)
     assert result.object_ids_merged == tuple(sorted(per_object))
     # both directions tracked: masks before and after the start slice, the reverse pass below it
@@ -233,9 +246,17 @@ def test_tracking_equals_transformers_unbounded_run(processor, queries, short_me
 
 def test_hotstart_buffer_equals_transformers(processor, frames):
     # unmatched tracks (association IoU 0.9) are removed during a 2-slice hot-start: outputs held back
-    model = video_model(queries=2, object_bias=10.0, score_threshold_detection=0.0, new_det_thresh=0.0,
-                        hotstart_delay=2, hotstart_unmatch_thresh=1, hotstart_dup_thresh=1,
-                        assoc_iou_thresh=0.5, trk_assoc_iou_thresh=0.9)
+    model = video_model(
+        queries=2,
+        object_bias=10.0,
+        score_threshold_detection=0.0,
+        new_det_thresh=0.0,
+        hotstart_delay=2,
+        hotstart_unmatch_thresh=1,
+        hotstart_dup_thresh=1,
+        assoc_iou_thresh=0.5,
+        trk_assoc_iou_thresh=0.9,
+    )
     expected, _, ref_session = reference(model, processor, frames[:6], PROMPT, 2)
     assert ref_session.hotstart_removed_obj_ids  # the heuristics did remove objects
     result = track_volume(model, processor, frames[:6], PROMPT, start_frames=[2], clean=False)
@@ -268,8 +289,15 @@ def test_state_held_is_bounded_by_the_window(tracking_model, processor):
     for z in (8, 16):
         frames = rng.integers(0, 256, (z, 24, 24, 3), dtype=np.uint8)
         reports = []
-        track_volume(tracking_model, processor, frames, PROMPT, start_frames=[2], max_frames_in_memory=2,
-                     progress=reports.append)
+        track_volume(
+            tracking_model,
+            processor,
+            frames,
+            PROMPT,
+            start_frames=[2],
+            max_frames_in_memory=2,
+            progress=reports.append,
+        )
         assert len(reports) == z
         # window 2 behind the current slice + 2 slices kept after the start for the reverse pass
         assert max(r.frames_held for r in reports) <= 4
@@ -304,8 +332,9 @@ def test_prompts_share_one_session_and_image_features(processor, frames, monkeyp
     model = video_model(queries=1, object_bias=10.0, **OPEN_THRESHOLDS)
     calls = []
     original = model.detector_model.get_vision_features
-    monkeypatch.setattr(model.detector_model, "get_vision_features",
-                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        model.detector_model, "get_vision_features", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     prompts = ["left hippocampus", "liver"]
     shared = track_volume_prompts(model, processor, frames, prompts, start_frames=[4])
     assert len(calls) == len(frames)  # image encoder once per slice for both prompts
@@ -319,8 +348,9 @@ def test_prompts_share_one_session_and_image_features(processor, frames, monkeyp
 
 def test_several_start_slices_make_segments(tracking_model, processor, frames):
     reports = []
-    result = track_volume(tracking_model, processor, frames, PROMPT, start_frames=[6, 1],
-                          progress=reports.append)
+    result = track_volume(
+        tracking_model, processor, frames, PROMPT, start_frames=[6, 1], progress=reports.append
+    )
     assert result.start_frames == (1, 6) and result.masks.shape == frames.shape[:3]
     # segments [0, 4) from 1 and [4, 8) from 6: each slice once; reverse below each start
     assert sorted(r.frame for r in reports) == list(range(8))
@@ -371,8 +401,9 @@ def test_real_mri_volume(tracking_model, processor, data_dir):
     grey = np.rint(np.clip((volume - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
     frames = np.repeat(grey[..., None], 3, axis=-1)
     reports = []
-    result = track_volume(tracking_model, processor, frames, PROMPT, score_threshold=0.0,
-                          progress=reports.append)
+    result = track_volume(
+        tracking_model, processor, frames, PROMPT, score_threshold=0.0, progress=reports.append
+    )
     assert result.masks.shape == image.array.shape and result.masks.dtype == bool
     assert result.scores.shape == (image.array.shape[0],)
     s = result.start_frame

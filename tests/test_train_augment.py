@@ -30,8 +30,9 @@ def test_identity_draw_changes_nothing():
     assert torch.equal(out, image) and torch.equal(out_masks, masks)
 
 
-@pytest.mark.parametrize("hflip,vflip,dims",
-                         [(True, False, [-1]), (False, True, [-2]), (True, True, [-2, -1])])
+@pytest.mark.parametrize(
+    "hflip,vflip,dims", [(True, False, [-1]), (False, True, [-2]), (True, True, [-2, -1])]
+)
 def test_flips_are_exact_mirrors(hflip, vflip, dims):
     image, masks = _pattern()
     out, out_masks = aug.apply(image, masks, aug.Draw(geometric=True, hflip=hflip, vflip=vflip))
@@ -87,12 +88,24 @@ def test_intensity_by_hand():
 
 
 def test_draws_stay_in_their_ranges_and_repeat_with_the_seed():
-    s = aug.AugmentSettings(enabled=True, probability=1.0, flip=0.5, rotate=15, scale=[0.8, 1.25],
-                            translate=0.1, brightness=0.1, contrast=0.2, gamma=0.5, color=0.1, noise=0.05)
+    s = aug.AugmentSettings(
+        enabled=True,
+        probability=1.0,
+        flip=0.5,
+        rotate=15,
+        scale=[0.8, 1.25],
+        translate=0.1,
+        brightness=0.1,
+        contrast=0.2,
+        gamma=0.5,
+        color=0.1,
+        noise=0.05,
+    )
     draws = [aug.draw(s, np.random.default_rng(i)) for i in range(400)]
     assert all(abs(d.angle) <= 15 and 0.8 <= d.scale <= 1.25 and max(map(abs, d.shift)) <= 0.1 for d in draws)
-    assert all(1 / 1.5 <= d.gamma <= 1.5 and 0.8 <= d.contrast <= 1.2 and abs(d.brightness) <= 0.1
-               for d in draws)
+    assert all(
+        1 / 1.5 <= d.gamma <= 1.5 and 0.8 <= d.contrast <= 1.2 and abs(d.brightness) <= 0.1 for d in draws
+    )
     assert all(all(0.9 <= g <= 1.1 for g in d.gains) and 0 <= d.noise <= 0.05 for d in draws)
     flips = np.mean([d.hflip for d in draws])
     assert 0.4 < flips < 0.6 and not any(d.vflip for d in draws)
@@ -102,10 +115,18 @@ def test_draws_stay_in_their_ranges_and_repeat_with_the_seed():
     assert all(d.gains == (1.0, 1.0, 1.0) for d in gray)
 
 
-@pytest.mark.parametrize("concept,positional", [
-    ("anterior hippocampus", True), ("Left kidney", True), ("kidney_right", True), ("polyp", False),
-    ("fetal head", False), ("lateral ventricle", True), ("leftover", False),
-])
+@pytest.mark.parametrize(
+    "concept,positional",
+    [
+        ("anterior hippocampus", True),
+        ("Left kidney", True),
+        ("kidney_right", True),
+        ("polyp", False),
+        ("fetal head", False),
+        ("lateral ventricle", True),
+        ("leftover", False),
+    ],
+)
 def test_positional_concepts_are_not_flipped(concept, positional):
     assert aug.is_positional(concept) is positional
 
@@ -137,16 +158,22 @@ def test_item_loader_moves_image_and_mask_together_on_real_polyps(data_dir, tmp_
     # Without augmentation settings, and through plain(), the example is the unaugmented one.
     assert torch.equal(plain["pixel_values"], plain_loader(item)["pixel_values"])
     assert torch.equal(flipped["masks"], torch.flip(plain["masks"], [-1]))
-    torch.testing.assert_close(flipped["pixel_values"], torch.flip(plain["pixel_values"], [-1]), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        flipped["pixel_values"], torch.flip(plain["pixel_values"], [-1]), atol=1e-5, rtol=0
+    )
     # Boxes follow the moved masks: the centre mirrors, the size stays.
     cx, cy, w, h = plain["boxes"][0].tolist()
     assert flipped["boxes"][0].tolist() == pytest.approx([1 - cx, cy, w, h], abs=1e-6)
     assert np.array_equal(flipped["reference"], plain["reference"])  # the reference is never augmented
     # Same item, same example; another item index, another draw.
     assert torch.equal(loader(item)["pixel_values"], flipped["pixel_values"])
-    jitter = ItemLoader(records, 64, _Tokenizer(), seed=3,
-                        augment=aug.AugmentSettings(enabled=True, rotate=30, brightness=0.2))
+    jitter = ItemLoader(
+        records,
+        64,
+        _Tokenizer(),
+        seed=3,
+        augment=aug.AugmentSettings(enabled=True, rotate=30, brightness=0.2),
+    )
     a = jitter(item)["pixel_values"]
     b = jitter(SliceSample(1, 0, 0, "polyp", False, "Kvasir-SEG"))["pixel_values"]
     assert not torch.equal(a, b) and torch.equal(a, jitter(item)["pixel_values"])

@@ -38,8 +38,13 @@ def hippocampus_manifest(data_dir: Path, tmp_path: Path, cases=("hippocampus_001
         shutil.copy(src / "images" / f"{case}.nii.gz", root / "imagesTr" / f"{case}.nii.gz")
         shutil.copy(src / "labels" / f"{case}.nii.gz", root / "labelsTr" / f"{case}.nii.gz")
     training = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases]
-    doc = {"name": "Hippocampus", "modality": {"0": "MRI"}, "training": training,
-           "labels": {"0": "background", "1": "Anterior", "2": "Posterior"}, "numTraining": len(cases)}
+    doc = {
+        "name": "Hippocampus",
+        "modality": {"0": "MRI"},
+        "training": training,
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "numTraining": len(cases),
+    }
     (root / "dataset.json").write_text(json.dumps(doc))
     records, _, _ = prepare_dataset("Task04_Hippocampus", "nnunet", root)
     for r in records:
@@ -60,10 +65,19 @@ def test_defaults_are_the_papers_recipe():
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("optim:\n  lr_decoder: 1e-4\n  betas: [0.8, 0.99]\nmax_steps: 7\n"
-                    "model:\n  size: {vit_layers: 1}\n")
-    cfg = build_config(path, ["max_steps=9", "optim.layer_decay=0.9", "data.group_temperature=2",
-                              "steps_per_epoch=null", "model.size={image_size: 112}"])
+    path.write_text(
+        "optim:\n  lr_decoder: 1e-4\n  betas: [0.8, 0.99]\nmax_steps: 7\nmodel:\n  size: {vit_layers: 1}\n"
+    )
+    cfg = build_config(
+        path,
+        [
+            "max_steps=9",
+            "optim.layer_decay=0.9",
+            "data.group_temperature=2",
+            "steps_per_epoch=null",
+            "model.size={image_size: 112}",
+        ],
+    )
     assert cfg.optim.lr_decoder == 1e-4  # YAML 1.1 reads "1e-4" as text: accepted for float fields
     assert cfg.optim.betas == [0.8, 0.99] and cfg.max_steps == 9 and cfg.optim.layer_decay == 0.9
     assert cfg.data.group_temperature == 2.0 and cfg.steps_per_epoch is None
@@ -76,15 +90,18 @@ def test_yaml_then_overrides(tmp_path):
     assert cleared.model.size == {} and cleared.model.source == "models/x"
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["optim.lr_decodr=1"], "unknown key 'optim.lr_decodr'"),
-    (["max_steps=many"], "max_steps = 'many' must be of type int"),
-    (["mode=half"], "mode = 'half' is not valid"),
-    (["optim.layer_decay=1.5"], "optim.layer_decay"),
-    (["batch_size=0"], "batch_size"),
-    (["optim=3"], "optim must be a mapping"),
-    (["max_steps"], "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lr_decodr=1"], "unknown key 'optim.lr_decodr'"),
+        (["max_steps=many"], "max_steps = 'many' must be of type int"),
+        (["mode=half"], "mode = 'half' is not valid"),
+        (["optim.layer_decay=1.5"], "optim.layer_decay"),
+        (["batch_size=0"], "batch_size"),
+        (["optim=3"], "optim must be a mapping"),
+        (["max_steps"], "not of the form key=value"),
+    ],
+)
 def test_bad_configuration_values(overrides, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_config(None, overrides)
@@ -92,8 +109,12 @@ def test_bad_configuration_values(overrides, message):
 
 def test_shipped_configs(medsam3, capsys):
     for name in ("paper_full", "lora", "tiny_cpu"):
-        assert medsam3(["train", str(REPO / "configs" / f"{name}.yaml"), "data.manifest=m.jsonl",
-                        "--print-config"]) == 0
+        assert (
+            medsam3(
+                ["train", str(REPO / "configs" / f"{name}.yaml"), "data.manifest=m.jsonl", "--print-config"]
+            )
+            == 0
+        )
         doc = yaml.safe_load(capsys.readouterr().out)
         assert doc["data"]["manifest"] == "m.jsonl"
         if name == "paper_full":
@@ -108,8 +129,12 @@ def test_shipped_configs(medsam3, capsys):
         if name == "lora":
             assert doc["mode"] == "lora" and doc["lora"]["rank"] == 16
     for name in ("nano", "nano_stage2", "nano_stage4"):
-        assert medsam3(["train", str(REPO / "configs" / f"{name}.yaml"), "data.manifest=m.jsonl",
-                        "--print-config"]) == 0
+        assert (
+            medsam3(
+                ["train", str(REPO / "configs" / f"{name}.yaml"), "data.manifest=m.jsonl", "--print-config"]
+            )
+            == 0
+        )
         doc = yaml.safe_load(capsys.readouterr().out)
         if name == "nano_stage4":
             augment = doc["data"]["augment"]
@@ -126,9 +151,20 @@ def test_shipped_configs(medsam3, capsys):
 def test_train_command_runs_and_exports(medsam3, tmp_path, data_dir, capsys):
     manifest, _ = hippocampus_manifest(data_dir, tmp_path)
     run_dir = tmp_path / "run"
-    code = medsam3(["train", str(REPO / "configs" / "tiny_cpu.yaml"), f"data.manifest={manifest}",
-                    f"run_dir={run_dir}", "max_steps=2", "model.size={image_size: 112}",
-                    "data.val_max_items=2", "data.val_split=train", "progress=false", "export=final"])
+    code = medsam3(
+        [
+            "train",
+            str(REPO / "configs" / "tiny_cpu.yaml"),
+            f"data.manifest={manifest}",
+            f"run_dir={run_dir}",
+            "max_steps=2",
+            "model.size={image_size: 112}",
+            "data.val_max_items=2",
+            "data.val_split=train",
+            "progress=false",
+            "export=final",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "training finished at step 2 of 2" in out and f"final model: {run_dir / 'export' / 'final'}" in out
@@ -139,8 +175,15 @@ def test_train_command_runs_and_exports(medsam3, tmp_path, data_dir, capsys):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/loss_ce", "train/grad_norm", "lr/decoder", "lr/vision.block00",
-            "val/dice_mean", "val/dice/Task04_Hippocampus"} <= tags, tags
+    assert {
+        "train/loss",
+        "train/loss_ce",
+        "train/grad_norm",
+        "lr/decoder",
+        "lr/vision.block00",
+        "val/dice_mean",
+        "val/dice/Task04_Hippocampus",
+    } <= tags, tags
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["max_steps"] == 2 and saved["data"]["verify"] == "full"
     assert saved["optim"]["lr_decoder"] == 2e-3
@@ -159,8 +202,13 @@ def test_bad_inputs_are_refused_before_step_one(medsam3, tmp_path, data_dir, cap
     run_dir = tmp_path / "run"
     _refused(medsam3, capsys, [str(tmp_path / "none.yaml")], "config file not found", run_dir)
     _refused(medsam3, capsys, [config], "data.manifest is required", run_dir)
-    _refused(medsam3, capsys, [config, f"data.manifest={tmp_path / 'missing.jsonl'}"], "manifest not found",
-             run_dir)
+    _refused(
+        medsam3,
+        capsys,
+        [config, f"data.manifest={tmp_path / 'missing.jsonl'}"],
+        "manifest not found",
+        run_dir,
+    )
 
     manifest, records = hippocampus_manifest(data_dir, tmp_path)
     label = Path(records[0].label[0])

@@ -36,8 +36,9 @@ def test_geometry_encoder_under_cpu_autocast_equals_float32(tiny_model):
         geometry_encoder_in_fp32(model)  # idempotent
         same, _ = geometry_cls_token(model, vision)  # no autocast: the original forward
         torch.testing.assert_close(same, reference, rtol=0, atol=0)
-        bf16_vision = type(vision)(**{k: (tuple(t.bfloat16() for t in v) if isinstance(v, tuple) else v)
-                                      for k, v in vision.items()})
+        bf16_vision = type(vision)(
+            **{k: (tuple(t.bfloat16() for t in v) if isinstance(v, tuple) else v) for k, v in vision.items()}
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got, mask = geometry_cls_token(model, vision)
             from_bf16, _ = geometry_cls_token(model, bf16_vision)
@@ -70,8 +71,14 @@ def test_bf16_training_on_cpu_runs_and_tracks_float32(tmp_path, data_dir, fresh_
     losses = {}
     for precision in ("no", "bf16"):
         AcceleratorState._reset_state(True)
-        cfg = config(tmp_path / precision, manifest, max_steps=2, val_every=0, export="final",
-                     mixed_precision=precision)
+        cfg = config(
+            tmp_path / precision,
+            manifest,
+            max_steps=2,
+            val_every=0,
+            export="final",
+            mixed_precision=precision,
+        )
         result = train(cfg)
         assert result.finished
         losses[precision] = [h["loss"] for h in result.history]

@@ -35,8 +35,9 @@ SETTINGS = {
     # negatives (no target) and box prompts make the micro-batches differ in their number of targets and in
     # the parameters they use; both must still add up to the single-process gradient
     "data": {"negative_fraction": 0.4, "val_max_items": 0},
-    "loss": {"overrides": {"scale_by_batch_size": False, "semantic_focal_weight": 0.0,
-                           "semantic_dice_weight": 0.0}},
+    "loss": {
+        "overrides": {"scale_by_batch_size": False, "semantic_focal_weight": 0.0, "semantic_dice_weight": 0.0}
+    },
     "box_prompt_fraction": 0.5,
     "batch_size": 2,
     "max_steps": 3,
@@ -63,10 +64,13 @@ def manifest(data_dir, tmp_path) -> Path:
     for case in cases:
         shutil.copy(src / "images" / f"{case}.nii.gz", root / "imagesTr" / f"{case}.nii.gz")
         shutil.copy(src / "labels" / f"{case}.nii.gz", root / "labelsTr" / f"{case}.nii.gz")
-    doc = {"name": "Hippocampus", "modality": {"0": "MRI"},
-           "labels": {"0": "background", "1": "Anterior", "2": "Posterior"}, "numTraining": len(cases),
-           "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
-                        for c in cases]}
+    doc = {
+        "name": "Hippocampus",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "numTraining": len(cases),
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases],
+    }
     (root / "dataset.json").write_text(json.dumps(doc))
     records, _, _ = prepare_dataset("Task04_Hippocampus", "nnunet", root)
     for r in records:
@@ -76,9 +80,21 @@ def manifest(data_dir, tmp_path) -> Path:
 
 def launch_two(config: Path, run_dir: Path, cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "medsam3.commands.train", str(config),
-           f"run_dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "medsam3.commands.train",
+        str(config),
+        f"run_dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stderr

@@ -26,8 +26,13 @@ from test_train_ddp import SETTINGS, compare, free_port, load_initial, manifest 
 
 # what ``accelerate launch`` sets for an FSDP config (``fsdp_version: 2``, one unit per transformer layer;
 # size-based wrapping cannot work: it picks ``ModuleList`` containers, which ``fully_shard`` rejects)
-LAYERS = ("Sam3ViTLayer", "CLIPEncoderLayer", "Sam3GeometryEncoderLayer", "Sam3DetrEncoderLayer",
-          "Sam3DetrDecoderLayer")
+LAYERS = (
+    "Sam3ViTLayer",
+    "CLIPEncoderLayer",
+    "Sam3GeometryEncoderLayer",
+    "Sam3DetrEncoderLayer",
+    "Sam3DetrDecoderLayer",
+)
 FSDP_ENV = {
     "ACCELERATE_USE_FSDP": "true",
     "FSDP_VERSION": "2",
@@ -40,9 +45,22 @@ FSDP_ENV = {
 
 def launch_two_fsdp(config: Path, run_dir: Path, cwd: Path, *overrides: str) -> str:
     env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "medsam3.commands.train", str(config),
-           f"run_dir={run_dir}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "medsam3.commands.train",
+        str(config),
+        f"run_dir={run_dir}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stderr
@@ -73,8 +91,9 @@ def test_sharded_run_resumed_midway_matches_one_process_and_exports(manifest, tm
     # the Adam state went through the gather, the resume and the scatter: the same parameters hold state
     # (none for the parameters that the forward never uses), with the same step counts and moments
     last = load_checkpoint(two / "checkpoints" / "last.pt")
-    compare_optimizer(last["optimizer"], load_checkpoint(tmp_path / "batch4" / "checkpoints" / "last.pt")
-                      ["optimizer"])
+    compare_optimizer(
+        last["optimizer"], load_checkpoint(tmp_path / "batch4" / "checkpoints" / "last.pt")["optimizer"]
+    )
 
     # the exported model is the final sharded state, gathered, and loads like any model folder
     loaded = load_sam3(two / "export" / "final", device="cpu")

@@ -21,9 +21,18 @@ from medsam3.train.loop import build_model, train
 
 FAST = {
     "model": {"size": {"image_size": 112}},
-    "optim": {"lr_decoder": 2e-3, "lr_vision": 2e-3, "lr_text": 2e-3, "lr_geometry": 2e-3,
-              "lr_fusion_encoder": 2e-3, "layer_decay": 1.0, "grad_clip": 1.0, "warmup_steps": 5,
-              "timescale": 1000, "cooldown_steps": 0},
+    "optim": {
+        "lr_decoder": 2e-3,
+        "lr_vision": 2e-3,
+        "lr_text": 2e-3,
+        "lr_geometry": 2e-3,
+        "lr_fusion_encoder": 2e-3,
+        "layer_decay": 1.0,
+        "grad_clip": 1.0,
+        "warmup_steps": 5,
+        "timescale": 1000,
+        "cooldown_steps": 0,
+    },
     "data": {"negative_fraction": 0.0, "val_split": "train"},
     "mixed_precision": "no",
     "progress": False,
@@ -34,8 +43,14 @@ FAST = {
 def hc18_manifest(data_dir: Path, out: Path, n: int = 3) -> tuple[Path, list]:
     """A manifest of the first ``n`` HC18 images (all in the train split), written to ``out``."""
     opts = {"images": "training_set/*_HC.png", "mask": "{stem}_Annotation.png"}
-    records, _, _ = prepare_dataset("HC18", "folder2d", data_dir / "hc18_ultrasound", options=opts,
-                                    labels={1: "fetal head"}, modality="US")
+    records, _, _ = prepare_dataset(
+        "HC18",
+        "folder2d",
+        data_dir / "hc18_ultrasound",
+        options=opts,
+        labels={1: "fetal head"},
+        modality="US",
+    )
     records = sorted(records, key=lambda r: r.case_id)[:n]
     for r in records:
         r.split = "train"
@@ -56,8 +71,24 @@ def segment_dice(cli_main, image: str, model_dir: Path, out: Path, reference: np
     """Dice of ``medsam3 segment IMAGE -p "fetal head" --model MODEL_DIR`` against ``reference``."""
     from PIL import Image as PILImage
 
-    assert cli_main(["segment", image, "-p", "fetal head", "--model", str(model_dir), "-o", str(out),
-                     "--device", "cpu", "--no-overlay"]) == 0
+    assert (
+        cli_main(
+            [
+                "segment",
+                image,
+                "-p",
+                "fetal head",
+                "--model",
+                str(model_dir),
+                "-o",
+                str(out),
+                "--device",
+                "cpu",
+                "--no-overlay",
+            ]
+        )
+        == 0
+    )
     mask = np.asarray(PILImage.open(out / f"{Path(image).stem}_mask.png"))
     return dice(mask == 1, reference)
 
@@ -78,8 +109,12 @@ def check_fit_and_segment(tmp_path, data_dir, steps: int, val_every: int, min_di
     assert best["items"] == 3 and best["dice_mean"] > min_dice
     # The exported best model is what `medsam3 segment --model` loads; the Dice it gives on the training
     # images is the validation Dice (same preprocessing, forward and inference rule).
-    dices = [segment_dice(cli_main, r.image[0], result.exports["best"], tmp_path / "seg",
-                          load_label_arrays(r).semantic == 1) for r in records]
+    dices = [
+        segment_dice(
+            cli_main, r.image[0], result.exports["best"], tmp_path / "seg", load_label_arrays(r).semantic == 1
+        )
+        for r in records
+    ]
     assert np.mean(dices) == pytest.approx(best["dice_mean"], abs=1e-6)
     return best["dice_mean"]
 
@@ -112,13 +147,23 @@ def test_lora_trains_adapters_and_heads_and_exports_a_merged_model(tmp_path, dat
     from medsam3.train.lora import merge_lora
 
     manifest, _ = hc18_manifest(data_dir, tmp_path, n=2)
-    cfg = config(tmp_path, manifest, mode="lora", max_steps=2, export="final", data={"val_max_items": 0},
-                 lora={"rank": 4, "alpha": 8, "dropout": 0.0})
+    cfg = config(
+        tmp_path,
+        manifest,
+        mode="lora",
+        max_steps=2,
+        export="final",
+        data={"val_max_items": 0},
+        lora={"rank": 4, "alpha": 8, "dropout": 0.0},
+    )
     initial = {k: v.clone() for k, v in build_model(cfg)[0].state_dict().items()}
     result = train(cfg)
     final = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
-    frozen = {k for k in initial if k.startswith(("vision_encoder.backbone.", "text_encoder."))
-              and ".lora_" not in k}
+    frozen = {
+        k
+        for k in initial
+        if k.startswith(("vision_encoder.backbone.", "text_encoder.")) and ".lora_" not in k
+    }
     assert frozen and not _changed(initial, final, tuple(frozen))
     adapters = {k for k in initial if ".lora_B." in k}
     assert adapters and all(not torch.equal(initial[k], final[k]) for k in adapters)

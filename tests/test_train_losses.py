@@ -37,8 +37,9 @@ def hand_example(batch: int = 1, masks: bool = True) -> tuple[dict, list[dict]]:
     """
     outputs = {
         "pred_logits": torch.tensor([[0.0, LN3]] * batch, requires_grad=True),
-        "pred_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]]] * batch,
-                                   requires_grad=True),
+        "pred_boxes": torch.tensor(
+            [[[0.0, 0.0, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]]] * batch, requires_grad=True
+        ),
         "presence_logits": torch.zeros(batch, 1, requires_grad=True),
         "pred_masks": torch.zeros(batch, 2, 2, 2, requires_grad=True),
         "semantic_seg": torch.zeros(batch, 1, 2, 2, requires_grad=True),
@@ -84,7 +85,8 @@ def test_iou_aware_classification_by_hand():
     args = (torch.tensor([[0.0, LN3]]), batch, query, torch.tensor([1.0]), torch.tensor([True]))
     expected_sum = 10 * LN2 + 0.5625 * LN4
     assert iou_aware_classification_loss(*args, pad_num_queries=None).item() == pytest.approx(
-        expected_sum / 2, rel=1e-6)
+        expected_sum / 2, rel=1e-6
+    )
     assert iou_aware_classification_loss(*args).item() == pytest.approx(expected_sum / 200, rel=1e-6)
     absent = (torch.tensor([[0.0, LN3]]), batch[:0], query[:0], torch.zeros(0), torch.tensor([False]))
     assert iou_aware_classification_loss(*absent).item() == 0.0
@@ -93,8 +95,9 @@ def test_iou_aware_classification_by_hand():
     # Soft target t = p^0.25 * IoU^0.75 at logit 2, IoU 0.5.
     p = 1 / (1 + math.exp(-2))
     t = p**0.25 * 0.5**0.75
-    loss = iou_aware_classification_loss(torch.tensor([[2.0]]), batch, query, torch.tensor([0.5]),
-                                         torch.tensor([True]), pad_num_queries=None)
+    loss = iou_aware_classification_loss(
+        torch.tensor([[2.0]]), batch, query, torch.tensor([0.5]), torch.tensor([True]), pad_num_queries=None
+    )
     assert loss.item() == pytest.approx(-10 * (t * math.log(p) + (1 - t) * math.log(1 - p)), rel=1e-5)
 
 
@@ -132,9 +135,14 @@ def test_sam3_loss_terms_by_hand():
 def test_each_term_scales_with_its_weight():
     outputs, targets = hand_example()
     weights = {
-        "ce_weight": "loss_ce", "presence_weight": "loss_presence", "bbox_weight": "loss_bbox",
-        "giou_weight": "loss_giou", "mask_focal_weight": "loss_mask", "mask_dice_weight": "loss_dice",
-        "semantic_focal_weight": "loss_semantic_seg", "semantic_dice_weight": "loss_semantic_dice",
+        "ce_weight": "loss_ce",
+        "presence_weight": "loss_presence",
+        "bbox_weight": "loss_bbox",
+        "giou_weight": "loss_giou",
+        "mask_focal_weight": "loss_mask",
+        "mask_dice_weight": "loss_dice",
+        "semantic_focal_weight": "loss_semantic_seg",
+        "semantic_dice_weight": "loss_semantic_dice",
         "semantic_presence_weight": "loss_semantic_presence",
     }
     assert set(weights) <= {f.name for f in fields(LossConfig)}
@@ -228,10 +236,12 @@ def test_global_num_targets(tmp_path):
 def test_simple_seg_loss_by_hand():
     pred_masks = torch.zeros(1, 2, 4, 4)
     pred_masks[0, 1] = torch.where(quadrant_mask()[0], 10.0, -10.0)  # query 1 matches the target
-    outputs = {"pred_logits": torch.zeros(1, 2, requires_grad=True),
-               "pred_masks": pred_masks.requires_grad_(),
-               "semantic_seg": torch.zeros(1, 1, 4, 4, requires_grad=True),
-               "presence_logits": torch.zeros(1, 1, requires_grad=True)}
+    outputs = {
+        "pred_logits": torch.zeros(1, 2, requires_grad=True),
+        "pred_masks": pred_masks.requires_grad_(),
+        "semantic_seg": torch.zeros(1, 1, 4, 4, requires_grad=True),
+        "presence_logits": torch.zeros(1, 1, requires_grad=True),
+    }
     terms = SimpleSegLoss()(outputs, [{"masks": quadrant_mask()}])
     assert terms["loss_semantic_pixel"].item() == pytest.approx(LN2, rel=1e-6)
     assert terms["loss_semantic_dice"].item() == pytest.approx(8 / 13, rel=1e-6)
@@ -259,8 +269,11 @@ def square_target(size: int = 224) -> dict[str, torch.Tensor]:
 def tiny_inputs(batch: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 1000, (batch, 6), generator=generator)
-    return {"pixel_values": torch.randn(batch, 3, 224, 224, generator=generator), "input_ids": ids,
-            "attention_mask": torch.ones_like(ids)}
+    return {
+        "pixel_values": torch.randn(batch, 3, 224, 224, generator=generator),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+    }
 
 
 def test_gradients_flow_through_tiny_sam3_and_a_step_lowers_the_loss(tiny_config):
@@ -326,13 +339,16 @@ def test_real_fetal_head_mask_ranks_good_over_shifted_predictions(data_dir):
     def predictions(shift: int) -> dict[str, torch.Tensor]:
         logits = torch.from_numpy(np.where(np.roll(small, shift, axis=1), 8.0, -8.0).astype(np.float32))
         xyxy = torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32) / size + shift / grid * torch.tensor(
-            [1.0, 0.0, 1.0, 0.0])
+            [1.0, 0.0, 1.0, 0.0]
+        )
         far = torch.tensor([[0.0, 0.0, 0.1, 0.1]] * 3)
-        return {"pred_logits": torch.tensor([[4.0, -4.0, -4.0, -4.0]]),
-                "pred_boxes": torch.cat([xyxy, far])[None],
-                "presence_logits": torch.tensor([[8.0]]),
-                "pred_masks": torch.cat([logits[None], torch.full((3, grid, grid), -8.0)])[None],
-                "semantic_seg": logits[None, None]}
+        return {
+            "pred_logits": torch.tensor([[4.0, -4.0, -4.0, -4.0]]),
+            "pred_boxes": torch.cat([xyxy, far])[None],
+            "presence_logits": torch.tensor([[8.0]]),
+            "pred_masks": torch.cat([logits[None], torch.full((3, grid, grid), -8.0)])[None],
+            "semantic_seg": logits[None, None],
+        }
 
     good = Sam3Loss()(predictions(0), [target])
     shifted = Sam3Loss()(predictions(10), [target])
@@ -358,6 +374,7 @@ def test_simple_seg_loss_matches_on_score_among_look_alike_queries():
     # A clearly better mask still wins over a higher score.
     pred_masks = torch.stack([same, torch.full((4, 4), -10.0)])[None]
     logits = torch.tensor([[-2.0, 2.0]], requires_grad=True)
-    SimpleSegLoss(pixel_weight=0, dice_weight=0)({"pred_logits": logits, "pred_masks": pred_masks},
-                                                 [{"masks": quadrant_mask()}])["loss"].backward()
+    SimpleSegLoss(pixel_weight=0, dice_weight=0)(
+        {"pred_logits": logits, "pred_masks": pred_masks}, [{"masks": quadrant_mask()}]
+    )["loss"].backward()
     assert logits.grad[0, 0] < 0 < logits.grad[0, 1]

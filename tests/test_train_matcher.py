@@ -27,7 +27,7 @@ def as_pairs(match: tuple[torch.Tensor, torch.Tensor]) -> set[tuple[int, int]]:
 def test_hungarian_obvious_assignment_sorted_by_target():
     a, b = [0.2, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]
     out = outputs([[0.0, 0.0, 0.0]], [[xyxy(0.5, 0.9, 0.1, 0.1), xyxy(*b), xyxy(*a)]])
-    (query, target), = HungarianMatcher()(out, [{"boxes": torch.tensor([a, b])}])
+    ((query, target),) = HungarianMatcher()(out, [{"boxes": torch.tensor([a, b])}])
     assert target.tolist() == [0, 1]
     assert query.tolist() == [2, 1]
     assert query.dtype == torch.long and target.dtype == torch.long
@@ -43,7 +43,7 @@ def test_hungarian_is_optimal_where_greedy_fails():
     targets = [{"boxes": torch.tensor([a, b])}]
     cost = matcher.cost_matrix(out["pred_logits"][0], out["pred_boxes"][0], targets[0]["boxes"])
     np.testing.assert_allclose(cost.numpy(), [[0.08, 0.12], [0.10, 0.30], [0.60, 0.40]], atol=1e-6)
-    (query, target), = matcher(out, targets)
+    ((query, target),) = matcher(out, targets)
     assert as_pairs((query, target)) == {(1, 0), (0, 1)}
 
 
@@ -59,15 +59,16 @@ def test_focal_class_cost_by_hand():
 def test_giou_cost_by_hand():
     # xyxy (0,0,.5,.5) vs (.25,.25,.75,.75): IoU 1/7, enclosing area 9/7 of the union -> GIoU = 1/7 - 2/9.
     matcher = HungarianMatcher(cost_class=0.0, cost_bbox=0.0, cost_giou=1.0)
-    cost = matcher.cost_matrix(torch.zeros(1), torch.tensor([[0.0, 0.0, 0.5, 0.5]]),
-                               torch.tensor([[0.5, 0.5, 0.5, 0.5]]))
+    cost = matcher.cost_matrix(
+        torch.zeros(1), torch.tensor([[0.0, 0.0, 0.5, 0.5]]), torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    )
     assert cost.item() == pytest.approx(-(1 / 7 - 2 / 9), rel=1e-5)
 
 
 def test_class_cost_breaks_box_ties():
     box = [0.5, 0.5, 0.2, 0.2]
     out = outputs([[-3.0, 3.0]], [[xyxy(*box), xyxy(*box)]])
-    (query, _), = HungarianMatcher()(out, [{"boxes": torch.tensor([box])}])
+    ((query, _),) = HungarianMatcher()(out, [{"boxes": torch.tensor([box])}])
     assert query.tolist() == [1]
 
 
@@ -98,11 +99,11 @@ def test_one_to_many_top_k_above_threshold():
     out = outputs([[0.0] * 6], [boxes])
     quality = OneToManyMatcher().quality(out["pred_logits"][0], out["pred_boxes"][0], target["boxes"])
     np.testing.assert_allclose(quality[:, 0].numpy(), [0.85, 0.71, 0.57, 0.50, 0.29, 0.15], atol=1e-6)
-    (query, tgt), = OneToManyMatcher(topk=4, iou_threshold=0.4)(out, [target])
+    ((query, tgt),) = OneToManyMatcher(topk=4, iou_threshold=0.4)(out, [target])
     assert sorted(query.tolist()) == [0, 1, 2, 3] and tgt.tolist() == [0, 0, 0, 0]
-    (query, _), = OneToManyMatcher(topk=4, iou_threshold=0.55)(out, [target])
+    ((query, _),) = OneToManyMatcher(topk=4, iou_threshold=0.55)(out, [target])
     assert sorted(query.tolist()) == [0, 1, 2]
-    (query, _), = OneToManyMatcher(topk=2, iou_threshold=0.4)(out, [target])
+    ((query, _),) = OneToManyMatcher(topk=2, iou_threshold=0.4)(out, [target])
     assert sorted(query.tolist()) == [0, 1]
 
 
@@ -110,13 +111,13 @@ def test_one_to_many_score_mix_and_shared_queries():
     # Equal IoU (0.5): the query with the higher score ranks first (alpha weighs the probability).
     target = {"boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5]])}
     out = outputs([[-2.0, 2.0]], [[[0.0, 0.0, 0.25, 0.5], [0.0, 0.0, 0.25, 0.5]]])
-    (query, _), = OneToManyMatcher(topk=1)(out, [target])
+    ((query, _),) = OneToManyMatcher(topk=1)(out, [target])
     assert query.tolist() == [1]
     # As in SAM3, one query may serve two overlapping targets.
     both = {"boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.25, 0.25, 0.5, 0.5]])}
-    (query, tgt), = OneToManyMatcher(topk=1)(out, [both])
+    ((query, tgt),) = OneToManyMatcher(topk=1)(out, [both])
     assert as_pairs((query, tgt)) == {(1, 0), (1, 1)}
-    (query, _), = OneToManyMatcher()(out, [{"boxes": torch.zeros(0, 4)}])
+    ((query, _),) = OneToManyMatcher()(out, [{"boxes": torch.zeros(0, 4)}])
     assert query.numel() == 0
 
 
@@ -138,6 +139,6 @@ def test_hungarian_recovers_permutation_of_real_nuclei(data_dir):
     queries[permutation] = targets + 0.002 * torch.randn(len(targets), 4, generator=generator)
     pred_xyxy = torch.cat([queries[:, :2] - queries[:, 2:] / 2, queries[:, :2] + queries[:, 2:] / 2], dim=1)
     out = {"pred_logits": torch.zeros(1, num_queries), "pred_boxes": pred_xyxy[None]}
-    (query, target), = HungarianMatcher()(out, [{"boxes": targets}])
+    ((query, target),) = HungarianMatcher()(out, [{"boxes": targets}])
     assert target.tolist() == list(range(len(targets)))
     assert torch.equal(query, permutation)

@@ -43,8 +43,14 @@ RUN = {
 @pytest.fixture(scope="module")
 def manifest(data_dir, tmp_path_factory) -> Path:
     opts = {"images": "training_set/*_HC.png", "mask": "{stem}_Annotation.png"}
-    records, _, _ = prepare_dataset("HC18", "folder2d", data_dir / "hc18_ultrasound", options=opts,
-                                    labels={1: "fetal head"}, modality="US")
+    records, _, _ = prepare_dataset(
+        "HC18",
+        "folder2d",
+        data_dir / "hc18_ultrasound",
+        options=opts,
+        labels={1: "fetal head"},
+        modality="US",
+    )
     records = sorted(records, key=lambda r: r.case_id)[:3]
     for r in records:
         r.split = "train"
@@ -89,8 +95,21 @@ def test_checkpoint_contents(manifest, tmp_path):
     folder = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt"]  # no temporary files left
     last = load_checkpoint(folder / "last.pt")
-    assert {"model", "optimizer", "scheduler", "scaler", "sampler", "rng", "step", "epoch", "best_metric",
-            "best_step", "metrics", "config", "version"} <= set(last)
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "sampler",
+        "rng",
+        "step",
+        "epoch",
+        "best_metric",
+        "best_step",
+        "metrics",
+        "config",
+        "version",
+    } <= set(last)
     assert last["step"] == 4 and last["epoch"] == 1  # 3 steps per epoch
     assert last["sampler"]["position"] == 4  # 4 steps x 1 item x 1 process
     assert last["config"] == config_to_dict(cfg)

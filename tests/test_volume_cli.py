@@ -70,8 +70,20 @@ def check_case(out_dir: Path, stem: str, source, label_suffix: str, n_prompts: i
 
 def test_nifti_two_prompts(data_dir, model_dir, tmp_path, capsys):
     src = data_dir / HIPPOCAMPUS
-    code, out, err = segment(capsys, src, "-p", "hippocampus", "-p", "left kidney", "--model", model_dir,
-                             "--slice-batch", "8", "-o", tmp_path)
+    code, out, err = segment(
+        capsys,
+        src,
+        "-p",
+        "hippocampus",
+        "-p",
+        "left kidney",
+        "--model",
+        model_dir,
+        "--slice-batch",
+        "8",
+        "-o",
+        tmp_path,
+    )
     assert code == 0, err
     summary = check_case(tmp_path, "hippocampus_019", read_image(src), ".nii.gz", 2)
     assert sorted(summary["outputs"]) == ["labels", "montage", "overlay"]
@@ -83,8 +95,20 @@ def test_nifti_two_prompts(data_dir, model_dir, tmp_path, capsys):
 
 def test_nrrd_with_options(data_dir, model_dir, tmp_path, capsys):
     src = data_dir / "pyradiomics" / "breast1_image.nrrd"  # MR (21, 120, 45)
-    code, _, err = segment(capsys, src, "-p", "breast lesion", "--keep-largest", "--min-component-voxels",
-                           "5", "--no-fill-holes", "--model", model_dir, "-o", tmp_path)
+    code, _, err = segment(
+        capsys,
+        src,
+        "-p",
+        "breast lesion",
+        "--keep-largest",
+        "--min-component-voxels",
+        "5",
+        "--no-fill-holes",
+        "--model",
+        model_dir,
+        "-o",
+        tmp_path,
+    )
     assert code == 0, err
     summary = check_case(tmp_path, "breast1_image", read_image(src), ".nrrd", 1)
     (entry,) = summary["labels"]
@@ -131,8 +155,9 @@ def test_dicom_series_gives_nifti_and_a_dicom_seg(data_dir, model_dir, tmp_path,
 
 def test_anonymised_dicom_series_gets_nifti_only(data_dir, model_dir, tmp_path, capsys):
     src = data_dir / "totalsegmentator" / "example_ct_dicom"  # 20 slices 512 x 512, no Study/Series UID
-    code, _, err = segment(capsys, src, "-p", "liver", "--slice-batch", "10", "--model", model_dir,
-                           "-o", tmp_path)
+    code, _, err = segment(
+        capsys, src, "-p", "liver", "--slice-batch", "10", "--model", model_dir, "-o", tmp_path
+    )
     assert code == 0, err
     summary = check_case(tmp_path, "example_ct_dicom", read_image(src), ".nii.gz", 1)
     assert "dicom_seg" not in summary["outputs"] and not (tmp_path / "example_ct_dicom_seg.dcm").exists()
@@ -141,13 +166,34 @@ def test_anonymised_dicom_series_gets_nifti_only(data_dir, model_dir, tmp_path, 
 
 def test_box_prompts_on_a_volume(data_dir, model_dir, tmp_path, capsys):
     src = data_dir / HIPPOCAMPUS
-    code, _, err = segment(capsys, src, "-p", "hippocampus", "--box", "5,5,30,40", "--box-slice", "20",
-                           "-p", "tumour", "--box3d", "0,0,10,36,47,15", "--model", model_dir, "-o", tmp_path)
+    code, _, err = segment(
+        capsys,
+        src,
+        "-p",
+        "hippocampus",
+        "--box",
+        "5,5,30,40",
+        "--box-slice",
+        "20",
+        "-p",
+        "tumour",
+        "--box3d",
+        "0,0,10,36,47,15",
+        "--model",
+        model_dir,
+        "-o",
+        tmp_path,
+    )
     assert code == 0, err
     summary = check_case(tmp_path, "hippocampus_019", read_image(src), ".nii.gz", 2)
     key, box3d = summary["labels"]
-    assert key["prompt"] == {"text": "hippocampus", "kind": "text+box", "boxes": [[5.0, 5.0, 30.0, 40.0]],
-                             "box_labels": [1], "box_slice": 20}
+    assert key["prompt"] == {
+        "text": "hippocampus",
+        "kind": "text+box",
+        "boxes": [[5.0, 5.0, 30.0, 40.0]],
+        "box_labels": [1],
+        "box_slice": 20,
+    }
     assert key["voxels"] > 0 and box3d["voxels"] > 0
     assert key["slice_range"][0] <= 20 <= key["slice_range"][1]  # the chain contains the key slice
     assert 10 <= box3d["slice_range"][0] and box3d["slice_range"][1] <= 14
@@ -161,9 +207,15 @@ def test_track_mode_from_a_video_model_folder(data_dir, tmp_path_factory, tmp_pa
     from medsam3.model.configs import tiny_sam3_video_config
     from medsam3.model.loading import build_processor
 
-    config = tiny_sam3_video_config(score_threshold_detection=0.0, new_det_thresh=0.0, hotstart_delay=0,
-                                    hotstart_unmatch_thresh=0, hotstart_dup_thresh=0, assoc_iou_thresh=0.0,
-                                    trk_assoc_iou_thresh=0.0)
+    config = tiny_sam3_video_config(
+        score_threshold_detection=0.0,
+        new_det_thresh=0.0,
+        hotstart_delay=0,
+        hotstart_unmatch_thresh=0,
+        hotstart_dup_thresh=0,
+        assoc_iou_thresh=0.0,
+        trk_assoc_iou_thresh=0.0,
+    )
     config.detector_config.detr_decoder_config.num_queries = 1
     torch.manual_seed(0)
     model = Sam3VideoModel(config).eval()
@@ -171,8 +223,9 @@ def test_track_mode_from_a_video_model_folder(data_dir, tmp_path_factory, tmp_pa
         model.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)
     folder = _save(model, build_processor(config, video=True), tmp_path_factory.mktemp("video") / "model")
     src = data_dir / "pyradiomics" / "breast1_image.nrrd"
-    code, _, err = segment(capsys, src, "-p", "lesion", "--mode", "track", "--probes", "2", "--model", folder,
-                           "-o", tmp_path)
+    code, _, err = segment(
+        capsys, src, "-p", "lesion", "--mode", "track", "--probes", "2", "--model", folder, "-o", tmp_path
+    )
     assert code == 0, err
     summary = check_case(tmp_path, "breast1_image", read_image(src), ".nrrd", 1)
     assert summary["labels"][0]["source"] == "video tracker" and summary["labels"][0]["voxels"] > 0
@@ -210,5 +263,11 @@ def test_inputs_are_never_written(data_dir, model_dir, tmp_path, capsys):
     code, _, err = segment(capsys, series, "-p", "liver", "--model", model_dir, "-o", tmp_path)
     assert code == 0, err
     assert {p.name: p.read_bytes() for p in series.iterdir()} == before
-    assert {p.name for p in tmp_path.iterdir()} == {"series", "series_seg.nii.gz", "series_seg.dcm",
-                                                    "series_overlay.png", "series_montage.png", "series.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "series",
+        "series_seg.nii.gz",
+        "series_seg.dcm",
+        "series_overlay.png",
+        "series_montage.png",
+        "series.json",
+    }

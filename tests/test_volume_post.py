@@ -49,8 +49,7 @@ def test_chain_follows_overlapping_neighbours_from_the_key_slice():
     empty_key[3] = False
     assert not chain_from_key(empty_key, 0, 3).any()
     # along another axis: slices are mask[:, :, k]
-    np.testing.assert_array_equal(chain_from_key(mask.transpose(1, 2, 0), 2, 3),
-                                  expected.transpose(1, 2, 0))
+    np.testing.assert_array_equal(chain_from_key(mask.transpose(1, 2, 0), 2, 3), expected.transpose(1, 2, 0))
 
 
 def test_fill_holes_only_enclosed_regions_and_up_to_a_size():
@@ -120,13 +119,21 @@ def test_assign_labels_resolves_overlaps_by_confidence():
 
 
 def test_cli_items_for_volumes():
-    prompts = volume_prompts_from_cli([
-        ("text", "liver"), ("box", "1,2,10,20"), ("box_slice", "7"),
-        ("text", "spleen"),
-        ("text", "tumour"), ("box3d", "1,2,3,10,20,30"),
-    ])
-    assert [(p.text, p.kind) for p in prompts] == [("liver", "text+box"), ("spleen", "text"),
-                                                   ("tumour", "text+box3d")]
+    prompts = volume_prompts_from_cli(
+        [
+            ("text", "liver"),
+            ("box", "1,2,10,20"),
+            ("box_slice", "7"),
+            ("text", "spleen"),
+            ("text", "tumour"),
+            ("box3d", "1,2,3,10,20,30"),
+        ]
+    )
+    assert [(p.text, p.kind) for p in prompts] == [
+        ("liver", "text+box"),
+        ("spleen", "text"),
+        ("tumour", "text+box3d"),
+    ]
     assert prompts[0].box_slice == 7 and prompts[0].boxes == [(1.0, 2.0, 10.0, 20.0)]
     assert prompts[2].box3d == (1.0, 2.0, 3.0, 10.0, 20.0, 30.0)
     lead = volume_prompts_from_cli([("box3d", "0,0,0,4,4,4")])
@@ -166,8 +173,9 @@ def test_validate_volume_prompts_by_hand():
 
 def test_boxes_map_from_input_voxels_to_canonical_slices():
     # ITK axes pointing R, A, S (a typical NIfTI): the canonical LPS frame flips x and y.
-    ras = Image(np.zeros((10, 40, 60), np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
-                np.diag([-1.0, -1.0, 1.0]), "CT")
+    ras = Image(
+        np.zeros((10, 40, 60), np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.diag([-1.0, -1.0, 1.0]), "CT"
+    )
     reo = plan_reorientation(ras)
     assert reo.flipped == (1, 2) and reo.through_plane_axis == 0
     lo, hi = canonical_box((3, 5, 10), (4, 15, 20), reo.source_axes, reo.flipped, reo.canonical_shape)
@@ -193,9 +201,11 @@ def test_check_volume_request_without_the_model():
     assert axis == 2 and plans[0].slices == range(9) and reo.is_identity
     with pytest.raises(PromptError, match="track mode takes text prompts only"):
         check_volume_request(vol, [VolumePrompt("a", box3d=(0, 0, 0, 2, 2, 2))], VolumeOptions(mode="track"))
-    for bad, message in [(dict(mode="video"), "mode must be one of slices, track, got 'video'"),
-                         (dict(axis=3), "axis must be one of 0, 1, 2, got 3"),
-                         (dict(slice_batch=0), "slice_batch must be at least 1, got 0"),
-                         (dict(min_component_ml=-1), "min_component_ml must be at least 0, got -1")]:
+    for bad, message in [
+        (dict(mode="video"), "mode must be one of slices, track, got 'video'"),
+        (dict(axis=3), "axis must be one of 0, 1, 2, got 3"),
+        (dict(slice_batch=0), "slice_batch must be at least 1, got 0"),
+        (dict(min_component_ml=-1), "min_component_ml must be at least 0, got -1"),
+    ]:
         with pytest.raises(PromptError, match=message):
             VolumeOptions(**bad)

@@ -87,8 +87,9 @@ class Fakes:
     def encode_text(self, model, input_ids, attention_mask=None):
         return SimpleNamespace(pooler_output=torch.arange(len(input_ids), dtype=torch.float32)[:, None, None])
 
-    def predict_prompts(self, model, vision, *, text_embeds, attention_mask, boxes, box_labels,
-                        meta_text_cls):
+    def predict_prompts(
+        self, model, vision, *, text_embeds, attention_mask, boxes, box_labels, meta_text_cls
+    ):
         ks = [int(v) for v in vision.fpn_hidden_states[0][:, 0]]
         ps = [int(v) for v in text_embeds[:, 0, 0]]
         n = len(ks)
@@ -103,9 +104,11 @@ class Fakes:
             if (p, k) in self.spec:
                 pres, logit, mask = self.spec[(p, k)]
                 presence[r, 0], logits[r, 0], masks[r, 0] = pres, logit, mask
-        return Sam3ImageSegmentationOutput(pred_logits=torch.tensor(logits, dtype=torch.float32),
-                                           presence_logits=torch.tensor(presence, dtype=torch.float32),
-                                           pred_masks=torch.tensor(masks, dtype=torch.float32))
+        return Sam3ImageSegmentationOutput(
+            pred_logits=torch.tensor(logits, dtype=torch.float32),
+            presence_logits=torch.tensor(presence, dtype=torch.float32),
+            pred_masks=torch.tensor(masks, dtype=torch.float32),
+        )
 
     def install(self, monkeypatch):
         for name in ("encode_image", "encode_text", "predict_prompts"):
@@ -217,8 +220,10 @@ def test_key_slice_box_follows_overlap_and_3d_box_limits_slices(loaded, monkeypa
     spec.update({(1, k): (3.0, 1.0, np.full((64, 64), 5.0)) for k in range(Z)})
     fakes = Fakes(spec)
     fakes.install(monkeypatch)
-    prompts = [VolumePrompt("liver", boxes=[(3, 4, 12, 16)], box_slice=2),
-               VolumePrompt("spleen", box3d=(0, 0, 3, 30, 20, 5))]
+    prompts = [
+        VolumePrompt("liver", boxes=[(3, 4, 12, 16)], box_slice=2),
+        VolumePrompt("spleen", box3d=(0, 0, 3, 30, 20, 5)),
+    ]
     result = Segmenter(loaded).segment(ct_volume(), prompts)
     liver = np.zeros((Z, H, W), bool)
     liver[1:5, :, :15] = True  # slices 0 and 5 do not overlap their neighbours: the chain stops
@@ -255,8 +260,9 @@ def test_volume_prompt_errors(loaded):
     with pytest.raises(PromptError, match=r"outside the 6 slices"):
         seg.segment(vol, [VolumePrompt("liver", boxes=[(1, 1, 5, 5)], box_slice=6)])
     with pytest.raises(PromptError, match="need a 3D volume"):
-        seg.segment(Image.from_array(np.zeros((8, 8), np.uint8)),
-                    [VolumePrompt("a", box3d=(0, 0, 0, 1, 1, 1))])
+        seg.segment(
+            Image.from_array(np.zeros((8, 8), np.uint8)), [VolumePrompt("a", box3d=(0, 0, 0, 1, 1, 1))]
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,9 +325,15 @@ def test_slicing_along_another_axis(loaded, data_dir):
 # track mode
 
 
-OPEN_THRESHOLDS = dict(score_threshold_detection=0.0, new_det_thresh=0.0, hotstart_delay=0,
-                       hotstart_unmatch_thresh=0, hotstart_dup_thresh=0, assoc_iou_thresh=0.0,
-                       trk_assoc_iou_thresh=0.0)
+OPEN_THRESHOLDS = dict(
+    score_threshold_detection=0.0,
+    new_det_thresh=0.0,
+    hotstart_delay=0,
+    hotstart_unmatch_thresh=0,
+    hotstart_dup_thresh=0,
+    assoc_iou_thresh=0.0,
+    trk_assoc_iou_thresh=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +376,8 @@ def test_track_mode_maps_tracked_slices_back_to_the_input_grid(loaded, video, da
     assert result.to_image().same_geometry(image)
     with pytest.raises(PromptError, match="text prompts only"):
         Segmenter(loaded, video=video, options=options).segment(
-            image, [VolumePrompt("liver", box3d=(0, 0, 0, 5, 5, 5))])
+            image, [VolumePrompt("liver", box3d=(0, 0, 0, 5, 5, 5))]
+        )
     bare = Segmenter(loaded, video=video.model).engine.video()  # a bare Sam3VideoModel gets its processor
     assert bare.model is video.model and bare.processor.tokenizer("liver")["input_ids"][1] > 0
     with pytest.raises(ModelError, match="track mode needs SAM3's video model"):

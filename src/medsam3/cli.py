@@ -43,8 +43,9 @@ def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
     before the subcommand is not reset by the subcommand's parser."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug messages")
-    group.add_argument("-q", "--quiet", action="store_true", default=default,
-                       help="log warnings and errors only")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="log warnings and errors only"
+    )
 
 
 def _quiet_libraries() -> None:
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help / --version (0), a usage error (2, message printed): a status, as below
+    except (
+        SystemExit
+    ) as exc:  # --help / --version (0), a usage error (2, message printed): a status, as below
         return exc.code if isinstance(exc.code, int) else 2
     if args.verbose and args.quiet:  # one before the subcommand, the other after it
         print("error: -v/--verbose and -q/--quiet cannot be combined", file=sys.stderr)

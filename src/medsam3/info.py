@@ -77,8 +77,13 @@ def _geometry(image: Image) -> dict[str, Any]:
 def _intensity(array: np.ndarray) -> dict[str, float]:
     flat = np.asarray(array).reshape(-1)
     p_lo, p_hi = np.percentile(flat, [0.5, 99.5])
-    return {"min": float(flat.min()), "max": float(flat.max()), "mean": float(flat.mean(dtype=np.float64)),
-            "p0_5": float(p_lo), "p99_5": float(p_hi)}
+    return {
+        "min": float(flat.min()),
+        "max": float(flat.max()),
+        "mean": float(flat.mean(dtype=np.float64)),
+        "p0_5": float(p_lo),
+        "p99_5": float(p_hi),
+    }
 
 
 def _measure(image: Image, count: int) -> dict[str, float]:
@@ -114,7 +119,7 @@ def _overlaps(masks: dict[int, Image]) -> list[dict[str, Any]]:
     out = []
     keys = sorted(masks)
     for i, a in enumerate(keys):
-        for b in keys[i + 1:]:
+        for b in keys[i + 1 :]:
             n = int(np.count_nonzero(masks[a].array & masks[b].array))
             if n:
                 out.append({"values": [a, b], "voxels": n})
@@ -163,7 +168,8 @@ def describe(
         out["note"] = f"colour channels are identical: read as grey ({image.meta['collapsed_channels']})"
     if image.meta.get("format") == "dicom":
         out["dicom"] = {
-            "series_uid": image.meta.get("series_uid"), "study_uid": image.meta.get("study_uid"),
+            "series_uid": image.meta.get("series_uid"),
+            "study_uid": image.meta.get("study_uid"),
             "frame_of_reference_uid": image.meta.get("frame_of_reference_uid"),
             "modality": image.meta.get("dicom_modality"),
             "series_description": image.meta.get("series_description"),
@@ -171,8 +177,11 @@ def describe(
         }
     if fmt == "npz":
         out["text_prompts"] = {str(k): v for k, v in image.meta.get("text_prompts", {}).items()}
-        lab = read_label_map(path) if "gts" in image.meta.get("npz_keys", []) or \
-            "segs" in image.meta.get("npz_keys", []) else None
+        lab = (
+            read_label_map(path)
+            if "gts" in image.meta.get("npz_keys", []) or "segs" in image.meta.get("npz_keys", [])
+            else None
+        )
         if lab is not None and lab is not image:
             out["label_key"] = lab.meta.get("label_key")
             out["labels"] = _label_rows(lab, lab.meta.get("label_names", {}))
@@ -205,21 +214,35 @@ def format_table(info: dict[str, Any]) -> str:
     rows.append(("spacing", f"{_fmt(info['spacing'], 6)} {unit}  {itk_axes}"))
     frame = " mm (LPS)" if info.get("spacing_known", True) else ""
     rows.append(("origin", _fmt(info["origin"], 6) + frame))
-    rows.append(("direction", "  ".join(_fmt(col, 4) for col in np.asarray(info["direction"]).T.tolist())
-                 + f"  (columns {itk_axes[1:-1]})"))
+    rows.append(
+        (
+            "direction",
+            "  ".join(_fmt(col, 4) for col in np.asarray(info["direction"]).T.tolist())
+            + f"  (columns {itk_axes[1:-1]})",
+        )
+    )
     if info.get("orientation"):
         rows.append(("orientation", f"{info['orientation']}  ({info['orientation_convention']})"))
     if info.get("modality"):
         rows.append(("modality", f"{info['modality']} ({info['modality_source']})"))
     if info.get("dicom"):
         d = info["dicom"]
-        rows.append(("series", f"{d['series_uid'] or '(no UID)'}  '{d['series_description'] or ''}'  "
-                     f"{d['files']} files"))
+        rows.append(
+            (
+                "series",
+                f"{d['series_uid'] or '(no UID)'}  '{d['series_description'] or ''}'  {d['files']} files",
+            )
+        )
     if info.get("intensity"):
         i = info["intensity"]
         name = "values" if info["kind"] != "image" else "intensity"
-        rows.append((name, f"min {_fmt(i['min'])}  max {_fmt(i['max'])}  mean {_fmt(i['mean'])}  "
-                     f"p0.5 {_fmt(i['p0_5'])}  p99.5 {_fmt(i['p99_5'])}"))
+        rows.append(
+            (
+                name,
+                f"min {_fmt(i['min'])}  max {_fmt(i['max'])}  mean {_fmt(i['mean'])}  "
+                f"p0.5 {_fmt(i['p0_5'])}  p99.5 {_fmt(i['p99_5'])}",
+            )
+        )
     if info.get("text_prompts"):
         rows.append(("text prompts", ", ".join(f"{k}: {v}" for k, v in info["text_prompts"].items())))
     if info.get("note"):

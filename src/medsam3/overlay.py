@@ -30,10 +30,26 @@ from medsam3.preprocess.slices import slice_to_rgb, take_slice
 
 #: Distinct, saturated contour colours (none is grey), used in this order.
 PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 140, 170), (0, 128, 128), (170, 110, 255),
-    (170, 110, 40), (128, 0, 0), (100, 255, 160), (128, 128, 0), (255, 180, 120), (0, 0, 160),
-    (255, 90, 0), (0, 200, 120),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 140, 170),
+    (0, 128, 128),
+    (170, 110, 255),
+    (170, 110, 40),
+    (128, 0, 0),
+    (100, 255, 160),
+    (128, 128, 0),
+    (255, 180, 120),
+    (0, 0, 160),
+    (255, 90, 0),
+    (0, 200, 120),
 )
 
 BACKGROUND = (22, 22, 24)
@@ -201,8 +217,11 @@ class _Sheet:
         legend_col_w = swatch + 8 + text_w + pad
         legend_w = n_cols * legend_col_w + (pad if n_cols else 0)
         width = grid_w + legend_w
-        height = title_h + grid_h if not n_cols else title_h + max(grid_h, pad + min(
-            len(self.legend), legend_rows) * line_h + pad)
+        height = (
+            title_h + grid_h
+            if not n_cols
+            else title_h + max(grid_h, pad + min(len(self.legend), legend_rows) * line_h + pad)
+        )
         sheet = PILImage.new("RGB", (width, height), BACKGROUND)
         draw = ImageDraw.Draw(sheet)
         y = 6

@@ -278,8 +278,10 @@ def meta_predict(
     }
     for i, feat in enumerate(vision["backbone_fpn"]):
         result[f"fpn_{i}"] = feat
-    return {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
-            for k, v in result.items()}
+    return {
+        k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+        for k, v in result.items()
+    }
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

@@ -47,7 +47,7 @@ def sam3_pt_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in model.state_dict().items():
         if key.startswith(TRACKER_MODULE):
-            out["tracker." + key[len(TRACKER_MODULE):]] = value
+            out["tracker." + key[len(TRACKER_MODULE) :]] = value
         else:
             out["detector." + key] = value
     return out
@@ -57,8 +57,10 @@ def save_sam3_pt(model: torch.nn.Module, path) -> dict[str, int]:
     """Save ``model`` as ``sam3.pt`` is stored (a bare state dict); returns the key counts per part."""
     state = sam3_pt_state_dict(model)
     torch.save(state, path)
-    return {"detector": sum(k.startswith("detector.") for k in state),
-            "tracker": sum(k.startswith("tracker.") for k in state)}
+    return {
+        "detector": sum(k.startswith("detector.") for k in state),
+        "tracker": sum(k.startswith("tracker.") for k in state),
+    }
 
 
 @torch.inference_mode()
@@ -136,14 +138,19 @@ def meta_predict_inst(
         kwargs["point_labels"] = np.asarray([point_label], dtype=np.int32)
     if box_xyxy is not None:
         kwargs["box"] = np.asarray(box_xyxy, dtype=np.float32)
-    hooks = [tracker.sam_prompt_encoder.register_forward_hook(on_prompt, with_kwargs=True),
-             tracker.sam_mask_decoder.register_forward_hook(on_decoder, with_kwargs=True)]
+    hooks = [
+        tracker.sam_prompt_encoder.register_forward_hook(on_prompt, with_kwargs=True),
+        tracker.sam_mask_decoder.register_forward_hook(on_decoder, with_kwargs=True),
+    ]
     try:
         with torch.inference_mode(), CudaToCpu():
             _masks, iou, low_res = model.predict_inst(state, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()
-    result = {**captured, "low_res_masks": torch.from_numpy(np.array(low_res)),
-              "predict_iou": torch.from_numpy(np.array(iou))}
+    result = {
+        **captured,
+        "low_res_masks": torch.from_numpy(np.array(low_res)),
+        "predict_iou": torch.from_numpy(np.array(iou)),
+    }
     return {k: v.detach().clone().float() for k, v in result.items()}

@@ -72,8 +72,10 @@ def _as_dict(output) -> dict[str, torch.Tensor]:
 def comparison(tmp_path_factory):
     """Everything computed once: Meta's outputs, the conversion, our outputs, their differences."""
     if not meta_sam3_available():
-        pytest.skip("Meta's SAM3 package `sam3` is not installed (pip install sam3 --no-deps; it needs "
-                    "timm, ftfy, regex, iopath, einops, psutil)")
+        pytest.skip(
+            "Meta's SAM3 package `sam3` is not installed (pip install sam3 --no-deps; it needs "
+            "timm, ftfy, regex, iopath, einops, psutil)"
+        )
     from transformers import Sam3Model
 
     from medsam3.model.convert import convert_meta_checkpoint
@@ -112,8 +114,9 @@ def comparison(tmp_path_factory):
     info["hf_text_projection"] = model.text_encoder.text_projection.weight.detach().clone()
 
     tokenizer = build_clip_tokenizer()
-    enc = tokenizer([PROMPT], padding="max_length", max_length=TEXT_LENGTH, truncation=True,
-                    return_tensors="pt")
+    enc = tokenizer(
+        [PROMPT], padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
+    )
     info["our_ids"], info["our_mask"] = enc["input_ids"], enc["attention_mask"]
     # SAM3 preprocessing by hand: the image is already 1008 x 1008; x / 255, then (x - 0.5) / 0.5.
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None].double().div(255).sub(0.5).div(0.5).float()
@@ -127,28 +130,47 @@ def comparison(tmp_path_factory):
         text = encode_text(model, ids, mask).pooler_output
         cls, _ = geometry_cls_token(model, vis)
         ours = {
-            "text_cls": _as_dict(predict_prompts(model, vis, input_ids=ids, attention_mask=mask,
-                                                 meta_text_cls=True)),
-            "text_plain": _as_dict(predict_prompts(model, vis, input_ids=ids, attention_mask=mask,
-                                                   meta_text_cls=False)),
-            "box_forward": _as_dict(model(vision_embeds=vis, input_ids=ids, attention_mask=mask,
-                                          input_boxes=boxes, input_boxes_labels=labels)),
-            "box_predict": _as_dict(predict_prompts(model, vis, input_ids=ids, attention_mask=mask,
-                                                    boxes=boxes, box_labels=labels)),
+            "text_cls": _as_dict(
+                predict_prompts(model, vis, input_ids=ids, attention_mask=mask, meta_text_cls=True)
+            ),
+            "text_plain": _as_dict(
+                predict_prompts(model, vis, input_ids=ids, attention_mask=mask, meta_text_cls=False)
+            ),
+            "box_forward": _as_dict(
+                model(
+                    vision_embeds=vis,
+                    input_ids=ids,
+                    attention_mask=mask,
+                    input_boxes=boxes,
+                    input_boxes_labels=labels,
+                )
+            ),
+            "box_predict": _as_dict(
+                predict_prompts(
+                    model, vis, input_ids=ids, attention_mask=mask, boxes=boxes, box_labels=labels
+                )
+            ),
         }
     del model
     gc.collect()
 
     # ---- differences -------------------------------------------------------------------------------
     valid = ref_text["text_mask"][0]
-    inter = {f"fpn_{i}": (relative_error(vis.fpn_hidden_states[i], ref_text[f"fpn_{i}"]),
-                          mean_abs_error(vis.fpn_hidden_states[i], ref_text[f"fpn_{i}"])) for i in range(3)}
+    inter = {
+        f"fpn_{i}": (
+            relative_error(vis.fpn_hidden_states[i], ref_text[f"fpn_{i}"]),
+            mean_abs_error(vis.fpn_hidden_states[i], ref_text[f"fpn_{i}"]),
+        )
+        for i in range(3)
+    }
     inter["text_features (valid tokens)"] = (
         relative_error(text[0, valid], ref_text["text_features"][0, valid]),
         mean_abs_error(text[0, valid], ref_text["text_features"][0, valid]),
     )
-    inter["geometry CLS token"] = (relative_error(cls[0, 0], ref_text["prompt"][0, -1]),
-                                   mean_abs_error(cls[0, 0], ref_text["prompt"][0, -1]))
+    inter["geometry CLS token"] = (
+        relative_error(cls[0, 0], ref_text["prompt"][0, -1]),
+        mean_abs_error(cls[0, 0], ref_text["prompt"][0, -1]),
+    )
     info["intermediate"] = inter
     info["errors"] = {
         "text-only, meta_text_cls=True": _errors(ours["text_cls"], ref_text),
@@ -164,11 +186,15 @@ def comparison(tmp_path_factory):
 
 def _print_summary(info: dict) -> None:
     print("\n\n## Meta-format conversion equivalence (full-size SAM3, random weights, float32, CPU)")
-    print(f"Meta params {info['meta_params']:,} in {info['meta_keys']} keys; "
-          f"transformers params {info['hf_params']:,}")
+    print(
+        f"Meta params {info['meta_params']:,} in {info['meta_keys']} keys; "
+        f"transformers params {info['hf_params']:,}"
+    )
     fill = info["fill"]
-    print(f"filled: {len(fill.non_finite)} non-finite, {len(fill.constant)} constant, "
-          f"{len(fill.duplicate)} duplicated of {fill.total} parameters; clashes left {len(info['clashes'])}")
+    print(
+        f"filled: {len(fill.non_finite)} non-finite, {len(fill.constant)} constant, "
+        f"{len(fill.duplicate)} duplicated of {fill.total} parameters; clashes left {len(info['clashes'])}"
+    )
     print("conversion: " + info["report"].summary().replace("\n", "\n    "))
     print(f"ignored checkpoint entries: {info['report'].ignored_entries}")
     print(f"pixel max diff vs Meta's transform: {info['pixel_diff']:.3g}")
@@ -215,15 +241,19 @@ def test_pixels_match_meta_preprocessing(comparison):
 
 def test_unused_text_projection_converted(comparison):
     """Meta's CLIP ``text_projection`` (unused by the forward pass) arrives transposed, not lost."""
-    torch.testing.assert_close(comparison["hf_text_projection"], comparison["text_projection"].T,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        comparison["hf_text_projection"], comparison["text_projection"].T, rtol=0, atol=0
+    )
 
 
-@pytest.mark.parametrize("case", [
-    "text-only, meta_text_cls=True",
-    "text + box, Sam3Model.forward",
-    "text + box, predict_prompts",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "text-only, meta_text_cls=True",
+        "text + box, Sam3Model.forward",
+        "text + box, predict_prompts",
+    ],
+)
 def test_outputs_match_meta(comparison, case):
     table = comparison["errors"][case]
     bad = {name: rel for name, (rel, _) in table.items() if not rel <= TOLERANCE}

@@ -98,8 +98,10 @@ def _pair(ours: torch.Tensor, meta: torch.Tensor) -> tuple[float, float]:
 def comparison(tmp_path_factory):
     """Everything computed once: Meta's outputs, the conversion, our outputs, their differences."""
     if not meta_sam3_available():
-        pytest.skip("Meta's SAM3 package `sam3` is not installed (pip install sam3 --no-deps; it needs "
-                    "timm, ftfy, regex, iopath, einops, psutil)")
+        pytest.skip(
+            "Meta's SAM3 package `sam3` is not installed (pip install sam3 --no-deps; it needs "
+            "timm, ftfy, regex, iopath, einops, psutil)"
+        )
     from medsam3.model.convert import convert_meta_checkpoint
     from medsam3.model.loading import load_sam3_tracker
 
@@ -137,8 +139,13 @@ def comparison(tmp_path_factory):
     for case, spec in CASES.items():
         points, boxes = _model_frame_prompts(spec["box"])
         reference[case] = meta_predict_inst(
-            meta, state, point_xy=tuple(points[0]), point_label=1,
-            box_xyxy=None if boxes is None else tuple(boxes[0]), multimask_output=spec["multimask"])
+            meta,
+            state,
+            point_xy=tuple(points[0]),
+            point_label=1,
+            box_xyxy=None if boxes is None else tuple(boxes[0]),
+            multimask_output=spec["multimask"],
+        )
     info["timings"]["Meta predictions"] = time.perf_counter() - t
     del meta, state
     gc.collect()
@@ -176,12 +183,20 @@ def comparison(tmp_path_factory):
             input_points = torch.tensor(points, dtype=torch.float32)[None, None]
             input_labels = torch.ones(1, 1, 1, dtype=torch.int32)
             input_boxes = None if boxes is None else torch.tensor(boxes, dtype=torch.float32)[None]
-            out = tracker(image_embeddings=embeddings, input_points=input_points, input_labels=input_labels,
-                          input_boxes=input_boxes, multimask_output=spec["multimask"])
+            out = tracker(
+                image_embeddings=embeddings,
+                input_points=input_points,
+                input_labels=input_labels,
+                input_boxes=input_boxes,
+                multimask_output=spec["multimask"],
+            )
             masks = out.pred_masks[0]
-            ours[case] = {"pred_masks": masks, "iou_scores": out.iou_scores[0],
-                          "object_score_logits": out.object_score_logits[0],
-                          "low_res_masks": masks[0].clamp(-32.0, 32.0)}
+            ours[case] = {
+                "pred_masks": masks,
+                "iou_scores": out.iou_scores[0],
+                "object_score_logits": out.object_score_logits[0],
+                "low_res_masks": masks[0].clamp(-32.0, 32.0),
+            }
             prompt_tokens[case] = tracker.get_prompt_embeddings(input_points, input_labels, input_boxes)
         info["timings"]["our predictions"] = time.perf_counter() - t
     del tracker, loaded
@@ -192,8 +207,9 @@ def comparison(tmp_path_factory):
     inter = {f"image features {name}": _pair(embeddings[i], meta_features[i]) for i, name in enumerate(names)}
     first = next(iter(CASES))
     inter["dense positional encoding"] = _pair(image_pe, reference[first]["image_pe"])
-    inter["dense prompt embedding (no mask)"] = _pair(prompt_tokens[first][1],
-                                                      reference[first]["dense_embeddings"])
+    inter["dense prompt embedding (no mask)"] = _pair(
+        prompt_tokens[first][1], reference[first]["dense_embeddings"]
+    )
     for case, spec in CASES.items():
         sparse = prompt_tokens[case][0][0]  # (1, N, 256): points, then box corners, then one padding token
         if spec["box"]:
@@ -203,15 +219,21 @@ def comparison(tmp_path_factory):
     # Not asserted: says whether a level-2 difference is exactly the no-memory embedding (Meta adds it to
     # the lowest-resolution map the mask decoder reads).
     info["diagnostic"] = {
-        "image features level 2 vs Meta's neck output without the no-memory embedding":
-            _pair(embeddings[2], meta_level2_neck),
+        "image features level 2 vs Meta's neck output without the no-memory embedding": _pair(
+            embeddings[2], meta_level2_neck
+        ),
     }
-    info["errors"] = {case: {name: _pair(ours[case][name], reference[case][name]) for name in OUTPUTS}
-                      for case in CASES}
-    info["best_mask"] = {case: (int(ours[case]["iou_scores"][0].argmax()),
-                                int(reference[case]["iou_scores"][0].argmax())) for case in CASES}
-    info["logit_range"] = {case: (float(reference[case]["pred_masks"].min()),
-                                  float(reference[case]["pred_masks"].max())) for case in CASES}
+    info["errors"] = {
+        case: {name: _pair(ours[case][name], reference[case][name]) for name in OUTPUTS} for case in CASES
+    }
+    info["best_mask"] = {
+        case: (int(ours[case]["iou_scores"][0].argmax()), int(reference[case]["iou_scores"][0].argmax()))
+        for case in CASES
+    }
+    info["logit_range"] = {
+        case: (float(reference[case]["pred_masks"].min()), float(reference[case]["pred_masks"].max()))
+        for case in CASES
+    }
     info["seconds"] = time.perf_counter() - start
     info["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     _write_results(info)
@@ -273,7 +295,8 @@ def _write_results(info: dict) -> None:
         f"| machine | {_machine()} |",
         f"| versions | {_versions()} |",
         f"| run time | {info['seconds']:.0f} s for the fixture ("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in info["timings"].items()) + ") |",
+        + ", ".join(f"{k} {v:.0f} s" for k, v in info["timings"].items())
+        + ") |",
         f"| peak RSS | {info['peak_rss_gb']:.2f} GiB (pytest process, `ru_maxrss`) |",
         "",
         "## Setup",
@@ -285,8 +308,11 @@ def _write_results(info: dict) -> None:
         f"{len(info['clashes'])} clashes left). Tracker: {info['meta_tracker_params']:,} parameters.",
         f"- Saved as `sam3.pt` keys: {info['meta_keys']['detector']} `detector.*`, "
         f"{info['meta_keys']['tracker']} `tracker.*`.",
-        f"- Conversion: {report.model_class}; " + ", ".join(f"{k} {v}" for k, v in report.counts().items())
-        + ". Dropped: " + "; ".join(sorted({d['reason'] for d in report.dropped})) + ".",
+        f"- Conversion: {report.model_class}; "
+        + ", ".join(f"{k} {v}" for k, v in report.counts().items())
+        + ". Dropped: "
+        + "; ".join(sorted({d["reason"] for d in report.dropped}))
+        + ".",
         f"- Ours: `load_sam3_tracker(..., dtype=torch.float32)` -> Sam3TrackerModel, {info['hf_params']:,} "
         f"parameters ({info['hf_dtype']}).",
         f"- Pixels: segmenter-style normalisation vs Meta's `Sam3Processor.transform`: max difference "
@@ -326,8 +352,10 @@ def _write_results(info: dict) -> None:
             "",
             "| output | rel | mae | within tolerance |",
             "|---|---|---|---|",
-            *(f"| {name} | {rel:.3g} | {mae:.3g} | {'yes' if rel <= TOLERANCE else 'NO'} |"
-              for name, (rel, mae) in table.items()),
+            *(
+                f"| {name} | {rel:.3g} | {mae:.3g} | {'yes' if rel <= TOLERANCE else 'NO'} |"
+                for name, (rel, mae) in table.items()
+            ),
             "",
         ]
     text = "\n".join(lines)

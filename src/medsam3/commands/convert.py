@@ -30,13 +30,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CKPT", help="sam3.pt or a trainer checkpoint (.pt)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the converted model")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="storage type of the weights (default fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="storage type of the weights (default fp32)",
+    )
     p.add_argument("--report", metavar="JSON", help="also write the full key-by-key report as JSON")
-    p.add_argument("--config", metavar="CONFIG_JSON",
-                   help="transformers config.json of the architecture (default: read from the tensor shapes)")
-    p.add_argument("--image-only", action="store_true",
-                   help="write only the image model (Sam3Model), dropping the tracker weights")
+    p.add_argument(
+        "--config",
+        metavar="CONFIG_JSON",
+        help="transformers config.json of the architecture (default: read from the tensor shapes)",
+    )
+    p.add_argument(
+        "--image-only",
+        action="store_true",
+        help="write only the image model (Sam3Model), dropping the tracker weights",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.set_defaults(func=run)
 
@@ -48,8 +58,12 @@ def run(args: argparse.Namespace) -> int:
     protect_inputs(inputs)
     try:
         report = convert_meta_checkpoint(
-            args.checkpoint, args.out_dir, dtype=args.dtype, config=args.config,
-            with_tracker=False if args.image_only else None, overwrite=args.overwrite,
+            args.checkpoint,
+            args.out_dir,
+            dtype=args.dtype,
+            config=args.config,
+            with_tracker=False if args.image_only else None,
+            overwrite=args.overwrite,
         )
     except ConversionError as exc:
         if args.report:

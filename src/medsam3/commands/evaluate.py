@@ -75,31 +75,54 @@ def register(subparsers) -> None:
     from medsam3.evaluate.score_files import SPACING_SOURCES
 
     p = subparsers.add_parser(
-        "evaluate", help="score predictions against references, or run models on a manifest",
-        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "evaluate",
+        help="score predictions against references, or run models on a manifest",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--pred", type=Path, metavar="PRED_DIR", help="(a) folder of prediction files")
     what.add_argument("--manifest", type=Path, help="(b) manifest JSONL written by `medsam3 prepare`")
     what.add_argument("--table3", action="store_true", help="reproduce the paper's Table 3")
     p.add_argument("-o", "--out", type=Path, required=True, metavar="REPORT_DIR", help="report folder")
-    p.add_argument("--nsd-tolerance", type=_positive_float, default=2.0,
-                   help="NSD tolerance in mm (pixels for pictures without pixel size); default 2.0")
-    p.add_argument("--allow-missing", action="store_true",
-                   help="exit 0 (with a warning) when cases are missing or failed")
+    p.add_argument(
+        "--nsd-tolerance",
+        type=_positive_float,
+        default=2.0,
+        help="NSD tolerance in mm (pixels for pictures without pixel size); default 2.0",
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="exit 0 (with a warning) when cases are missing or failed",
+    )
     p.add_argument("--gallery", type=int, default=3, metavar="N", help="best and worst N cases per model (3)")
     p.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the absent concepts (0)")
-    p.add_argument("--model-name", action="append", metavar="NAME",
-                   help="report name of the predictions (a) or of each --model, in order (b)")
+    p.add_argument(
+        "--model-name",
+        action="append",
+        metavar="NAME",
+        help="report name of the predictions (a) or of each --model, in order (b)",
+    )
     a = p.add_argument_group("(a) prediction files")
     a.add_argument("--ref", type=Path, metavar="REF_DIR", help="folder of reference label files")
     a.add_argument("--label-map", type=Path, help='prediction value -> name JSON, e.g. {"1": "liver"}')
-    a.add_argument("--ref-labels", type=Path,
-                   help="reference value -> name JSON (default: REF_DIR/dataset.json)")
-    a.add_argument("--spacing-from", choices=SPACING_SOURCES, default="ref",
-                   help="voxel size for distances: ref (default), pred, none (voxel units)")
-    a.add_argument("--resample", action="store_true",
-                   help="resample predictions on another grid onto the reference grid (nearest neighbour)")
+    a.add_argument(
+        "--ref-labels", type=Path, help="reference value -> name JSON (default: REF_DIR/dataset.json)"
+    )
+    a.add_argument(
+        "--spacing-from",
+        choices=SPACING_SOURCES,
+        default="ref",
+        help="voxel size for distances: ref (default), pred, none (voxel units)",
+    )
+    a.add_argument(
+        "--resample",
+        action="store_true",
+        help="resample predictions on another grid onto the reference grid (nearest neighbour)",
+    )
     a.add_argument("--images", type=Path, help="folder of the images, for the gallery (paired like the refs)")
     a.add_argument("--dataset-name", help="dataset name in the report (default: the REF_DIR folder name)")
     a.add_argument("--role", choices=("internal", "external"), help="table section of the dataset")
@@ -107,20 +130,44 @@ def register(subparsers) -> None:
     b = p.add_argument_group("(b) models on a manifest")
     b.add_argument("--model", action="append", metavar="PATH", help="model folder or id; repeat to compare")
     b.add_argument("--prompt-mode", choices=PROMPT_MODES, default="text")
-    b.add_argument("--geometry", choices=GEOMETRIES, default="whole",
-                   help="box / point prompts: one for the whole mask (default) or one per object")
-    b.add_argument("--split", choices=SPLIT_CHOICES, default="eval",
-                   help="records to evaluate: val, test, eval = val + test (default), all")
+    b.add_argument(
+        "--geometry",
+        choices=GEOMETRIES,
+        default="whole",
+        help="box / point prompts: one for the whole mask (default) or one per object",
+    )
+    b.add_argument(
+        "--split",
+        choices=SPLIT_CHOICES,
+        default="eval",
+        help="records to evaluate: val, test, eval = val + test (default), all",
+    )
     b.add_argument("--datasets", nargs="+", metavar="NAME", help="only these datasets of the manifest")
     b.add_argument("--limit", type=int, metavar="N", help="at most N records per dataset")
-    b.add_argument("--absent", type=int, default=0, metavar="N",
-                   help="also prompt each image with N concepts it does not contain (false-positive rate)")
-    b.add_argument("--include-empty", action="store_true",
-                   help="also score concepts the dataset names but the image lacks")
-    b.add_argument("--prompt-text", action="append", metavar="CONCEPT=TEXT",
-                   help="prompt TEXT instead of CONCEPT (DATASET:CONCEPT=TEXT for one dataset)")
-    b.add_argument("--volume-mode", choices=VOLUME_MODES, default="slices",
-                   help="3D records: segment axial slices (default) or hand the volume to the segmenter")
+    b.add_argument(
+        "--absent",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also prompt each image with N concepts it does not contain (false-positive rate)",
+    )
+    b.add_argument(
+        "--include-empty",
+        action="store_true",
+        help="also score concepts the dataset names but the image lacks",
+    )
+    b.add_argument(
+        "--prompt-text",
+        action="append",
+        metavar="CONCEPT=TEXT",
+        help="prompt TEXT instead of CONCEPT (DATASET:CONCEPT=TEXT for one dataset)",
+    )
+    b.add_argument(
+        "--volume-mode",
+        choices=VOLUME_MODES,
+        default="slices",
+        help="3D records: segment axial slices (default) or hand the volume to the segmenter",
+    )
     add_model_arguments(b)
     add_option_arguments(b, "evaluate")
     t = p.add_argument_group("--table3")
@@ -135,8 +182,10 @@ def _exit_status(rows, allow_missing: bool) -> int:
     failed = sum(r.status == "failed" for r in rows)
     if not missing and not failed:
         return 0
-    msg = f"{missing} reference label(s) without a prediction and {failed} failed, scored as failures " \
-          "(status column of cases.csv)"
+    msg = (
+        f"{missing} reference label(s) without a prediction and {failed} failed, scored as failures "
+        "(status column of cases.csv)"
+    )
     if allow_missing:
         print(f"warning: {msg}", file=sys.stderr)
         return 0
@@ -177,16 +226,31 @@ def _run_files(args) -> int:
         group = group or entry.group
     except InputError:
         pass
-    options = FolderOptions(label_map=args.label_map, ref_labels=args.ref_labels,
-                            spacing_from=args.spacing_from, nsd_tolerance=args.nsd_tolerance,
-                            resample=args.resample, dataset=dataset, role=role, group=group,
-                            model=(args.model_name or ["prediction"])[0], images=args.images)
+    options = FolderOptions(
+        label_map=args.label_map,
+        ref_labels=args.ref_labels,
+        spacing_from=args.spacing_from,
+        nsd_tolerance=args.nsd_tolerance,
+        resample=args.resample,
+        dataset=dataset,
+        role=role,
+        group=group,
+        model=(args.model_name or ["prediction"])[0],
+        images=args.images,
+    )
     gallery = GalleryCollector(args.gallery)
     result = score_folders(args.pred, args.ref, options, gallery)
     config = {
-        "form": "files", "arguments": _arguments(args), "dataset": dataset, "role": role, "group": group,
-        "label_names": result.name_sources, "alignment": result.alignment,
-        "missing": result.missing, "failed": result.failed, "predictions_without_reference": result.orphans,
+        "form": "files",
+        "arguments": _arguments(args),
+        "dataset": dataset,
+        "role": role,
+        "group": group,
+        "label_names": result.name_sources,
+        "alignment": result.alignment,
+        "missing": result.missing,
+        "failed": result.failed,
+        "predictions_without_reference": result.orphans,
         "warnings": result.warnings,
     }
     write_report(args.out, result.rows, config, gallery.items(), n_boot=args.bootstrap, seed=args.seed)
@@ -223,30 +287,49 @@ def _run_manifest(args) -> int:
     all_records = read_manifest(args.manifest)
     records = select_records(all_records, args.split, args.datasets, args.limit)
     if not records:
-        raise InputError(args.manifest, f"has no record in split {args.split!r}"
-                         + (f" of datasets {args.datasets}" if args.datasets else ""))
+        raise InputError(
+            args.manifest,
+            f"has no record in split {args.split!r}"
+            + (f" of datasets {args.datasets}" if args.datasets else ""),
+        )
     protect_inputs([p for r in records for p in (*r.image, *r.label)])
-    options = RunOptions(prompt_mode=args.prompt_mode, geometry=args.geometry,
-                         nsd_tolerance=args.nsd_tolerance, absent=args.absent, seed=args.seed,
-                         include_empty=args.include_empty, prompt_text=_prompt_overrides(args.prompt_text),
-                         volume_mode=args.volume_mode, device=args.device, dtype=args.dtype,
-                         inference=options_from_args(args, "evaluate"))
+    options = RunOptions(
+        prompt_mode=args.prompt_mode,
+        geometry=args.geometry,
+        nsd_tolerance=args.nsd_tolerance,
+        absent=args.absent,
+        seed=args.seed,
+        include_empty=args.include_empty,
+        prompt_text=_prompt_overrides(args.prompt_text),
+        volume_mode=args.volume_mode,
+        device=args.device,
+        dtype=args.dtype,
+        inference=options_from_args(args, "evaluate"),
+    )
     options.check()
     gallery = GalleryCollector(args.gallery)
     specs = [ModelSpec(n, m) for n, m in zip(names, models, strict=True)]
     result = run_models(records, specs, options, gallery, all_records=all_records)
     config = {
-        "form": "manifest", "arguments": _arguments(args), "models": result.models,
-        "prompt_mode": options.prompt_mode, "geometry": options.geometry,
-        "threshold": options.inference.threshold, "presence_threshold": options.inference.presence_threshold,
+        "form": "manifest",
+        "arguments": _arguments(args),
+        "models": result.models,
+        "prompt_mode": options.prompt_mode,
+        "geometry": options.geometry,
+        "threshold": options.inference.threshold,
+        "presence_threshold": options.inference.presence_threshold,
         "nsd_tolerance": options.nsd_tolerance,
-        "absent": options.absent, "volume_mode": options.volume_mode, "prompts": options.prompt_text,
+        "absent": options.absent,
+        "volume_mode": options.volume_mode,
+        "prompts": options.prompt_text,
         "instances": options.inference.instances,
-        "records": len(records), "datasets": sorted({r.dataset for r in records}),
+        "records": len(records),
+        "datasets": sorted({r.dataset for r in records}),
         "warnings": result.warnings,
     }
-    write_report(args.out, result.rows, config, gallery.items(), result.absent, n_boot=args.bootstrap,
-                 seed=args.seed)
+    write_report(
+        args.out, result.rows, config, gallery.items(), result.absent, n_boot=args.bootstrap, seed=args.seed
+    )
     _print_summary(args.out, result.warnings)
     return _exit_status(result.rows, args.allow_missing)
 
@@ -260,9 +343,19 @@ def _run_table3(args) -> int:
         raise InputError(None, f"--table3 needs {', '.join(missing)}")
     protect_inputs([args.data_root] + [m for m in (args.vanilla, args.medical) if Path(m).exists()])
     check_not_input(args.out / "cases.csv")
-    comp = run_table3(args.data_root, args.vanilla, args.medical, args.out, datasets=args.datasets,
-                      limit=args.limit, device=args.device, dtype=args.dtype, gallery=args.gallery,
-                      n_boot=args.bootstrap, command={"arguments": _arguments(args)})
+    comp = run_table3(
+        args.data_root,
+        args.vanilla,
+        args.medical,
+        args.out,
+        datasets=args.datasets,
+        limit=args.limit,
+        device=args.device,
+        dtype=args.dtype,
+        gallery=args.gallery,
+        n_boot=args.bootstrap,
+        command={"arguments": _arguments(args)},
+    )
     print((args.out / "table3.md").read_text(encoding="utf-8"))
     ran = sum(1 for e in comp["datasets"] if e["ours_medsam3"] is not None)
     print(f"{ran} of {len(PAPER_TABLE3)} datasets run; report: {args.out}")
@@ -271,32 +364,46 @@ def _run_table3(args) -> int:
 
 #: Options that belong to one form only: option -> (attribute, default, forms that take it).
 _FORM_OPTIONS = {
-    "--ref": ("ref", None, ("files",)), "--label-map": ("label_map", None, ("files",)),
-    "--ref-labels": ("ref_labels", None, ("files",)), "--resample": ("resample", False, ("files",)),
-    "--images": ("images", None, ("files",)), "--dataset-name": ("dataset_name", None, ("files",)),
-    "--role": ("role", None, ("files",)), "--spacing-from": ("spacing_from", "ref", ("files",)),
-    "--model": ("model", None, ("manifest",)), "--prompt-mode": ("prompt_mode", "text", ("manifest",)),
-    "--geometry": ("geometry", "whole", ("manifest",)), "--split": ("split", "eval", ("manifest",)),
-    "--absent": ("absent", 0, ("manifest",)), "--include-empty": ("include_empty", False, ("manifest",)),
+    "--ref": ("ref", None, ("files",)),
+    "--label-map": ("label_map", None, ("files",)),
+    "--ref-labels": ("ref_labels", None, ("files",)),
+    "--resample": ("resample", False, ("files",)),
+    "--images": ("images", None, ("files",)),
+    "--dataset-name": ("dataset_name", None, ("files",)),
+    "--role": ("role", None, ("files",)),
+    "--spacing-from": ("spacing_from", "ref", ("files",)),
+    "--model": ("model", None, ("manifest",)),
+    "--prompt-mode": ("prompt_mode", "text", ("manifest",)),
+    "--geometry": ("geometry", "whole", ("manifest",)),
+    "--split": ("split", "eval", ("manifest",)),
+    "--absent": ("absent", 0, ("manifest",)),
+    "--include-empty": ("include_empty", False, ("manifest",)),
     "--prompt-text": ("prompt_text", None, ("manifest",)),
     "--volume-mode": ("volume_mode", "slices", ("manifest",)),
     "--datasets": ("datasets", None, ("manifest", "table3")),
     "--limit": ("limit", None, ("manifest", "table3")),
     "--device": ("device", "auto", ("manifest", "table3")),
     "--dtype": ("dtype", "auto", ("manifest", "table3")),
-    "--data-root": ("data_root", None, ("table3",)), "--vanilla": ("vanilla", None, ("table3",)),
-    "--medical": ("medical", None, ("table3",)), "--model-name": ("model_name", None, ("files", "manifest")),
+    "--data-root": ("data_root", None, ("table3",)),
+    "--vanilla": ("vanilla", None, ("table3",)),
+    "--medical": ("medical", None, ("table3",)),
+    "--model-name": ("model_name", None, ("files", "manifest")),
     # the inference options (medsam3.predict.options) belong to the manifest form
-    **{flag_of(f.name): (f.name, default_of(f.name, "evaluate"), ("manifest",))
-       for f, _ in option_fields(VolumeOptions, "evaluate")},
+    **{
+        flag_of(f.name): (f.name, default_of(f.name, "evaluate"), ("manifest",))
+        for f, _ in option_fields(VolumeOptions, "evaluate")
+    },
 }
 
 
 def _check_options(args, form: str) -> None:
     """Refuse options of another form instead of ignoring them silently."""
     flag = {"files": "--pred", "manifest": "--manifest", "table3": "--table3"}[form]
-    wrong = [opt for opt, (attr, default, forms) in _FORM_OPTIONS.items()
-             if form not in forms and getattr(args, attr, default) not in (default, None, False)]
+    wrong = [
+        opt
+        for opt, (attr, default, forms) in _FORM_OPTIONS.items()
+        if form not in forms and getattr(args, attr, default) not in (default, None, False)
+    ]
     if wrong:
         raise InputError(None, f"{', '.join(wrong)} cannot be used with {flag}")
 

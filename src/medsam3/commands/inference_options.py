@@ -49,10 +49,19 @@ def add_model_arguments(parser: argparse.ArgumentParser | Any, *, model_help: st
     """``--model``, ``--device`` and ``--dtype`` (``model_help=None``: no ``--model``)."""
     if model_help is not None:
         parser.add_argument("--model", help=model_help)
-    parser.add_argument("--device", type=device_name, default="auto", metavar="auto|cpu|cuda|cuda:N|mps",
-                        help="where the model runs (default auto: CUDA, else MPS, else CPU)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="model precision (default auto: bf16 on CUDA, fp32 elsewhere)")
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default="auto",
+        metavar="auto|cpu|cuda|cuda:N|mps",
+        help="where the model runs (default auto: CUDA, else MPS, else CPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="model precision (default auto: bf16 on CUDA, fp32 elsewhere)",
+    )
 
 
 def _arg_type(name: str, annotation: Any, info: OptionInfo) -> Any:
@@ -74,8 +83,11 @@ def _shown(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def add_option_arguments(parser: argparse.ArgumentParser | Any, front: str,
-                         volume_group: argparse.ArgumentParser | Any | None = None) -> None:
+def add_option_arguments(
+    parser: argparse.ArgumentParser | Any,
+    front: str,
+    volume_group: argparse.ArgumentParser | Any | None = None,
+) -> None:
     """One argparse option per inference option that ``front`` offers; the options only volumes have go
     to ``volume_group`` when given."""
     plain = set(option_names(SegmentOptions))
@@ -85,8 +97,12 @@ def add_option_arguments(parser: argparse.ArgumentParser | Any, front: str,
         flag = flag_of(f.name)
         if str(f.type) == "bool":
             if info.negatable:
-                target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                    help=f"{info.help} (default {_shown(default)})")
+                target.add_argument(
+                    flag,
+                    action=argparse.BooleanOptionalAction,
+                    default=default,
+                    help=f"{info.help} (default {_shown(default)})",
+                )
             else:
                 target.add_argument(flag, action="store_true", default=default, help=info.help)
             continue
@@ -94,12 +110,16 @@ def add_option_arguments(parser: argparse.ArgumentParser | Any, front: str,
         if metavar is None and info.choices is not None:
             metavar = "|".join(map(str, info.choices))
         shown = "" if "default" in info.help else f" (default {_shown(default)})"
-        target.add_argument(flag, type=_arg_type(f.name, f.type, info), default=default, metavar=metavar,
-                            help=info.help + shown)
+        target.add_argument(
+            flag,
+            type=_arg_type(f.name, f.type, info),
+            default=default,
+            metavar=metavar,
+            help=info.help + shown,
+        )
 
 
-def options_from_args(args: argparse.Namespace, front: str, cls: type[SegmentOptions] = VolumeOptions
-                      ) -> Any:
+def options_from_args(args: argparse.Namespace, front: str, cls: type[SegmentOptions] = VolumeOptions) -> Any:
     """``cls`` from the parsed options of ``front`` (other fields keep their defaults)."""
     values = {f.name: getattr(args, f.name) for f, _ in option_fields(cls, front) if hasattr(args, f.name)}
     return cls(**values)
@@ -107,15 +127,25 @@ def options_from_args(args: argparse.Namespace, front: str, cls: type[SegmentOpt
 
 def given_options(args: argparse.Namespace, front: str) -> list[str]:
     """The flags of ``front``'s inference options set to something other than their default."""
-    return [flag_of(f.name) for f, _ in option_fields(VolumeOptions, front)
-            if getattr(args, f.name, default_of(f.name, front)) != default_of(f.name, front)]
+    return [
+        flag_of(f.name)
+        for f, _ in option_fields(VolumeOptions, front)
+        if getattr(args, f.name, default_of(f.name, front)) != default_of(f.name, front)
+    ]
 
 
 def input_argument(parser: argparse.ArgumentParser, help: str) -> None:
     """The input as a positional argument or ``-i/--input`` (nnU-Net's and TotalSegmentator's spelling)."""
     parser.add_argument("input", type=Path, nargs="?", metavar="INPUT", help=help + " (or -i INPUT)")
-    parser.add_argument("-i", "--input", dest="input_flag", type=Path, metavar="INPUT", default=None,
-                        help="the input, as an option")
+    parser.add_argument(
+        "-i",
+        "--input",
+        dest="input_flag",
+        type=Path,
+        metavar="INPUT",
+        default=None,
+        help="the input, as an option",
+    )
 
 
 def resolve_input(args: argparse.Namespace) -> Path:
@@ -126,7 +156,8 @@ def resolve_input(args: argparse.Namespace) -> Path:
     """
     given = [p for p in (args.input, args.input_flag) if p is not None]
     if len(given) != 1:
-        raise OptionError("give the input once: as INPUT or with -i/--input"
-                          + ("" if given else " (none given)"))
+        raise OptionError(
+            "give the input once: as INPUT or with -i/--input" + ("" if given else " (none given)")
+        )
     args.input = given[0]
     return given[0]

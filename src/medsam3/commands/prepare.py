@@ -48,10 +48,13 @@ def register(subparsers) -> None:
     p.add_argument("--name", help="dataset name in the manifest (--layout; default: the folder name)")
     p.add_argument("-o", "--output", type=Path, help="manifest to create or update (.jsonl)")
     p.add_argument("--splits", type=Path, help="splits file (default: <manifest stem>.splits.json)")
-    p.add_argument("--labels", type=Path,
-                   help='JSON naming mask values: {"1": "polyp"} or {"polyp": 1}; a list value is a region, '
-                        'a concept made of several labels: {"anterior hippocampus": 1, "posterior '
-                        'hippocampus": 2, "hippocampus": [1, 2]}')
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help='JSON naming mask values: {"1": "polyp"} or {"polyp": 1}; a list value is a region, '
+        'a concept made of several labels: {"anterior hippocampus": 1, "posterior '
+        'hippocampus": 2, "hippocampus": [1, 2]}',
+    )
     p.add_argument("--modality", choices=MODALITIES, help="image modality (overrides the guess)")
     p.add_argument("--group", help="modality group used to balance sampling (default: the modality)")
     p.add_argument(

@@ -186,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
         written.append(_save_png(model_rgb, out / "model_input.png"))
         print(f"  model input  {hw[1]} x {hw[0]} px -> {args.size} x {args.size} RGB uint8")
         if lab is not None:
-            res = overlay_2d(norm, lab, names, out / "overlay.png", title=title,
-                             spacing_yx=canon.spacing_array_order)
+            res = overlay_2d(
+                norm, lab, names, out / "overlay.png", title=title, spacing_yx=canon.spacing_array_order
+            )
             written.append(res.path)
         axis = None
     else:
@@ -205,8 +206,9 @@ def run(args: argparse.Namespace) -> int:
         )
         spacing = canon.spacing_array_order
         for mode in ("planes", "montage"):
-            res = overlay_volume(norm, None, None, out / f"{mode}.png", spacing, mode, title=title,
-                                 axis=through)
+            res = overlay_volume(
+                norm, None, None, out / f"{mode}.png", spacing, mode, title=title, axis=through
+            )
             written.append(res.path)
         if lab is not None:
             for mode in ("planes", "montage"):

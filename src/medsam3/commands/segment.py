@@ -107,27 +107,70 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     input_argument(p, "2D image, volume, DICOM series folder, folder of cases or list file")
-    p.add_argument("-p", "--prompt", dest="prompt_items", action=_PromptItem, const="text", metavar="TEXT",
-                   help="a concept to segment; repeat for several (see prompts below)")
-    p.add_argument("--box", dest="prompt_items", action=_PromptItem, const="box",
-                   metavar="X1,Y1,X2,Y2[,neg]", help="a box in pixels, for the preceding -p")
-    p.add_argument("--point", dest="prompt_items", action=_PromptItem, const="point", metavar="X,Y[,LABEL]",
-                   help="a point in pixels (label 1 positive, 0 negative), for the preceding -p (2D)")
-    p.add_argument("--box-slice", dest="prompt_items", action=_PromptItem, const="box_slice", metavar="K",
-                   help="volumes: the input slice (array axis 0) the preceding prompt's --box lies on")
-    p.add_argument("--box3d", dest="prompt_items", action=_PromptItem, const="box3d",
-                   metavar="X1,Y1,Z1,X2,Y2,Z2", help="volumes: a 3D box in input voxels for the preceding -p")
+    p.add_argument(
+        "-p",
+        "--prompt",
+        dest="prompt_items",
+        action=_PromptItem,
+        const="text",
+        metavar="TEXT",
+        help="a concept to segment; repeat for several (see prompts below)",
+    )
+    p.add_argument(
+        "--box",
+        dest="prompt_items",
+        action=_PromptItem,
+        const="box",
+        metavar="X1,Y1,X2,Y2[,neg]",
+        help="a box in pixels, for the preceding -p",
+    )
+    p.add_argument(
+        "--point",
+        dest="prompt_items",
+        action=_PromptItem,
+        const="point",
+        metavar="X,Y[,LABEL]",
+        help="a point in pixels (label 1 positive, 0 negative), for the preceding -p (2D)",
+    )
+    p.add_argument(
+        "--box-slice",
+        dest="prompt_items",
+        action=_PromptItem,
+        const="box_slice",
+        metavar="K",
+        help="volumes: the input slice (array axis 0) the preceding prompt's --box lies on",
+    )
+    p.add_argument(
+        "--box3d",
+        dest="prompt_items",
+        action=_PromptItem,
+        const="box3d",
+        metavar="X1,Y1,Z1,X2,Y2,Z2",
+        help="volumes: a 3D box in input voxels for the preceding -p",
+    )
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR", help="output folder")
-    add_model_arguments(p, model_help="model folder or id (default: $MEDSAM3_MODEL, the configured model, "
-                        "else the bundled one)")
+    add_model_arguments(
+        p,
+        model_help="model folder or id (default: $MEDSAM3_MODEL, the configured model, else the bundled one)",
+    )
     p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
     add_option_arguments(p, "segment", p.add_argument_group("volumes"))
     b = p.add_argument_group("many cases (a folder or a list file as INPUT)")
     b.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
-    b.add_argument("--max-cases", type=_count, default=None, metavar="N",
-                   help="process at most N unfinished cases, leave the rest for a later run")
-    b.add_argument("--summary", type=Path, default=None, metavar="CSV",
-                   help="per-case summary CSV (default OUT_DIR/summary.csv)")
+    b.add_argument(
+        "--max-cases",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="process at most N unfinished cases, leave the rest for a later run",
+    )
+    b.add_argument(
+        "--summary",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="per-case summary CSV (default OUT_DIR/summary.csv)",
+    )
     p.set_defaults(func=run, prompt_items=None)
 
 
@@ -213,8 +256,7 @@ def _run_single(args: argparse.Namespace, options: VolumeOptions) -> int:
     pixels = image.array[..., :3] if image.is_color else image.array
     for prompt in prompts:
         validate_prompt(prompt, image.spatial_shape)
-        intensity_parameters(pixels, args.modality or image.modality, window=args.window,
-                             concept=prompt.text)
+        intensity_parameters(pixels, args.modality or image.modality, window=args.window, concept=prompt.text)
     _check_out_dir(args.out)
     stem = default_stem(args.input)
     for path in (args.out / f"{stem}_mask.png", args.out / f"{stem}_overlay.png", args.out / f"{stem}.json"):
@@ -292,12 +334,22 @@ def _run_batch(args: argparse.Namespace, options: VolumeOptions) -> int:
             return False
         return summary_prompts(summary) == json.loads(json.dumps([p.to_dict() for p in wanted]))
 
-    outcomes = run_cases(cases, segment_case, args.out, same_prompts=same_prompts, label_names=names,
-                         overwrite=args.overwrite, max_cases=args.max_cases, summary_csv=args.summary)
+    outcomes = run_cases(
+        cases,
+        segment_case,
+        args.out,
+        same_prompts=same_prompts,
+        label_names=names,
+        overwrite=args.overwrite,
+        max_cases=args.max_cases,
+        summary_csv=args.summary,
+    )
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
     left = len(cases) - len(outcomes)
-    print(f"{len(cases)} cases: {counts['ok']} ok, {counts['skipped']} skipped (already done), "
-          f"{counts['failed']} failed" + (f", {left} left for a later run" if left else ""))
+    print(
+        f"{len(cases)} cases: {counts['ok']} ok, {counts['skipped']} skipped (already done), "
+        f"{counts['failed']} failed" + (f", {left} left for a later run" if left else "")
+    )
     print(f"summary: {args.summary or args.out / 'summary.csv'}")
     sys.stdout.flush()
     failed = [o for o in outcomes if o.status == "failed"]

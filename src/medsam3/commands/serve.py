@@ -54,29 +54,61 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
-                   "machine only)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    add_model_arguments(p, model_help="model folder or id (default: $MEDSAM3_MODEL, the configured model, "
-                        "else the bundled one)")
-    p.add_argument("--max-upload-mb", type=_positive(float), default=512.0,
-                   help="largest upload in MB (default 512); larger ones get 413")
-    p.add_argument("--max-voxels", type=_positive(int), default=2**27,
-                   help="largest image in voxels, judged from its header (default 134217728)")
-    p.add_argument("--workers", type=_positive(int), default=1,
-                   help="segmentations running at once (default 1)")
-    p.add_argument("--queue-size", type=_positive(int), default=16,
-                   help="segmentations waiting at most; beyond it requests get 503 (default 16)")
-    p.add_argument("--result-ttl", type=_positive(float), default=3600.0, metavar="SECONDS",
-                   help="results and unused uploads are removed after this many seconds (default 3600)")
-    p.add_argument("--token", help="access token required by every endpoint (default: $MEDSAM3_TOKEN; "
-                   "none: no authentication)")
-    p.add_argument("--work-dir", help="folder for uploads and results (default: a temporary folder "
-                   "removed at exit)")
-    p.add_argument("--cache-items", type=_positive(int), default=8,
-                   help="images whose vision features are kept (default 8)")
-    p.add_argument("--cache-mb", type=_positive(float), default=2048.0,
-                   help="memory for cached vision features in MB (default 2048)")
+    add_model_arguments(
+        p,
+        model_help="model folder or id (default: $MEDSAM3_MODEL, the configured model, else the bundled one)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=_positive(float),
+        default=512.0,
+        help="largest upload in MB (default 512); larger ones get 413",
+    )
+    p.add_argument(
+        "--max-voxels",
+        type=_positive(int),
+        default=2**27,
+        help="largest image in voxels, judged from its header (default 134217728)",
+    )
+    p.add_argument(
+        "--workers", type=_positive(int), default=1, help="segmentations running at once (default 1)"
+    )
+    p.add_argument(
+        "--queue-size",
+        type=_positive(int),
+        default=16,
+        help="segmentations waiting at most; beyond it requests get 503 (default 16)",
+    )
+    p.add_argument(
+        "--result-ttl",
+        type=_positive(float),
+        default=3600.0,
+        metavar="SECONDS",
+        help="results and unused uploads are removed after this many seconds (default 3600)",
+    )
+    p.add_argument(
+        "--token",
+        help="access token required by every endpoint (default: $MEDSAM3_TOKEN; none: no authentication)",
+    )
+    p.add_argument(
+        "--work-dir", help="folder for uploads and results (default: a temporary folder removed at exit)"
+    )
+    p.add_argument(
+        "--cache-items",
+        type=_positive(int),
+        default=8,
+        help="images whose vision features are kept (default 8)",
+    )
+    p.add_argument(
+        "--cache-mb",
+        type=_positive(float),
+        default=2048.0,
+        help="memory for cached vision features in MB (default 2048)",
+    )
     # the server's defaults for requests that leave them out (declared in medsam3.predict.options)
     add_option_arguments(p, "serve")
     p.set_defaults(func=run)
@@ -87,11 +119,22 @@ def settings_from_args(args: argparse.Namespace):
     from medsam3.serve.settings import ServeSettings, token_from_env
 
     return ServeSettings(
-        host=args.host, port=args.port, model=args.model, device=args.device, dtype=args.dtype,
-        token=token_from_env(args.token), work_dir=args.work_dir, max_upload_mb=args.max_upload_mb,
-        max_voxels=args.max_voxels, workers=args.workers, queue_size=args.queue_size,
-        result_ttl=args.result_ttl, cache_items=args.cache_items, cache_mb=args.cache_mb,
-        threshold=args.threshold, presence_threshold=args.presence_threshold,
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        token=token_from_env(args.token),
+        work_dir=args.work_dir,
+        max_upload_mb=args.max_upload_mb,
+        max_voxels=args.max_voxels,
+        workers=args.workers,
+        queue_size=args.queue_size,
+        result_ttl=args.result_ttl,
+        cache_items=args.cache_items,
+        cache_mb=args.cache_mb,
+        threshold=args.threshold,
+        presence_threshold=args.presence_threshold,
     )
 
 
@@ -100,9 +143,11 @@ def exposure_warning(settings) -> str | None:
     if settings.is_loopback or settings.token is not None:
         return None
     bar = "!" * 78
-    return (f"{bar}\nWARNING: listening on {settings.host}:{settings.port} WITHOUT A TOKEN.\n"
-            "Anyone who can reach this address can upload images, run the model and read results.\n"
-            "Set --token (or $MEDSAM3_TOKEN), or listen on 127.0.0.1.\n" + bar)
+    return (
+        f"{bar}\nWARNING: listening on {settings.host}:{settings.port} WITHOUT A TOKEN.\n"
+        "Anyone who can reach this address can upload images, run the model and read results.\n"
+        "Set --token (or $MEDSAM3_TOKEN), or listen on 127.0.0.1.\n" + bar
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,8 +156,10 @@ def run(args: argparse.Namespace) -> int:
 
         from medsam3.serve.app import create_app
     except ModuleNotFoundError as exc:
-        raise MedSam3Error(f"`medsam3 serve` needs the web packages ({exc.name} is missing): "
-                           "pip install fastapi uvicorn python-multipart") from None
+        raise MedSam3Error(
+            f"`medsam3 serve` needs the web packages ({exc.name} is missing): "
+            "pip install fastapi uvicorn python-multipart"
+        ) from None
     settings = settings_from_args(args)
     warning = exposure_warning(settings)
     if warning:
@@ -120,7 +167,10 @@ def run(args: argparse.Namespace) -> int:
         log.warning("listening on %s without a token", settings.host)
     app = create_app(settings)
     where = f"http://{settings.host if ':' not in settings.host else f'[{settings.host}]'}:{settings.port}/"
-    print(f"medsam3 serve: viewer at {where}  API docs at {where}docs  (Ctrl+C stops)", file=sys.stderr,
-          flush=True)
+    print(
+        f"medsam3 serve: viewer at {where}  API docs at {where}docs  (Ctrl+C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
     return 0

@@ -30,8 +30,12 @@ from medsam3.io.atomic import protect_inputs
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="YAML file of configuration overrides (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="further overrides, e.g. data.manifest=m.jsonl max_steps=100 optim.lr_decoder=1e-4")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="further overrides, e.g. data.manifest=m.jsonl max_steps=100 optim.lr_decoder=1e-4",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.set_defaults(func=run)
 
@@ -81,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from medsam3.errors import MedSam3Error
 
-    parser = argparse.ArgumentParser(prog="medsam3 train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="medsam3 train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

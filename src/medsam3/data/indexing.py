@@ -251,8 +251,11 @@ def prepare_dataset(
             for region, values in regions.items():
                 unnamed = sorted(set(int(v) for v in values) - set(c.label_names))
                 if unnamed or not values:
-                    raise InputError(c.label[0], f"region {region!r} uses label value(s) {unnamed or values} "
-                                     f"that the labels do not name ({_names(c.label_names)})")
+                    raise InputError(
+                        c.label[0],
+                        f"region {region!r} uses label value(s) {unnamed or values} "
+                        f"that the labels do not name ({_names(c.label_names)})",
+                    )
             c.regions = {**c.regions, **{str(k): sorted(int(v) for v in vs) for k, vs in regions.items()}}
         concepts = {}
         for value, label_name in sorted(c.label_names.items()):

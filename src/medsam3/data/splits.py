@@ -14,8 +14,11 @@ Datasets used for external evaluation only put every case in ``test``.
 
 Splits file (JSON)::
 
-    {"seed": 42, "val_fraction": 0.15,
-     "datasets": {"Kvasir-SEG": {"train": ["a", "c", ...], "val": ["b", ...]}, "HC18": {"test": [...]}}}
+    {
+        "seed": 42,
+        "val_fraction": 0.15,
+        "datasets": {"Kvasir-SEG": {"train": ["a", "c", ...], "val": ["b", ...]}, "HC18": {"test": [...]}},
+    }
 """
 
 from __future__ import annotations

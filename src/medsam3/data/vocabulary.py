@@ -48,10 +48,26 @@ _US_SPELLING = {
 #: Words that make a concept depend on the image's orientation: such concepts are never mirrored, neither
 #: by training augmentation (:mod:`medsam3.train.augment`) nor by test-time mirroring
 #: (:mod:`medsam3.predict.tta`): a mirror image swaps the side the name refers to.
-POSITIONAL_WORDS = frozenset({
-    "left", "right", "anterior", "posterior", "superior", "inferior", "upper", "lower", "medial", "lateral",
-    "proximal", "distal", "dorsal", "ventral", "cranial", "caudal",
-})
+POSITIONAL_WORDS = frozenset(
+    {
+        "left",
+        "right",
+        "anterior",
+        "posterior",
+        "superior",
+        "inferior",
+        "upper",
+        "lower",
+        "medial",
+        "lateral",
+        "proximal",
+        "distal",
+        "dorsal",
+        "ventral",
+        "cranial",
+        "caudal",
+    }
+)
 
 
 def is_positional(concept: str) -> bool:

@@ -69,8 +69,12 @@ def dice_by_dataset(stats: Sequence[dict], models: Sequence[str], datasets: Sequ
             lo.append(100 * (m - s["dice_low"]) if s else 0.0)
             hi.append(100 * (s["dice_high"] - m) if s else 0.0)
         ax.bar(x + (i - (len(models) - 1) / 2) * width, means, width, yerr=[lo, hi], capsize=3, label=model)
-    ax.set_xticks(x, [f"{d}" for d in datasets], rotation=30 if len(datasets) > 4 else 0, ha="right"
-                  if len(datasets) > 4 else "center")
+    ax.set_xticks(
+        x,
+        [f"{d}" for d in datasets],
+        rotation=30 if len(datasets) > 4 else 0,
+        ha="right" if len(datasets) > 4 else "center",
+    )
     ax.set_ylabel("Dice (%)  mean with 95% bootstrap CI")
     ax.set_ylim(0, 105)
     ax.grid(axis="y", alpha=0.3)
@@ -87,15 +91,22 @@ def dice_by_modality(rows: Sequence[CaseRow], models: Sequence[str]) -> bytes:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(models)) ** 0.5 + 2), 4.2))
     handles = []
     for i, model in enumerate(models):
-        data = [[100 * r.value("dice") for r in rows if r.model == model and (r.group or "unknown") == g]
-                for g in groups]
+        data = [
+            [100 * r.value("dice") for r in rows if r.model == model and (r.group or "unknown") == g]
+            for g in groups
+        ]
         pos = np.arange(len(groups)) + (i - (len(models) - 1) / 2) * width
         keep = [k for k, d in enumerate(data) if d]
         if not keep:
             continue
         colour = plt.rcParams["axes.prop_cycle"].by_key()["color"][i % 10]
-        box = ax.boxplot([data[k] for k in keep], positions=pos[keep], widths=width * 0.9,
-                         patch_artist=True, manage_ticks=False)
+        box = ax.boxplot(
+            [data[k] for k in keep],
+            positions=pos[keep],
+            widths=width * 0.9,
+            patch_artist=True,
+            manage_ticks=False,
+        )
         for patch in box["boxes"]:
             patch.set_facecolor(colour)
             patch.set_alpha(0.6)
@@ -227,8 +238,9 @@ class GalleryCollector:
             seen = {id(i) for i in best}
             for kind, chosen in (("best", best), ("worst", [i for i in worst if id(i) not in seen])):
                 for rank, item in enumerate(chosen, 1):
-                    out.append(GalleryItem(item.row, item.image, item.ref, item.pred, item.slice_index,
-                                           kind, rank))
+                    out.append(
+                        GalleryItem(item.row, item.image, item.ref, item.pred, item.slice_index, kind, rank)
+                    )
         return out
 
 
@@ -274,15 +286,16 @@ def gallery_html(items: Sequence[GalleryItem], folder: str = "gallery") -> str:
     """A self-contained HTML page showing every gallery PNG (``folder/<file_name>``) with its scores."""
     esc = html.escape
     parts = [
-        "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         "<title>medsam3 evaluation gallery</title>",
         "<style>body{font-family:sans-serif;background:#161618;color:#ececec;margin:20px}"
         "table{border-collapse:collapse;margin-bottom:28px}td,th{border:1px solid #444;padding:6px;"
         "vertical-align:top;text-align:left}img{max-width:640px}h2{margin-top:30px}"
         ".ref{color:#3cc84b}.pred{color:#eb2850}</style></head><body>",
         "<h1>Best and worst cases by Dice</h1>",
-        "<p>Left panel: <span class=\"ref\">reference</span>; right panel: <span class=\"pred\">"
-        "prediction</span> with the <span class=\"ref\">reference</span> outline. 3D cases show the slice "
+        '<p>Left panel: <span class="ref">reference</span>; right panel: <span class="pred">'
+        'prediction</span> with the <span class="ref">reference</span> outline. 3D cases show the slice '
         "with the most reference voxels.</p>",
     ]
     models = list(dict.fromkeys(i.row.model for i in items))
@@ -292,19 +305,23 @@ def gallery_html(items: Sequence[GalleryItem], folder: str = "gallery") -> str:
             chosen = [i for i in items if i.row.model == model and i.kind == kind]
             if not chosen:
                 continue
-            parts.append(f"<h3>{kind}</h3><table><tr><th>#</th><th>case</th><th>scores</th><th>overlay</th></tr>")
+            parts.append(
+                f"<h3>{kind}</h3><table><tr><th>#</th><th>case</th><th>scores</th><th>overlay</th></tr>"
+            )
             for i in chosen:
                 r = i.row
                 unit = r.metrics.get("distance_unit", "")
-                scores = (f"Dice {_cell(r.value('dice'))}<br>IoU {_cell(r.value('iou'))}<br>"
-                          f"NSD {_cell(r.value('nsd'))}<br>HD95 {_cell(r.value('hd95'))} {esc(unit)}<br>"
-                          f"status {esc(r.status)}")
+                scores = (
+                    f"Dice {_cell(r.value('dice'))}<br>IoU {_cell(r.value('iou'))}<br>"
+                    f"NSD {_cell(r.value('nsd'))}<br>HD95 {_cell(r.value('hd95'))} {esc(unit)}<br>"
+                    f"status {esc(r.status)}"
+                )
                 where = f"<br>slice {i.slice_index}" if i.slice_index is not None else ""
                 src = f"{folder}/{i.file_name}"
                 parts.append(
                     f"<tr><td>{i.rank}</td><td>{esc(r.dataset)}<br>{esc(r.case)}<br>{esc(r.concept)}{where}"
                     f"<br><small>{esc(r.note)}</small></td><td>{scores}</td>"
-                    f"<td><a href=\"{esc(src)}\"><img src=\"{esc(src)}\" alt=\"{esc(r.case)}\"></a></td></tr>"
+                    f'<td><a href="{esc(src)}"><img src="{esc(src)}" alt="{esc(r.case)}"></a></td></tr>'
                 )
             parts.append("</table>")
     if not items:

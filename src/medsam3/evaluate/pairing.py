@@ -50,8 +50,17 @@ from medsam3.io.geometry import describe_geometry, place_on_grid
 from medsam3.io.sniff import extension_format
 
 #: Trailing name parts that mark a file's role rather than its case (removed once, case-insensitively).
-ROLE_SUFFIXES = ("_mask", "_pred", "_prediction", "_seg", "_segmentation", "_label", "_labels", "_gt",
-                 "_annotation")
+ROLE_SUFFIXES = (
+    "_mask",
+    "_pred",
+    "_prediction",
+    "_seg",
+    "_segmentation",
+    "_label",
+    "_labels",
+    "_gt",
+    "_annotation",
+)
 _COMPOUND = (".seg.nrrd", ".nii.gz")
 _SUFFIX_RE = re.compile("(" + "|".join(re.escape(s) for s in ROLE_SUFFIXES) + ")$", re.IGNORECASE)
 
@@ -203,7 +212,8 @@ def match_labels(
     if not pred_names:
         if not ref_names and set(ref_values) <= {1} and len(pred_values) > 1:
             raise InputError(
-                None, f"{where}: the reference is one unnamed label but the prediction holds values "
+                None,
+                f"{where}: the reference is one unnamed label but the prediction holds values "
                 f"{pred_values} without names; give --label-map for the prediction",
             )
         binary = set(ref_values) <= {1} and len(pred_values) <= 1
@@ -222,12 +232,14 @@ def match_labels(
     if not ref_names:
         if not set(ref_values) <= {1}:
             raise InputError(
-                None, f"{where}: reference labels {ref_values} have no names while the prediction's labels "
+                None,
+                f"{where}: reference labels {ref_values} have no names while the prediction's labels "
                 f"are named ({', '.join(sorted(pred_concepts))}); give --ref-labels",
             )
         if len(pred_concepts) > 1:
             raise InputError(
-                None, f"{where}: the reference is one unnamed label but the prediction names several "
+                None,
+                f"{where}: the reference is one unnamed label but the prediction names several "
                 f"({', '.join(sorted(pred_concepts))}); give --ref-labels to say which one it is",
             )
         name, values = next(iter(pred_concepts.items()))
@@ -273,8 +285,9 @@ def resample_nearest(pred: Image, ref: Image) -> np.ndarray:
     return sitk.GetArrayFromImage(out)
 
 
-def align_prediction(pred: Image, ref: Image, pred_path: Path, ref_path: Path,
-                     resample: bool = False) -> tuple[np.ndarray, str]:
+def align_prediction(
+    pred: Image, ref: Image, pred_path: Path, ref_path: Path, resample: bool = False
+) -> tuple[np.ndarray, str]:
     """The prediction's label array on the reference grid, and how it got there.
 
     Returns ``(array, how)`` with ``how`` one of ``same grid``, ``same shape`` (a picture without pixel
@@ -311,8 +324,9 @@ def label_values(array: np.ndarray) -> list[int]:
     return [int(v) for v in np.unique(array) if v != 0]
 
 
-def pred_names_for(pred_path: Path, file_names: Mapping[int, str], user_map: Mapping[int, str] | None
-                   ) -> tuple[dict[int, str], SummaryLabels | None]:
+def pred_names_for(
+    pred_path: Path, file_names: Mapping[int, str], user_map: Mapping[int, str] | None
+) -> tuple[dict[int, str], SummaryLabels | None]:
     """``(value -> name, SummaryLabels or None)`` for one prediction file (module docstring order);
     ``file_names`` are the names stored in the file itself."""
     if user_map:
@@ -382,8 +396,14 @@ def read_prediction(pred_path: Path) -> tuple[Image, dict[int, Image] | None, di
     return next(iter(segments.values())), segments, names
 
 
-def align_labels(pred: Image, segments: dict[int, Image] | None, ref: Image, pred_path: Path, ref_path: Path,
-                 resample: bool = False) -> tuple[PredictionLabels, str]:
+def align_labels(
+    pred: Image,
+    segments: dict[int, Image] | None,
+    ref: Image,
+    pred_path: Path,
+    ref_path: Path,
+    resample: bool = False,
+) -> tuple[PredictionLabels, str]:
     """:func:`align_prediction` for a label map or for each segment of an overlapping segmentation."""
     if segments is None:
         arr, how = align_prediction(pred, ref, pred_path, ref_path, resample)

@@ -56,8 +56,11 @@ def model_columns(rows: Sequence[CaseRow]) -> list[str]:
 
 def summarize(rows: Sequence[CaseRow], n_boot: int = N_BOOT, seed: int = 0) -> list[dict[str, Any]]:
     """Summary rows per dataset, modality group and overall (see the module docstring)."""
-    levels = (("dataset", lambda r: r.dataset), ("group", lambda r: r.group or "unknown"),
-              ("all", lambda r: "all"))
+    levels = (
+        ("dataset", lambda r: r.dataset),
+        ("group", lambda r: r.group or "unknown"),
+        ("all", lambda r: "all"),
+    )
     out = []
     for level, key in levels:
         groups: dict[tuple, list[CaseRow]] = {}
@@ -65,7 +68,11 @@ def summarize(rows: Sequence[CaseRow], n_boot: int = N_BOOT, seed: int = 0) -> l
             groups.setdefault((key(r), r.model, r.prompt_mode), []).append(r)
         for (name, model, mode), members in groups.items():
             entry: dict[str, Any] = {
-                "level": level, "name": name, "model": model, "prompt_mode": mode, "n": len(members),
+                "level": level,
+                "name": name,
+                "model": model,
+                "prompt_mode": mode,
+                "n": len(members),
                 "n_ok": sum(r.status == "ok" for r in members),
                 "n_missing": sum(r.status == "missing" for r in members),
                 "n_failed": sum(r.status == "failed" for r in members),
@@ -80,8 +87,18 @@ def summarize(rows: Sequence[CaseRow], n_boot: int = N_BOOT, seed: int = 0) -> l
     return out
 
 
-SUMMARY_COLUMNS = ("level", "name", "role", "group", "model", "prompt_mode", "n", "n_ok", "n_missing",
-                   "n_failed") + tuple(f"{m}_{s}" for m in SUMMARY_METRICS for s in ("mean", "low", "high"))
+SUMMARY_COLUMNS = (
+    "level",
+    "name",
+    "role",
+    "group",
+    "model",
+    "prompt_mode",
+    "n",
+    "n_ok",
+    "n_missing",
+    "n_failed",
+) + tuple(f"{m}_{s}" for m in SUMMARY_METRICS for s in ("mean", "low", "high"))
 
 
 def dataset_table(rows: Sequence[CaseRow]) -> dict[str, Any]:
@@ -106,14 +123,21 @@ def dataset_table(rows: Sequence[CaseRow]) -> dict[str, Any]:
             for col in columns:
                 sel = [r for r in members if r.dataset == d and _column_key(r, modes) == col]
                 n = max(n, len(sel))
-                cells[col] = (100 * float(np.mean([r.value("dice") for r in sel])),
-                              100 * float(np.mean([r.value("iou") for r in sel]))) if sel else None
+                cells[col] = (
+                    (
+                        100 * float(np.mean([r.value("dice") for r in sel])),
+                        100 * float(np.mean([r.value("iou") for r in sel])),
+                    )
+                    if sel
+                    else None
+                )
             entries.append({"name": d, "n": n, "cells": cells})
         average = {}
         for col in columns:
             vals = [e["cells"][col] for e in entries if e["cells"][col] is not None]
-            average[col] = (float(np.mean([v[0] for v in vals])), float(np.mean([v[1] for v in vals]))) \
-                if vals else None
+            average[col] = (
+                (float(np.mean([v[0] for v in vals])), float(np.mean([v[1] for v in vals]))) if vals else None
+            )
         sections.append({"title": title, "role": role, "datasets": entries, "average": average})
     return {"columns": columns, "sections": sections}
 
@@ -142,8 +166,11 @@ def table_markdown(table: Mapping[str, Any], title: str = "Dice and IoU (%) per 
         n_ds = len(sec["datasets"])
         noun = "dataset" if n_ds == 1 else "datasets"
         lines.append("| " + " | ".join([f"*{sec['title']} average ({n_ds} {noun})*", ""] + avg) + " |")
-    lines += ["", "n: scored (case, label) pairs per dataset. An average is the mean of the dataset means.",
-              "Missing and failed predictions count as Dice 0 (see cases.csv, column status)."]
+    lines += [
+        "",
+        "n: scored (case, label) pairs per dataset. An average is the mean of the dataset means.",
+        "Missing and failed predictions count as Dice 0 (see cases.csv, column status).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -184,17 +211,35 @@ def absent_summary(rows: Sequence[AbsentRow], n_boot: int = N_BOOT, seed: int = 
             images[(r.dataset, r.case)] = images.get((r.dataset, r.case), False) or r.predicted
         flags = [1.0 if v else 0.0 for v in images.values()]
         mean, low, high = bootstrap_ci(flags, n_boot=n_boot, seed=seed)
-        out.append({
-            "model": model, "dataset": scope, "images": len(flags), "images_with_fp": int(sum(flags)),
-            "image_fp_rate": mean, "image_fp_low": low, "image_fp_high": high, "prompts": len(members),
-            "prompts_with_fp": sum(r.predicted for r in members),
-            "prompt_fp_rate": sum(r.predicted for r in members) / len(members),
-        })
+        out.append(
+            {
+                "model": model,
+                "dataset": scope,
+                "images": len(flags),
+                "images_with_fp": int(sum(flags)),
+                "image_fp_rate": mean,
+                "image_fp_low": low,
+                "image_fp_high": high,
+                "prompts": len(members),
+                "prompts_with_fp": sum(r.predicted for r in members),
+                "prompt_fp_rate": sum(r.predicted for r in members) / len(members),
+            }
+        )
     return out
 
 
-ABSENT_SUMMARY_COLUMNS = ("model", "dataset", "images", "images_with_fp", "image_fp_rate", "image_fp_low",
-                          "image_fp_high", "prompts", "prompts_with_fp", "prompt_fp_rate")
+ABSENT_SUMMARY_COLUMNS = (
+    "model",
+    "dataset",
+    "images",
+    "images_with_fp",
+    "image_fp_rate",
+    "image_fp_low",
+    "image_fp_high",
+    "prompts",
+    "prompts_with_fp",
+    "prompt_fp_rate",
+)
 
 
 # -- text helpers ------------------------------------------------------------------------------------------
@@ -223,8 +268,12 @@ def versions() -> dict[str, str]:
 
     from medsam3 import __version__
 
-    out = {"medsam3": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-           "python": platform.python_version()}
+    out = {
+        "medsam3": __version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "python": platform.python_version(),
+    }
     for name in ("SimpleITK", "torch", "transformers"):
         mod = sys.modules.get(name)
         if mod is not None:
@@ -280,13 +329,17 @@ def report_files(
         abs_summary = absent_summary(absent, n_boot=n_boot, seed=seed)
         files["absent.csv"] = dict_csv(ABSENT_COLUMNS, [r.to_csv() for r in absent])
         files["absent_summary.csv"] = dict_csv(ABSENT_SUMMARY_COLUMNS, abs_summary)
-        md += "\n## Absent-concept test (false positives)\n\n| model | images | with a false positive | " \
-              "rate % (95% CI) |\n|---|---|---|---|\n"
+        md += (
+            "\n## Absent-concept test (false positives)\n\n| model | images | with a false positive | "
+            "rate % (95% CI) |\n|---|---|---|---|\n"
+        )
         for s in abs_summary:
             if s["dataset"] == "all":
-                md += (f"| {s['model']} | {s['images']} | {s['images_with_fp']} | "
-                       f"{100 * s['image_fp_rate']:.1f} ({100 * s['image_fp_low']:.1f}–"
-                       f"{100 * s['image_fp_high']:.1f}) |\n")
+                md += (
+                    f"| {s['model']} | {s['images']} | {s['images_with_fp']} | "
+                    f"{100 * s['image_fp_rate']:.1f} ({100 * s['image_fp_low']:.1f}–"
+                    f"{100 * s['image_fp_high']:.1f}) |\n"
+                )
     files["table.md"] = md
     cfg = dict(config)
     cfg.setdefault("versions", versions())
@@ -308,8 +361,9 @@ def report_files(
     else:
         stats = summary
     datasets = list(dict.fromkeys(r.dataset for r in rows))
-    files["dice_by_dataset.png"] = dice_by_dataset([s for s in stats if s["level"] == "dataset"], columns,
-                                                   datasets)
+    files["dice_by_dataset.png"] = dice_by_dataset(
+        [s for s in stats if s["level"] == "dataset"], columns, datasets
+    )
     files["dice_by_modality.png"] = dice_by_modality(keyed, columns)
     for item in gallery:
         files[f"gallery/{item.file_name}"] = render_case(item)
@@ -317,9 +371,16 @@ def report_files(
     return files
 
 
-def write_report(out_dir: str | Path, rows: Sequence[CaseRow], config: Mapping[str, Any],
-                 gallery: Sequence[GalleryItem] = (), absent: Sequence[AbsentRow] = (),
-                 extra: Mapping[str, str | bytes] | None = None, n_boot: int = N_BOOT, seed: int = 0) -> Path:
+def write_report(
+    out_dir: str | Path,
+    rows: Sequence[CaseRow],
+    config: Mapping[str, Any],
+    gallery: Sequence[GalleryItem] = (),
+    absent: Sequence[AbsentRow] = (),
+    extra: Mapping[str, str | bytes] | None = None,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> Path:
     """Compute and write the report folder (all files at once); ``extra`` adds more files. Returns it."""
     files = report_files(rows, config, gallery, absent, n_boot=n_boot, seed=seed)
     files.update(extra or {})

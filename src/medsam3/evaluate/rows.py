@@ -41,12 +41,41 @@ DISTANCE_METRICS = ("hd95", "hausdorff", "assd")
 
 #: Columns of ``cases.csv``, in order.
 CASE_COLUMNS = (
-    "dataset", "role", "group", "case", "concept", "label", "model", "prompt_mode", "status",
-    "dice", "iou", "nsd", "hd95", "assd", "hausdorff", "precision", "recall",
-    "pred_voxels", "ref_voxels", "pred_volume", "ref_volume", "volume_unit",
-    "distance_unit", "worst_case_distance", "distances_worst_case", "nsd_tolerance",
-    "score", "presence", "empty_slices", "fp_slices", "fp_pixel_rate",
-    "note", "reference", "prediction", "image",
+    "dataset",
+    "role",
+    "group",
+    "case",
+    "concept",
+    "label",
+    "model",
+    "prompt_mode",
+    "status",
+    "dice",
+    "iou",
+    "nsd",
+    "hd95",
+    "assd",
+    "hausdorff",
+    "precision",
+    "recall",
+    "pred_voxels",
+    "ref_voxels",
+    "pred_volume",
+    "ref_volume",
+    "volume_unit",
+    "distance_unit",
+    "worst_case_distance",
+    "distances_worst_case",
+    "nsd_tolerance",
+    "score",
+    "presence",
+    "empty_slices",
+    "fp_slices",
+    "fp_pixel_rate",
+    "note",
+    "reference",
+    "prediction",
+    "image",
 )
 
 
@@ -101,15 +130,37 @@ class CaseRow:
     def to_csv(self) -> dict[str, Any]:
         """The row as ``cases.csv`` cells (numbers rounded to 6 significant digits)."""
         out: dict[str, Any] = {
-            "dataset": self.dataset, "role": self.role, "group": self.group, "case": self.case,
-            "concept": self.concept, "label": "" if self.label is None else self.label, "model": self.model,
-            "prompt_mode": self.prompt_mode, "status": self.status, "note": self.note,
-            "reference": self.reference, "prediction": self.prediction, "image": self.image,
-            "score": _fmt(self.score), "presence": _fmt(self.presence),
+            "dataset": self.dataset,
+            "role": self.role,
+            "group": self.group,
+            "case": self.case,
+            "concept": self.concept,
+            "label": "" if self.label is None else self.label,
+            "model": self.model,
+            "prompt_mode": self.prompt_mode,
+            "status": self.status,
+            "note": self.note,
+            "reference": self.reference,
+            "prediction": self.prediction,
+            "image": self.image,
+            "score": _fmt(self.score),
+            "presence": _fmt(self.presence),
         }
         m = self.metrics
-        for key in ("dice", "iou", "nsd", "hd95", "assd", "hausdorff", "precision", "recall", "pred_volume",
-                    "ref_volume", "worst_case_distance", "nsd_tolerance"):
+        for key in (
+            "dice",
+            "iou",
+            "nsd",
+            "hd95",
+            "assd",
+            "hausdorff",
+            "precision",
+            "recall",
+            "pred_volume",
+            "ref_volume",
+            "worst_case_distance",
+            "nsd_tolerance",
+        ):
             out[key] = _fmt(m[key])
         for key in ("pred_voxels", "ref_voxels", "volume_unit", "distance_unit"):
             out[key] = m[key]
@@ -197,11 +248,19 @@ def failure_metrics(
     precision 0, distances worst-case).
     """
     ref = np.asarray(ref, dtype=bool)
-    out = score_masks(np.zeros_like(ref), ref, spacing, spacing_known=spacing_known,
-                      nsd_tolerance=nsd_tolerance)
+    out = score_masks(
+        np.zeros_like(ref), ref, spacing, spacing_known=spacing_known, nsd_tolerance=nsd_tolerance
+    )
     if not ref.any():
-        out.update(dice=0.0, iou=0.0, nsd=0.0, precision=0.0, recall=0.0, distances_worst_case=True,
-                   **{k: out["worst_case_distance"] for k in DISTANCE_METRICS})
+        out.update(
+            dice=0.0,
+            iou=0.0,
+            nsd=0.0,
+            precision=0.0,
+            recall=0.0,
+            distances_worst_case=True,
+            **{k: out["worst_case_distance"] for k in DISTANCE_METRICS},
+        )
     return out
 
 
@@ -228,8 +287,20 @@ def empty_slice_stats(pred: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
 
 
 #: Columns of ``absent.csv`` (the absent-concept test), in order.
-ABSENT_COLUMNS = ("dataset", "role", "group", "case", "model", "concept", "predicted", "predicted_pixels",
-                  "predicted_fraction", "score", "presence", "note")
+ABSENT_COLUMNS = (
+    "dataset",
+    "role",
+    "group",
+    "case",
+    "model",
+    "concept",
+    "predicted",
+    "predicted_pixels",
+    "predicted_fraction",
+    "score",
+    "presence",
+    "note",
+)
 
 
 @dataclass
@@ -257,9 +328,16 @@ class AbsentRow:
 
     def to_csv(self) -> dict[str, Any]:
         return {
-            "dataset": self.dataset, "role": self.role, "group": self.group, "case": self.case,
-            "model": self.model, "concept": self.concept, "predicted": "true" if self.predicted else "false",
+            "dataset": self.dataset,
+            "role": self.role,
+            "group": self.group,
+            "case": self.case,
+            "model": self.model,
+            "concept": self.concept,
+            "predicted": "true" if self.predicted else "false",
             "predicted_pixels": int(self.predicted_pixels),
             "predicted_fraction": _fmt(self.predicted_pixels / max(1, self.image_pixels)),
-            "score": _fmt(self.score), "presence": _fmt(self.presence), "note": self.note,
+            "score": _fmt(self.score),
+            "presence": _fmt(self.presence),
+            "note": self.note,
         }

@@ -135,21 +135,28 @@ class RunResult:
 
 
 # -- records -----------------------------------------------------------------------------------------------
-def select_records(records: Sequence[Record], split: str = "eval", datasets: Iterable[str] | None = None,
-                   limit: int | None = None) -> list[Record]:
+def select_records(
+    records: Sequence[Record],
+    split: str = "eval",
+    datasets: Iterable[str] | None = None,
+    limit: int | None = None,
+) -> list[Record]:
     """Records of ``split`` (``eval`` = val + test, ``all`` includes train), of ``datasets`` if given, at
     most ``limit`` per dataset (by case id)."""
     if split not in SPLIT_CHOICES:
         raise InputError(None, f"split {split!r} is not one of {SPLIT_CHOICES}")
-    wanted = {"val": {"val"}, "test": {"test"}, "eval": {"val", "test"},
-              "all": {"train", "val", "test"}}[split]
+    wanted = {"val": {"val"}, "test": {"test"}, "eval": {"val", "test"}, "all": {"train", "val", "test"}}[
+        split
+    ]
     names = {d.casefold() for d in datasets} if datasets else None
     if names is not None:
         known = {r.dataset.casefold() for r in records}
         unknown = sorted(names - known)
         if unknown:
-            raise InputError(None, f"datasets {unknown} are not in the manifest (it has "
-                             f"{sorted({r.dataset for r in records})})")
+            raise InputError(
+                None,
+                f"datasets {unknown} are not in the manifest (it has {sorted({r.dataset for r in records})})",
+            )
     out = [r for r in records if r.split in wanted and (names is None or r.dataset.casefold() in names)]
     out.sort(key=lambda r: (r.dataset, r.case_id, tuple(r.label)))
     if limit:
@@ -173,8 +180,11 @@ def load_record(record: Record) -> tuple[Image, np.ndarray]:
     image = read_image(record.image[0], modality=modality)
     semantic = load_label_arrays(record).semantic
     if image.spatial_shape != semantic.shape:
-        raise InputError(record.image[0], f"image shape {image.spatial_shape} differs from its label map "
-                         f"{semantic.shape} ({record.label[0]})")
+        raise InputError(
+            record.image[0],
+            f"image shape {image.spatial_shape} differs from its label map "
+            f"{semantic.shape} ({record.label[0]})",
+        )
     if image.ndim == 3:
         image, reo = to_canonical(image)
         semantic = reo.apply(semantic)
@@ -257,8 +267,9 @@ def dataset_concepts(records: Sequence[Record]) -> dict[str, set[str]]:
     return out
 
 
-def absent_concepts(record: Record, pools: Mapping[str, list[str]], named: set[str], n: int,
-                    seed: int = 0) -> list[str]:
+def absent_concepts(
+    record: Record, pools: Mapping[str, list[str]], named: set[str], n: int, seed: int = 0
+) -> list[str]:
     """Up to ``n`` concepts of the record's group that its dataset never names; seeded per case."""
     pool = [c for c in pools.get((record.group or record.modality).casefold(), []) if c not in named]
     if not pool or n <= 0:
@@ -294,8 +305,10 @@ def _prompt_masks(result, n_prompts: int) -> tuple[list[np.ndarray], list[float 
 
 def _segment_2d(segmenter, image: Image, texts: list[str], refs: list[np.ndarray], options: RunOptions):
     """Prompt every concept once on a 2D image; returns masks, scores, presence and the display image."""
-    prompts = [reference_prompt(options.prompt_mode, t, m, options.geometry) for t, m in zip(texts, refs,
-                                                                                          strict=True)]
+    prompts = [
+        reference_prompt(options.prompt_mode, t, m, options.geometry)
+        for t, m in zip(texts, refs, strict=True)
+    ]
     live = [i for i, p in enumerate(prompts) if p is not None]
     shape = image.spatial_shape
     masks = [np.zeros(shape, bool) for _ in texts]
@@ -303,8 +316,9 @@ def _segment_2d(segmenter, image: Image, texts: list[str], refs: list[np.ndarray
     presence: list[float | None] = [None] * len(texts)
     display = None
     if live:
-        instances = options.inference.instances or (options.geometry == "objects"
-                                                     and options.prompt_mode != "text")
+        instances = options.inference.instances or (
+            options.geometry == "objects" and options.prompt_mode != "text"
+        )
         result = segmenter.segment(image, [prompts[i] for i in live], instances=instances)
         got = _prompt_masks(result, len(live))
         for k, i in enumerate(live):
@@ -360,8 +374,14 @@ def disjoint_groups(values: Mapping[str, Sequence[int]], concepts: Sequence[str]
     return [members for _, members in groups]
 
 
-def _segment_groups(segmenter, image: Image, texts: list[str], refs: list[np.ndarray], options: RunOptions,
-                    groups: list[list[int]]):
+def _segment_groups(
+    segmenter,
+    image: Image,
+    texts: list[str],
+    refs: list[np.ndarray],
+    options: RunOptions,
+    groups: list[list[int]],
+):
     """:func:`_segment` once per group of non-overlapping concepts; outputs in the order of ``texts``."""
     if len(groups) == 1:
         return _segment(segmenter, image, texts, refs, options)
@@ -380,16 +400,21 @@ def _segment_groups(segmenter, image: Image, texts: list[str], refs: list[np.nda
 def _absent_test(segmenter, image: Image, texts: list[str], volume_mode: str) -> tuple[list[int], list, list]:
     """Pixels each absent-concept text got (text prompts, one call per image, or per slice / per volume of
     a 3D image as ``volume_mode`` says: the path the scored prompts took)."""
-    opts = RunOptions(prompt_mode="text", volume_mode=volume_mode,
-                      inference=segmenter.options.replace(instances=False))
+    opts = RunOptions(
+        prompt_mode="text", volume_mode=volume_mode, inference=segmenter.options.replace(instances=False)
+    )
     dummy = [np.zeros(image.spatial_shape, bool) for _ in texts]
     masks, scores, presence, _ = _segment(segmenter, image, texts, dummy, opts)
     return [int(m.sum()) for m in masks], scores, presence
 
 
-def run_models(records: Sequence[Record], models: Sequence[ModelSpec], options: RunOptions,
-               gallery: GalleryCollector | None = None,
-               all_records: Sequence[Record] | None = None) -> RunResult:
+def run_models(
+    records: Sequence[Record],
+    models: Sequence[ModelSpec],
+    options: RunOptions,
+    gallery: GalleryCollector | None = None,
+    all_records: Sequence[Record] | None = None,
+) -> RunResult:
     """Evaluate every model on ``records`` (see the module docstring).
 
     ``all_records`` (default ``records``) supplies the vocabulary of the absent-concept test.
@@ -400,15 +425,17 @@ def run_models(records: Sequence[Record], models: Sequence[ModelSpec], options: 
     named = dataset_concepts(all_records or records)
     for spec in models:
         segmenter = build_segmenter(spec, options)
-        out.models.append({
-            "name": spec.name,
-            "requested": str(spec.source) if isinstance(spec.source, (str, os.PathLike)) else None,
-            "loaded_from": segmenter.source,
-            "input_size": segmenter.engine.at_size(segmenter.options.image_size).image_size,
-            "test_time_mirroring": mirroring_settings(MIRRORS if segmenter.options.tta else ((),)),
-            "threshold": segmenter.options.threshold,
-            "presence_threshold": segmenter.options.presence_threshold,
-        })
+        out.models.append(
+            {
+                "name": spec.name,
+                "requested": str(spec.source) if isinstance(spec.source, (str, os.PathLike)) else None,
+                "loaded_from": segmenter.source,
+                "input_size": segmenter.engine.at_size(segmenter.options.image_size).image_size,
+                "test_time_mirroring": mirroring_settings(MIRRORS if segmenter.options.tta else ((),)),
+                "threshold": segmenter.options.threshold,
+                "presence_threshold": segmenter.options.presence_threshold,
+            }
+        )
         log.info("evaluating %s on %d records (%s prompts)", spec.name, len(records), options.prompt_mode)
         for n, record in enumerate(records, 1):
             _run_record(segmenter, spec.name, record, options, out, gallery, pools, named)
@@ -418,11 +445,26 @@ def run_models(records: Sequence[Record], models: Sequence[ModelSpec], options: 
     return out
 
 
-def _run_record(segmenter, model: str, record: Record, options: RunOptions, out: RunResult,
-                gallery: GalleryCollector | None, pools, named) -> None:
-    common: dict[str, Any] = dict(dataset=record.dataset, role=record_role(record), group=record.group,
-                                  case=record.case_id, model=model, prompt_mode=options.prompt_mode,
-                                  image=record.image[0], reference=record.label[0])
+def _run_record(
+    segmenter,
+    model: str,
+    record: Record,
+    options: RunOptions,
+    out: RunResult,
+    gallery: GalleryCollector | None,
+    pools,
+    named,
+) -> None:
+    common: dict[str, Any] = dict(
+        dataset=record.dataset,
+        role=record_role(record),
+        group=record.group,
+        case=record.case_id,
+        model=model,
+        prompt_mode=options.prompt_mode,
+        image=record.image[0],
+        reference=record.label[0],
+    )
     concepts = sorted(record.concepts if options.include_empty else record.foreground)
     try:
         image, semantic = load_record(record)
@@ -440,8 +482,9 @@ def _run_record(segmenter, model: str, record: Record, options: RunOptions, out:
     known = image.meta.get("spacing_known", True) is not False
     if concepts:
         try:
-            masks, scores, presence, display = _segment_groups(segmenter, image, texts, refs, options,
-                                                               disjoint_groups(values, concepts))
+            masks, scores, presence, display = _segment_groups(
+                segmenter, image, texts, refs, options, disjoint_groups(values, concepts)
+            )
             status, note = "ok", ""
         except ModelError:
             raise
@@ -452,13 +495,21 @@ def _run_record(segmenter, model: str, record: Record, options: RunOptions, out:
         for i, c in enumerate(concepts):
             text_note = "; ".join(x for x in (note, f"prompt {texts[i]!r}" if texts[i] != c else "") if x)
             if status == "ok":
-                metrics = score_masks(masks[i], refs[i], spacing, spacing_known=known,
-                                      nsd_tolerance=options.nsd_tolerance)
+                metrics = score_masks(
+                    masks[i], refs[i], spacing, spacing_known=known, nsd_tolerance=options.nsd_tolerance
+                )
             else:
-                metrics = failure_metrics(refs[i], spacing, spacing_known=known,
-                                          nsd_tolerance=options.nsd_tolerance)
-            row = CaseRow(concept=c, status=status, label=values[c][0] if len(values[c]) == 1 else None,
-                          metrics=metrics, note=text_note, **common)
+                metrics = failure_metrics(
+                    refs[i], spacing, spacing_known=known, nsd_tolerance=options.nsd_tolerance
+                )
+            row = CaseRow(
+                concept=c,
+                status=status,
+                label=values[c][0] if len(values[c]) == 1 else None,
+                metrics=metrics,
+                note=text_note,
+                **common,
+            )
             if status == "ok":
                 row.score, row.presence = scores[i], presence[i]
                 row.slices = empty_slice_stats(masks[i], refs[i])
@@ -471,11 +522,14 @@ def _run_record(segmenter, model: str, record: Record, options: RunOptions, out:
 
 
 def _run_absent(segmenter, model, record, image, options, out, pools, named) -> None:
-    texts = absent_concepts(record, pools, named.get(record.dataset, set(record.concepts)), options.absent,
-                            options.seed)
+    texts = absent_concepts(
+        record, pools, named.get(record.dataset, set(record.concepts)), options.absent, options.seed
+    )
     if not texts:
-        out.warnings.append(f"{record.dataset}/{record.case_id}: no absent concept for group "
-                            f"{record.group!r} (absent-concept test skipped)")
+        out.warnings.append(
+            f"{record.dataset}/{record.case_id}: no absent concept for group "
+            f"{record.group!r} (absent-concept test skipped)"
+        )
         return
     try:
         pixels, scores, presence = _absent_test(segmenter, image, texts, options.volume_mode)
@@ -486,6 +540,17 @@ def _run_absent(segmenter, model, record, image, options, out, pools, named) -> 
         return
     total = int(np.prod(image.spatial_shape))
     for t, px, sc, pr in zip(texts, pixels, scores, presence, strict=True):
-        out.absent.append(AbsentRow(dataset=record.dataset, case=record.case_id, model=model, concept=t,
-                                    predicted_pixels=px, image_pixels=total, role=record_role(record),
-                                    group=record.group, score=sc, presence=pr))
+        out.absent.append(
+            AbsentRow(
+                dataset=record.dataset,
+                case=record.case_id,
+                model=model,
+                concept=t,
+                predicted_pixels=px,
+                image_pixels=total,
+                role=record_role(record),
+                group=record.group,
+                score=sc,
+                presence=pr,
+            )
+        )

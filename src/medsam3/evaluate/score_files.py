@@ -87,8 +87,10 @@ def _spacing(ref: Image, pred: Image | None, how: str, source: str, pred_path: P
         return (1.0,) * ref.ndim, False
     if source == "pred" and pred is not None:
         if how not in ("same grid", "same shape"):
-            raise InputError(pred_path, f"--spacing-from pred needs the prediction on the reference grid "
-                             f"as stored; it was {how}")
+            raise InputError(
+                pred_path,
+                f"--spacing-from pred needs the prediction on the reference grid as stored; it was {how}",
+            )
         return pred.spacing_array_order, pred.meta.get("spacing_known", True) is not False
     return ref.spacing_array_order, ref.meta.get("spacing_known", True) is not False
 
@@ -122,9 +124,13 @@ def _case_images(options: FolderOptions) -> dict[str, Path]:
     return out
 
 
-def score_folders(pred_dir: str | Path, ref_dir: str | Path, options: FolderOptions,
-                  gallery: GalleryCollector | None = None,
-                  vocabulary: Vocabulary | None = None) -> FolderResult:
+def score_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    options: FolderOptions,
+    gallery: GalleryCollector | None = None,
+    vocabulary: Vocabulary | None = None,
+) -> FolderResult:
     """Score every reference file of ``ref_dir`` against its prediction in ``pred_dir``."""
     from medsam3.io.readers import read_label_map
 
@@ -140,15 +146,17 @@ def score_folders(pred_dir: str | Path, ref_dir: str | Path, options: FolderOpti
     result = FolderResult()
     result.name_sources = {
         "reference": names_from or "label files / unnamed",
-        "prediction": str(options.label_map) if options.label_map
+        "prediction": str(options.label_map)
+        if options.label_map
         else "JSON summaries / label files / unnamed",
     }
     result.orphans = [str(preds[k]) for k in sorted(set(preds) - set(refs))]
     for path in result.orphans:
         result.warnings.append(f"{path}: prediction without a reference (not scored)")
     dataset = options.dataset or ref_dir.name
-    common: dict[str, Any] = dict(dataset=dataset, role=options.role, group=options.group,
-                                  model=options.model, prompt_mode="files")
+    common: dict[str, Any] = dict(
+        dataset=dataset, role=options.role, group=options.group, model=options.model, prompt_mode="files"
+    )
     for key, ref_path in sorted(refs.items()):
         ref = read_label_map(ref_path)
         name = case_name(ref_path)
@@ -171,12 +179,20 @@ def score_folders(pred_dir: str | Path, ref_dir: str | Path, options: FolderOpti
             values = [v for v in candidates if (ref_arr == v).any()] or candidates[:1] or [1]
             for v in values:
                 ref_mask = ref_arr == v
-                row = CaseRow(case=name, concept=_ref_name(v, ref_names, ref_arr, vocab, dataset),
-                              status=status, label=v, note=note,
-                              metrics=failure_metrics(ref_mask, spacing, spacing_known=known,
-                                                      nsd_tolerance=options.nsd_tolerance),
-                              reference=str(ref_path), prediction=str(pred_path or ""),
-                              image=str(images.get(key, "")), **common)
+                row = CaseRow(
+                    case=name,
+                    concept=_ref_name(v, ref_names, ref_arr, vocab, dataset),
+                    status=status,
+                    label=v,
+                    note=note,
+                    metrics=failure_metrics(
+                        ref_mask, spacing, spacing_known=known, nsd_tolerance=options.nsd_tolerance
+                    ),
+                    reference=str(ref_path),
+                    prediction=str(pred_path or ""),
+                    image=str(images.get(key, "")),
+                    **common,
+                )
                 result.rows.append(row)
                 if gallery is not None:
                     gallery.offer(row, image, ref_mask, None)
@@ -185,24 +201,42 @@ def score_folders(pred_dir: str | Path, ref_dir: str | Path, options: FolderOpti
         result.alignment[how] = result.alignment.get(how, 0) + 1
         spacing, known = _spacing(ref, pred, how, options.spacing_from, pred_path)
         pred_names, summary = pred_names_for(pred_path, file_names, user_map)
-        matches, warns = match_labels(_candidates(ref_arr, ref_names), ref_names, labels.values(),
-                                      pred_names, vocab, dataset, where=name)
+        matches, warns = match_labels(
+            _candidates(ref_arr, ref_names),
+            ref_names,
+            labels.values(),
+            pred_names,
+            vocab,
+            dataset,
+            where=name,
+        )
         result.warnings.extend(warns)
         for m in matches:
             pred_mask = labels.mask(m.pred_values)
             ref_mask = ref_arr == m.ref_value
             if not pred_mask.any() and not ref_mask.any():
                 continue
-            row = CaseRow(case=name, concept=m.name, status="ok", label=m.ref_value,
-                          metrics=score_masks(pred_mask, ref_mask, spacing, spacing_known=known,
-                                              nsd_tolerance=options.nsd_tolerance),
-                          note=_note(m, how), reference=str(ref_path), prediction=str(pred_path),
-                          image=str(images.get(key, "")), **common)
+            row = CaseRow(
+                case=name,
+                concept=m.name,
+                status="ok",
+                label=m.ref_value,
+                metrics=score_masks(
+                    pred_mask, ref_mask, spacing, spacing_known=known, nsd_tolerance=options.nsd_tolerance
+                ),
+                note=_note(m, how),
+                reference=str(ref_path),
+                prediction=str(pred_path),
+                image=str(images.get(key, "")),
+                **common,
+            )
             if summary is not None:
-                row.score = max((summary.scores[v] for v in m.pred_values if v in summary.scores),
-                                default=None)
-                row.presence = max((summary.presence[v] for v in m.pred_values if v in summary.presence),
-                                   default=None)
+                row.score = max(
+                    (summary.scores[v] for v in m.pred_values if v in summary.scores), default=None
+                )
+                row.presence = max(
+                    (summary.presence[v] for v in m.pred_values if v in summary.presence), default=None
+                )
             row.slices = empty_slice_stats(pred_mask, ref_mask)
             result.rows.append(row)
             if gallery is not None:
@@ -235,16 +269,19 @@ def _image_loader(path: Path | None, ref: Image, result: FolderResult):
             result.warnings.append(f"{path}: image not shown in the gallery ({exc})")
             return None
         if img.spatial_shape != ref.spatial_shape:
-            result.warnings.append(f"{path}: image shape {img.spatial_shape} differs from its reference "
-                                   f"{ref.spatial_shape}; not shown in the gallery")
+            result.warnings.append(
+                f"{path}: image shape {img.spatial_shape} differs from its reference "
+                f"{ref.spatial_shape}; not shown in the gallery"
+            )
             return None
         return img.array
 
     return load
 
 
-def _ref_name(value: int, ref_names: Mapping[int, str], ref_arr: np.ndarray, vocab: Vocabulary,
-              dataset: str) -> str:
+def _ref_name(
+    value: int, ref_names: Mapping[int, str], ref_arr: np.ndarray, vocab: Vocabulary, dataset: str
+) -> str:
     if value in ref_names:
         return vocab.concept(ref_names[value], dataset)
     return "foreground" if set(label_values(ref_arr)) <= {1} else f"label {value}"

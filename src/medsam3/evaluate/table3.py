@@ -122,14 +122,23 @@ def prepare_registry_dataset(name: str, folder: Path) -> list[Record]:
         else:
             labels = entry.labels
     drop_empty = bool(options.pop("drop_empty", False))
-    records, _, _ = prepare_dataset(entry.name, entry.layout, folder, options=options, labels=labels,
-                                    modality=entry.modality, group=entry.group, role=entry.split_role,
-                                    drop_empty=drop_empty)
+    records, _, _ = prepare_dataset(
+        entry.name,
+        entry.layout,
+        folder,
+        options=options,
+        labels=labels,
+        modality=entry.modality,
+        group=entry.group,
+        role=entry.split_role,
+        drop_empty=drop_empty,
+    )
     return records
 
 
-def evaluation_records(data_root: str | Path, datasets: list[str] | None = None
-                       ) -> tuple[list[Record], dict[str, str]]:
+def evaluation_records(
+    data_root: str | Path, datasets: list[str] | None = None
+) -> tuple[list[Record], dict[str, str]]:
     """Records of the Table 3 datasets found under ``data_root`` (internal: val split; external: all)
     and, for every dataset not run, the reason."""
     folders = find_dataset_folders(data_root)
@@ -176,8 +185,11 @@ def _means(rows: list[CaseRow], dataset: str, model: str) -> tuple[float, float,
     sel = [r for r in rows if r.dataset == dataset and r.model == model]
     if not sel:
         return None
-    return (100 * float(np.mean([r.value("dice") for r in sel])),
-            100 * float(np.mean([r.value("iou") for r in sel])), len(sel))
+    return (
+        100 * float(np.mean([r.value("dice") for r in sel])),
+        100 * float(np.mean([r.value("iou") for r in sel])),
+        len(sel),
+    )
 
 
 def comparison(rows: list[CaseRow], skipped: dict[str, str]) -> dict[str, Any]:
@@ -188,17 +200,29 @@ def comparison(rows: list[CaseRow], skipped: dict[str, str]) -> dict[str, Any]:
         ran = []
         for p in members:
             v, m = _means(rows, p.dataset, VANILLA), _means(rows, p.dataset, MEDICAL)
-            entry = {"section": section, "dataset": p.dataset, "paper_sam3": p.sam3_dice,
-                     "paper_medsam3": p.medsam3_dice, "ours_sam3": v[0] if v else None,
-                     "ours_medsam3": m[0] if m else None, "n": max(v[2] if v else 0, m[2] if m else 0),
-                     "note": skipped.get(p.dataset, "")}
+            entry = {
+                "section": section,
+                "dataset": p.dataset,
+                "paper_sam3": p.sam3_dice,
+                "paper_medsam3": p.medsam3_dice,
+                "ours_sam3": v[0] if v else None,
+                "ours_medsam3": m[0] if m else None,
+                "n": max(v[2] if v else 0, m[2] if m else 0),
+                "note": skipped.get(p.dataset, ""),
+            }
             out["datasets"].append(entry)
             if v and m:
                 ran.append((p, v, m))
         paper = PAPER_AVERAGES[section]
-        avg = {"section": section, "datasets_run": len(ran), "datasets_total": len(members),
-               "paper_sam3_dice": paper["dice"][0], "paper_medsam3_dice": paper["dice"][1],
-               "paper_sam3_iou": paper["iou"][0], "paper_medsam3_iou": paper["iou"][1]}
+        avg = {
+            "section": section,
+            "datasets_run": len(ran),
+            "datasets_total": len(members),
+            "paper_sam3_dice": paper["dice"][0],
+            "paper_medsam3_dice": paper["dice"][1],
+            "paper_sam3_iou": paper["iou"][0],
+            "paper_medsam3_iou": paper["iou"][1],
+        }
         if ran:
             avg.update(
                 ours_sam3_dice=float(np.mean([v[0] for _, v, _ in ran])),
@@ -222,8 +246,10 @@ def _d(ours: float | None, paper: float | None) -> str:
 
 def table3_markdown(comp: dict[str, Any]) -> str:
     """``table3.md``: paper vs ours per dataset and per section average."""
-    head = ("| Dataset | n | SAM3 paper | SAM3 ours | Δ | Medical SAM3 paper | Medical SAM3 ours | Δ "
-            "| note |\n|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| Dataset | n | SAM3 paper | SAM3 ours | Δ | Medical SAM3 paper | Medical SAM3 ours | Δ "
+        "| note |\n|---|---|---|---|---|---|---|---|---|"
+    )
     lines = ["# Table 3: Dice % with text prompts only, the paper's numbers beside ours", "", head]
     for section, title in (("internal", "Internal"), ("external", "External")):
         lines.append(f"| **{title}** |" + " |" * 8)
@@ -232,7 +258,8 @@ def table3_markdown(comp: dict[str, Any]) -> str:
                 f"| {e['dataset']} | {e['n'] or ''} | {_f(e['paper_sam3'])} | {_f(e['ours_sam3'])} | "
                 f"{_d(e['ours_sam3'], e['paper_sam3'])} | {_f(e['paper_medsam3'])} | "
                 f"{_f(e['ours_medsam3'])} | "
-                f"{_d(e['ours_medsam3'], e['paper_medsam3'])} | {e['note']} |")
+                f"{_d(e['ours_medsam3'], e['paper_medsam3'])} | {e['note']} |"
+            )
         a = next(a for a in comp["averages"] if a["section"] == section)
         k, n = a["datasets_run"], a["datasets_total"]
         lines.append(
@@ -240,24 +267,43 @@ def table3_markdown(comp: dict[str, Any]) -> str:
             f"{_f(a.get('paper_same_sam3_dice'))} | {_f(a.get('ours_sam3_dice'))} | "
             f"{_d(a.get('ours_sam3_dice'), a.get('paper_same_sam3_dice'))} | "
             f"{_f(a.get('paper_same_medsam3_dice'))} | {_f(a.get('ours_medsam3_dice'))} | "
-            f"{_d(a.get('ours_medsam3_dice'), a.get('paper_same_medsam3_dice'))} | |")
+            f"{_d(a.get('ours_medsam3_dice'), a.get('paper_same_medsam3_dice'))} | |"
+        )
         lines.append(
             f"| *{title} average, Dice (paper, all {n})* | | {_f(a['paper_sam3_dice'])} | | | "
-            f"{_f(a['paper_medsam3_dice'])} | | | |")
+            f"{_f(a['paper_medsam3_dice'])} | | | |"
+        )
         lines.append(
             f"| *{title} average, IoU (paper all {n}; ours {k})* | | {_f(a['paper_sam3_iou'])} | "
             f"{_f(a.get('ours_sam3_iou'))} | | {_f(a['paper_medsam3_iou'])} | {_f(a.get('ours_medsam3_iou'))}"
-            " | | |")
-    lines += ["", "Δ = ours − paper (percentage points). Averages are means of dataset means. The paper "
-              "gives IoU only as section averages."]
+            " | | |"
+        )
+    lines += [
+        "",
+        "Δ = ours − paper (percentage points). Averages are means of dataset means. The paper "
+        "gives IoU only as section averages.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def table3_csv(comp: dict[str, Any]) -> str:
     """``table3.csv``: one row per dataset and one per section average."""
-    header = ["section", "dataset", "n", "paper_sam3_dice", "ours_sam3_dice", "diff_sam3_dice",
-              "paper_medsam3_dice", "ours_medsam3_dice", "diff_medsam3_dice", "paper_sam3_iou",
-              "ours_sam3_iou", "paper_medsam3_iou", "ours_medsam3_iou", "note"]
+    header = [
+        "section",
+        "dataset",
+        "n",
+        "paper_sam3_dice",
+        "ours_sam3_dice",
+        "diff_sam3_dice",
+        "paper_medsam3_dice",
+        "ours_medsam3_dice",
+        "diff_medsam3_dice",
+        "paper_sam3_iou",
+        "ours_sam3_iou",
+        "paper_medsam3_iou",
+        "ours_medsam3_iou",
+        "note",
+    ]
 
     def diff(o, p):
         return "" if o is None or p is None else round(o - p, 2)
@@ -267,25 +313,61 @@ def table3_csv(comp: dict[str, Any]) -> str:
 
     body = []
     for e in comp["datasets"]:
-        body.append([e["section"], e["dataset"], e["n"], e["paper_sam3"], r(e["ours_sam3"]),
-                     diff(e["ours_sam3"], e["paper_sam3"]), e["paper_medsam3"], r(e["ours_medsam3"]),
-                     diff(e["ours_medsam3"], e["paper_medsam3"]), "", "", "", "", e["note"]])
+        body.append(
+            [
+                e["section"],
+                e["dataset"],
+                e["n"],
+                e["paper_sam3"],
+                r(e["ours_sam3"]),
+                diff(e["ours_sam3"], e["paper_sam3"]),
+                e["paper_medsam3"],
+                r(e["ours_medsam3"]),
+                diff(e["ours_medsam3"], e["paper_medsam3"]),
+                "",
+                "",
+                "",
+                "",
+                e["note"],
+            ]
+        )
     for a in comp["averages"]:
-        body.append([a["section"], f"average ({a['datasets_run']} of {a['datasets_total']})", "",
-                     r(a.get("paper_same_sam3_dice")), r(a.get("ours_sam3_dice")),
-                     diff(a.get("ours_sam3_dice"), a.get("paper_same_sam3_dice")),
-                     r(a.get("paper_same_medsam3_dice")), r(a.get("ours_medsam3_dice")),
-                     diff(a.get("ours_medsam3_dice"), a.get("paper_same_medsam3_dice")),
-                     a["paper_sam3_iou"], r(a.get("ours_sam3_iou")), a["paper_medsam3_iou"],
-                     r(a.get("ours_medsam3_iou")), "paper columns: mean over the datasets run"])
+        body.append(
+            [
+                a["section"],
+                f"average ({a['datasets_run']} of {a['datasets_total']})",
+                "",
+                r(a.get("paper_same_sam3_dice")),
+                r(a.get("ours_sam3_dice")),
+                diff(a.get("ours_sam3_dice"), a.get("paper_same_sam3_dice")),
+                r(a.get("paper_same_medsam3_dice")),
+                r(a.get("ours_medsam3_dice")),
+                diff(a.get("ours_medsam3_dice"), a.get("paper_same_medsam3_dice")),
+                a["paper_sam3_iou"],
+                r(a.get("ours_sam3_iou")),
+                a["paper_medsam3_iou"],
+                r(a.get("ours_medsam3_iou")),
+                "paper columns: mean over the datasets run",
+            ]
+        )
     return csv_text(header, body)
 
 
 # -- driver ------------------------------------------------------------------------------------------------
-def run_table3(data_root: str | Path, vanilla: Any, medical: Any, out_dir: str | Path, *,
-               datasets: list[str] | None = None, limit: int | None = None, device: str = "auto",
-               dtype: str = "auto", gallery: int = 3, n_boot: int = 2000, command: dict | None = None
-               ) -> dict[str, Any]:
+def run_table3(
+    data_root: str | Path,
+    vanilla: Any,
+    medical: Any,
+    out_dir: str | Path,
+    *,
+    datasets: list[str] | None = None,
+    limit: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    gallery: int = 3,
+    n_boot: int = 2000,
+    command: dict | None = None,
+) -> dict[str, Any]:
     """Prepare, run both models, write the report and ``table3.md`` / ``table3.csv``; returns the
     comparison (see :func:`comparison`)."""
     from medsam3.evaluate.run_model import select_records
@@ -296,11 +378,13 @@ def run_table3(data_root: str | Path, vanilla: Any, medical: Any, out_dir: str |
         raise InputError(data_root, f"no Table 3 dataset could be prepared ({reasons})")
     if limit:
         records = select_records(records, "all", None, limit)
-    options = RunOptions(prompt_mode="text", prompt_text=prompt_overrides(records), device=device,
-                         dtype=dtype)
+    options = RunOptions(
+        prompt_mode="text", prompt_text=prompt_overrides(records), device=device, dtype=dtype
+    )
     collector = GalleryCollector(gallery)
-    result = run_models(records, [ModelSpec(VANILLA, vanilla), ModelSpec(MEDICAL, medical)], options,
-                        collector)
+    result = run_models(
+        records, [ModelSpec(VANILLA, vanilla), ModelSpec(MEDICAL, medical)], options, collector
+    )
     comp = comparison(result.rows, skipped)
     config = {
         "form": "table3",
@@ -315,8 +399,11 @@ def run_table3(data_root: str | Path, vanilla: Any, medical: Any, out_dir: str |
         "warnings": result.warnings,
         **(command or {}),
     }
-    extra = {"table3.md": table3_markdown(comp), "table3.csv": table3_csv(comp),
-             "manifest.jsonl": manifest_text(records)}
+    extra = {
+        "table3.md": table3_markdown(comp),
+        "table3.csv": table3_csv(comp),
+        "manifest.jsonl": manifest_text(records),
+    }
     write_report(out_dir, result.rows, config, collector.items(), result.absent, extra=extra, n_boot=n_boot)
     for name, reason in skipped.items():
         log.warning("%s not run: %s", name, reason)

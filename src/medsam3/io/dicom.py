@@ -47,16 +47,46 @@ log = logging.getLogger(__name__)
 
 #: Modalities (and SOP classes, by their Modality tag) that are not images to segment.
 NON_IMAGE_MODALITIES = frozenset(
-    {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SR", "PR", "KO", "DOC", "REG", "FID", "RWV",
-     "PLAN", "AU", "ECG", "HD", "RESP"}
+    {
+        "SEG",
+        "RTSTRUCT",
+        "RTPLAN",
+        "RTRECORD",
+        "RTDOSE",
+        "SR",
+        "PR",
+        "KO",
+        "DOC",
+        "REG",
+        "FID",
+        "RWV",
+        "PLAN",
+        "AU",
+        "ECG",
+        "HD",
+        "RESP",
+    }
 )
 
 #: Header values kept in ``meta['dicom']`` (from the first slice) for writing derived objects later.
 KEY_TAGS = (
-    "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Modality", "SeriesDescription",
-    "SeriesNumber", "StudyDescription", "Manufacturer", "ManufacturerModelName", "BodyPartExamined",
-    "PatientPosition", "PhotometricInterpretation", "BitsStored", "SliceThickness", "WindowCenter",
-    "WindowWidth", "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "StudyDescription",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "BodyPartExamined",
+    "PatientPosition",
+    "PhotometricInterpretation",
+    "BitsStored",
+    "SliceThickness",
+    "WindowCenter",
+    "WindowWidth",
+    "SOPClassUID",
 )
 
 
@@ -122,8 +152,10 @@ def group_series(folder: Path) -> tuple[dict[str, list[tuple[Path, Dataset]]], l
 def describe_series(uid: str, members: list[tuple[Path, Dataset]]) -> str:
     ds = members[0][1]
     desc = str(ds.get("SeriesDescription", "") or "").strip() or "no description"
-    return (f"  {uid or '(empty SeriesInstanceUID)'}  '{desc}'  {ds.get('Modality', '?')}  "
-            f"{len(members)} file{'s' if len(members) != 1 else ''}")
+    return (
+        f"  {uid or '(empty SeriesInstanceUID)'}  '{desc}'  {ds.get('Modality', '?')}  "
+        f"{len(members)} file{'s' if len(members) != 1 else ''}"
+    )
 
 
 def choose_series(folder: Path, series_uid: str | None) -> list[tuple[Path, Dataset]]:
@@ -163,8 +195,11 @@ def _floats(value: Any, n: int, what: str, path: Path) -> np.ndarray:
 
 
 def stack_geometry(
-    positions: list[np.ndarray], orientation: np.ndarray, pixel_spacing: np.ndarray | None,
-    paths: list[Path], fallback_step: float | None,
+    positions: list[np.ndarray],
+    orientation: np.ndarray,
+    pixel_spacing: np.ndarray | None,
+    paths: list[Path],
+    fallback_step: float | None,
 ) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, ...], np.ndarray]:
     """Sort slice ``positions`` along the normal and return ``(order, spacing, origin, direction)``."""
     r, c = unit(orientation[:3]), unit(orientation[3:])
@@ -195,8 +230,10 @@ def stack_geometry(
         travel = positions[order[-1]] - positions[order[0]]
         tilt = travel - np.dot(travel, n) * n
         if np.linalg.norm(tilt) > 1e-2 * max(float(np.linalg.norm(travel)), 1e-6):
-            log.warning("%s: slices are not stacked along their normal (gantry tilt); the normal is used",
-                        paths[0].parent)
+            log.warning(
+                "%s: slices are not stacked along their normal (gantry tilt); the normal is used",
+                paths[0].parent,
+            )
     else:
         step = float(fallback_step) if fallback_step and fallback_step > 0 else 1.0
     if pixel_spacing is None:
@@ -210,8 +247,9 @@ def stack_geometry(
 
 # -- pixel data ------------------------------------------------------------------------------------------
 def _rescale_pairs(datasets: list[Dataset]) -> list[tuple[float, float]]:
-    return [(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
-            for ds in datasets]
+    return [
+        (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)) for ds in datasets
+    ]
 
 
 def apply_rescale(raw: np.ndarray, pairs: list[tuple[float, float]]) -> np.ndarray:
@@ -253,8 +291,11 @@ def _key_tags(ds: Dataset) -> dict[str, Any]:
     for tag in KEY_TAGS:
         if tag in ds and ds.get(tag) not in (None, ""):
             v = ds.get(tag)
-            out[tag] = [float(x) for x in v] if isinstance(v, pydicom.multival.MultiValue) else (
-                str(v) if not isinstance(v, (int, float)) else v)
+            out[tag] = (
+                [float(x) for x in v]
+                if isinstance(v, pydicom.multival.MultiValue)
+                else (str(v) if not isinstance(v, (int, float)) else v)
+            )
     if not out.get("SOPClassUID") and getattr(ds, "file_meta", None) is not None:
         out["SOPClassUID"] = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
     return out
@@ -262,11 +303,13 @@ def _key_tags(ds: Dataset) -> dict[str, Any]:
 
 def _series_meta(path: Path, first: Dataset, files: list[Path], sops: list[str]) -> dict[str, Any]:
     return {
-        "path": str(path), "format": "dicom",
+        "path": str(path),
+        "format": "dicom",
         "series_uid": str(first.get("SeriesInstanceUID", "") or ""),
         "study_uid": str(first.get("StudyInstanceUID", "") or ""),
         "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "") or ""),
-        "sop_instance_uids": sops, "files": [str(f) for f in files],
+        "sop_instance_uids": sops,
+        "files": [str(f) for f in files],
         "dicom_modality": str(first.get("Modality", "") or ""),
         "series_description": str(first.get("SeriesDescription", "") or ""),
         "dicom": _key_tags(first),
@@ -292,7 +335,8 @@ def read_series(folder: Path, members: list[tuple[Path, Dataset]], *, pixels: bo
         o = _floats(ds.ImageOrientationPatient, 6, "Image Orientation (Patient)", p)
         if not np.allclose(o, orient, atol=1e-4) or (int(ds.Rows), int(ds.Columns)) != size:
             raise InputError(
-                folder, f"mixes slices of different orientation or size ({paths[0].name}: {size}, "
+                folder,
+                f"mixes slices of different orientation or size ({paths[0].name}: {size}, "
                 f"{np.round(orient, 4).tolist()}; {p.name}: {(int(ds.Rows), int(ds.Columns))}, "
                 f"{np.round(o, 4).tolist()})",
             )
@@ -309,8 +353,9 @@ def read_series(folder: Path, members: list[tuple[Path, Dataset]], *, pixels: bo
     decoded = [_decode(f) for f in files]
     raw = np.stack([a for _, a in decoded])
     if raw.ndim != 3:
-        raise InputError(folder, f"has colour or multi-frame slices (pixel array {raw.shape}); "
-                         "expected grey slices")
+        raise InputError(
+            folder, f"has colour or multi-frame slices (pixel array {raw.shape}); expected grey slices"
+        )
     array = apply_rescale(raw, _rescale_pairs([d for d, _ in decoded]))
     return Image(array, sp, origin, direction, "OTHER", meta)
 
@@ -377,21 +422,27 @@ def _read_multiframe(path: Path, ds: Dataset, raw: np.ndarray, frames: int, meta
         orient = _frame_item(ds, i, "PlaneOrientationSequence")
         if plane is None or orient is None:
             raise InputError(
-                path, f"is a multi-frame DICOM ({frames} frames) without plane positions (a cine loop?); "
+                path,
+                f"is a multi-frame DICOM ({frames} frames) without plane positions (a cine loop?); "
                 "only volumes with per-frame positions are supported",
             )
         positions.append(_floats(plane.ImagePositionPatient, 3, "Image Position (Patient)", path))
         orients.append(_floats(orient.ImageOrientationPatient, 6, "Image Orientation (Patient)", path))
         tr = _frame_item(ds, i, "PixelValueTransformationSequence")
-        pairs.append((float(tr.get("RescaleSlope", 1) or 1), float(tr.get("RescaleIntercept", 0) or 0))
-                     if tr is not None else (float(ds.get("RescaleSlope", 1) or 1),
-                                              float(ds.get("RescaleIntercept", 0) or 0)))
+        pairs.append(
+            (float(tr.get("RescaleSlope", 1) or 1), float(tr.get("RescaleIntercept", 0) or 0))
+            if tr is not None
+            else (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
+        )
     if not all(np.allclose(o, orients[0], atol=1e-4) for o in orients):
         raise InputError(path, "has frames of different orientation")
     measures = _frame_item(ds, 0, "PixelMeasuresSequence")
     spacing = _pixel_spacing(measures, path) if measures is not None else None
-    step = float(measures.get("SpacingBetweenSlices", 0) or measures.get("SliceThickness", 0) or 0) \
-        if measures is not None else 0.0
+    step = (
+        float(measures.get("SpacingBetweenSlices", 0) or measures.get("SliceThickness", 0) or 0)
+        if measures is not None
+        else 0.0
+    )
     order, sp, origin, direction = stack_geometry(positions, orients[0], spacing, [path] * frames, step)
     array = apply_rescale(raw[order], [pairs[i] for i in order])
     meta["frame_order"] = [int(i) for i in order]

@@ -97,9 +97,12 @@ class SegFrames:
         out: dict[tuple[int, int], int] = {}
         numbers = sorted(self.planes)
         for a_i, a in enumerate(numbers):
-            for b in numbers[a_i + 1:]:
-                shared = sum(int(np.count_nonzero(pa & self.planes[b][k]))
-                             for k, pa in self.planes[a].items() if k in self.planes[b])
+            for b in numbers[a_i + 1 :]:
+                shared = sum(
+                    int(np.count_nonzero(pa & self.planes[b][k]))
+                    for k, pa in self.planes[a].items()
+                    if k in self.planes[b]
+                )
                 if shared:
                     out[(a, b)] = shared
         return out
@@ -120,8 +123,10 @@ class SegFrames:
             raise ValueError(f"overlap must be 'error', 'last' or 'first', not {overlap!r}")
         pairs = self.overlaps()
         if pairs and overlap == "error":
-            listing = ", ".join(f"{self.names.get(a, a)} ({a}) & {self.names.get(b, b)} ({b}): {v} voxels"
-                                for (a, b), v in pairs.items())
+            listing = ", ".join(
+                f"{self.names.get(a, a)} ({a}) & {self.names.get(b, b)} ({b}): {v} voxels"
+                for (a, b), v in pairs.items()
+            )
             raise InputError(
                 self.path,
                 f"has overlapping segments ({listing}); one label map cannot hold them: read one mask per "
@@ -133,8 +138,11 @@ class SegFrames:
         dtype = np.uint8 if top < 256 else np.uint16
         vol = self._volume(order, dtype)
         placed = place_on_grid(self.own_grid.with_array(vol), self.grid, path=self.path)
-        meta = dict(self.grid.meta, label_names=dict(self.names), overlaps={f"{a},{b}": v for (a, b), v in
-                                                                           pairs.items()})
+        meta = dict(
+            self.grid.meta,
+            label_names=dict(self.names),
+            overlaps={f"{a},{b}": v for (a, b), v in pairs.items()},
+        )
         return on_grid(self.grid, placed, meta)
 
 
@@ -173,8 +181,9 @@ def _frame_table(
     return frames, positions, orient, spacing, numbers
 
 
-def _own_grid(path: Path, ds: Dataset, positions: list[np.ndarray], orient: np.ndarray,
-              spacing: np.ndarray | None) -> tuple[Image, np.ndarray]:
+def _own_grid(
+    path: Path, ds: Dataset, positions: list[np.ndarray], orient: np.ndarray, spacing: np.ndarray | None
+) -> tuple[Image, np.ndarray]:
     """The SEG's own grid and the slice index of every frame on it."""
     r, c = unit(orient[:3]), unit(orient[3:])
     n = slice_normal(r, c)
@@ -183,8 +192,11 @@ def _own_grid(path: Path, ds: Dataset, positions: list[np.ndarray], orient: np.n
     measures = _frame_item(ds, 0, "PixelMeasuresSequence")
     step = float(measures.get("SpacingBetweenSlices", 0) or 0) if measures is not None else 0.0
     if step <= 0:
-        step = float(np.min(np.diff(unique))) if unique.size > 1 else float(
-            (measures.get("SliceThickness", 0) if measures is not None else 0) or 1.0)
+        step = (
+            float(np.min(np.diff(unique)))
+            if unique.size > 1
+            else float((measures.get("SliceThickness", 0) if measures is not None else 0) or 1.0)
+        )
     rel = (proj - unique[0]) / step
     index = np.round(rel).astype(int)
     if np.max(np.abs(rel - index)) > 0.01:
@@ -196,8 +208,14 @@ def _own_grid(path: Path, ds: Dataset, positions: list[np.ndarray], orient: np.n
             raise InputError(path, "DICOM SEG frames are shifted within their planes; expected one stack")
     sy, sx = (float(spacing[0]), float(spacing[1])) if spacing is not None else (1.0, 1.0)
     shape = (int(index.max()) + 1, int(ds.Rows), int(ds.Columns))
-    grid = Image(np.broadcast_to(np.zeros((), np.uint8), shape), (sx, sy, step), tuple(first),
-                 np.column_stack([r, c, n]), "OTHER", {})
+    grid = Image(
+        np.broadcast_to(np.zeros((), np.uint8), shape),
+        (sx, sy, step),
+        tuple(first),
+        np.column_stack([r, c, n]),
+        "OTHER",
+        {},
+    )
     return grid, index
 
 
@@ -240,8 +258,10 @@ def read_seg(path: Path, reference: Image | None = None) -> SegFrames:
         raise InputError(path, f"cannot be read as DICOM ({exc})") from exc
     if not is_seg(ds):
         raise InputError(path, "is a DICOM file but not a DICOM Segmentation (SEG)")
-    names = {int(s.SegmentNumber): str(s.get("SegmentLabel", "") or f"segment {int(s.SegmentNumber)}")
-             for s in ds.get("SegmentSequence", [])}
+    names = {
+        int(s.SegmentNumber): str(s.get("SegmentLabel", "") or f"segment {int(s.SegmentNumber)}")
+        for s in ds.get("SegmentSequence", [])
+    }
     frames, positions, orient, spacing, numbers = _frame_table(path, ds)
     own, index = _own_grid(path, ds, positions, orient, spacing)
     seg_type = str(ds.get("SegmentationType", "BINARY")).upper()
@@ -263,12 +283,16 @@ def read_seg(path: Path, reference: Image | None = None) -> SegFrames:
     for n in planes:
         names.setdefault(n, f"segment {n}")
     meta = {
-        "path": str(path), "format": "dicom-seg", "is_label": True,
+        "path": str(path),
+        "format": "dicom-seg",
+        "is_label": True,
         "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
         "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
         "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "") or ""),
-        "sop_instance_uids": [sop_instance_uid(ds)], "files": [str(path)],
-        "dicom_modality": "SEG", "segmentation_type": seg_type,
+        "sop_instance_uids": [sop_instance_uid(ds)],
+        "files": [str(path)],
+        "dicom_modality": "SEG",
+        "segmentation_type": seg_type,
     }
     refs = ds.get("ReferencedSeriesSequence") or []
     source_uid = str(refs[0].get("SeriesInstanceUID", "")) if refs else ""
@@ -276,8 +300,11 @@ def read_seg(path: Path, reference: Image | None = None) -> SegFrames:
     if reference is not None:
         ref_for = str(reference.meta.get("frame_of_reference_uid", "") or "")
         if ref_for and meta["frame_of_reference_uid"] and ref_for != meta["frame_of_reference_uid"]:
-            raise InputError(path, f"belongs to frame of reference {meta['frame_of_reference_uid']}, "
-                             f"but the reference image to {ref_for}")
+            raise InputError(
+                path,
+                f"belongs to frame of reference {meta['frame_of_reference_uid']}, "
+                f"but the reference image to {ref_for}",
+            )
         grid, meta["grid_source"] = reference, "reference"
     else:
         found = _find_source_series(path, source_uid) if source_uid else None
@@ -322,8 +349,11 @@ def _source_datasets(reference: Image) -> list[Dataset]:
             ds.SOPInstanceUID = sop_instance_uid(ds)
         if not ds.get("SOPClassUID") and getattr(ds, "file_meta", None) is not None:
             ds.SOPClassUID = ds.file_meta.get("MediaStorageSOPClassUID", "")
-        missing = [t for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
-                   if not ds.get(t)]
+        missing = [
+            t
+            for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+            if not ds.get(t)
+        ]
         if missing:
             raise OutputError(
                 f"{f}: the source DICOM lacks {', '.join(missing)} (anonymised?); a DICOM SEG must reference "
@@ -333,8 +363,9 @@ def _source_datasets(reference: Image) -> list[Dataset]:
     return datasets
 
 
-def _numbered(labels: Any, reference: Image, path: Path | str, names: dict[int, str]
-              ) -> tuple[np.ndarray, list[int]]:
+def _numbered(
+    labels: Any, reference: Image, path: Path | str, names: dict[int, str]
+) -> tuple[np.ndarray, list[int]]:
     """Segment-numbered pixels for highdicom and the label value of each segment (number = index + 1).
 
     A label map becomes ``(Z, Y, X)`` segment numbers; a ``{value: mask}`` mapping becomes ``(Z, Y, X, S)``
@@ -401,13 +432,16 @@ def write_dicom_seg(
     if len(sources) == 1 and order is not None:
         numbered = numbered[np.argsort(order)]  # back to the file's frame order
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name, version=__version__, family=codes.DCM.ArtificialIntelligence)
+        name=algorithm_name, version=__version__, family=codes.DCM.ArtificialIntelligence
+    )
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=number_of[v], segment_label=names.get(v, f"label {v}")[:64],
+            segment_number=number_of[v],
+            segment_label=names.get(v, f"label {v}")[:64],
             segmented_property_category=codes.SCT.Tissue,
             segmented_property_type=_property_code(names.get(v, "")),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
         )
         for v in values
     ]
@@ -416,15 +450,25 @@ def write_dicom_seg(
         warnings.filterwarnings("ignore", message=".*person name.*")
         try:
             seg = hd.seg.Segmentation(
-                source_images=sources, pixel_array=numbered, segmentation_type="BINARY",
-                segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=series_number,
-                sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medsam3",
-                manufacturer_model_name="medsam3", software_versions=__version__, device_serial_number="0",
-                series_description=series_description[:64], specific_character_set=charset,
+                source_images=sources,
+                pixel_array=numbered,
+                segmentation_type="BINARY",
+                segment_descriptions=descriptions,
+                series_instance_uid=hd.UID(),
+                series_number=series_number,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="medsam3",
+                manufacturer_model_name="medsam3",
+                software_versions=__version__,
+                device_serial_number="0",
+                series_description=series_description[:64],
+                specific_character_set=charset,
             )
         except (ValueError, TypeError, AttributeError) as exc:
-            raise OutputError(f"{path}: the DICOM SEG cannot be built from this source series ({exc})"
-                              ) from exc
+            raise OutputError(
+                f"{path}: the DICOM SEG cannot be built from this source series ({exc})"
+            ) from exc
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
     return Path(path)

@@ -33,8 +33,11 @@ def from_numpy(array: np.ndarray, spacing: Any = None, modality: str | None = No
     array = np.asarray(array)
     color = array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8
     if array.ndim not in (2, 3):
-        raise InputError(None, f"an array image must be 2D (Y, X), a colour picture (Y, X, 3) or a volume "
-                         f"(Z, Y, X); got shape {array.shape}")
+        raise InputError(
+            None,
+            f"an array image must be 2D (Y, X), a colour picture (Y, X, 3) or a volume "
+            f"(Z, Y, X); got shape {array.shape}",
+        )
     if array.dtype.kind not in "biuf":
         raise InputError(None, f"an array image must hold numbers, not {array.dtype}")
     meta: dict[str, Any] = {"path": "array", "format": "numpy"}
@@ -55,11 +58,20 @@ def from_sitk(image: Any, modality: str | None = None) -> Image:
     array = sitk.GetArrayFromImage(image)
     color = image.GetNumberOfComponentsPerPixel() > 1
     if d not in (2, 3) or (color and d != 2):
-        raise InputError(None, f"a SimpleITK image must be 2D, 3D or a 2D colour picture; got {d}D with "
-                         f"{image.GetNumberOfComponentsPerPixel()} components")
+        raise InputError(
+            None,
+            f"a SimpleITK image must be 2D, 3D or a 2D colour picture; got {d}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} components",
+        )
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(d, d)
-    out = Image(array, image.GetSpacing(), image.GetOrigin(), direction, "OTHER",
-                {"path": "SimpleITK image", "format": "sitk"})
+    out = Image(
+        array,
+        image.GetSpacing(),
+        image.GetOrigin(),
+        direction,
+        "OTHER",
+        {"path": "SimpleITK image", "format": "sitk"},
+    )
     return _with_modality(out, modality)
 
 
@@ -86,8 +98,14 @@ def from_nibabel(image: Any, modality: str | None = None) -> Image:
     if np.any(spacing == 0):
         raise InputError(None, f"the nibabel image's affine is singular: {image.affine.tolist()}")
     direction = affine[:, :3] / spacing
-    out = Image(np.ascontiguousarray(data.transpose(2, 1, 0)), tuple(spacing), tuple(affine[:, 3]), direction,
-                "OTHER", {"path": "nibabel image", "format": "nibabel"})
+    out = Image(
+        np.ascontiguousarray(data.transpose(2, 1, 0)),
+        tuple(spacing),
+        tuple(affine[:, 3]),
+        direction,
+        "OTHER",
+        {"path": "nibabel image", "format": "nibabel"},
+    )
     return _with_modality(out, modality)
 
 
@@ -123,9 +141,14 @@ def _with_modality(image: Image, modality: str | None) -> Image:
         except ValueError as exc:
             raise InputError(None, str(exc)) from exc
         return image
-    image.modality = guess_modality(image.array, dicom_modality=None, is_color=image.is_color,
-                                    ndim=image.ndim, name=str(image.meta.get("path", "")),
-                                    file_format=image.meta.get("format"))
+    image.modality = guess_modality(
+        image.array,
+        dicom_modality=None,
+        is_color=image.is_color,
+        ndim=image.ndim,
+        name=str(image.meta.get("path", "")),
+        file_format=image.meta.get("format"),
+    )
     return image
 
 
@@ -150,5 +173,8 @@ def to_image(value: Any, *, spacing: Any = None, modality: str | None = None) ->
         return from_sitk(value, modality)
     if module == "nibabel":
         return from_nibabel(value, modality)
-    raise InputError(None, f"cannot segment a {type(value).__name__}: give a path, a numpy array, a "
-                     "medsam3 Image, a nibabel image or a SimpleITK image")
+    raise InputError(
+        None,
+        f"cannot segment a {type(value).__name__}: give a path, a numpy array, a "
+        "medsam3 Image, a nibabel image or a SimpleITK image",
+    )

@@ -35,19 +35,47 @@ import numpy as np
 from medsam3.image import MODALITIES
 
 _DICOM_MAP = {
-    "CT": "CT", "MR": "MR", "PT": "PT", "NM": "PT", "US": "US",
-    "CR": "XR", "DX": "XR", "MG": "XR", "RF": "XR", "XA": "XR", "IO": "XR", "PX": "XR", "RG": "XR",
-    "DF": "XR", "XR": "XR",
-    "ES": "RGB", "XC": "RGB", "OP": "RGB", "GM": "RGB",
+    "CT": "CT",
+    "MR": "MR",
+    "PT": "PT",
+    "NM": "PT",
+    "US": "US",
+    "CR": "XR",
+    "DX": "XR",
+    "MG": "XR",
+    "RF": "XR",
+    "XA": "XR",
+    "IO": "XR",
+    "PX": "XR",
+    "RG": "XR",
+    "DF": "XR",
+    "XR": "XR",
+    "ES": "RGB",
+    "XC": "RGB",
+    "OP": "RGB",
+    "GM": "RGB",
 }
 
 #: Case-sensitive short tokens and case-insensitive words found in file names.
 _NAME_CODES = {"CT": "CT", "MR": "MR", "MRI": "MR", "PET": "PT", "US": "US", "CXR": "XR", "DXA": "XR"}
 _NAME_WORDS = {
-    "mri": "MR", "pet": "PT", "ultrasound": "US", "sonography": "US", "xray": "XR", "x-ray": "XR",
-    "radiograph": "XR", "endoscopy": "RGB", "endoscope": "RGB", "colonoscopy": "RGB",
-    "dermoscopy": "RGB", "fundus": "RGB", "pathology": "RGB", "histology": "RGB", "histopathology": "RGB",
-    "microscopy": "MICROSCOPY", "fluorescence": "MICROSCOPY",
+    "mri": "MR",
+    "pet": "PT",
+    "ultrasound": "US",
+    "sonography": "US",
+    "xray": "XR",
+    "x-ray": "XR",
+    "radiograph": "XR",
+    "endoscopy": "RGB",
+    "endoscope": "RGB",
+    "colonoscopy": "RGB",
+    "dermoscopy": "RGB",
+    "fundus": "RGB",
+    "pathology": "RGB",
+    "histology": "RGB",
+    "histopathology": "RGB",
+    "microscopy": "MICROSCOPY",
+    "fluorescence": "MICROSCOPY",
 }
 
 #: Picture formats (as opposed to the medical volume formats NIfTI, NRRD, MetaImage, DICOM, npz).

@@ -39,10 +39,18 @@ from medsam3.image import Image
 IMAGE_KEY, LABEL_KEYS = "imgs", ("gts", "segs")
 
 _SAFE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"), ("builtins", "dict"), ("builtins", "list"), ("builtins", "str"),
-    ("builtins", "int"), ("builtins", "float"), ("collections", "OrderedDict"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "str"),
+    ("builtins", "int"),
+    ("builtins", "float"),
+    ("collections", "OrderedDict"),
 }
 
 
@@ -120,13 +128,18 @@ def _geometry(path: Path, data: dict[str, Any], shape: tuple[int, ...], nd: int)
     known = spacing is not None
     spacing = np.ones(nd) if spacing is None else np.asarray(spacing, dtype=np.float64).ravel()
     if spacing.size != nd or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise InputError(path, f"has spacing {spacing.tolist()} for a {nd}D image of shape {shape}; "
-                         f"expected {nd} positive values (x, y[, z])")
+        raise InputError(
+            path,
+            f"has spacing {spacing.tolist()} for a {nd}D image of shape {shape}; "
+            f"expected {nd} positive values (x, y[, z])",
+        )
     origin = np.asarray(data.get("origin", np.zeros(nd)), dtype=np.float64).ravel()
     direction = np.asarray(data.get("direction", np.eye(nd)), dtype=np.float64).ravel()
     if origin.size != nd or direction.size != nd * nd:
-        raise InputError(path, f"has origin {origin.tolist()} / direction {direction.tolist()} that do "
-                         f"not fit a {nd}D image")
+        raise InputError(
+            path,
+            f"has origin {origin.tolist()} / direction {direction.tolist()} that do not fit a {nd}D image",
+        )
     return tuple(spacing), tuple(origin), direction.reshape(nd, nd), known
 
 
@@ -164,8 +177,13 @@ def read_npz(path: Path) -> tuple[Image, Image | None, dict[int, str]]:
     nd, colour = _layout(path, base, data.get("spacing"))
     shape = base.shape[:nd]
     spacing, origin, direction, known = _geometry(path, data, shape, nd)
-    meta = {"path": str(path), "format": "npz", "spacing_known": known, "text_prompts": prompts,
-            "npz_keys": sorted(data)}
+    meta = {
+        "path": str(path),
+        "format": "npz",
+        "spacing_known": known,
+        "text_prompts": prompts,
+        "npz_keys": sorted(data),
+    }
     image = None
     if IMAGE_KEY in data:
         image = Image(data[IMAGE_KEY], spacing, origin, direction, "OTHER", dict(meta))
@@ -179,8 +197,14 @@ def read_npz(path: Path) -> tuple[Image, Image | None, dict[int, str]]:
                 lab = lab.astype(np.int64)
             else:
                 raise InputError(path, f"'{label_key}' holds {lab.dtype} values; expected integer labels")
-        labels = Image(lab, spacing, origin, direction, "OTHER",
-                       dict(meta, is_label=True, label_key=label_key, label_names=names))
+        labels = Image(
+            lab,
+            spacing,
+            origin,
+            direction,
+            "OTHER",
+            dict(meta, is_label=True, label_key=label_key, label_names=names),
+        )
     if image is None:  # no 'imgs': the label map stands in for the image
         assert labels is not None
         image = labels

@@ -25,8 +25,17 @@ import numpy as np
 
 from medsam3.errors import InputError
 
-_UNIT_MM = {"micron": 1e-3, "microns": 1e-3, "um": 1e-3, "\u00b5m": 1e-3, "\\u00B5m": 1e-3, "nm": 1e-6,
-            "mm": 1.0, "cm": 10.0, "m": 1000.0}
+_UNIT_MM = {
+    "micron": 1e-3,
+    "microns": 1e-3,
+    "um": 1e-3,
+    "\u00b5m": 1e-3,
+    "\\u00B5m": 1e-3,
+    "nm": 1e-6,
+    "mm": 1.0,
+    "cm": 10.0,
+    "m": 1000.0,
+}
 
 
 def _pillow_read(path: Path, fmt: str) -> tuple[np.ndarray, str]:
@@ -129,8 +138,11 @@ def read_raster(path: Path, fmt: str, *, as_labels: bool = False) -> dict[str, A
         elif mode == "1":
             array = array.astype(np.uint8) * (1 if as_labels else 255)
         elif mode == "LA":
-            array = array[..., 0] if np.all(array[..., 1] == 255) else np.dstack([array[..., :1]] * 3 + [
-                array[..., 1:]])
+            array = (
+                array[..., 0]
+                if np.all(array[..., 1] == 255)
+                else np.dstack([array[..., :1]] * 3 + [array[..., 1:]])
+            )
     collapsed = None
     is_color = array.ndim == 3 and mode not in ("ZYX",) and array.shape[-1] in (3, 4)
     if is_color and _equal_channels(array):
@@ -142,8 +154,14 @@ def read_raster(path: Path, fmt: str, *, as_labels: bool = False) -> dict[str, A
     spacing = tuple(spacing_mm[:nd]) if spacing_mm is not None and known else (1.0,) * nd
     if nd == 3 and spacing_mm is not None and len(spacing_mm) == 2:
         spacing = (*spacing_mm, 1.0)
-    return {"array": array, "is_color": is_color, "spacing": spacing, "spacing_known": known,
-            "mode": mode, "collapsed_channels": collapsed}
+    return {
+        "array": array,
+        "is_color": is_color,
+        "spacing": spacing,
+        "spacing_known": known,
+        "mode": mode,
+        "collapsed_channels": collapsed,
+    }
 
 
 def _tiff_layout(path: Path, array: np.ndarray, axes: str) -> tuple[np.ndarray, str]:
@@ -171,8 +189,11 @@ def write_raster(array: np.ndarray, path: Path) -> None:
     if name.endswith((".tif", ".tiff")):
         import tifffile
 
-        tifffile.imwrite(path, array, photometric="minisblack" if array.ndim == 2 or
-                         array.shape[-1] not in (3, 4) else "rgb")
+        tifffile.imwrite(
+            path,
+            array,
+            photometric="minisblack" if array.ndim == 2 or array.shape[-1] not in (3, 4) else "rgb",
+        )
         return
     from PIL import Image as PILImage
 

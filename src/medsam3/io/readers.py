@@ -48,8 +48,10 @@ def validate(image: Image, path: Path) -> Image:
         bad = int(np.count_nonzero(~np.isfinite(image.array)))
         if bad:
             nan = int(np.count_nonzero(np.isnan(image.array)))
-            raise InputError(path, f"{bad} of {image.array.size} voxel values are not finite "
-                             f"({nan} NaN, {bad - nan} infinite)")
+            raise InputError(
+                path,
+                f"{bad} of {image.array.size} voxel values are not finite ({nan} NaN, {bad - nan} infinite)",
+            )
     elif image.array.dtype.kind not in "biuf":
         raise InputError(path, f"holds {image.array.dtype} values; expected numbers")
     sp = np.asarray(image.spacing)
@@ -160,8 +162,12 @@ def read_image(path: str | Path, *, series_uid: str | None = None, modality: str
             raise InputError(None, str(exc)) from exc
     elif not image.meta.get("is_label"):
         image.modality = guess_modality(
-            image.array, dicom_modality=image.meta.get("dicom_modality"), is_color=image.is_color,
-            ndim=image.ndim, name=p.name, file_format=fmt,
+            image.array,
+            dicom_modality=image.meta.get("dicom_modality"),
+            is_color=image.is_color,
+            ndim=image.ndim,
+            name=p.name,
+            file_format=fmt,
         )
     return image
 
@@ -193,8 +199,11 @@ def _merge(path: Path, masks: dict[int, tuple[str, np.ndarray]], overlap: str) -
         out[m] = k
         covered |= m
     if clashes and overlap == "error":
-        raise InputError(path, f"has overlapping segments ({', '.join(clashes)} shared with earlier ones); "
-                         "one label map cannot hold them: use read_segments or overlap='last' / 'first'")
+        raise InputError(
+            path,
+            f"has overlapping segments ({', '.join(clashes)} shared with earlier ones); "
+            "one label map cannot hold them: use read_segments or overlap='last' / 'first'",
+        )
     return out, {k: masks[k][0] for k in keys}
 
 
@@ -206,8 +215,11 @@ def _layered_label_map(path: Path, image: Image, got: dict[str, Any], overlap: s
 def _raster_labels(image: Image, path: Path, fmt: str) -> Image:
     arr = image.array
     if image.is_color:
-        raise InputError(path, "is a colour picture whose channels differ; a label picture must be grey "
-                         "(or a palette PNG whose indices are the labels)")
+        raise InputError(
+            path,
+            "is a colour picture whose channels differ; a label picture must be grey "
+            "(or a palette PNG whose indices are the labels)",
+        )
     if fmt == "jpeg":
         arr = (arr > 127).astype(np.uint8)
         image.meta["binarised"] = "JPEG mask thresholded at 127"
@@ -302,6 +314,7 @@ def read_npz_case(path: str | Path) -> tuple[Image, Image | None, dict[int, str]
     if labels is not None:
         validate(labels, p)
         labels = labels.with_array(_as_labels(labels.array, p))
-    image.modality = guess_modality(image.array, is_color=image.is_color, ndim=image.ndim, name=p.name,
-                                    file_format="npz")
+    image.modality = guess_modality(
+        image.array, is_color=image.is_color, ndim=image.ndim, name=p.name, file_format="npz"
+    )
     return image, labels, prompts

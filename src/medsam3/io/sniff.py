@@ -20,17 +20,40 @@ from medsam3.errors import InputError
 
 #: Extensions (lower case, longest first) and the format they announce.
 _EXTENSIONS = (
-    (".seg.nrrd", "nrrd"), (".nii.gz", "nifti"), (".nii", "nifti"), (".nrrd", "nrrd"), (".nhdr", "nrrd"),
-    (".mha", "metaimage"), (".mhd", "metaimage"), (".png", "png"), (".jpg", "jpeg"), (".jpeg", "jpeg"),
-    (".bmp", "bmp"), (".tif", "tiff"), (".tiff", "tiff"), (".npz", "npz"), (".dcm", "dicom"),
-    (".dicom", "dicom"), (".ima", "dicom"),
+    (".seg.nrrd", "nrrd"),
+    (".nii.gz", "nifti"),
+    (".nii", "nifti"),
+    (".nrrd", "nrrd"),
+    (".nhdr", "nrrd"),
+    (".mha", "metaimage"),
+    (".mhd", "metaimage"),
+    (".png", "png"),
+    (".jpg", "jpeg"),
+    (".jpeg", "jpeg"),
+    (".bmp", "bmp"),
+    (".tif", "tiff"),
+    (".tiff", "tiff"),
+    (".npz", "npz"),
+    (".dcm", "dicom"),
+    (".dicom", "dicom"),
+    (".ima", "dicom"),
 )
 
 #: Human names of the formats for messages.
 FORMAT_NAMES = {
-    "dicom-folder": "DICOM series folder", "dicom": "DICOM", "nifti": "NIfTI", "nrrd": "NRRD",
-    "metaimage": "MetaImage (MHA/MHD)", "png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF",
-    "npz": "NumPy .npz", "npy": "NumPy .npy", "gzip": "gzip archive", "zip": "zip archive",
+    "dicom-folder": "DICOM series folder",
+    "dicom": "DICOM",
+    "nifti": "NIfTI",
+    "nrrd": "NRRD",
+    "metaimage": "MetaImage (MHA/MHD)",
+    "png": "PNG",
+    "jpeg": "JPEG",
+    "bmp": "BMP",
+    "tiff": "TIFF",
+    "npz": "NumPy .npz",
+    "npy": "NumPy .npy",
+    "gzip": "gzip archive",
+    "zip": "zip archive",
 }
 
 

@@ -54,8 +54,9 @@ def _check_nifti_complete(path: Path) -> None:
     data_file = Path(img.file_map["image"].filename or path)
     if data_file != path:  # a .hdr/.img pair: the voxels are in the .img file
         if not data_file.is_file() or data_file.stat().st_size < nbytes:
-            raise InputError(path, f"its voxel file {data_file.name} is missing or shorter than {nbytes} "
-                             "bytes")
+            raise InputError(
+                path, f"its voxel file {data_file.name} is missing or shorter than {nbytes} bytes"
+            )
         return _check_nifti_finite(path, img)
     expected = int(header.get_data_offset()) + nbytes
     with open(path, "rb") as fh:
@@ -81,8 +82,9 @@ def _check_nifti_complete(path: Path) -> None:
             path, f"is a truncated or corrupt gzip file ({total} of {expected} bytes could be decompressed)"
         ) from exc
     if total < expected:
-        raise InputError(path, f"is truncated: it decompresses to {total} bytes but its header needs "
-                         f"{expected}")
+        raise InputError(
+            path, f"is truncated: it decompresses to {total} bytes but its header needs {expected}"
+        )
     _check_nifti_finite(path, img)
 
 
@@ -94,8 +96,9 @@ def _check_nifti_finite(path: Path, img: AnalyzeImage) -> None:
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         nan = int(np.count_nonzero(np.isnan(data)))
-        raise InputError(path, f"{bad} of {data.size} voxel values are not finite ({nan} NaN, {bad - nan} "
-                         "infinite)")
+        raise InputError(
+            path, f"{bad} of {data.size} voxel values are not finite ({nan} NaN, {bad - nan} infinite)"
+        )
 
 
 def _read_with_nibabel(path: Path) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
@@ -162,8 +165,15 @@ def read_volume(path: Path, fmt: str) -> dict[str, Any]:
         message = _itk_message(exc)
         if fmt == "nifti" and "orthonormal" in str(exc).lower():
             array, spacing, origin, direction = _read_with_nibabel(path)
-            return {"array": array, "spacing": spacing, "origin": origin, "direction": direction,
-                    "is_color": False, "layers": False, "header": {}}
+            return {
+                "array": array,
+                "spacing": spacing,
+                "origin": origin,
+                "direction": direction,
+                "is_color": False,
+                "layers": False,
+                "header": {},
+            }
         raise InputError(path, f"cannot be read as {what}: {message}") from exc
     header = _metadata(reader)
     dim = image.GetDimension()

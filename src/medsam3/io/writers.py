@@ -66,8 +66,14 @@ def _segment_fields(labels: np.ndarray, names: dict[int, str]) -> dict[str, str]
     fields = {}
     for i, v in enumerate(values):
         name = names.get(v, f"label {v}")
-        fields.update({f"Segment{i}_ID": f"Segment_{v}", f"Segment{i}_Name": name,
-                       f"Segment{i}_LabelValue": str(v), f"Segment{i}_Layer": "0"})
+        fields.update(
+            {
+                f"Segment{i}_ID": f"Segment_{v}",
+                f"Segment{i}_Name": name,
+                f"Segment{i}_LabelValue": str(v),
+                f"Segment{i}_Layer": "0",
+            }
+        )
     if fields:
         fields["Segmentation_MasterRepresentation"] = "Binary labelmap"
         fields["Segmentation_ContainedRepresentationNames"] = "Binary labelmap|"
@@ -88,8 +94,9 @@ def write_label_map(
     fmt = _kind(path)
     arr = label_array(labels, path)
     if arr.shape != tuple(reference.spatial_shape):
-        raise OutputError(f"{path}: labels have shape {arr.shape} but the reference image "
-                          f"{tuple(reference.spatial_shape)}")
+        raise OutputError(
+            f"{path}: labels have shape {arr.shape} but the reference image {tuple(reference.spatial_shape)}"
+        )
     names = {int(k): str(v) for k, v in (label_names or {}).items()}
     if fmt == "dicom":
         return write_dicom_seg(arr, reference, path, names)
@@ -101,8 +108,9 @@ def write_label_map(
     with atomic_path(path) as tmp:
         if fmt in _VOLUME_SUFFIXES:
             meta = _segment_fields(arr, names) if fmt == "nrrd" else None
-            volumes.write_volume(arr, reference.spacing, reference.origin, reference.direction, tmp,
-                                 metadata=meta)
+            volumes.write_volume(
+                arr, reference.spacing, reference.origin, reference.direction, tmp, metadata=meta
+            )
         elif fmt in ("png", "tiff"):
             raster.write_raster(arr, tmp)
         elif fmt == "npz":
@@ -122,21 +130,29 @@ def write_image(image: Image, path: str | Path) -> Path:
     if fmt == "dicom":
         raise OutputError(f"{path}: writing images as DICOM is not supported; use .nii.gz or .nrrd")
     if fmt == "png":
-        ok = (image.ndim == 2 and ((not image.is_color and arr.dtype in (np.uint8, np.uint16))
-                                   or (image.is_color and arr.dtype == np.uint8)))
+        ok = image.ndim == 2 and (
+            (not image.is_color and arr.dtype in (np.uint8, np.uint16))
+            or (image.is_color and arr.dtype == np.uint8)
+        )
         if not ok:
-            raise OutputError(f"{path}: PNG holds 2D uint8/uint16 grey or uint8 colour images; this one is "
-                              f"{image.ndim}D {arr.dtype}{' colour' if image.is_color else ''}")
+            raise OutputError(
+                f"{path}: PNG holds 2D uint8/uint16 grey or uint8 colour images; this one is "
+                f"{image.ndim}D {arr.dtype}{' colour' if image.is_color else ''}"
+            )
     with atomic_path(path) as tmp:
         if fmt in _VOLUME_SUFFIXES:
-            volumes.write_volume(arr, image.spacing, image.origin, image.direction, tmp,
-                                 is_color=image.is_color)
+            volumes.write_volume(
+                arr, image.spacing, image.origin, image.direction, tmp, is_color=image.is_color
+            )
         elif fmt in ("png", "tiff"):
             raster.write_raster(arr, tmp)
         else:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(
-                    fh, imgs=arr, spacing=np.asarray(image.spacing), origin=np.asarray(image.origin),
+                    fh,
+                    imgs=arr,
+                    spacing=np.asarray(image.spacing),
+                    origin=np.asarray(image.origin),
                     direction=np.asarray(image.direction).ravel(),
                 )
     return path

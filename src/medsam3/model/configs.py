@@ -105,18 +105,29 @@ def small_sam3_config(
     }
 
     def block(n: int, **kw: Any) -> dict[str, Any]:
-        return {"hidden_size": det, "num_layers": n, "num_attention_heads": detector_heads,
-                "intermediate_size": 4 * det, **kw}
+        return {
+            "hidden_size": det,
+            "num_layers": n,
+            "num_attention_heads": detector_heads,
+            "intermediate_size": 4 * det,
+            **kw,
+        }
 
     return Sam3Config(
         vision_config=vision,
         text_config=text,
         geometry_encoder_config={"model_type": "sam3_geometry_encoder", **block(detector_layers)},
         detr_encoder_config={"model_type": "sam3_detr_encoder", **block(detector_layers)},
-        detr_decoder_config={"model_type": "sam3_detr_decoder", **block(detector_layers),
-                             "num_queries": num_queries},
-        mask_decoder_config={"model_type": "sam3_mask_decoder", "hidden_size": det,
-                             "num_attention_heads": detector_heads},
+        detr_decoder_config={
+            "model_type": "sam3_detr_decoder",
+            **block(detector_layers),
+            "num_queries": num_queries,
+        },
+        mask_decoder_config={
+            "model_type": "sam3_mask_decoder",
+            "hidden_size": det,
+            "num_attention_heads": detector_heads,
+        },
         **overrides,
     )
 
@@ -138,8 +149,18 @@ def nano_sam3_config(**overrides: Any) -> Sam3Config:
     embedding).
     """
     values: dict[str, Any] = dict(
-        image_size=336, vit_width=192, vit_layers=6, vit_heads=6, window_size=8, global_layers=(2, 5),
-        fpn_width=64, detector_layers=2, detector_heads=4, num_queries=20, text_width=128, text_layers=2,
+        image_size=336,
+        vit_width=192,
+        vit_layers=6,
+        vit_heads=6,
+        window_size=8,
+        global_layers=(2, 5),
+        fpn_width=64,
+        detector_layers=2,
+        detector_heads=4,
+        num_queries=20,
+        text_width=128,
+        text_layers=2,
         text_heads=2,
     )
     values.update(overrides)
@@ -178,8 +199,11 @@ def sam3_video_config(
         "vision_config": vision.to_dict(),
         "prompt_encoder_config": {"hidden_size": fpn, "image_size": image_size, "patch_size": patch},
         "mask_decoder_config": {
-            "hidden_size": fpn, "mlp_dim": 8 * fpn, "num_hidden_layers": mask_decoder_layers,
-            "num_attention_heads": mask_decoder_heads or max(1, fpn // 32), "iou_head_hidden_dim": fpn,
+            "hidden_size": fpn,
+            "mlp_dim": 8 * fpn,
+            "num_hidden_layers": mask_decoder_layers,
+            "num_attention_heads": mask_decoder_heads or max(1, fpn // 32),
+            "iou_head_hidden_dim": fpn,
         },
         "num_maskmem": num_maskmem,
         "memory_attention_hidden_size": fpn,
@@ -222,20 +246,19 @@ def _shape(shapes: Mapping[str, Sequence[int]], key: str) -> tuple[int, ...]:
 @overload
 def infer_sam3_config(
     shapes: Mapping[str, Sequence[int]], *, with_tracker: Literal[False] = False
-) -> Sam3Config:
-    ...
+) -> Sam3Config: ...
 
 
 @overload
-def infer_sam3_config(shapes: Mapping[str, Sequence[int]], *, with_tracker: Literal[True]) -> Sam3VideoConfig:
-    ...
+def infer_sam3_config(
+    shapes: Mapping[str, Sequence[int]], *, with_tracker: Literal[True]
+) -> Sam3VideoConfig: ...
 
 
 @overload
 def infer_sam3_config(
     shapes: Mapping[str, Sequence[int]], *, with_tracker: bool
-) -> Sam3Config | Sam3VideoConfig:
-    ...
+) -> Sam3Config | Sam3VideoConfig: ...
 
 
 def infer_sam3_config(
@@ -265,11 +288,16 @@ def infer_sam3_config(
     if pre_grid * pre_grid != n_pos - 1:
         raise ValueError(f"{vit}pos_embed has {n_pos} positions, not 1 + a square grid")
     depth = _count(shapes, re.escape(vit) + r"blocks\.(\d+)\.attn\.qkv\.weight")
-    rope = [_shape(shapes, f"{vit}blocks.{i}.attn.freqs_cis") for i in range(depth)
-            if f"{vit}blocks.{i}.attn.freqs_cis" in shapes]
+    rope = [
+        _shape(shapes, f"{vit}blocks.{i}.attn.freqs_cis")
+        for i in range(depth)
+        if f"{vit}blocks.{i}.attn.freqs_cis" in shapes
+    ]
     if len(rope) != depth:
-        raise ValueError("the checkpoint lacks the ViT's rotary tables (blocks.N.attn.freqs_cis), needed to "
-                         "read its image size, window size and head count")
+        raise ValueError(
+            "the checkpoint lacks the ViT's rotary tables (blocks.N.attn.freqs_cis), needed to "
+            "read its image size, window size and head count"
+        )
     tokens = [r[0] for r in rope]
     grid, window = round(max(tokens) ** 0.5), round(min(tokens) ** 0.5)
     global_blocks = [i for i, n in enumerate(tokens) if n == grid * grid and window != grid]
@@ -304,17 +332,27 @@ def infer_sam3_config(
     upsampling = _count(shapes, r"detector\.segmentation_head\.pixel_decoder\.conv_layers\.(\d+)\.weight")
 
     def block(n: int, ff_key: str) -> dict[str, Any]:
-        return {"hidden_size": det, "num_layers": n, "num_attention_heads": max(1, det // 32),
-                "intermediate_size": _shape(shapes, ff_key)[0]}
+        return {
+            "hidden_size": det,
+            "num_layers": n,
+            "num_attention_heads": max(1, det // 32),
+            "intermediate_size": _shape(shapes, ff_key)[0],
+        }
 
     detector = Sam3Config(
         vision_config={
             "model_type": "sam3_vision_model",
             "backbone_config": {
-                "model_type": "sam3_vit_model", "hidden_size": d_model, "num_channels": channels,
+                "model_type": "sam3_vit_model",
+                "hidden_size": d_model,
+                "num_channels": channels,
                 "intermediate_size": _shape(shapes, vit + "blocks.0.mlp.fc1.weight")[0],
-                "num_hidden_layers": depth, "num_attention_heads": vit_heads, "image_size": grid * patch,
-                "patch_size": patch, "window_size": window, "global_attn_indexes": global_blocks,
+                "num_hidden_layers": depth,
+                "num_attention_heads": vit_heads,
+                "image_size": grid * patch,
+                "patch_size": patch,
+                "window_size": window,
+                "global_attn_indexes": global_blocks,
                 "pretrain_image_size": pre_grid * patch,
                 "layer_norm_eps": 1e-5,  # Meta's ViT LayerNorms (transformers' default is 1e-6)
             },
@@ -323,19 +361,35 @@ def infer_sam3_config(
             "backbone_feature_sizes": [[grid * 4, grid * 4], [grid * 2, grid * 2], [grid, grid]],
         },
         text_config={
-            "model_type": "clip_text_model", "vocab_size": vocab, "hidden_size": text_width,
-            "intermediate_size": text_mlp, "projection_dim": text_proj, "num_hidden_layers": text_layers,
-            "num_attention_heads": max(1, text_width // 64), "max_position_embeddings": text_len,
+            "model_type": "clip_text_model",
+            "vocab_size": vocab,
+            "hidden_size": text_width,
+            "intermediate_size": text_mlp,
+            "projection_dim": text_proj,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": max(1, text_width // 64),
+            "max_position_embeddings": text_len,
             "hidden_act": "gelu",
         },
-        geometry_encoder_config={"model_type": "sam3_geometry_encoder",
-                                 **block(geo_layers, "detector.geometry_encoder.encode.0.linear1.weight")},
-        detr_encoder_config={"model_type": "sam3_detr_encoder",
-                             **block(enc_layers, "detector.transformer.encoder.layers.0.linear1.weight")},
-        detr_decoder_config={"model_type": "sam3_detr_decoder", "num_queries": queries,
-                             **block(dec_layers, "detector.transformer.decoder.layers.0.linear1.weight")},
-        mask_decoder_config={"model_type": "sam3_mask_decoder", "hidden_size": det,
-                             "num_upsampling_stages": upsampling, "num_attention_heads": max(1, det // 32)},
+        geometry_encoder_config={
+            "model_type": "sam3_geometry_encoder",
+            **block(geo_layers, "detector.geometry_encoder.encode.0.linear1.weight"),
+        },
+        detr_encoder_config={
+            "model_type": "sam3_detr_encoder",
+            **block(enc_layers, "detector.transformer.encoder.layers.0.linear1.weight"),
+        },
+        detr_decoder_config={
+            "model_type": "sam3_detr_decoder",
+            "num_queries": queries,
+            **block(dec_layers, "detector.transformer.decoder.layers.0.linear1.weight"),
+        },
+        mask_decoder_config={
+            "model_type": "sam3_mask_decoder",
+            "hidden_size": det,
+            "num_upsampling_stages": upsampling,
+            "num_attention_heads": max(1, det // 32),
+        },
     )
     if not with_tracker:
         return detector
@@ -348,8 +402,10 @@ def _infer_video_config(shapes: Mapping[str, Sequence[int]], detector: Sam3Confi
     hidden = _shape(shapes, md + "iou_token.weight")[1]
     fpn = vision_config(detector).fpn_hidden_size
     if hidden != fpn:
-        raise ValueError(f"tracker width {hidden} differs from the FPN width {fpn}; transformers' video "
-                         "model needs them equal")
+        raise ValueError(
+            f"tracker width {hidden} differs from the FPN width {fpn}; transformers' video "
+            "model needs them equal"
+        )
     down = _count(shapes, r"tracker\.maskmem_backbone\.mask_downsampler\.encoder\.(\d+)\.weight")
     fuser = "tracker.maskmem_backbone.fuser.layers.0."
     kernel = _shape(shapes, fuser + "dwconv.weight")[-1]
@@ -359,8 +415,8 @@ def _infer_video_config(shapes: Mapping[str, Sequence[int]], detector: Sam3Confi
             "mlp_dim": _shape(shapes, md + "transformer.layers.0.mlp.lin1.weight")[0],
             "num_hidden_layers": _count(shapes, re.escape(md) + r"transformer\.layers\.(\d+)\.norm1\.weight"),
             "num_attention_heads": max(1, hidden // 32),
-            "attention_downsample_rate": hidden // _shape(
-                shapes, md + "transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0],
+            "attention_downsample_rate": hidden
+            // _shape(shapes, md + "transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0],
             "num_multimask_outputs": _shape(shapes, md + "mask_tokens.weight")[0] - 1,
             "iou_head_depth": _count(shapes, re.escape(md) + r"iou_prediction_head\.layers\.(\d+)\.weight"),
             "iou_head_hidden_dim": _shape(shapes, md + "iou_prediction_head.layers.0.weight")[0],
@@ -371,10 +427,12 @@ def _infer_video_config(shapes: Mapping[str, Sequence[int]], detector: Sam3Confi
             "patch_size": vit_sizes(detector)[1],
             "mask_input_channels": _shape(shapes, "tracker.sam_prompt_encoder.mask_downscaling.3.weight")[0],
             "num_point_embeddings": _count(
-                shapes, r"tracker\.sam_prompt_encoder\.point_embeddings\.(\d+)\.weight"),
+                shapes, r"tracker\.sam_prompt_encoder\.point_embeddings\.(\d+)\.weight"
+            ),
         },
-        "memory_attention_feed_forward_hidden_size":
-            _shape(shapes, "tracker.transformer.encoder.layers.0.linear1.weight")[0],
+        "memory_attention_feed_forward_hidden_size": _shape(
+            shapes, "tracker.transformer.encoder.layers.0.linear1.weight"
+        )[0],
         "memory_encoder_hidden_size": _shape(shapes, "tracker.maskmem_backbone.pix_feat_proj.weight")[0],
         "mask_downsampler_embed_dim": _shape(shapes, "tracker.maskmem_backbone.pix_feat_proj.weight")[0],
         # (conv, norm) pairs of stride 2, then a 1x1 conv: 2n + 1 weighted entries for n layers
@@ -387,7 +445,8 @@ def _infer_video_config(shapes: Mapping[str, Sequence[int]], detector: Sam3Confi
     return sam3_video_config(
         detector,
         memory_attention_layers=_count(
-            shapes, r"tracker\.transformer\.encoder\.layers\.(\d+)\.linear1\.weight"),
+            shapes, r"tracker\.transformer\.encoder\.layers\.(\d+)\.linear1\.weight"
+        ),
         num_maskmem=_shape(shapes, "tracker.maskmem_tpos_enc")[0],
         memory_encoder_output_channels=_shape(shapes, "tracker.maskmem_backbone.out_proj.weight")[0],
         tracker_overrides=tracker_overrides,

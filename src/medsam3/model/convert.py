@@ -64,23 +64,31 @@ class ConversionReport:
         return not (self.unexpected or self.missing or self.mis_shaped)
 
     def counts(self) -> dict[str, int]:
-        return {"converted": len(self.converted), "dropped": len(self.dropped),
-                "unexpected": len(self.unexpected), "missing": len(self.missing),
-                "mis_shaped": len(self.mis_shaped)}
+        return {
+            "converted": len(self.converted),
+            "dropped": len(self.dropped),
+            "unexpected": len(self.unexpected),
+            "missing": len(self.missing),
+            "mis_shaped": len(self.mis_shaped),
+        }
 
     def summary(self) -> str:
         """A few human-readable lines: counts per category, then the first problems."""
         c = self.counts()
-        lines = [f"{self.source or 'state dict'} -> {self.model_class}"
-                 + (f" ({self.output})" if self.output else ""),
-                 "  " + ", ".join(f"{k.replace('_', '-')}: {v}" for k, v in c.items())]
+        lines = [
+            f"{self.source or 'state dict'} -> {self.model_class}"
+            + (f" ({self.output})" if self.output else ""),
+            "  " + ", ".join(f"{k.replace('_', '-')}: {v}" for k, v in c.items()),
+        ]
         reasons: dict[str, int] = {}
         for d in self.dropped:
             reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
         lines += [f"  dropped {n}: {reason}" for reason, n in reasons.items()]
-        for label, items in (("unexpected", self.unexpected), ("missing", self.missing),
-                             ("mis-shaped", [f"{m['transformers']} {m['got']} vs {m['expected']}"
-                                             for m in self.mis_shaped])):
+        for label, items in (
+            ("unexpected", self.unexpected),
+            ("missing", self.missing),
+            ("mis-shaped", [f"{m['transformers']} {m['got']} vs {m['expected']}" for m in self.mis_shaped]),
+        ):
             if items:
                 more = f" ... ({len(items)} in all)" if len(items) > 5 else ""
                 lines.append(f"  {label}: " + ", ".join(items[:5]) + more)
@@ -123,8 +131,10 @@ def load_meta_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             "re-save it as a plain state dict (torch.save(model.state_dict(), ...)) with a trusted tool"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"{p}: cannot read this checkpoint; the file is truncated, corrupt or not a "
-                         f"PyTorch checkpoint ({_first_line(exc)})") from exc
+        raise ModelError(
+            f"{p}: cannot read this checkpoint; the file is truncated, corrupt or not a "
+            f"PyTorch checkpoint ({_first_line(exc)})"
+        ) from exc
     return _find_state_dict(obj, p)
 
 
@@ -144,8 +154,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _find_state_dict(obj: Any, p: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -156,8 +169,10 @@ def _find_state_dict(obj: Any, p: Path) -> tuple[dict[str, torch.Tensor], list[s
         if _is_state_dict(obj):
             return dict(obj), []
         seen = ", ".join(repr(k) for k in list(obj)[:8])
-        raise ModelError(f"{p}: unknown checkpoint layout: no state dict of tensors under "
-                         f"{' / '.join(STATE_DICT_ENTRIES)} nor at the top level (entries seen: {seen})")
+        raise ModelError(
+            f"{p}: unknown checkpoint layout: no state dict of tensors under "
+            f"{' / '.join(STATE_DICT_ENTRIES)} nor at the top level (entries seen: {seen})"
+        )
     raise ModelError(f"{p}: unknown checkpoint layout: holds a {type(obj).__name__}, not a state dict")
 
 
@@ -169,7 +184,7 @@ def normalize_meta_keys(state_dict: Mapping[str, torch.Tensor], source: str = "s
     """
     keys = list(state_dict)
     if keys and all(k.startswith("module.") for k in keys):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
         keys = list(state_dict)
     if any(k.startswith(("detector.", "tracker.")) for k in keys):
         return dict(state_dict)
@@ -177,10 +192,14 @@ def normalize_meta_keys(state_dict: Mapping[str, torch.Tensor], source: str = "s
         return {f"detector.{k}": v for k, v in state_dict.items()}
     sample = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
     if any("lora_" in k for k in keys):
-        raise ModelError(f"{source}: this is a LoRA adapter (keys {sample}), not a full SAM3 checkpoint; "
-                         "merge it into its base model first")
-    raise ModelError(f"{source}: unknown layout: these keys are not Meta's SAM3 layout (detector.* / "
-                     f"tracker.*) (keys seen: {sample})")
+        raise ModelError(
+            f"{source}: this is a LoRA adapter (keys {sample}), not a full SAM3 checkpoint; "
+            "merge it into its base model first"
+        )
+    raise ModelError(
+        f"{source}: unknown layout: these keys are not Meta's SAM3 layout (detector.* / "
+        f"tracker.*) (keys seen: {sample})"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,9 +216,13 @@ def _expected_shapes(config: Any) -> tuple[str, dict[str, tuple[int, ...]]]:
     return cls.__name__, {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def convert_meta_state_dict(state_dict: Mapping[str, torch.Tensor], config: Any = None,
-                            *, with_tracker: bool | None = None,
-                            source: str = "state dict") -> tuple[dict[str, torch.Tensor], ConversionReport]:
+def convert_meta_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    config: Any = None,
+    *,
+    with_tracker: bool | None = None,
+    source: str = "state dict",
+) -> tuple[dict[str, torch.Tensor], ConversionReport]:
     """Rename and reshape a Meta-layout state dict into transformers keys.
 
     Args:
@@ -217,8 +240,9 @@ def convert_meta_state_dict(state_dict: Mapping[str, torch.Tensor], config: Any 
     return tensors, report
 
 
-def _convert(state_dict: Mapping[str, torch.Tensor], config: Any, with_tracker: bool | None,
-             source: str) -> tuple[dict[str, torch.Tensor], ConversionReport, Any]:
+def _convert(
+    state_dict: Mapping[str, torch.Tensor], config: Any, with_tracker: bool | None, source: str
+) -> tuple[dict[str, torch.Tensor], ConversionReport, Any]:
     from medsam3.model.configs import infer_sam3_config
 
     meta = normalize_meta_keys(state_dict, source)
@@ -227,23 +251,35 @@ def _convert(state_dict: Mapping[str, torch.Tensor], config: Any, with_tracker: 
     if with_tracker is None:
         with_tracker = has_tracker if video_config is None else video_config
     if video_config is not None and video_config != with_tracker:
-        raise ModelError(f"{source}: the configuration ({config.model_type}) does not match the requested "
-                         f"{'video' if with_tracker else 'image'} model")
+        raise ModelError(
+            f"{source}: the configuration ({config.model_type}) does not match the requested "
+            f"{'video' if with_tracker else 'image'} model"
+        )
     if with_tracker and not has_tracker:
-        raise ModelError(f"{source}: the checkpoint holds no tracker weights (tracker.*); convert it as an "
-                         "image model")
+        raise ModelError(
+            f"{source}: the checkpoint holds no tracker weights (tracker.*); convert it as an image model"
+        )
     if config is None:
         try:
             shapes = {k: tuple(v.shape) for k, v in meta.items()}
             config = infer_sam3_config(shapes, with_tracker=with_tracker)
         except ValueError as exc:
-            raise ModelError(f"{source}: cannot read the model architecture from the checkpoint ({exc}); "
-                             "pass an explicit configuration (config.json)") from exc
+            raise ModelError(
+                f"{source}: cannot read the model architecture from the checkpoint ({exc}); "
+                "pass an explicit configuration (config.json)"
+            ) from exc
     model_class, expected = _expected_shapes(config)
-    prefix = ({meta_keys.DETECTOR: "detector_model.", meta_keys.TRACKER_NECK: "tracker_neck.",
-               meta_keys.TRACKER: "tracker_model."} if with_tracker else {meta_keys.DETECTOR: ""})
+    prefix = (
+        {
+            meta_keys.DETECTOR: "detector_model.",
+            meta_keys.TRACKER_NECK: "tracker_neck.",
+            meta_keys.TRACKER: "tracker_model.",
+        }
+        if with_tracker
+        else {meta_keys.DETECTOR: ""}
+    )
     report = ConversionReport(source=source, model_class=model_class, config=_config_summary(config))
-    scan = meta_keys.prescan(k[len("tracker."):] for k in meta if k.startswith("tracker."))
+    scan = meta_keys.prescan(k[len("tracker.") :] for k in meta if k.startswith("tracker."))
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     stacks: dict[str, list[tuple[int, str, torch.Tensor]]] = {}
@@ -266,8 +302,15 @@ def _convert(state_dict: Mapping[str, torch.Tensor], config: Any, with_tracker: 
         try:
             pieces = meta_keys.apply_op(plan.op, tensor, key)
         except ValueError as exc:
-            report.mis_shaped.append({"meta": key, "transformers": names[0], "got": list(tensor.shape),
-                                      "expected": list(expected.get(names[0], ())), "problem": str(exc)})
+            report.mis_shaped.append(
+                {
+                    "meta": key,
+                    "transformers": names[0],
+                    "got": list(tensor.shape),
+                    "expected": list(expected.get(names[0], ())),
+                    "problem": str(exc),
+                }
+            )
             continue
         for name, piece in zip(names, pieces, strict=True):
             out[name], origin[name] = piece, key
@@ -283,8 +326,14 @@ def _convert(state_dict: Mapping[str, torch.Tensor], config: Any, with_tracker: 
     report.missing = sorted(set(expected) - set(out), key=_natural)
     for name in sorted(out, key=_natural):
         if tuple(out[name].shape) != expected[name]:
-            report.mis_shaped.append({"meta": origin[name], "transformers": name,
-                                      "got": list(out[name].shape), "expected": list(expected[name])})
+            report.mis_shaped.append(
+                {
+                    "meta": origin[name],
+                    "transformers": name,
+                    "got": list(out[name].shape),
+                    "expected": list(expected[name]),
+                }
+            )
     return out, report, config
 
 
@@ -295,10 +344,15 @@ def _natural(key: str) -> list[Any]:
 def _config_summary(config: Any) -> dict[str, Any]:
     detector = getattr(config, "detector_config", None) or config
     vit = detector.vision_config.backbone_config
-    return {"model_type": config.model_type, "image_size": vit.image_size, "patch_size": vit.patch_size,
-            "vit_width": vit.hidden_size, "vit_layers": vit.num_hidden_layers,
-            "text_width": detector.text_config.hidden_size,
-            "queries": detector.detr_decoder_config.num_queries}
+    return {
+        "model_type": config.model_type,
+        "image_size": vit.image_size,
+        "patch_size": vit.patch_size,
+        "vit_width": vit.hidden_size,
+        "vit_layers": vit.num_hidden_layers,
+        "text_width": detector.text_config.hidden_size,
+        "queries": detector.detr_decoder_config.num_queries,
+    }
 
 
 def _load_config_file(path: str | os.PathLike) -> Any:
@@ -316,9 +370,15 @@ def _load_config_file(path: str | os.PathLike) -> Any:
     return config
 
 
-def convert_meta_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                            dtype: str | torch.dtype = "fp32", config: Any = None,
-                            with_tracker: bool | None = None, overwrite: bool = False) -> ConversionReport:
+def convert_meta_checkpoint(
+    ckpt_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    config: Any = None,
+    with_tracker: bool | None = None,
+    overwrite: bool = False,
+) -> ConversionReport:
     """Convert a Meta-format checkpoint file into a transformers model folder ``out_dir``.
 
     Args:

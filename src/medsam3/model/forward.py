@@ -241,8 +241,9 @@ def predict_prompts(
     box_rows = torch.nonzero(has_box).flatten()
     text_rows = torch.nonzero(~has_box).flatten()
     sub_text, sub_mask = _select_rows(text_embeds, attention_mask, text_rows)
-    plain = model(vision_embeds=_vision_rows(vision_embeds, text_rows), text_embeds=sub_text,
-                  attention_mask=sub_mask)
+    plain = model(
+        vision_embeds=_vision_rows(vision_embeds, text_rows), text_embeds=sub_text, attention_mask=sub_mask
+    )
     sub_text, sub_mask = _select_rows(text_embeds, attention_mask, box_rows)
     boxed = model(
         vision_embeds=_vision_rows(vision_embeds, box_rows),

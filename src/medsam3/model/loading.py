@@ -52,9 +52,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DTYPE_NAMES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
 }
 IMAGE_MODEL_TYPES = ("sam3", "sam3_video")
 TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker", "sam3_tracker_video")
@@ -65,7 +69,9 @@ VIDEO_MODEL_TYPE = "sam3_video"
 ModelKind = Literal["image", "tracker", "video"]
 #: The ``model_type`` values (``config.json``) of the folders each kind loads from.
 MODEL_TYPES: dict[ModelKind, tuple[str, ...]] = {
-    "image": IMAGE_MODEL_TYPES, "tracker": TRACKER_MODEL_TYPES, "video": (VIDEO_MODEL_TYPE,),
+    "image": IMAGE_MODEL_TYPES,
+    "tracker": TRACKER_MODEL_TYPES,
+    "video": (VIDEO_MODEL_TYPE,),
 }
 
 ModelT = TypeVar("ModelT", bound="PreTrainedModel")
@@ -161,11 +167,15 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
         return torch.float32
     chosen = parse_dtype(dtype)
     if device.type == "cpu" and chosen == torch.float16:
-        raise ModelError("--dtype fp16 on the CPU: not supported (several SAM3 operations have no CPU "
-                         "float16 kernels, and it is slower than float32); use --dtype fp32, or a GPU")
+        raise ModelError(
+            "--dtype fp16 on the CPU: not supported (several SAM3 operations have no CPU "
+            "float16 kernels, and it is slower than float32); use --dtype fp32, or a GPU"
+        )
     if device.type == "cpu" and chosen == torch.bfloat16:
-        log.warning("bfloat16 on the CPU: slower than float32 on most CPUs and less precise; "
-                    "use --dtype fp32 unless memory is the limit")
+        log.warning(
+            "bfloat16 on the CPU: slower than float32 on most CPUs and less precise; "
+            "use --dtype fp32 unless memory is the limit"
+        )
     return chosen
 
 
@@ -224,8 +234,11 @@ def read_model_config(folder: Path) -> dict[str, Any]:
 def _raise_on_loading_problems(info: Mapping[str, Collection[object]], folder: Path, what: str) -> None:
     """Raise :class:`ModelError` if a loading report (``output_loading_info``) lists any problem."""
     problems = []
-    for name, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
-                        ("mismatched_keys", "mis-shaped")):
+    for name, label in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "mis-shaped"),
+    ):
         keys = sorted(str(k) for k in info.get(name) or ())
         if keys:
             shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
@@ -267,17 +280,20 @@ def build_processor(config: PreTrainedConfig, *, video: bool = False) -> Sam3Pro
     detector = getattr(config, "detector_config", None) or config
     backbone = detector.vision_config.backbone_config
     size, grid = int(backbone.image_size), int(backbone.image_size) // int(backbone.patch_size)
-    image_processor = Sam3ImageProcessor(size={"height": size, "width": size},
-                                         mask_size={"height": 4 * grid, "width": 4 * grid})
+    image_processor = Sam3ImageProcessor(
+        size={"height": size, "width": size}, mask_size={"height": 4 * grid, "width": 4 * grid}
+    )
     tokenizer = build_clip_tokenizer()
     if not video:
         return Sam3Processor(image_processor=image_processor, tokenizer=tokenizer)
     from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
 
-    video_processor = Sam2VideoVideoProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-                                              size={"height": size, "width": size})
-    return Sam3VideoProcessor(image_processor=image_processor, video_processor=video_processor,
-                              tokenizer=tokenizer)
+    video_processor = Sam2VideoVideoProcessor(
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], size={"height": size, "width": size}
+    )
+    return Sam3VideoProcessor(
+        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer
+    )
 
 
 def _load_processor(cls: type[ProcessorT], folder: Path, config: PreTrainedConfig) -> ProcessorT:
@@ -290,8 +306,9 @@ def _load_processor(cls: type[ProcessorT], folder: Path, config: PreTrainedConfi
             return cls.from_pretrained(str(folder))
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ModelError(f"{folder}: cannot load the processor / tokenizer files ({exc})") from exc
-    log.warning("%s: no processor/tokenizer files; using SAM3's standard preprocessing and the CLIP "
-                "tokenizer", folder)
+    log.warning(
+        "%s: no processor/tokenizer files; using SAM3's standard preprocessing and the CLIP tokenizer", folder
+    )
     built = build_processor(config, video=True)
     if cls.__name__ == "Sam3TrackerProcessor":
         return cls(image_processor=built.image_processor)
@@ -305,29 +322,47 @@ def _load_processor(cls: type[ProcessorT], folder: Path, config: PreTrainedConfi
 def _wrong_model_type(kind: ModelKind, folder: Path, found: object) -> str:
     """Why a folder whose ``config.json`` says ``model_type`` ``found`` cannot give a model of ``kind``."""
     if kind == "image":
-        return (f"{folder}: model_type {found!r} is not a SAM3 image or video model "
-                f"(expected one of {', '.join(IMAGE_MODEL_TYPES)})")
+        return (
+            f"{folder}: model_type {found!r} is not a SAM3 image or video model "
+            f"(expected one of {', '.join(IMAGE_MODEL_TYPES)})"
+        )
     if kind == "tracker":
-        return (f"{folder}: holds a {found!r} model without tracker weights; point prompts need the tracker: "
-                "convert the full sam3.pt (detector and tracker keys) with `medsam3 convert`, or use "
-                "facebook/sam3")
-    return (f"{folder}: a {found!r} model has no tracker; tracking through a volume needs a SAM3 video model "
-            f"(config.json model_type {VIDEO_MODEL_TYPE!r}: facebook/sam3, or a full sam3.pt / Medical SAM3 "
-            "checkpoint converted with `medsam3 convert`)")
+        return (
+            f"{folder}: holds a {found!r} model without tracker weights; point prompts need the tracker: "
+            "convert the full sam3.pt (detector and tracker keys) with `medsam3 convert`, or use "
+            "facebook/sam3"
+        )
+    return (
+        f"{folder}: a {found!r} model has no tracker; tracking through a volume needs a SAM3 video model "
+        f"(config.json model_type {VIDEO_MODEL_TYPE!r}: facebook/sam3, or a full sam3.pt / Medical SAM3 "
+        "checkpoint converted with `medsam3 convert`)"
+    )
 
 
-def _from_pretrained(cls: type[ModelT], folder: Path, what: str, dtype: torch.dtype, *,
-                     ignore_mismatched_sizes: bool = False, config: PreTrainedConfig | None = None,
-                     state_dict: dict[str, torch.Tensor] | None = None) -> ModelT:
+def _from_pretrained(
+    cls: type[ModelT],
+    folder: Path,
+    what: str,
+    dtype: torch.dtype,
+    *,
+    ignore_mismatched_sizes: bool = False,
+    config: PreTrainedConfig | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> ModelT:
     """``cls.from_pretrained`` in ``dtype``, strictly: any weight problem raises :class:`ModelError`.
 
     The weights come from ``folder``, or, when ``state_dict`` is given, from it and ``config`` (``folder``
     then only names the source in messages). ``what`` names the model in the error of a failed load.
     """
     try:
-        loaded = cls.from_pretrained(None if state_dict is not None else str(folder), config=config,
-                                     state_dict=state_dict, dtype=dtype, output_loading_info=True,
-                                     ignore_mismatched_sizes=ignore_mismatched_sizes)
+        loaded = cls.from_pretrained(
+            None if state_dict is not None else str(folder),
+            config=config,
+            state_dict=state_dict,
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{folder}: cannot load {what} ({exc})") from exc
     # With output_loading_info=True, from_pretrained returns (model, loading report).
@@ -336,8 +371,9 @@ def _from_pretrained(cls: type[ModelT], folder: Path, what: str, dtype: torch.dt
     return net
 
 
-def _ready(net: ModelT, processor_class: type[ProcessorT], folder: Path,
-           device: torch.device) -> tuple[ModelT, ProcessorT]:
+def _ready(
+    net: ModelT, processor_class: type[ProcessorT], folder: Path, device: torch.device
+) -> tuple[ModelT, ProcessorT]:
     """``net``'s processor (:func:`_load_processor`), then ``net`` in eval mode on ``device``."""
     processor = _load_processor(processor_class, folder, net.config)
     module: torch.nn.Module = net  # checked as a Module: transformers' ``to`` wrapper has no typed binding
@@ -346,31 +382,52 @@ def _ready(net: ModelT, processor_class: type[ProcessorT], folder: Path,
 
 
 @overload
-def load_pretrained(source: str | os.PathLike | None, kind: Literal["image"], *,
-                    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> LoadedSam3: ...
+def load_pretrained(
+    source: str | os.PathLike | None,
+    kind: Literal["image"],
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> LoadedSam3: ...
 
 
 @overload
-def load_pretrained(source: str | os.PathLike | None, kind: Literal["tracker"], *,
-                    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
-                    ) -> LoadedSam3Tracker: ...
+def load_pretrained(
+    source: str | os.PathLike | None,
+    kind: Literal["tracker"],
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> LoadedSam3Tracker: ...
 
 
 @overload
-def load_pretrained(source: str | os.PathLike | None, kind: Literal["video"], *,
-                    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
-                    ) -> LoadedSam3Video: ...
+def load_pretrained(
+    source: str | os.PathLike | None,
+    kind: Literal["video"],
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> LoadedSam3Video: ...
 
 
 @overload
-def load_pretrained(source: str | os.PathLike | None, kind: ModelKind, *,
-                    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
-                    ) -> LoadedSam3 | LoadedSam3Tracker | LoadedSam3Video: ...
+def load_pretrained(
+    source: str | os.PathLike | None,
+    kind: ModelKind,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> LoadedSam3 | LoadedSam3Tracker | LoadedSam3Video: ...
 
 
-def load_pretrained(source: str | os.PathLike | None, kind: ModelKind, *,
-                    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
-                    ) -> LoadedSam3 | LoadedSam3Tracker | LoadedSam3Video:
+def load_pretrained(
+    source: str | os.PathLike | None,
+    kind: ModelKind,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> LoadedSam3 | LoadedSam3Tracker | LoadedSam3Video:
     """Resolve (see :mod:`medsam3.model.resolve`), load and place a SAM3 model of ``kind`` and its processor.
 
     Args:
@@ -442,12 +499,15 @@ def _load_tracker_model(folder: Path, raw: dict[str, Any], dtype: torch.dtype) -
         wanted = {k: v.shape for k, v in Sam3TrackerModel(config).state_dict().items()}
     state = _tracker_state_dict(folder, wanted)
     missing = sorted(set(wanted) - set(state))
-    mis_shaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(wanted[k])}" for k in state
-                        if state[k].shape != wanted[k])
-    _raise_on_loading_problems({"missing_keys": missing, "mismatched_keys": mis_shaped}, folder,
-                               "Sam3TrackerModel")
-    return _from_pretrained(Sam3TrackerModel, folder, "the SAM3 tracker", dtype, config=config,
-                            state_dict=state)
+    mis_shaped = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(wanted[k])}" for k in state if state[k].shape != wanted[k]
+    )
+    _raise_on_loading_problems(
+        {"missing_keys": missing, "mismatched_keys": mis_shaped}, folder, "Sam3TrackerModel"
+    )
+    return _from_pretrained(
+        Sam3TrackerModel, folder, "the SAM3 tracker", dtype, config=config, state_dict=state
+    )
 
 
 def _tracker_config(raw: dict[str, Any]) -> Sam3TrackerConfig:
@@ -477,13 +537,13 @@ def _tracker_state_dict(folder: Path, wanted: dict[str, torch.Size]) -> dict[str
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 if key.startswith("detector_model.vision_encoder.backbone."):
-                    name = key[len("detector_model."):]
+                    name = key[len("detector_model.") :]
                 elif key.startswith("tracker_neck."):
-                    name = "vision_encoder.neck." + key[len("tracker_neck."):]
+                    name = "vision_encoder.neck." + key[len("tracker_neck.") :]
                 elif key.startswith("tracker_model."):
                     name = key
                     while name.startswith("tracker_model."):  # transformers' own save doubles it
-                        name = name[len("tracker_model."):]
+                        name = name[len("tracker_model.") :]
                 else:
                     name = key
                 if name in wanted:
@@ -514,8 +574,12 @@ def tracker_vision_levels(vision: dict[str, Any]) -> dict[str, Any]:
 # the kinds by name
 
 
-def load_sam3(model: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
-              dtype: str | torch.dtype = "auto") -> LoadedSam3:
+def load_sam3(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> LoadedSam3:
     """Resolve (see :mod:`medsam3.model.resolve`), load and place a ``Sam3Model`` and its processor.
 
     Works on folders of ``Sam3Model`` (``model_type`` ``sam3``) and of ``Sam3VideoModel`` (``sam3_video``,
@@ -528,8 +592,12 @@ def load_sam3(model: str | os.PathLike | None = None, *, device: str | torch.dev
     return load_pretrained(model, "image", device=device, dtype=dtype)
 
 
-def load_sam3_tracker(model: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
-                      dtype: str | torch.dtype = "auto") -> LoadedSam3Tracker:
+def load_sam3_tracker(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> LoadedSam3Tracker:
     """Load ``Sam3TrackerModel`` (SAM2-style point / box prompts) and ``Sam3TrackerProcessor``.
 
     The folder must hold the tracker weights: a ``Sam3VideoModel`` folder (``facebook/sam3``, a converted
@@ -562,8 +630,9 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(out, str(path), metadata={"format": "pt"})
 
 
-def save_sam3(model: Any, processor: ProcessorMixin, out_dir: str | os.PathLike[str], *,
-              overwrite: bool = False) -> Path:
+def save_sam3(
+    model: Any, processor: ProcessorMixin, out_dir: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Write ``model`` (Sam3Model or Sam3VideoModel) and ``processor`` to ``out_dir`` atomically.
 
     The folder gets ``config.json``, ``model.safetensors``, the tokenizer files and the processor

@@ -33,6 +33,7 @@ import torch
 
 DETECTOR, TRACKER_NECK, TRACKER = "detector", "tracker_neck", "tracker"
 
+
 @dataclass(frozen=True)
 class Rule:
     """One Meta key pattern (relative to ``detector.`` / ``tracker.``) and what it becomes."""
@@ -101,11 +102,19 @@ _NECK_OPS = (
     ("conv_3x3", "proj2"),
 )
 _DEC_ATTN = (("self_attn", "self_attn"), ("ca_text", "text_cross_attn"), ("cross_attn", "vision_cross_attn"))
-_DEC_NORMS = (("norm1", "vision_cross_attn_layer_norm"), ("catext_norm", "text_cross_attn_layer_norm"),
-              ("norm2", "self_attn_layer_norm"), ("norm3", "mlp_layer_norm"))
-_DEC_MLPS = (("presence_token_head", "presence_head"), ("bbox_embed", "box_head"),
-             ("ref_point_head", "ref_point_head"), ("boxRPB_embed_x", "box_rpb_embed_x"),
-             ("boxRPB_embed_y", "box_rpb_embed_y"))
+_DEC_NORMS = (
+    ("norm1", "vision_cross_attn_layer_norm"),
+    ("catext_norm", "text_cross_attn_layer_norm"),
+    ("norm2", "self_attn_layer_norm"),
+    ("norm3", "mlp_layer_norm"),
+)
+_DEC_MLPS = (
+    ("presence_token_head", "presence_head"),
+    ("bbox_embed", "box_head"),
+    ("ref_point_head", "ref_point_head"),
+    ("boxRPB_embed_x", "box_rpb_embed_x"),
+    ("boxRPB_embed_y", "box_rpb_embed_y"),
+)
 
 
 def _d(pattern: str, target: Target, op: str = "copy") -> Rule:
@@ -119,56 +128,87 @@ def _t(pattern: str, target: Target | tuple[str, ...], op: str = "copy") -> Rule
 DETECTOR_RULES: tuple[Rule, ...] = (
     # ViT trunk
     _d(_VIT + r"pos_embed", "vision_encoder.backbone.embeddings.position_embeddings", "drop_cls"),
-    _d(_VIT + r"patch_embed\.proj\." + _WB,
-       r"vision_encoder.backbone.embeddings.patch_embeddings.projection.\1"),
+    _d(
+        _VIT + r"patch_embed\.proj\." + _WB,
+        r"vision_encoder.backbone.embeddings.patch_embeddings.projection.\1",
+    ),
     _d(_VIT + r"ln_pre\." + _WB, r"vision_encoder.backbone.layer_norm.\1"),
     _d(_VIT + r"blocks\.(\d+)\.norm([12])\." + _WB, r"vision_encoder.backbone.layers.\1.layer_norm\2.\3"),
-    _d(_VIT + r"blocks\.(\d+)\.attn\.qkv\." + _WB,
-       r"vision_encoder.backbone.layers.\1.attention.{q,k,v}_proj.\2",
-       "split3"),
+    _d(
+        _VIT + r"blocks\.(\d+)\.attn\.qkv\." + _WB,
+        r"vision_encoder.backbone.layers.\1.attention.{q,k,v}_proj.\2",
+        "split3",
+    ),
     _d(_VIT + r"blocks\.(\d+)\.attn\.proj\." + _WB, r"vision_encoder.backbone.layers.\1.attention.o_proj.\2"),
     _d(_VIT + r"blocks\.(\d+)\.mlp\.(fc[12])\." + _WB, r"vision_encoder.backbone.layers.\1.mlp.\2.\3"),
     # FPN necks: the detector's, and the tracker's (``sam2_convs``)
-    *(_d(r"backbone\.vision_backbone\.convs\.(\d+)\." + meta + r"\." + _WB,
-         rf"vision_encoder.neck.fpn_layers.\1.{hf}.\2")
-      for meta, hf in _NECK_OPS),
-    *(Rule(r"backbone\.vision_backbone\.sam2_convs\.(\d+)\." + meta + r"\." + _WB, TRACKER_NECK,
-           rf"fpn_layers.\1.{hf}.\2") for meta, hf in _NECK_OPS),
+    *(
+        _d(
+            r"backbone\.vision_backbone\.convs\.(\d+)\." + meta + r"\." + _WB,
+            rf"vision_encoder.neck.fpn_layers.\1.{hf}.\2",
+        )
+        for meta, hf in _NECK_OPS
+    ),
+    *(
+        Rule(
+            r"backbone\.vision_backbone\.sam2_convs\.(\d+)\." + meta + r"\." + _WB,
+            TRACKER_NECK,
+            rf"fpn_layers.\1.{hf}.\2",
+        )
+        for meta, hf in _NECK_OPS
+    ),
     # CLIP text encoder and the projection to the detector width
     _d(_TXT + r"token_embedding\.weight", "text_encoder.text_model.embeddings.token_embedding.weight"),
     _d(_TXT + r"positional_embedding", "text_encoder.text_model.embeddings.position_embedding.weight"),
     _d(_TXT + r"ln_final\." + _WB, r"text_encoder.text_model.final_layer_norm.\1"),
     _d(_TXT + r"text_projection", "text_encoder.text_projection.weight", "transpose"),
-    _d(_RES + r"attn\.in_proj_" + _WB, r"text_encoder.text_model.encoder.layers.\1.self_attn.{q,k,v}_proj.\2",
-       "split3"),
+    _d(
+        _RES + r"attn\.in_proj_" + _WB,
+        r"text_encoder.text_model.encoder.layers.\1.self_attn.{q,k,v}_proj.\2",
+        "split3",
+    ),
     _d(_RES + r"attn\.out_proj\." + _WB, r"text_encoder.text_model.encoder.layers.\1.self_attn.out_proj.\2"),
     _d(_RES + r"ln_([12])\." + _WB, r"text_encoder.text_model.encoder.layers.\1.layer_norm\2.\3"),
     _d(_RES + r"mlp\.c_fc\." + _WB, r"text_encoder.text_model.encoder.layers.\1.mlp.fc1.\2"),
     _d(_RES + r"mlp\.c_proj\." + _WB, r"text_encoder.text_model.encoder.layers.\1.mlp.fc2.\2"),
     _d(r"backbone\.language_backbone\.resizer\." + _WB, r"text_projection.\1"),
     # Geometry encoder (box prompts)
-    _d(_GEO + r"encode\.(\d+)\.self_attn\.in_proj_" + _WB,
-       r"geometry_encoder.layers.\1.self_attn.{q,k,v}_proj.\2",
-       "split3"),
-    _d(_GEO + r"encode\.(\d+)\.self_attn\.out_proj\." + _WB,
-       r"geometry_encoder.layers.\1.self_attn.o_proj.\2"),
-    _d(_GEO + r"encode\.(\d+)\.cross_attn_image\.in_proj_" + _WB,
-       r"geometry_encoder.layers.\1.cross_attn.{q,k,v}_proj.\2", "split3"),
-    _d(_GEO + r"encode\.(\d+)\.cross_attn_image\.out_proj\." + _WB,
-       r"geometry_encoder.layers.\1.cross_attn.o_proj.\2"),
+    _d(
+        _GEO + r"encode\.(\d+)\.self_attn\.in_proj_" + _WB,
+        r"geometry_encoder.layers.\1.self_attn.{q,k,v}_proj.\2",
+        "split3",
+    ),
+    _d(
+        _GEO + r"encode\.(\d+)\.self_attn\.out_proj\." + _WB,
+        r"geometry_encoder.layers.\1.self_attn.o_proj.\2",
+    ),
+    _d(
+        _GEO + r"encode\.(\d+)\.cross_attn_image\.in_proj_" + _WB,
+        r"geometry_encoder.layers.\1.cross_attn.{q,k,v}_proj.\2",
+        "split3",
+    ),
+    _d(
+        _GEO + r"encode\.(\d+)\.cross_attn_image\.out_proj\." + _WB,
+        r"geometry_encoder.layers.\1.cross_attn.o_proj.\2",
+    ),
     _d(_GEO + r"encode\.(\d+)\.linear([12])\." + _WB, r"geometry_encoder.layers.\1.mlp.fc\2.\3"),
     _d(_GEO + r"encode\.(\d+)\.norm([123])\." + _WB, r"geometry_encoder.layers.\1.layer_norm\2.\3"),
     _d(_GEO + r"img_pre_norm\." + _WB, r"geometry_encoder.vision_layer_norm.\1"),
     _d(_GEO + r"norm\." + _WB, r"geometry_encoder.prompt_layer_norm.\1"),
     _d(_GEO + r"encode_norm\." + _WB, r"geometry_encoder.output_layer_norm.\1"),
-    _d(_GEO + r"(boxes_direct_project|boxes_pool_project|boxes_pos_enc_project|final_proj)\." + _WB,
-       r"geometry_encoder.\1.\2"),
+    _d(
+        _GEO + r"(boxes_direct_project|boxes_pool_project|boxes_pos_enc_project|final_proj)\." + _WB,
+        r"geometry_encoder.\1.\2",
+    ),
     _d(_GEO + r"(cls_embed|label_embed)\.weight", r"geometry_encoder.\1.weight"),
     # DETR encoder (image tokens attend to the prompt)
     _d(_ENC + r"self_attn\.in_proj_" + _WB, r"detr_encoder.layers.\1.self_attn.{q,k,v}_proj.\2", "split3"),
     _d(_ENC + r"self_attn\.out_proj\." + _WB, r"detr_encoder.layers.\1.self_attn.o_proj.\2"),
-    _d(_ENC + r"cross_attn_image\.in_proj_" + _WB,
-       r"detr_encoder.layers.\1.cross_attn.{q,k,v}_proj.\2", "split3"),
+    _d(
+        _ENC + r"cross_attn_image\.in_proj_" + _WB,
+        r"detr_encoder.layers.\1.cross_attn.{q,k,v}_proj.\2",
+        "split3",
+    ),
     _d(_ENC + r"cross_attn_image\.out_proj\." + _WB, r"detr_encoder.layers.\1.cross_attn.o_proj.\2"),
     _d(_ENC + r"linear([12])\." + _WB, r"detr_encoder.layers.\1.mlp.fc\2.\3"),
     _d(_ENC + r"norm([123])\." + _WB, r"detr_encoder.layers.\1.layer_norm\2.\3"),
@@ -176,30 +216,51 @@ DETECTOR_RULES: tuple[Rule, ...] = (
     _d(_DEC + r"(query_embed|reference_points|presence_token)\.weight", r"detr_decoder.\1.weight"),
     _d(_DEC + r"norm\." + _WB, r"detr_decoder.output_layer_norm.\1"),
     _d(_DEC + r"presence_token_out_norm\." + _WB, r"detr_decoder.presence_layer_norm.\1"),
-    *(_d(_DEC + meta + r"\.layers\.(\d+)\." + _WB,
-         _numbered(f"detr_decoder.{hf}.", r".\2")) for meta, hf in _DEC_MLPS),
-    *(_d(_DEC + r"layers\.(\d+)\." + meta + r"\.in_proj_" + _WB,
-         rf"detr_decoder.layers.\1.{hf}.{{q,k,v}}_proj.\2",
-         "split3") for meta, hf in _DEC_ATTN),
-    *(_d(_DEC + r"layers\.(\d+)\." + meta + r"\.out_proj\." + _WB, rf"detr_decoder.layers.\1.{hf}.o_proj.\2")
-      for meta, hf in _DEC_ATTN),
+    *(
+        _d(_DEC + meta + r"\.layers\.(\d+)\." + _WB, _numbered(f"detr_decoder.{hf}.", r".\2"))
+        for meta, hf in _DEC_MLPS
+    ),
+    *(
+        _d(
+            _DEC + r"layers\.(\d+)\." + meta + r"\.in_proj_" + _WB,
+            rf"detr_decoder.layers.\1.{hf}.{{q,k,v}}_proj.\2",
+            "split3",
+        )
+        for meta, hf in _DEC_ATTN
+    ),
+    *(
+        _d(
+            _DEC + r"layers\.(\d+)\." + meta + r"\.out_proj\." + _WB,
+            rf"detr_decoder.layers.\1.{hf}.o_proj.\2",
+        )
+        for meta, hf in _DEC_ATTN
+    ),
     _d(_DEC + r"layers\.(\d+)\.linear([12])\." + _WB, r"detr_decoder.layers.\1.mlp.fc\2.\3"),
-    *(_d(_DEC + r"layers\.(\d+)\." + meta + r"\." + _WB,
-         rf"detr_decoder.layers.\1.{hf}.\2") for meta, hf in _DEC_NORMS),
+    *(
+        _d(_DEC + r"layers\.(\d+)\." + meta + r"\." + _WB, rf"detr_decoder.layers.\1.{hf}.\2")
+        for meta, hf in _DEC_NORMS
+    ),
     # Dot-product scoring of queries against the prompt
-    _d(r"dot_prod_scoring\.prompt_mlp\.layers\.(\d+)\." + _WB,
-       _numbered("dot_product_scoring.text_mlp.", r".\2")),
+    _d(
+        r"dot_prod_scoring\.prompt_mlp\.layers\.(\d+)\." + _WB,
+        _numbered("dot_product_scoring.text_mlp.", r".\2"),
+    ),
     _d(r"dot_prod_scoring\.prompt_mlp\.out_norm\." + _WB, r"dot_product_scoring.text_mlp_out_norm.\1"),
     _d(r"dot_prod_scoring\.prompt_proj\." + _WB, r"dot_product_scoring.text_proj.\1"),
     _d(r"dot_prod_scoring\.hs_proj\." + _WB, r"dot_product_scoring.query_proj.\1"),
     # Segmentation head (pixel decoder, mask embedding, instance / semantic projections)
     _d(_SEG + r"pixel_decoder\.(conv_layers|norms)\.(\d+)\." + _WB, r"mask_decoder.pixel_decoder.\1.\2.\3"),
-    _d(_SEG + r"(?:mask_predictor\.)?mask_embed\.layers\.(\d+)\." + _WB,
-       r"mask_decoder.mask_embedder.layers.\1.\2"),
+    _d(
+        _SEG + r"(?:mask_predictor\.)?mask_embed\.layers\.(\d+)\." + _WB,
+        r"mask_decoder.mask_embedder.layers.\1.\2",
+    ),
     _d(_SEG + r"instance_seg_head\." + _WB, r"mask_decoder.instance_projection.\1"),
     _d(_SEG + r"semantic_seg_head\." + _WB, r"mask_decoder.semantic_projection.\1"),
-    _d(_SEG + r"cross_attend_prompt\.in_proj_" + _WB,
-       r"mask_decoder.prompt_cross_attn.{q,k,v}_proj.\1", "split3"),
+    _d(
+        _SEG + r"cross_attend_prompt\.in_proj_" + _WB,
+        r"mask_decoder.prompt_cross_attn.{q,k,v}_proj.\1",
+        "split3",
+    ),
     _d(_SEG + r"cross_attend_prompt\.out_proj\." + _WB, r"mask_decoder.prompt_cross_attn.o_proj.\1"),
     _d(_SEG + r"cross_attn_norm\." + _WB, r"mask_decoder.prompt_cross_attn_norm.\1"),
 )
@@ -210,27 +271,41 @@ _TW = _MD + r"transformer\.layers\.(\d+)\."
 _ATT = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
 _FIN = _MD + r"transformer\.final_attn_token_to_image\."
 _MEM = r"transformer\.encoder\.layers\.(\d+)\."
-_FUSER = (("dwconv", "depthwise_conv"), ("norm", "layer_norm"), ("pwconv1", "pointwise_conv1"),
-          ("pwconv2", "pointwise_conv2"))
+_FUSER = (
+    ("dwconv", "depthwise_conv"),
+    ("norm", "layer_norm"),
+    ("pwconv1", "pointwise_conv1"),
+    ("pwconv2", "pointwise_conv2"),
+)
 
 TRACKER_RULES: tuple[Rule, ...] = (
     # Prompt encoder
     _t(_PE + r"point_embeddings\.(\d+)\.weight", "prompt_encoder.point_embed.weight", "stack"),
-    _t(_PE + r"pe_layer\.positional_encoding_gaussian_matrix",
-       ("prompt_encoder.shared_embedding.positional_embedding",
-        "shared_image_embedding.positional_embedding"),
-       "duplicate"),
+    _t(
+        _PE + r"pe_layer\.positional_encoding_gaussian_matrix",
+        (
+            "prompt_encoder.shared_embedding.positional_embedding",
+            "shared_image_embedding.positional_embedding",
+        ),
+        "duplicate",
+    ),
     _t(_PE + r"(no_mask_embed|not_a_point_embed)\.weight", r"prompt_encoder.\1.weight"),
-    *(_t(_PE + rf"mask_downscaling\.{i}\." + _WB, rf"prompt_encoder.mask_embed.{hf}.\1")
-      for i, hf in ((0, "conv1"), (1, "layer_norm1"), (3, "conv2"), (4, "layer_norm2"), (6, "conv3"))),
+    *(
+        _t(_PE + rf"mask_downscaling\.{i}\." + _WB, rf"prompt_encoder.mask_embed.{hf}.\1")
+        for i, hf in ((0, "conv1"), (1, "layer_norm1"), (3, "conv2"), (4, "layer_norm2"), (6, "conv3"))
+    ),
     # SAM mask decoder
     _t(_MD + r"(iou_token|mask_tokens|obj_score_token)\.weight", r"mask_decoder.\1.weight"),
     _t(_MD + r"(conv_s0|conv_s1)\." + _WB, r"mask_decoder.\1.\2"),
-    *(_t(_MD + rf"output_upscaling\.{i}\." + _WB, rf"mask_decoder.{hf}.\1")
-      for i, hf in ((0, "upscale_conv1"), (1, "upscale_layer_norm"), (3, "upscale_conv2"))),
-    _t(_MD + r"(iou_prediction_head|pred_obj_score_head|output_hypernetworks_mlps\.\d+)"
-       r"\.layers\.(\d+)\." + _WB,
-       _sam_mlp(1, 2, r"mask_decoder.\1.{layer}.\3")),
+    *(
+        _t(_MD + rf"output_upscaling\.{i}\." + _WB, rf"mask_decoder.{hf}.\1")
+        for i, hf in ((0, "upscale_conv1"), (1, "upscale_layer_norm"), (3, "upscale_conv2"))
+    ),
+    _t(
+        _MD + r"(iou_prediction_head|pred_obj_score_head|output_hypernetworks_mlps\.\d+)"
+        r"\.layers\.(\d+)\." + _WB,
+        _sam_mlp(1, 2, r"mask_decoder.\1.{layer}.\3"),
+    ),
     _t(_TW + _ATT + r"\.([qkv]_proj)\." + _WB, r"mask_decoder.transformer.layers.\1.\2.\3.\4"),
     _t(_TW + _ATT + r"\.out_proj\." + _WB, r"mask_decoder.transformer.layers.\1.\2.o_proj.\3"),
     _t(_TW + r"mlp\.lin1\." + _WB, r"mask_decoder.transformer.layers.\1.mlp.proj_in.\2"),
@@ -249,8 +324,13 @@ TRACKER_RULES: tuple[Rule, ...] = (
     _t(r"maskmem_backbone\.mask_downsampler\.encoder\.(\d+)\." + _WB, _downsampler),
     _t(r"maskmem_backbone\.pix_feat_proj\." + _WB, r"memory_encoder.feature_projection.\1"),
     _t(r"maskmem_backbone\.out_proj\." + _WB, r"memory_encoder.projection.\1"),
-    *(_t(r"maskmem_backbone\.fuser\.layers\.(\d+)\." + meta + r"\." + _WB,
-         rf"memory_encoder.memory_fuser.layers.\1.{hf}.\2") for meta, hf in _FUSER),
+    *(
+        _t(
+            r"maskmem_backbone\.fuser\.layers\.(\d+)\." + meta + r"\." + _WB,
+            rf"memory_encoder.memory_fuser.layers.\1.{hf}.\2",
+        )
+        for meta, hf in _FUSER
+    ),
     _t(r"maskmem_backbone\.fuser\.layers\.(\d+)\.gamma", r"memory_encoder.memory_fuser.layers.\1.scale"),
     # Memory / object-pointer embeddings
     _t(r"maskmem_tpos_enc", "memory_temporal_positional_encoding"),
@@ -265,11 +345,15 @@ TRACKER_RULES: tuple[Rule, ...] = (
 
 #: Meta keys never converted, with the reason (pattern on the full key, prefix included).
 DROPPED: tuple[tuple[str, str], ...] = (
-    (r"detector\.backbone\.vision_backbone\.trunk\.blocks\.\d+\.attn\.freqs_cis",
-     "precomputed rotary-position table of the ViT; transformers recomputes it from the configuration"),
-    (r"detector\.geometry_encoder\.points_(direct_project|pool_project|pos_enc_project)\.(weight|bias)",
-     "point projections of the detector's geometry encoder; transformers' Sam3Model takes no point prompts "
-     "(points go to the tracker)"),
+    (
+        r"detector\.backbone\.vision_backbone\.trunk\.blocks\.\d+\.attn\.freqs_cis",
+        "precomputed rotary-position table of the ViT; transformers recomputes it from the configuration",
+    ),
+    (
+        r"detector\.geometry_encoder\.points_(direct_project|pool_project|pos_enc_project)\.(weight|bias)",
+        "point projections of the detector's geometry encoder; transformers' Sam3Model takes no point "
+        "prompts (points go to the tracker)",
+    ),
 )
 #: Reason given for tracker keys (and the tracker neck) when only the image model is written.
 TRACKER_DROP_REASON = "tracker weights; this conversion writes the image model only (Sam3Model)"
@@ -287,8 +371,10 @@ def prescan(tracker_keys: Iterable[str]) -> Prescan:
     """Depths of the tracker's numbered MLPs and the index of the mask downsampler's final conv."""
     depth: dict[str, int] = {}
     last = -1
-    mlp = _compile(r"(?:sam_mask_decoder\.)?(iou_prediction_head|pred_obj_score_head"
-                   r"|output_hypernetworks_mlps\.\d+|obj_ptr_proj)\.layers\.(\d+)\.")
+    mlp = _compile(
+        r"(?:sam_mask_decoder\.)?(iou_prediction_head|pred_obj_score_head"
+        r"|output_hypernetworks_mlps\.\d+|obj_ptr_proj)\.layers\.(\d+)\."
+    )
     down = _compile(r"maskmem_backbone\.mask_downsampler\.encoder\.(\d+)\.")
     for key in tracker_keys:
         if m := mlp.match(key):
@@ -310,9 +396,9 @@ class KeyPlan:
 def plan_key(meta_key: str, scan: Prescan) -> KeyPlan | None:
     """The conversion of one full Meta key (``detector.*`` / ``tracker.*``); None when no rule knows it."""
     if meta_key.startswith("detector."):
-        rel, rules = meta_key[len("detector."):], DETECTOR_RULES
+        rel, rules = meta_key[len("detector.") :], DETECTOR_RULES
     elif meta_key.startswith("tracker."):
-        rel, rules = meta_key[len("tracker."):], TRACKER_RULES
+        rel, rules = meta_key[len("tracker.") :], TRACKER_RULES
     else:
         return None
     for rule in rules:

@@ -45,7 +45,7 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 HOW_TO_GET_A_MODEL = (
     "convert a SAM3 / Medical SAM3 checkpoint with `medsam3 convert sam3.pt OUT_DIR` and pass "
     f"`--model OUT_DIR`, set the environment variable {ENV_MODEL} to a model folder or Hub id "
-    "(for example facebook/sam3), or write `model = \"...\"` in ~/.config/medsam3/config.toml"
+    '(for example facebook/sam3), or write `model = "..."` in ~/.config/medsam3/config.toml'
 )
 
 

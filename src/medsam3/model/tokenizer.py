@@ -39,8 +39,11 @@ def byte_symbols() -> list[str]:
     the remaining bytes are mapped, in increasing byte order, to code points 256, 257, ... so that no symbol
     is whitespace or a control character.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     others = [b for b in range(256) if b not in set(printable)]
     return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(others))]
 

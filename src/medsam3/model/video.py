@@ -54,8 +54,12 @@ def video_input_size(model) -> int:
     return int(model.config.detector_config.vision_config.backbone_config.image_size)
 
 
-def load_sam3_video(model: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
-                    dtype: str | torch.dtype = "auto") -> LoadedSam3Video:
+def load_sam3_video(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> LoadedSam3Video:
     """Resolve (see :mod:`medsam3.model.resolve`), load and place a ``Sam3VideoModel`` and its processor.
 
     The folder must hold a video model (``model_type`` ``"sam3_video"``: ``facebook/sam3``, a converted
@@ -89,8 +93,17 @@ class StreamedFrames(Mapping):
         device, dtype: where and how the tensors are produced.
     """
 
-    def __init__(self, frames, size: int, *, rescale: float = 1 / 255, mean=(0.5,) * 3, std=(0.5,) * 3,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        frames,
+        size: int,
+        *,
+        rescale: float = 1 / 255,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.frames = frames
         self.size = int(size)
         self.rescale = np.float32(rescale)
@@ -105,9 +118,15 @@ class StreamedFrames(Mapping):
     def for_processor(cls, frames, processor, size: int, device, dtype) -> StreamedFrames:
         """Normalisation constants taken from a ``Sam3VideoProcessor``'s image processor."""
         ip = processor.image_processor
-        return cls(frames, size, rescale=float(getattr(ip, "rescale_factor", 1 / 255)),
-                   mean=getattr(ip, "image_mean", (0.5,) * 3), std=getattr(ip, "image_std", (0.5,) * 3),
-                   device=device, dtype=dtype)
+        return cls(
+            frames,
+            size,
+            rescale=float(getattr(ip, "rescale_factor", 1 / 255)),
+            mean=getattr(ip, "image_mean", (0.5,) * 3),
+            std=getattr(ip, "image_std", (0.5,) * 3),
+            device=device,
+            dtype=dtype,
+        )
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -120,8 +139,9 @@ class StreamedFrames(Mapping):
         if not 0 <= int(index) < len(self):
             raise KeyError(index)
         self.produced += 1
-        return pixel_tensor(np.asarray(self.frames[int(index)]), self.size, self.rescale, self.mean,
-                            self.std).to(device=self.device, dtype=self.dtype)
+        return pixel_tensor(
+            np.asarray(self.frames[int(index)]), self.size, self.rescale, self.mean, self.std
+        ).to(device=self.device, dtype=self.dtype)
 
 
 def pixel_tensor(rgb: np.ndarray, size: int, rescale, mean, std) -> torch.Tensor:
@@ -141,8 +161,9 @@ def open_session(model, processor, frames, prompts: Iterable[str]):
     """
     param = next(model.parameters())
     session = processor.init_video_session(video=None, inference_device=param.device, dtype=param.dtype)
-    session.processed_frames = StreamedFrames.for_processor(frames, processor, video_input_size(model),
-                                                            param.device, param.dtype)
+    session.processed_frames = StreamedFrames.for_processor(
+        frames, processor, video_input_size(model), param.device, param.dtype
+    )
     for prompt in prompts:
         processor.add_text_prompt(session, prompt)
     return session
@@ -162,8 +183,16 @@ def _behind(frame: int, current: int, reverse: bool) -> int:
     return frame - current if reverse else current - frame
 
 
-def prune_session(session, current: int, *, reverse: bool, window: int, keep: Iterable[int] = (),
-                  max_cond_frames: int = 4, memory_frames: int = 7) -> None:
+def prune_session(
+    session,
+    current: int,
+    *,
+    reverse: bool,
+    window: int,
+    keep: Iterable[int] = (),
+    max_cond_frames: int = 4,
+    memory_frames: int = 7,
+) -> None:
     """Delete what the model can no longer read after processing frame ``current`` of a one-way pass.
 
     Args:

@@ -28,8 +28,15 @@ from typing import Any
 from medsam3.lazy import lazy_attribute
 from medsam3.predict.prompts import Prompt
 
-__all__ = ["Engine", "Prompt", "SegmentOptions", "SegmentationResult", "Segmenter", "VolumeOptions",
-           "VolumePrompt"]
+__all__ = [
+    "Engine",
+    "Prompt",
+    "SegmentOptions",
+    "SegmentationResult",
+    "Segmenter",
+    "VolumeOptions",
+    "VolumePrompt",
+]
 
 _LAZY = {
     "Engine": "medsam3.predict.engine",

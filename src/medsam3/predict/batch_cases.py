@@ -131,8 +131,9 @@ def discover_cases(source: str | Path, *, exclude: Sequence[str | Path] = ()) ->
             clashes.append(f"{seen[c.name]} and {c.path} -> {c.name}")
         seen.setdefault(c.name, c.path)
     if clashes:
-        raise InputError(source, "cases with the same name would write the same outputs: "
-                         + "; ".join(clashes))
+        raise InputError(
+            source, "cases with the same name would write the same outputs: " + "; ".join(clashes)
+        )
     return cases
 
 
@@ -170,8 +171,16 @@ def write_summary_csv(path: Path, outcomes: Sequence[CaseOutcome], label_names: 
     """The per-case summary CSV (module docstring), written atomically."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "input", "status", "error", "seconds",
-                     *[f"{n} {unit}" for n in label_names for unit in ("voxels", "ml")]])
+    writer.writerow(
+        [
+            "case",
+            "input",
+            "status",
+            "error",
+            "seconds",
+            *[f"{n} {unit}" for n in label_names for unit in ("voxels", "ml")],
+        ]
+    )
     for o in outcomes:
         by_name = {r["name"]: r for r in o.labels}
         cells = []
@@ -219,8 +228,14 @@ def run_cases(
     csv_path = Path(summary_csv) if summary_csv is not None else out_dir / "summary.csv"
     outcomes: list[CaseOutcome] = []
     processed = 0
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=Console(stderr=True), disable=not show_progress)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not show_progress,
+    )
     with progress:
         task = progress.add_task("cases", total=len(cases))
         for case in cases:
@@ -230,9 +245,16 @@ def run_cases(
                 if same_prompts(done):
                     outcomes.append(CaseOutcome(case, "skipped", labels=label_rows(done)))
                 else:
-                    outcomes.append(CaseOutcome(case, "failed", error=(
-                        "outputs exist from a run with other prompts; use --overwrite or another "
-                        "output folder")))
+                    outcomes.append(
+                        CaseOutcome(
+                            case,
+                            "failed",
+                            error=(
+                                "outputs exist from a run with other prompts; use --overwrite or another "
+                                "output folder"
+                            ),
+                        )
+                    )
                 progress.advance(task)
                 write_summary_csv(csv_path, outcomes, label_names)
                 continue
@@ -242,19 +264,22 @@ def run_cases(
             start = time.perf_counter()
             try:
                 summary = segment_case(case)
-                outcome = CaseOutcome(case, "ok", seconds=time.perf_counter() - start,
-                                      labels=label_rows(summary))
+                outcome = CaseOutcome(
+                    case, "ok", seconds=time.perf_counter() - start, labels=label_rows(summary)
+                )
             except KeyboardInterrupt:
-                outcomes.append(CaseOutcome(case, "interrupted", "interrupted by the user",
-                                            time.perf_counter() - start))
+                outcomes.append(
+                    CaseOutcome(case, "interrupted", "interrupted by the user", time.perf_counter() - start)
+                )
                 write_summary_csv(csv_path, outcomes, label_names)
                 raise
             except MedSam3Error as exc:
                 outcome = CaseOutcome(case, "failed", str(exc), time.perf_counter() - start)
             except Exception as exc:  # a bug or a library failure on this case: record it, go on
                 log.debug("case %s failed", case.name, exc_info=True)
-                outcome = CaseOutcome(case, "failed", f"{type(exc).__name__}: {exc}",
-                                      time.perf_counter() - start)
+                outcome = CaseOutcome(
+                    case, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - start
+                )
             outcomes.append(outcome)
             write_summary_csv(csv_path, outcomes, label_names)
             progress.advance(task)

@@ -77,8 +77,9 @@ class Engine:
         self._lock = threading.RLock()
 
     @classmethod
-    def from_pretrained(cls, source: str | None = None, *, device: str = "auto", dtype: str = "auto"
-                        ) -> Engine:
+    def from_pretrained(
+        cls, source: str | None = None, *, device: str = "auto", dtype: str = "auto"
+    ) -> Engine:
         """Load the model ``source`` (folder or Hub id; ``None``: the configured or bundled default)."""
         from medsam3.model.loading import load_sam3
 
@@ -105,8 +106,12 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """Model, input size, device and dtype, for the settings of a result."""
-        return {"model": self.source, "model_input_size": self.image_size, "device": str(self.device),
-                "dtype": str(self.dtype).replace("torch.", "")}
+        return {
+            "model": self.source,
+            "model_input_size": self.image_size,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
 
     def at_size(self, image_size: int | None) -> Engine:
         """This engine with the image model at ``image_size`` (``None`` or its own size: ``self``).
@@ -138,8 +143,9 @@ class Engine:
         if not texts:
             empty = torch.zeros((0, TEXT_TOKENS), dtype=torch.long)
             return Tokens(empty, empty.clone())
-        enc = self.processor.tokenizer(texts, padding="max_length", max_length=TEXT_TOKENS,
-                                       return_tensors="pt")
+        enc = self.processor.tokenizer(
+            texts, padding="max_length", max_length=TEXT_TOKENS, return_tensors="pt"
+        )
         if enc["input_ids"].shape[1] > TEXT_TOKENS:
             lengths = enc["attention_mask"].sum(dim=1).tolist()
             bad = next(t for t, n in zip(texts, lengths, strict=True) if n > TEXT_TOKENS)
@@ -167,22 +173,43 @@ class Engine:
     def encode_texts(self, tokens: Tokens) -> torch.Tensor:
         """``(N, T, D)`` text features of ``tokens`` on the model's device."""
         device = self.device
-        return encode_text(self.model, tokens.input_ids.to(device), tokens.attention_mask.to(device)
-                           ).pooler_output
+        return encode_text(
+            self.model, tokens.input_ids.to(device), tokens.attention_mask.to(device)
+        ).pooler_output
 
-    def detect(self, vision: Sam3VisionEncoderOutput, *, tokens: Tokens | None = None,
-               text_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-               boxes: torch.Tensor | None = None, box_labels: torch.Tensor | None = None,
-               meta_text_cls: bool = True) -> Sam3ImageSegmentationOutput:
+    def detect(
+        self,
+        vision: Sam3VisionEncoderOutput,
+        *,
+        tokens: Tokens | None = None,
+        text_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        box_labels: torch.Tensor | None = None,
+        meta_text_cls: bool = True,
+    ) -> Sam3ImageSegmentationOutput:
         """The detector's output for ``N`` prompts on cached features
         (:func:`medsam3.model.forward.predict_prompts`): ``tokens``, or ``text_embeds`` with their
         ``attention_mask``; ``boxes (N, K, 4)`` normalised ``cxcywh`` with ``box_labels (N, K)``."""
         if tokens is not None:
-            return predict_prompts(self.model, vision, input_ids=tokens.input_ids,
-                                   attention_mask=tokens.attention_mask, boxes=boxes, box_labels=box_labels,
-                                   meta_text_cls=meta_text_cls)
-        return predict_prompts(self.model, vision, text_embeds=text_embeds, attention_mask=attention_mask,
-                               boxes=boxes, box_labels=box_labels, meta_text_cls=meta_text_cls)
+            return predict_prompts(
+                self.model,
+                vision,
+                input_ids=tokens.input_ids,
+                attention_mask=tokens.attention_mask,
+                boxes=boxes,
+                box_labels=box_labels,
+                meta_text_cls=meta_text_cls,
+            )
+        return predict_prompts(
+            self.model,
+            vision,
+            text_embeds=text_embeds,
+            attention_mask=attention_mask,
+            boxes=boxes,
+            box_labels=box_labels,
+            meta_text_cls=meta_text_cls,
+        )
 
     # -- the tracker and the video model --------------------------------------------------------------
     def tracker(self) -> Sam3TrackerModel:
@@ -240,16 +267,19 @@ class Engine:
             from medsam3.model.loading import build_processor
 
             net = bare.eval()
-            return SimpleNamespace(model=net, processor=build_processor(net.config, video=True),
-                                   source="in-memory video model")
+            return SimpleNamespace(
+                model=net, processor=build_processor(net.config, video=True), source="in-memory video model"
+            )
         from medsam3.model.video import load_sam3_video
 
         source = getattr(self.loaded, "source", None)
         try:
             return load_sam3_video(source, device=self.device, dtype=self.dtype)
         except ModelError as exc:
-            raise ModelError(f"track mode needs SAM3's video model, which could not be loaded from {source}: "
-                             f"{exc}. Use --mode slices, or a video model folder.") from exc
+            raise ModelError(
+                f"track mode needs SAM3's video model, which could not be loaded from {source}: "
+                f"{exc}. Use --mode slices, or a video model folder."
+            ) from exc
 
 
 @dataclass
@@ -265,9 +295,12 @@ class _Resized:
         return str(getattr(self.original, "source", "in-memory model"))
 
 
-def box_tensors(boxes: Sequence[Sequence[Sequence[float]]], labels: Sequence[Sequence[int]],
-                to_model: Callable[[np.ndarray], np.ndarray], size: int
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def box_tensors(
+    boxes: Sequence[Sequence[Sequence[float]]],
+    labels: Sequence[Sequence[int]],
+    to_model: Callable[[np.ndarray], np.ndarray],
+    size: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Box prompts of ``N`` rows as the detector takes them.
 
     Args:

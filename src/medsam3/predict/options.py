@@ -89,29 +89,53 @@ class SegmentOptions:
     exceeds ``threshold``, gated by the presence probability (``presence_threshold``).
     """
 
-    threshold: float = option(0.1, "score threshold: a mask is kept when sigmoid(logit) x presence exceeds "
-                              "it", low=0.0, high=1.0)
+    threshold: float = option(
+        0.1, "score threshold: a mask is kept when sigmoid(logit) x presence exceeds it", low=0.0, high=1.0
+    )
     presence_threshold: float = option(
-        0.5, "a prompt whose presence probability is below this is reported absent", low=0.0, high=1.0)
-    modality: str | None = option(None, "override the guessed modality", choices=MODALITIES,
-                                  fronts=("segment", "api"), parse=_upper)
+        0.5, "a prompt whose presence probability is below this is reported absent", low=0.0, high=1.0
+    )
+    modality: str | None = option(
+        None, "override the guessed modality", choices=MODALITIES, fronts=("segment", "api"), parse=_upper
+    )
     window: str | None = option(
-        None, "CT window for every prompt: abdomen, liver, lung, mediastinum, bone, brain or WIDTH,LEVEL "
-        "(default: chosen from each prompt's concept, else abdomen)", fronts=("segment", "api"))
-    instances: bool = option(False, "2D: keep every instance above the threshold (one label each) instead "
-                             "of one mask per prompt", fronts=("segment", "evaluate", "api"))
-    tta: bool = option(False, "test-time mirroring: also segment the image (each slice of a volume) "
-                       "mirrored along x, y and both, and average the four predictions (4x the model work; "
-                       "concepts naming a side or position are not mirrored)",
-                       fronts=("segment", "evaluate", "api"))
-    image_size: int | None = option(None, "run the image model at this square input size (a multiple of its "
-                                    "patch size, e.g. 672 for a 1008 px SAM3 on a CPU: faster, coarser; "
-                                    "default: the model's own)", fronts=("segment", "evaluate"), low=1,
-                                    metavar="PX")
-    prompt_batch_size: int = option(8, "prompts (or slice x prompt rows) run together on cached image "
-                                    "features; memory grows with it", fronts=(), low=1)
-    meta_text_cls: bool = option(True, "text-only prompts use Meta's prompt sequence (text tokens and the "
-                                 "geometry encoder's CLS token)", fronts=())
+        None,
+        "CT window for every prompt: abdomen, liver, lung, mediastinum, bone, brain or WIDTH,LEVEL "
+        "(default: chosen from each prompt's concept, else abdomen)",
+        fronts=("segment", "api"),
+    )
+    instances: bool = option(
+        False,
+        "2D: keep every instance above the threshold (one label each) instead of one mask per prompt",
+        fronts=("segment", "evaluate", "api"),
+    )
+    tta: bool = option(
+        False,
+        "test-time mirroring: also segment the image (each slice of a volume) "
+        "mirrored along x, y and both, and average the four predictions (4x the model work; "
+        "concepts naming a side or position are not mirrored)",
+        fronts=("segment", "evaluate", "api"),
+    )
+    image_size: int | None = option(
+        None,
+        "run the image model at this square input size (a multiple of its "
+        "patch size, e.g. 672 for a 1008 px SAM3 on a CPU: faster, coarser; "
+        "default: the model's own)",
+        fronts=("segment", "evaluate"),
+        low=1,
+        metavar="PX",
+    )
+    prompt_batch_size: int = option(
+        8,
+        "prompts (or slice x prompt rows) run together on cached image features; memory grows with it",
+        fronts=(),
+        low=1,
+    )
+    meta_text_cls: bool = option(
+        True,
+        "text-only prompts use Meta's prompt sequence (text tokens and the geometry encoder's CLS token)",
+        fronts=(),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -124,8 +148,9 @@ class SegmentOptions:
         """A copy with ``changes`` (checked like a new instance)."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise OptionError(f"unknown option {unknown[0]!r}; options: "
-                              f"{', '.join(option_names(type(self)))}")
+            raise OptionError(
+                f"unknown option {unknown[0]!r}; options: {', '.join(option_names(type(self)))}"
+            )
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,31 +164,61 @@ _O = TypeVar("_O", bound=SegmentOptions)
 class VolumeOptions(SegmentOptions):
     """:class:`SegmentOptions` plus how volumes are cut into slices and post-processed in 3D."""
 
-    mode: str = option("slices", "slices: detection on every slice; track: SAM3's video tracker",
-                       choices=MODES, fronts=("segment",))
-    axis: int | None = option(None, "canonical axis to slice along: 0 axial, 1 coronal, 2 sagittal (auto: "
-                              "the acquisition's slice axis)", choices=AXES, fronts=("segment",),
-                              metavar="auto|0|1|2", parse=_axis)
-    slice_batch: int = option(4, "slices encoded together (memory grows with it)", low=1, metavar="N",
-                              fronts=("segment",))
-    min_slices: int = option(1, "a concept found on fewer slices is absent", low=1, metavar="K",
-                             fronts=("segment", "api"))
-    min_component_voxels: int = option(0, "drop 3D components smaller than N voxels (0: keep all)", low=0,
-                                       metavar="N", fronts=("segment", "api"))
-    min_component_ml: float = option(0.0, "drop 3D components smaller than ML millilitres", low=0.0,
-                                     metavar="ML", fronts=("segment", "api"))
-    keep_largest: bool = option(False, "keep only each concept's largest 3D component",
-                                fronts=("segment", "api"))
-    fill_holes: bool = option(True, "fill holes enclosed within a slice", negatable=True,
-                              fronts=("segment", "api"))
-    max_hole_pixels: int | None = option(None, "fill only holes of at most N pixels (default: any enclosed "
-                                         "hole)", low=1, metavar="N", fronts=("segment", "api"))
-    probes: int = option(8, "track mode: slices probed for each concept's start slice", low=1, metavar="N",
-                         fronts=("segment",))
+    mode: str = option(
+        "slices",
+        "slices: detection on every slice; track: SAM3's video tracker",
+        choices=MODES,
+        fronts=("segment",),
+    )
+    axis: int | None = option(
+        None,
+        "canonical axis to slice along: 0 axial, 1 coronal, 2 sagittal (auto: the acquisition's slice axis)",
+        choices=AXES,
+        fronts=("segment",),
+        metavar="auto|0|1|2",
+        parse=_axis,
+    )
+    slice_batch: int = option(
+        4, "slices encoded together (memory grows with it)", low=1, metavar="N", fronts=("segment",)
+    )
+    min_slices: int = option(
+        1, "a concept found on fewer slices is absent", low=1, metavar="K", fronts=("segment", "api")
+    )
+    min_component_voxels: int = option(
+        0,
+        "drop 3D components smaller than N voxels (0: keep all)",
+        low=0,
+        metavar="N",
+        fronts=("segment", "api"),
+    )
+    min_component_ml: float = option(
+        0.0,
+        "drop 3D components smaller than ML millilitres",
+        low=0.0,
+        metavar="ML",
+        fronts=("segment", "api"),
+    )
+    keep_largest: bool = option(
+        False, "keep only each concept's largest 3D component", fronts=("segment", "api")
+    )
+    fill_holes: bool = option(
+        True, "fill holes enclosed within a slice", negatable=True, fronts=("segment", "api")
+    )
+    max_hole_pixels: int | None = option(
+        None,
+        "fill only holes of at most N pixels (default: any enclosed hole)",
+        low=1,
+        metavar="N",
+        fronts=("segment", "api"),
+    )
+    probes: int = option(
+        8, "track mode: slices probed for each concept's start slice", low=1, metavar="N", fronts=("segment",)
+    )
 
 
-def option_fields(cls: type[SegmentOptions] = VolumeOptions, front: str | None = None
-                  ) -> list[tuple[dataclasses.Field, OptionInfo]]:
+def option_fields(
+    cls: type[SegmentOptions] = VolumeOptions, front: str | None = None
+) -> list[tuple[dataclasses.Field, OptionInfo]]:
     """The fields of ``cls`` with their :class:`OptionInfo`, in declaration order; only those offered by
     ``front`` when given."""
     out = []
@@ -251,10 +306,14 @@ RULES: tuple[Rule, ...] = (
     Rule(lambda o, points, volume: o.tta and o.instances, _TTA + "instances"),
     Rule(lambda o, points, volume: o.tta and points, _TTA + "point prompts"),
     Rule(lambda o, points, volume: o.tta and getattr(o, "mode", "slices") == "track", _TTA + "mode track"),
-    Rule(lambda o, points, volume: o.image_size is not None and getattr(o, "mode", "slices") == "track",
-         "image_size cannot be combined with mode track: the video model runs at its own input size"),
-    Rule(lambda o, points, volume: o.instances and volume,
-         "instances is for 2D images: a volume gets one label per prompt"),
+    Rule(
+        lambda o, points, volume: o.image_size is not None and getattr(o, "mode", "slices") == "track",
+        "image_size cannot be combined with mode track: the video model runs at its own input size",
+    ),
+    Rule(
+        lambda o, points, volume: o.instances and volume,
+        "instances is for 2D images: a volume gets one label per prompt",
+    ),
 )
 
 

@@ -64,16 +64,25 @@ class Prompt:
             self.box_labels = [1] * len(self.boxes)
         if self.points and self.point_labels is None:
             self.point_labels = [1] * len(self.points)
-        self.box_labels = ([int(v) for v in self.box_labels]
-                           if self.boxes and self.box_labels is not None else None)
-        self.point_labels = ([int(v) for v in self.point_labels]
-                             if self.points and self.point_labels is not None else None)
+        self.box_labels = (
+            [int(v) for v in self.box_labels] if self.boxes and self.box_labels is not None else None
+        )
+        self.point_labels = (
+            [int(v) for v in self.point_labels] if self.points and self.point_labels is not None else None
+        )
 
     @property
     def kind(self) -> str:
         """``"text"``, ``"box"``, ``"point"``, or a ``+`` combination such as ``"text+box"``."""
-        parts = [name for name, present in (("text", self.text is not None), ("box", self.boxes),
-                                            ("point", self.points)) if present]
+        parts = [
+            name
+            for name, present in (
+                ("text", self.text is not None),
+                ("box", self.boxes),
+                ("point", self.points),
+            )
+            if present
+        ]
         return "+".join(parts) or "empty"
 
     @property
@@ -87,8 +96,11 @@ class Prompt:
         if self.text:
             return self.text
         n_box, n_pt = len(self.boxes or ()), len(self.points or ())
-        parts = [f"{n} {what}{'es' if what == 'box' and n > 1 else 's' if n > 1 else ''}"
-                 for n, what in ((n_box, "box"), (n_pt, "point")) if n]
+        parts = [
+            f"{n} {what}{'es' if what == 'box' and n > 1 else 's' if n > 1 else ''}"
+            for n, what in ((n_box, "box"), (n_pt, "point"))
+            if n
+        ]
         return " + ".join(parts) or "empty prompt"
 
     @property
@@ -144,8 +156,10 @@ def validate_prompt(prompt: Prompt, image_hw: Sequence[int]) -> Prompt:
             raise PromptError(
                 f"point {_fmt(point)} lies outside the {size}: need 0 <= x <= {w}, 0 <= y <= {h}"
             )
-    for what, items, labels in (("box", prompt.boxes, prompt.box_labels),
-                                ("point", prompt.points, prompt.point_labels)):
+    for what, items, labels in (
+        ("box", prompt.boxes, prompt.box_labels),
+        ("point", prompt.points, prompt.point_labels),
+    ):
         if not items:
             continue
         assert labels is not None  # set with the boxes / points in __post_init__
@@ -154,8 +168,13 @@ def validate_prompt(prompt: Prompt, image_hw: Sequence[int]) -> Prompt:
         bad = [v for v in labels if v not in (0, 1)]
         if bad:
             raise PromptError(f"{what} label {bad[0]} is not 1 (positive) or 0 (negative)")
-    if (prompt.boxes and not prompt.points and prompt.text is None and prompt.box_labels is not None
-            and 1 not in prompt.box_labels):
+    if (
+        prompt.boxes
+        and not prompt.points
+        and prompt.text is None
+        and prompt.box_labels is not None
+        and 1 not in prompt.box_labels
+    ):
         raise PromptError("a box-only prompt needs at least one positive box")
     if prompt.points and prompt.point_labels is not None and 1 not in prompt.point_labels:
         raise PromptError("point prompts need at least one positive point (label 1)")
@@ -211,8 +230,13 @@ class _Draft:
     point_labels: list[int] = field(default_factory=list)
 
     def build(self) -> Prompt:
-        return Prompt(self.text, self.boxes or None, self.box_labels or None,
-                      self.points or None, self.point_labels or None)
+        return Prompt(
+            self.text,
+            self.boxes or None,
+            self.box_labels or None,
+            self.points or None,
+            self.point_labels or None,
+        )
 
 
 def prompts_from_cli(items: Sequence[tuple[str, str]]) -> list[Prompt]:

@@ -93,8 +93,9 @@ def as_2d(image: Image) -> Image | None:
     if image.spatial_shape[0] != 1 or image.is_color:
         return None
     meta = dict(image.meta, slice_of_volume=list(image.spatial_shape))
-    return Image(image.array[0], image.spacing[:2], image.origin[:2], image.direction[:2, :2],
-                 image.modality, meta)
+    return Image(
+        image.array[0], image.spacing[:2], image.origin[:2], image.direction[:2, :2], image.modality, meta
+    )
 
 
 def check_image_prompts(prompts: Sequence[Prompt], hw: tuple[int, int]) -> None:
@@ -112,8 +113,9 @@ def check_image_prompts(prompts: Sequence[Prompt], hw: tuple[int, int]) -> None:
             )
 
 
-def segment_image(engine: Engine, image: Image, prompts: list[Prompt], options: SegmentOptions
-                  ) -> SegmentationResult:
+def segment_image(
+    engine: Engine, image: Image, prompts: list[Prompt], options: SegmentOptions
+) -> SegmentationResult:
     """Segment a 2D ``image`` (module docstring); ``options.image_size`` picks the model's input size."""
     engine = engine.at_size(options.image_size)
     h, w = image.spatial_shape
@@ -150,35 +152,60 @@ def segment_image(engine: Engine, image: Image, prompts: list[Prompt], options: 
                 for start in range(0, len(detector), options.prompt_batch_size):
                     chunk = detector[start : start + options.prompt_batch_size]
                     chunk_tokens = tokens.rows([det_rows[i] for i in chunk])
-                    out = _detect_mirrored(engine, visions, mirrors, [prompts[i] for i in chunk],
-                                           chunk_tokens, transform, options)
+                    out = _detect_mirrored(
+                        engine,
+                        visions,
+                        mirrors,
+                        [prompts[i] for i in chunk],
+                        chunk_tokens,
+                        transform,
+                        options,
+                    )
                     for row, i in enumerate(chunk):
                         outcomes[i] = _decide(out, row, prompts[i], transform, options, how)
             if tracked:
-                outcomes.update(_track_group(engine, rgb, [(i, prompts[i]) for i in tracked], (h, w), options,
-                                             how))
+                outcomes.update(
+                    _track_group(engine, rgb, [(i, prompts[i]) for i in tracked], (h, w), options, how)
+                )
     return _assemble(engine, image, prompts, outcomes, options, display, groups, encoder_runs, mirrors_all)
 
 
-def _detect_mirrored(engine: Engine, visions: list[Sam3VisionEncoderOutput],
-                     mirrors: Sequence[tuple[int, ...]], prompts: list[Prompt], tokens: Tokens,
-                     transform: ResizeTransform, options: SegmentOptions) -> Any:
+def _detect_mirrored(
+    engine: Engine,
+    visions: list[Sam3VisionEncoderOutput],
+    mirrors: Sequence[tuple[int, ...]],
+    prompts: list[Prompt],
+    tokens: Tokens,
+    transform: ResizeTransform,
+    options: SegmentOptions,
+) -> Any:
     """The detector's output on the features ``visions`` of the input mirrored along each of ``mirrors``,
     merged into one candidate per prompt (:func:`~medsam3.predict.tta.merge_mirrored`) when there are
     several. Box prompts are mirrored with the features."""
-    boxes, labels = box_tensors([tuple(p.boxes or ()) for p in prompts],
-                                [tuple(p.box_labels or ()) for p in prompts],
-                                transform.boxes_to_model, engine.image_size)
-    outs = [engine.detect(v, tokens=tokens, boxes=mirror_boxes(boxes, dims), box_labels=labels,
-                          meta_text_cls=options.meta_text_cls)
-            for v, dims in zip(visions, mirrors, strict=True)]
+    boxes, labels = box_tensors(
+        [tuple(p.boxes or ()) for p in prompts],
+        [tuple(p.box_labels or ()) for p in prompts],
+        transform.boxes_to_model,
+        engine.image_size,
+    )
+    outs = [
+        engine.detect(
+            v,
+            tokens=tokens,
+            boxes=mirror_boxes(boxes, dims),
+            box_labels=labels,
+            meta_text_cls=options.meta_text_cls,
+        )
+        for v, dims in zip(visions, mirrors, strict=True)
+    ]
     if len(outs) == 1:
         return outs[0]
     return merge_mirrored(outs, mirrors, [not is_positional(p.model_text) for p in prompts])
 
 
-def _decide(out: Any, row: int, prompt: Prompt, transform: ResizeTransform, options: SegmentOptions,
-            how: str) -> Outcome:
+def _decide(
+    out: Any, row: int, prompt: Prompt, transform: ResizeTransform, options: SegmentOptions, how: str
+) -> Outcome:
     presence_logits = None if out.presence_logits is None else out.presence_logits[row : row + 1]
     scores, presence = query_scores(
         out.pred_logits[row : row + 1].float().cpu().numpy(),
@@ -186,9 +213,13 @@ def _decide(out: Any, row: int, prompt: Prompt, transform: ResizeTransform, opti
     )
     pres = None if presence_logits is None else float(presence[0])
     # With points, every candidate is looked at: the points choose among them.
-    sel = select_queries(scores[0], pres, threshold=options.threshold,
-                         presence_threshold=options.presence_threshold,
-                         instances=options.instances or bool(prompt.points))
+    sel = select_queries(
+        scores[0],
+        pres,
+        threshold=options.threshold,
+        presence_threshold=options.presence_threshold,
+        instances=options.instances or bool(prompt.points),
+    )
     logits = to_original(out.pred_masks[row, list(sel.queries)], transform)
     if prompt.points and not sel.absent:
         assert prompt.point_labels is not None  # set with the points in Prompt.__post_init__
@@ -199,8 +230,13 @@ def _decide(out: Any, row: int, prompt: Prompt, transform: ResizeTransform, opti
         if not keep:
             sel = Selection((), (), sel.presence, sel.best_score, "points")
         else:
-            sel = Selection(tuple(sel.queries[k] for k in keep), tuple(sel.scores[k] for k in keep),
-                            sel.presence, sel.best_score, None)
+            sel = Selection(
+                tuple(sel.queries[k] for k in keep),
+                tuple(sel.scores[k] for k in keep),
+                sel.presence,
+                sel.best_score,
+                None,
+            )
         logits = logits[keep]
     return Outcome(sel, logits, "detector", how)
 
@@ -214,8 +250,14 @@ def to_original(masks: torch.Tensor, transform: ResizeTransform) -> np.ndarray:
 
 
 # -- points: the interactive tracker ---------------------------------------------------------------------
-def _track_group(engine: Engine, rgb: np.ndarray, items: list[tuple[int, Prompt]], hw: tuple[int, int],
-                 options: SegmentOptions, how: str) -> dict[int, Outcome]:
+def _track_group(
+    engine: Engine,
+    rgb: np.ndarray,
+    items: list[tuple[int, Prompt]],
+    hw: tuple[int, int],
+    options: SegmentOptions,
+    how: str,
+) -> dict[int, Outcome]:
     tracker = engine.tracker()
     transform = ResizeTransform(hw, engine.tracker_size())
     pixels = engine.pixel_values(transform.image(rgb), model=tracker)
@@ -223,8 +265,14 @@ def _track_group(engine: Engine, rgb: np.ndarray, items: list[tuple[int, Prompt]
     return {i: _track(tracker, embeddings, p, transform, options, how) for i, p in items}
 
 
-def _track(tracker: Sam3TrackerModel, embeddings: list[torch.Tensor], prompt: Prompt,
-           transform: ResizeTransform, options: SegmentOptions, how: str) -> Outcome:
+def _track(
+    tracker: Sam3TrackerModel,
+    embeddings: list[torch.Tensor],
+    prompt: Prompt,
+    transform: ResizeTransform,
+    options: SegmentOptions,
+    how: str,
+) -> Outcome:
     assert prompt.points is not None  # a tracker prompt has points (Prompt.uses_tracker)
     device, dtype = model_device(tracker), model_dtype(tracker)
     # SAM's prompt encoder adds half a pixel (pixel index -> pixel centre); our coordinates are
@@ -234,25 +282,43 @@ def _track(tracker: Sam3TrackerModel, embeddings: list[torch.Tensor], prompt: Pr
     labels = torch.tensor(prompt.point_labels, dtype=torch.int32, device=device)[None, None]
     boxes = None
     if prompt.boxes:
-        boxes = torch.tensor(transform.boxes_to_model(np.asarray(prompt.boxes)) - 0.5,
-                             dtype=dtype, device=device)[None]
+        boxes = torch.tensor(
+            transform.boxes_to_model(np.asarray(prompt.boxes)) - 0.5, dtype=dtype, device=device
+        )[None]
     multimask = len(prompt.points) == 1 and boxes is None
-    out = tracker(image_embeddings=embeddings, input_points=points, input_labels=labels,
-                  input_boxes=boxes, multimask_output=multimask)
+    out = tracker(
+        image_embeddings=embeddings,
+        input_points=points,
+        input_labels=labels,
+        input_boxes=boxes,
+        multimask_output=multimask,
+    )
     iou = out.iou_scores[0, 0].float().cpu().numpy()
     best = int(np.argmax(iou))
     presence = float(sigmoid(out.object_score_logits[0, 0].float().cpu().numpy()).reshape(-1)[0])
     score = float(np.clip(iou[best], 0.0, 1.0)) * presence
-    sel = select_queries(np.array([score]), presence, threshold=options.threshold,
-                         presence_threshold=options.presence_threshold)
+    sel = select_queries(
+        np.array([score]),
+        presence,
+        threshold=options.threshold,
+        presence_threshold=options.presence_threshold,
+    )
     masks = out.pred_masks[0, 0, [best]] if not sel.absent else out.pred_masks[0, 0, []]
     return Outcome(sel, to_original(masks, transform), "tracker", how)
 
 
 # -- assembly ----------------------------------------------------------------------------------------------
-def _assemble(engine: Engine, image: Image, prompts: list[Prompt], outcomes: dict[int, Outcome],
-              options: SegmentOptions, display: np.ndarray | None, groups: dict[IntensityParams, list[int]],
-              encoder_runs: int, mirrors: Sequence[tuple[int, ...]]) -> SegmentationResult:
+def _assemble(
+    engine: Engine,
+    image: Image,
+    prompts: list[Prompt],
+    outcomes: dict[int, Outcome],
+    options: SegmentOptions,
+    display: np.ndarray | None,
+    groups: dict[IntensityParams, list[int]],
+    encoder_runs: int,
+    mirrors: Sequence[tuple[int, ...]],
+) -> SegmentationResult:
     h, w = image.spatial_shape
     instances = options.instances
     entries: list[LabelEntry] = []
@@ -261,18 +327,21 @@ def _assemble(engine: Engine, image: Image, prompts: list[Prompt], outcomes: dic
     for i, p in enumerate(prompts):
         oc = outcomes[i]
         sel = oc.selection
-        common: dict[str, Any] = dict(prompt_index=i, prompt=p, presence=sel.presence, source=oc.source,
-                                      preprocessing=oc.preprocessing)
+        common: dict[str, Any] = dict(
+            prompt_index=i, prompt=p, presence=sel.presence, source=oc.source, preprocessing=oc.preprocessing
+        )
         if sel.absent:
             value = None if instances else i + 1
-            entries.append(LabelEntry(value=value, score=sel.best_score, absent=True, reason=sel.reason,
-                                      **common))
+            entries.append(
+                LabelEntry(value=value, score=sel.best_score, absent=True, reason=sel.reason, **common)
+            )
             continue
         for k, score in enumerate(sel.scores):
             value = next_value if instances else i + 1
             next_value += 1
-            entries.append(LabelEntry(value=value, score=score, instance=k + 1 if instances else None,
-                                      **common))
+            entries.append(
+                LabelEntry(value=value, score=score, instance=k + 1 if instances else None, **common)
+            )
             layers.append(oc.logits[k])
             confidences.append(score)
             layer_values.append(value)
@@ -301,9 +370,14 @@ def _assemble(engine: Engine, image: Image, prompts: list[Prompt], outcomes: dic
     return SegmentationResult(label_map, entries, image, settings, display=display)
 
 
-def run_settings(engine: Engine, options: SegmentOptions, image: Image,
-                 groups: dict[IntensityParams, list[int]], encoder_runs: int | None,
-                 mirrors: Sequence[tuple[int, ...]]) -> dict[str, Any]:
+def run_settings(
+    engine: Engine,
+    options: SegmentOptions,
+    image: Image,
+    groups: dict[IntensityParams, list[int]],
+    encoder_runs: int | None,
+    mirrors: Sequence[tuple[int, ...]],
+) -> dict[str, Any]:
     """The settings every result records (model, rule, preprocessing, work done), in a fixed key order."""
     described = engine.describe()
     return {

@@ -231,9 +231,12 @@ class SegmentationResult:
             "modality": ref.modality,
         }
         if self.is_volume:
-            image.update(format=ref.meta.get("format"), origin=list(ref.origin),
-                         direction=np.asarray(ref.direction).round(8).ravel().tolist(),
-                         voxel_volume_ml=ref.voxel_volume_ml if ref.meta.get("spacing_known", True) else None)
+            image.update(
+                format=ref.meta.get("format"),
+                origin=list(ref.origin),
+                direction=np.asarray(ref.direction).round(8).ravel().tolist(),
+                voxel_volume_ml=ref.voxel_volume_ml if ref.meta.get("spacing_known", True) else None,
+            )
         return {
             "image": image,
             "label_map": {
@@ -252,22 +255,21 @@ class SegmentationResult:
         head: tuple[str, ...]
         area: Callable[[LabelEntry], tuple[str, ...]]
         if self.is_volume:
-            head = ("voxels", "ml", "slices")
-            area = lambda e: (str(e.voxels), "-" if e.volume_ml is None else f"{e.volume_ml:.3f}",  # noqa: E731
-                              "-" if e.slice_range is None else f"{e.slice_range[0]}-{e.slice_range[1]}")
+            head, area = ("voxels", "ml", "slices"), _volume_columns
         else:
-            head = ("area px", "area mm2")
-            area = lambda e: (str(e.area_px), "-" if e.area_mm2 is None else f"{e.area_mm2:.1f}")  # noqa: E731
+            head, area = ("area px", "area mm2"), _area_columns
         rows: list[tuple[str, ...]] = [("value", "prompt", "score", "presence", *head, "status")]
         for e in self.labels:
-            rows.append((
-                "-" if e.value is None else str(e.value),
-                e.name,
-                "-" if e.score is None else f"{e.score:.3f}",
-                "-" if e.presence is None else f"{e.presence:.3f}",
-                *area(e),
-                f"absent ({e.reason})" if e.absent else "found",
-            ))
+            rows.append(
+                (
+                    "-" if e.value is None else str(e.value),
+                    e.name,
+                    "-" if e.score is None else f"{e.score:.3f}",
+                    "-" if e.presence is None else f"{e.presence:.3f}",
+                    *area(e),
+                    f"absent ({e.reason})" if e.absent else "found",
+                )
+            )
         return _columns(rows)
 
     # -- files ---------------------------------------------------------------------------------------
@@ -278,8 +280,11 @@ class SegmentationResult:
 
             return volume_output_paths(self.reference, out_dir, stem, overlay=overlay)
         out = Path(out_dir)
-        return {"mask": out / f"{stem}_mask.png", "overlay": out / f"{stem}_overlay.png",
-                "json": out / f"{stem}.json"}
+        return {
+            "mask": out / f"{stem}_mask.png",
+            "overlay": out / f"{stem}_overlay.png",
+            "json": out / f"{stem}.json",
+        }
 
     def write(self, out_dir: str | Path, stem: str | None = None, *, overlay: bool = True) -> dict[str, Path]:
         """Write the mask PNG, the overlay PNG and the JSON summary into ``out_dir``.
@@ -307,10 +312,26 @@ class SegmentationResult:
             if overlay:
                 title = ", ".join(f"{e.name}" for e in self.labels if not e.absent) or "nothing found"
                 background = self.display if self.display is not None else self.reference.array
-                overlay_2d(background, self.label_map, names, tmp["overlay"], title=title,
-                           spacing_yx=self.reference.spacing_array_order)
+                overlay_2d(
+                    background,
+                    self.label_map,
+                    names,
+                    tmp["overlay"],
+                    title=title,
+                    spacing_yx=self.reference.spacing_array_order,
+                )
             tmp["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return paths
+
+
+def _volume_columns(e: LabelEntry) -> tuple[str, ...]:
+    ml = "-" if e.volume_ml is None else f"{e.volume_ml:.3f}"
+    slices = "-" if e.slice_range is None else f"{e.slice_range[0]}-{e.slice_range[1]}"
+    return str(e.voxels), ml, slices
+
+
+def _area_columns(e: LabelEntry) -> tuple[str, ...]:
+    return str(e.area_px), "-" if e.area_mm2 is None else f"{e.area_mm2:.1f}"
 
 
 def _columns(rows: list[tuple[str, ...]]) -> str:

@@ -69,8 +69,9 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.logit(p.clamp(EPS, 1 - EPS))
 
 
-def merge_mirrored(outs: Sequence, mirrors: Sequence[tuple[int, ...]], mirrored_rows: Sequence[bool]
-                   ) -> SimpleNamespace:
+def merge_mirrored(
+    outs: Sequence, mirrors: Sequence[tuple[int, ...]], mirrored_rows: Sequence[bool]
+) -> SimpleNamespace:
     """Merge the predictions of one batch of ``N`` prompt rows on mirrored inputs (module docstring).
 
     Args:
@@ -91,8 +92,11 @@ def merge_mirrored(outs: Sequence, mirrors: Sequence[tuple[int, ...]], mirrored_
     if len(mirrored_rows) != n:
         raise ValueError(f"mirrored_rows has {len(mirrored_rows)} entries for {n} prompt rows")
     rows = torch.arange(n, device=first.device)
-    use = torch.tensor([[True] * n] + [list(map(bool, mirrored_rows))] * (len(outs) - 1),
-                       dtype=torch.float32, device=first.device)  # (F, N)
+    use = torch.tensor(
+        [[True] * n] + [list(map(bool, mirrored_rows))] * (len(outs) - 1),
+        dtype=torch.float32,
+        device=first.device,
+    )  # (F, N)
     weight = use / use.sum(dim=0, keepdim=True)
     score: torch.Tensor | int = 0
     mask: torch.Tensor | int = 0

@@ -66,15 +66,27 @@ _CONCEPT_RULES: tuple[tuple[str, str], ...] = (
     ("liver", r"\b(liver|hepatic)\b.*\b(tumou?r|lesion|metasta|cyst|nodul|mass|cancer|carcinoma|vessel)"),
     ("liver", r"\b(tumou?r|lesion|metasta|cyst|nodul|mass|cancer|carcinoma)s?\b.*\b(liver|hepatic)\b"),
     ("liver", r"\b(hcc|hepatocellular|hepatoma)"),
-    ("lung", r"\b(lung|pulmonary|nodul|airway|trache|bronch|emphysem|covid|pneumo|ground.glass|"
-     r"consolidation|pleura)"),
-    ("bone", r"\b(bone|skelet|vertebr|spine\b|rib|femur|femor|tibia|fibula|patella|humer|radius\b|ulna|"
-     r"clavicl|scapula|sternum|sacrum|sacral|coccyx|skull|cranium|mandibl|pelvic bone|hip\b|hips\b|"
-     r"ilium|iliac bone|iliac crest|ischi|pubi|fractur|osteo|carpal|tarsal)"),
-    ("brain", r"\b(brain|cerebr|cerebell|intracranial|hemorrhag|haemorrhag|hematom|haematom|stroke|infarct|"
-     r"lateral ventricle|thalam|brainstem|midbrain|pons\b|gyrus|hippocamp)"),
-    ("mediastinum", r"\b(heart|cardiac|myocard|atri(um|al|a)\b|ventric|aort|coronar|pericard|mediastin|"
-     r"esophag|oesophag|thymus|superior vena cava)"),
+    (
+        "lung",
+        r"\b(lung|pulmonary|nodul|airway|trache|bronch|emphysem|covid|pneumo|ground.glass|"
+        r"consolidation|pleura)",
+    ),
+    (
+        "bone",
+        r"\b(bone|skelet|vertebr|spine\b|rib|femur|femor|tibia|fibula|patella|humer|radius\b|ulna|"
+        r"clavicl|scapula|sternum|sacrum|sacral|coccyx|skull|cranium|mandibl|pelvic bone|hip\b|hips\b|"
+        r"ilium|iliac bone|iliac crest|ischi|pubi|fractur|osteo|carpal|tarsal)",
+    ),
+    (
+        "brain",
+        r"\b(brain|cerebr|cerebell|intracranial|hemorrhag|haemorrhag|hematom|haematom|stroke|infarct|"
+        r"lateral ventricle|thalam|brainstem|midbrain|pons\b|gyrus|hippocamp)",
+    ),
+    (
+        "mediastinum",
+        r"\b(heart|cardiac|myocard|atri(um|al|a)\b|ventric|aort|coronar|pericard|mediastin|"
+        r"esophag|oesophag|thymus|superior vena cava)",
+    ),
 )
 
 

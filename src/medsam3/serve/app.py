@@ -56,8 +56,10 @@ log = logging.getLogger("medsam3.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "medsam3_token"
 _PUBLIC = ("/login", "/api/login", "/static/login.css", "/favicon.ico")
-_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 
 
 def _id_param():
@@ -87,7 +89,6 @@ def _request_token(request: Request) -> tuple[str | None, bool]:
     return (q, True) if q else (None, False)
 
 
-
 def swagger_ui_assets() -> Path | None:
     """Folder of Swagger UI's JavaScript and CSS (the ``swagger-ui-bundle`` package), or None.
 
@@ -99,6 +100,7 @@ def swagger_ui_assets() -> Path | None:
         return None
     path = Path(str(swagger_ui_path))
     return path if (path / "swagger-ui-bundle.js").is_file() else None
+
 
 def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
     """Build the application; ``loaded`` is a model from :func:`medsam3.model.loading.load_sam3` (loaded
@@ -134,7 +136,7 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
         version=__version__,
         description="Prompt-driven medical image segmentation with SAM3: upload an image or volume, "
         "segment it from text / box / point prompts, download the label map. Errors are JSON "
-        "`{\"error\": \"...\"}`.",
+        '`{"error": "..."}`.',
         lifespan=lifespan,
     )
     app.state.service = service
@@ -151,8 +153,11 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
                 wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
                 if wants_page and path in ("/", "/index.html"):
                     return RedirectResponse("/login", status_code=303)
-                return error_response(401, "authentication required: send 'Authorization: Bearer <token>' "
-                                           "or log in at /login", {"WWW-Authenticate": "Bearer"})
+                return error_response(
+                    401,
+                    "authentication required: send 'Authorization: Bearer <token>' or log in at /login",
+                    {"WWW-Authenticate": "Bearer"},
+                )
             set_cookie = from_query
         if request.method in ("POST", "PUT", "PATCH") and path != "/api/images":
             length = request.headers.get("content-length")
@@ -217,9 +222,15 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
     @app.get("/docs", include_in_schema=False)
     async def docs():
         """Swagger UI over ``/openapi.json``, its JavaScript and CSS served locally when available."""
-        local = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js",
-                 "swagger_css_url": "/docs-assets/swagger-ui.css",
-                 "swagger_favicon_url": "/favicon.ico"} if docs_assets is not None else {}
+        local = (
+            {
+                "swagger_js_url": "/docs-assets/swagger-ui-bundle.js",
+                "swagger_css_url": "/docs-assets/swagger-ui.css",
+                "swagger_favicon_url": "/favicon.ico",
+            }
+            if docs_assets is not None
+            else {}
+        )
         return get_swagger_ui_html(openapi_url="/openapi.json", title="medsam3 API", **local)
 
     # -- information ---------------------------------------------------------------------------------
@@ -228,20 +239,45 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
         return service.info()
 
     # -- images --------------------------------------------------------------------------------------
-    upload_body = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "string", "format": "binary",
-                     "description": "NIfTI, NRRD, DICOM series as .zip, DICOM file, PNG, JPEG, BMP or TIFF"},
-            "series_uid": {"type": "string",
-                           "description": "DICOM series to read when the zip holds several"},
-            "modality": {"type": "string", "description": "override the guessed modality (CT, MR, ...)"},
-        }}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    }}}
+    upload_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "NIfTI, NRRD, DICOM series as .zip, DICOM file, PNG, JPEG, "
+                                "BMP or TIFF",
+                            },
+                            "series_uid": {
+                                "type": "string",
+                                "description": "DICOM series to read when the zip holds several",
+                            },
+                            "modality": {
+                                "type": "string",
+                                "description": "override the guessed modality (CT, MR, ...)",
+                            },
+                        },
+                    }
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
 
-    @app.post("/api/images", status_code=201, tags=["images"], openapi_extra=upload_body,
-              summary="upload an image or volume",
-              responses={413: {"description": "too large"}, 415: {"description": "unsupported content"}})
+    @app.post(
+        "/api/images",
+        status_code=201,
+        tags=["images"],
+        openapi_extra=upload_body,
+        summary="upload an image or volume",
+        responses={413: {"description": "too large"}, 415: {"description": "unsupported content"}},
+    )
     async def upload(request: Request):
         return await service.add_upload(request)
 
@@ -255,25 +291,41 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
         service.images.remove(image_id)
         return {"deleted": image_id}
 
-    @app.get("/api/images/{image_id}/display", tags=["viewer"],
-             summary="the display volume as raw uint8 bytes (shape in X-Shape)")
+    @app.get(
+        "/api/images/{image_id}/display",
+        tags=["viewer"],
+        summary="the display volume as raw uint8 bytes (shape in X-Shape)",
+    )
     async def image_display(image_id: str = _id_param()):
         rec = service.images.get(image_id)
         array = await run_in_threadpool(lambda: np.ascontiguousarray(service.images.display(rec)))
-        return Response(array.tobytes(), media_type="application/octet-stream",
-                        headers={"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": "uint8"})
+        return Response(
+            array.tobytes(),
+            media_type="application/octet-stream",
+            headers={"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": "uint8"},
+        )
 
-    @app.get("/api/images/{image_id}/slices/{plane}/{index}.png", tags=["viewer"],
-             summary="one display slice as PNG")
-    async def image_slice(image_id: str = _id_param(), plane: str = PathParam(..., max_length=20),
-                          index: int = PathParam(..., ge=0)):
+    @app.get(
+        "/api/images/{image_id}/slices/{plane}/{index}.png",
+        tags=["viewer"],
+        summary="one display slice as PNG",
+    )
+    async def image_slice(
+        image_id: str = _id_param(),
+        plane: str = PathParam(..., max_length=20),
+        index: int = PathParam(..., ge=0),
+    ):
         rec = service.images.get(image_id)
         data = await run_in_threadpool(lambda: _png(service.images.display_slice(rec, plane, index)))
         return Response(data, media_type="image/png")
 
-    @app.post("/api/images/{image_id}/segment", status_code=202, tags=["segmentation"],
-              summary="queue a segmentation of an uploaded image",
-              responses={503: {"description": "queue full; see Retry-After"}})
+    @app.post(
+        "/api/images/{image_id}/segment",
+        status_code=202,
+        tags=["segmentation"],
+        summary="queue a segmentation of an uploaded image",
+        responses={503: {"description": "queue full; see Retry-After"}},
+    )
     async def segment(body: SegmentIn, image_id: str = _id_param()):
         job = service.submit(image_id, body)
         return service.job_status(job)
@@ -295,8 +347,11 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
         path = service.job_file(job, kind)
         return FileResponse(path, media_type=media, filename=filename)
 
-    @app.get("/api/jobs/{job_id}/mask", tags=["segmentation"],
-             summary="the label map in the upload's format and geometry")
+    @app.get(
+        "/api/jobs/{job_id}/mask",
+        tags=["segmentation"],
+        summary="the label map in the upload's format and geometry",
+    )
     async def job_mask(job_id: str = _id_param()):
         job = service.get_job(job_id)
         rec = service.images.get(job.image_id)
@@ -320,20 +375,32 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
         service.job_file(job, "mask")
         return np.load(job.folder / DISPLAY_LABELS, mmap_mode="r", allow_pickle=False)
 
-    @app.get("/api/jobs/{job_id}/labels", tags=["viewer"],
-             summary="labels in the display frame as raw bytes (dtype in X-Dtype, shape in X-Shape)")
+    @app.get(
+        "/api/jobs/{job_id}/labels",
+        tags=["viewer"],
+        summary="labels in the display frame as raw bytes (dtype in X-Dtype, shape in X-Shape)",
+    )
     async def job_labels(job_id: str = _id_param()):
         job = service.get_job(job_id)
         array = await run_in_threadpool(lambda: np.ascontiguousarray(_display_labels(job)))
         little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        return Response(little.tobytes(), media_type="application/octet-stream",
-                        headers={"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": str(array.dtype)})
+        return Response(
+            little.tobytes(),
+            media_type="application/octet-stream",
+            headers={"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": str(array.dtype)},
+        )
 
-    @app.get("/api/jobs/{job_id}/slices/{plane}/{index}.png", tags=["viewer"],
-             summary="one label slice as PNG (values, or style=overlay for colours)")
-    async def job_slice(job_id: str = _id_param(), plane: str = PathParam(..., max_length=20),
-                        index: int = PathParam(..., ge=0),
-                        style: str = Query("labels", pattern="^(labels|overlay)$")):
+    @app.get(
+        "/api/jobs/{job_id}/slices/{plane}/{index}.png",
+        tags=["viewer"],
+        summary="one label slice as PNG (values, or style=overlay for colours)",
+    )
+    async def job_slice(
+        job_id: str = _id_param(),
+        plane: str = PathParam(..., max_length=20),
+        index: int = PathParam(..., ge=0),
+        style: str = Query("labels", pattern="^(labels|overlay)$"),
+    ):
         from medsam3.preprocess.slices import take_slice
 
         job = service.get_job(job_id)

@@ -67,10 +67,16 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         """The public status record (no server paths)."""
         out = {
-            "job_id": self.id, "image_id": self.image_id, "status": self.status, "error": self.error,
-            "created": self.created, "started": self.started, "finished": self.finished,
-            "seconds": None if self.started is None or self.finished is None else
-            round(self.finished - self.started, 4),
+            "job_id": self.id,
+            "image_id": self.image_id,
+            "status": self.status,
+            "error": self.error,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "seconds": None
+            if self.started is None or self.finished is None
+            else round(self.finished - self.started, 4),
             "request": self.request,
         }
         if self.result is not None:
@@ -157,8 +163,14 @@ class JobQueue:
     def load(self) -> dict[str, int]:
         """Jobs waiting and running, and the limits."""
         with self._lock:
-            return {"waiting": len(self._waiting), "running": self._running, "workers": self.workers,
-                    "queue_size": self.queue_size, "completed": self.completed, "failed": self.failed}
+            return {
+                "waiting": len(self._waiting),
+                "running": self._running,
+                "workers": self.workers,
+                "queue_size": self.queue_size,
+                "completed": self.completed,
+                "failed": self.failed,
+            }
 
     # -- working -------------------------------------------------------------------------------------
     def _work(self) -> None:

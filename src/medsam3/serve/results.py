@@ -72,10 +72,12 @@ def validate_prompts(prompts: list[Prompt], rec: ImageRecord, plane: str | None)
     info = rec.info
     if plane is None and info["ndim"] == 3:
         if any(p.boxes or p.points for p in prompts):
-            raise PromptError("boxes and points on a volume need a slice: give \"slice\": {\"plane\": "
-                              "\"axial\", \"index\": k} (coordinates are pixels of that slice; add "
-                              "\"propagate\": true to segment the whole volume from its boxes), or a 3D box "
-                              "\"box3d\": [x1, y1, z1, x2, y2, z2] in input voxels")
+            raise PromptError(
+                'boxes and points on a volume need a slice: give "slice": {"plane": '
+                '"axial", "index": k} (coordinates are pixels of that slice; add '
+                '"propagate": true to segment the whole volume from its boxes), or a 3D box '
+                '"box3d": [x1, y1, z1, x2, y2, z2] in input voxels'
+            )
         for p in prompts:  # text-only prompts here: the grid size plays no part in their checks
             validate_prompt(p, (1, 1))
         return
@@ -95,8 +97,12 @@ def reorientation_of(info: dict) -> Reorientation:
     depends on the shape and direction only (a zero-size broadcast array stands in for the pixels).
     """
     shape = tuple(int(v) for v in info["shape"])
-    geometry = Image(np.broadcast_to(np.zeros((), np.uint8), shape), info["spacing"], info["origin"],
-                     np.asarray(info["direction"], dtype=np.float64))
+    geometry = Image(
+        np.broadcast_to(np.zeros((), np.uint8), shape),
+        info["spacing"],
+        info["origin"],
+        np.asarray(info["direction"], dtype=np.float64),
+    )
     return plan_reorientation(geometry)
 
 
@@ -134,16 +140,23 @@ def display_box_to_input(reo: Reorientation, plane: str, index: int, box: Sequen
     hi_in = np.zeros(3)
     for a, source in enumerate(reo.source_axes):  # canonical axis a came from input axis source
         lo_in[source], hi_in[source] = lo[a], hi[a]
-    return (float(lo_in[2]), float(lo_in[1]), float(lo_in[0]), float(hi_in[2]), float(hi_in[1]),
-            float(hi_in[0]))
+    return (
+        float(lo_in[2]),
+        float(lo_in[1]),
+        float(lo_in[0]),
+        float(hi_in[2]),
+        float(hi_in[1]),
+        float(hi_in[0]),
+    )
 
 
 def _article(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
-def propagation_prompts(prompts: list[Prompt], reo: Reorientation, plane: str, index: int
-                        ) -> list[Prompt | VolumePrompt]:
+def propagation_prompts(
+    prompts: list[Prompt], reo: Reorientation, plane: str, index: int
+) -> list[Prompt | VolumePrompt]:
     """The prompts of a ``propagate`` request for the volume segmenter.
 
     A prompt with boxes becomes a :class:`VolumePrompt` with the boxes on its key slice (input voxels,
@@ -155,12 +168,16 @@ def propagation_prompts(prompts: list[Prompt], reo: Reorientation, plane: str, i
     """
     for p in prompts:
         if p.points:
-            raise PromptError(f"prompt {p.display_name!r}: points cannot be propagated through a volume; "
-                              "draw a box instead, or leave out 'propagate' to segment only this slice")
+            raise PromptError(
+                f"prompt {p.display_name!r}: points cannot be propagated through a volume; "
+                "draw a box instead, or leave out 'propagate' to segment only this slice"
+            )
     if not any(p.boxes for p in prompts):
-        raise PromptError("'propagate' spreads the boxes drawn on the slice through the volume, but no "
-                          "prompt has a box: draw a box, or leave out 'slice' and 'propagate' to search the "
-                          "whole volume for the text")
+        raise PromptError(
+            "'propagate' spreads the boxes drawn on the slice through the volume, but no "
+            "prompt has a box: draw a box, or leave out 'slice' and 'propagate' to search the "
+            "whole volume for the text"
+        )
     acquired = acquired_plane(reo)
     assert acquired is not None  # reo is a volume's (propagate applies to volumes only)
     out: list[Prompt | VolumePrompt] = []
@@ -173,7 +190,8 @@ def propagation_prompts(prompts: list[Prompt], reo: Reorientation, plane: str, i
                 f"boxes drawn on a {plane} slice cannot be propagated through this volume: it was acquired "
                 f"in {acquired} slices and is segmented slice by slice along them, so a box to propagate "
                 f"must be drawn on {_article(acquired)} slice (or leave out 'propagate' to segment only this "
-                f"{plane} slice)")
+                f"{plane} slice)"
+            )
         boxes: list[tuple[float, ...]] = []
         keys: set[int] = set()
         for box in p.boxes:
@@ -187,8 +205,9 @@ def propagation_prompts(prompts: list[Prompt], reo: Reorientation, plane: str, i
     return out
 
 
-def _whole_volume_prompts(body: SegmentIn, prompts: list[Prompt], rec: ImageRecord
-                          ) -> list[Prompt | VolumePrompt]:
+def _whole_volume_prompts(
+    body: SegmentIn, prompts: list[Prompt], rec: ImageRecord
+) -> list[Prompt | VolumePrompt]:
     out: list[Prompt | VolumePrompt] = []
     for given, p in zip(body.prompts, prompts, strict=True):
         if given.box3d is None:
@@ -196,15 +215,18 @@ def _whole_volume_prompts(body: SegmentIn, prompts: list[Prompt], rec: ImageReco
             out.append(p)
             continue
         if p.boxes or p.points:
-            raise PromptError(f"prompt {p.display_name!r}: 'box3d' cannot be combined with 'boxes' or "
-                              "'points' in one prompt")
+            raise PromptError(
+                f"prompt {p.display_name!r}: 'box3d' cannot be combined with 'boxes' or "
+                "'points' in one prompt"
+            )
         vp = VolumePrompt(p.text, box3d=tuple(given.box3d))
         out.append(validate_volume_prompt(vp, rec.info["shape"]))
     return out
 
 
-def request_prompts(body: SegmentIn, rec: ImageRecord, reo: Reorientation | None = None
-                    ) -> Sequence[Prompt | VolumePrompt]:
+def request_prompts(
+    body: SegmentIn, rec: ImageRecord, reo: Reorientation | None = None
+) -> Sequence[Prompt | VolumePrompt]:
     """The prompts the segmenter gets for ``body`` on ``rec``, checked against the image.
 
     2D images and single slices: ``Prompt`` in pixels of the image / slice. ``propagate``:
@@ -223,23 +245,29 @@ def request_prompts(body: SegmentIn, rec: ImageRecord, reo: Reorientation | None
         if not is_volume:
             raise PromptError("'box3d' applies to volumes only; this image is 2D (give its box in 'boxes')")
         if plane is not None:
-            raise PromptError("'box3d' is given in voxels of the whole uploaded volume and cannot be "
-                              "combined with 'slice'; a box drawn on a displayed slice goes in 'boxes' (add "
-                              "\"propagate\": true to segment the whole volume from it)")
+            raise PromptError(
+                "'box3d' is given in voxels of the whole uploaded volume and cannot be "
+                "combined with 'slice'; a box drawn on a displayed slice goes in 'boxes' (add "
+                '"propagate": true to segment the whole volume from it)'
+            )
     if body.propagate:
         if not is_volume:
             raise PromptError("'propagate' applies to volumes only; this image is 2D")
         if plane is None:
-            raise PromptError("'propagate' needs the slice the boxes are drawn on: give \"slice\": "
-                              "{\"plane\": \"axial\", \"index\": k} with it")
+            raise PromptError(
+                "'propagate' needs the slice the boxes are drawn on: give \"slice\": "
+                '{"plane": "axial", "index": k} with it'
+            )
     prompts = [p.to_prompt() for p in body.prompts]
     if not is_volume or (plane is not None and not body.propagate):
         validate_prompts(prompts, rec, plane)
         return prompts
     single = int(info["shape"][0]) == 1
     if single and (body.propagate or any(p.box3d is not None for p in body.prompts)):
-        raise PromptError("this volume has a single slice and is segmented as a 2D image: give its boxes "
-                          "with \"slice\" (without 'propagate' or 'box3d')")
+        raise PromptError(
+            "this volume has a single slice and is segmented as a 2D image: give its boxes "
+            "with \"slice\" (without 'propagate' or 'box3d')"
+        )
     if not single:
         check_request(options, volume=True)
     if body.propagate:
@@ -264,9 +292,15 @@ def _entries(result: SegmentationResult, colours: dict[int, tuple[int, int, int]
     return out
 
 
-def segment_job(segmenter: Segmenter, image: Image, rec: ImageRecord,
-                prompts: Sequence[Prompt | VolumePrompt], request: dict, folder: Path, model_name: str
-                ) -> dict[str, Any]:
+def segment_job(
+    segmenter: Segmenter,
+    image: Image,
+    rec: ImageRecord,
+    prompts: Sequence[Prompt | VolumePrompt],
+    request: dict,
+    folder: Path,
+    model_name: str,
+) -> dict[str, Any]:
     """Segment, write the job's files into ``folder`` and return the job's public result.
 
     ``prompts`` come from :func:`request_prompts`; ``request`` is the validated request as a dict
@@ -287,11 +321,17 @@ def segment_job(segmenter: Segmenter, image: Image, rec: ImageRecord,
         labels = np.asarray(result.label_map)
         display_labels = _to_display(labels, image)
         scope_out = {"kind": "volume" if image.ndim == 3 else "image"}
-        keys = [p.box_slice for p in prompts
-                if isinstance(p, VolumePrompt) and p.boxes and p.box_slice is not None]
+        keys = [
+            p.box_slice
+            for p in prompts
+            if isinstance(p, VolumePrompt) and p.boxes and p.box_slice is not None
+        ]
         if scope is not None and keys:
-            scope_out["key_slice"] = {"plane": scope["plane"], "index": int(scope["index"]),
-                                      "input_slice": int(keys[0])}
+            scope_out["key_slice"] = {
+                "plane": scope["plane"],
+                "index": int(scope["index"]),
+                "input_slice": int(keys[0]),
+            }
 
     names = result.label_names()
     colours = label_colors(sorted(names) or [1])
@@ -308,8 +348,9 @@ def segment_job(segmenter: Segmenter, image: Image, rec: ImageRecord,
     np.save(folder / DISPLAY_LABELS, np.ascontiguousarray(display_labels), allow_pickle=False)
 
     summary = result.to_dict()
-    summary["image"] = {k: rec.info[k] for k in ("image_id", "name", "format", "shape", "spacing",
-                                                  "modality", "ndim")}
+    summary["image"] = {
+        k: rec.info[k] for k in ("image_id", "name", "format", "shape", "spacing", "modality", "ndim")
+    }
     summary["label_map"]["shape"] = list(labels.shape)
     summary["labels"] = _entries(result, colours)
     summary["scope"] = scope_out

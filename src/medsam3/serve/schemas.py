@@ -31,21 +31,26 @@ class PromptIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str | None = Field(None, max_length=200, examples=["liver"],
-                             description="concept to segment, e.g. 'liver' or 'polyp'")
-    boxes: list[list[float]] | None = Field(None, max_length=16, examples=[[[100, 80, 300, 260]]],
-                                            description="boxes [x1, y1, x2, y2] in pixels")
+    text: str | None = Field(
+        None, max_length=200, examples=["liver"], description="concept to segment, e.g. 'liver' or 'polyp'"
+    )
+    boxes: list[list[float]] | None = Field(
+        None, max_length=16, examples=[[[100, 80, 300, 260]]], description="boxes [x1, y1, x2, y2] in pixels"
+    )
     box_labels: list[int] | None = Field(None, max_length=16, description="1 positive (default), 0 negative")
     points: list[list[float]] | None = Field(None, max_length=32, description="points [x, y] in pixels")
-    point_labels: list[int] | None = Field(None, max_length=32,
-                                           description="1 positive (default), 0 negative")
+    point_labels: list[int] | None = Field(
+        None, max_length=32, description="1 positive (default), 0 negative"
+    )
     box3d: list[float] | None = Field(
-        None, examples=[[10, 12, 5, 30, 40, 20]],
+        None,
+        examples=[[10, 12, 5, 30, 40, 20]],
         description="volumes only, without 'slice': a 3D box [x1, y1, z1, x2, y2, z2] in voxel indices of "
         "the uploaded array (x along array axis 2, y along axis 1, z the stored slice index along axis 0; "
         "continuous, ends exclusive: z1=5, z2=20 covers slices 5 to 19). The prompt is searched only on "
         "the slices the box covers, with the box on each (as 'medsam3 segment --box3d'); it cannot be "
-        "combined with 'boxes' or 'points' in the same prompt")
+        "combined with 'boxes' or 'points' in the same prompt",
+    )
 
     @field_validator("boxes")
     @classmethod
@@ -92,18 +97,22 @@ class SegmentRequest(BaseModel):
 
     prompts: list[PromptIn] = Field(..., min_length=1, max_length=16)
     slice: SliceIn | None = Field(
-        None, description="volumes only: segment this one slice (boxes / points are pixels of it), or "
+        None,
+        description="volumes only: segment this one slice (boxes / points are pixels of it), or "
         "with 'propagate' the whole volume from the boxes drawn on it; without it the whole volume goes to "
-        "the segmenter (text and 'box3d' prompts)")
+        "the segmenter (text and 'box3d' prompts)",
+    )
     propagate: bool = Field(
-        False, description="volumes only, with 'slice': segment the whole volume from the boxes drawn on "
+        False,
+        description="volumes only, with 'slice': segment the whole volume from the boxes drawn on "
         "that slice. Each prompt's boxes (pixels of the displayed slice) become boxes on a key slice in "
         "the uploaded volume's voxels; the structure is detected with the box on every slice and followed "
         "outwards from the key slice while it overlaps from slice to slice (as 'medsam3 segment --box "
         "--box-slice'). Only slices of the plane the volume was acquired in can be used (the plane the "
         "volume segmenter slices along; others are refused with a message naming it). Points cannot be "
         "propagated; text-only prompts of the request search the whole volume. The result is a label map "
-        "of the whole volume")
+        "of the whole volume",
+    )
 
     def given_options(self) -> dict[str, Any]:
         """The inference options the request sets (fields left out or ``null`` take the server's
@@ -132,9 +141,16 @@ def option_fields() -> dict[str, Any]:
         # Ranges are checked by the options themselves, so the message is the one Python and the CLI give;
         # the schema still shows them.
         bounds: JsonDict = {k: v for k, v in (("minimum", info.low), ("maximum", info.high)) if v is not None}
-        fields[f.name] = (kind | None, Field(None, description=f"{info.help} (default: the server's, "
-                                             f"{default_of(f.name)!r} unless set at its start)",
-                                             json_schema_extra=bounds or None, **extra))
+        fields[f.name] = (
+            kind | None,
+            Field(
+                None,
+                description=f"{info.help} (default: the server's, "
+                f"{default_of(f.name)!r} unless set at its start)",
+                json_schema_extra=bounds or None,
+                **extra,
+            ),
+        )
     return fields
 
 
@@ -144,8 +160,12 @@ API_OPTIONS = tuple(f.name for f, _ in option_fields_of(VolumeOptions, "api"))
 if TYPE_CHECKING:
     SegmentIn = SegmentRequest
 else:
-    SegmentIn = create_model("SegmentIn", __base__=SegmentRequest, __doc__="A segmentation request on an "
-                             "uploaded image: prompts, where, and inference options.", **option_fields())
+    SegmentIn = create_model(
+        "SegmentIn",
+        __base__=SegmentRequest,
+        __doc__="A segmentation request on an uploaded image: prompts, where, and inference options.",
+        **option_fields(),
+    )
 
 
 class LoginIn(BaseModel):

@@ -52,8 +52,11 @@ class Service:
         self.settings = settings
         self.loaded = loaded
         self._own_work_dir = settings.work_dir is None
-        self.work_dir = Path(tempfile.mkdtemp(prefix="medsam3-serve-")) if settings.work_dir is None else \
-            Path(settings.work_dir)
+        self.work_dir = (
+            Path(tempfile.mkdtemp(prefix="medsam3-serve-"))
+            if settings.work_dir is None
+            else Path(settings.work_dir)
+        )
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.images = ImageStore(self.work_dir / "images", memory_bytes=settings.image_memory_bytes)
         self.jobs_dir = self.work_dir / "jobs"
@@ -65,8 +68,9 @@ class Service:
         self._expired_jobs: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         self.engine = Engine(loaded)
-        self.queue = JobQueue(self.execute, self.describe_error, workers=settings.workers,
-                              queue_size=settings.queue_size)
+        self.queue = JobQueue(
+            self.execute, self.describe_error, workers=settings.workers, queue_size=settings.queue_size
+        )
         self.started = time.time()
 
     # -- messages --------------------------------------------------------------------------------------
@@ -108,11 +112,14 @@ class Service:
         except InputError as exc:
             raise ApiError(400, public_message(exc, name=received.name, hide=self.hidden_paths)) from None
         if image.meta.get("is_label"):
-            raise ApiError(400, f"{received.name}: this is a segmentation (label map / DICOM SEG), not an "
-                                "image to segment")
+            raise ApiError(
+                400,
+                f"{received.name}: this is a segmentation (label map / DICOM SEG), not an image to segment",
+            )
         image.meta["display_name"] = received.name
-        return self.images.add(image_id, folder, received.name, stored, image, received.series_uid,
-                               received.modality)
+        return self.images.add(
+            image_id, folder, received.name, stored, image, received.series_uid, received.modality
+        )
 
     # -- jobs ------------------------------------------------------------------------------------------
     def get_job(self, job_id: str) -> Job:
@@ -120,8 +127,10 @@ class Service:
             job = self._jobs.get(job_id) if is_valid_id(job_id) else None
             if job is None:
                 if job_id in self._expired_jobs:
-                    raise ApiError(410, f"the result of job {job_id} has expired and was removed; "
-                                        "run the segmentation again")
+                    raise ApiError(
+                        410,
+                        f"the result of job {job_id} has expired and was removed; run the segmentation again",
+                    )
                 raise ApiError(404, f"unknown job id {job_id[:40]!r}")
             return job
 
@@ -148,8 +157,10 @@ class Service:
             window = body.given_options().get("window")
             if window is not None:
                 if rec.info["modality"] != "CT":
-                    raise ApiError(422, f"a CT window was given for a {rec.info['modality']} image; "
-                                        "windows apply to CT only")
+                    raise ApiError(
+                        422,
+                        f"a CT window was given for a {rec.info['modality']} image; windows apply to CT only",
+                    )
                 parse_window(window)
         except MedSam3Error as exc:
             raise ApiError(422, public_message(exc, name=rec.name, hide=self.hidden_paths)) from None
@@ -162,9 +173,12 @@ class Service:
         except QueueFull as exc:
             with self._lock:
                 self._jobs.pop(job.id, None)
-            raise ApiError(503, f"the server is busy: {exc} (server options --workers / --queue-size); "
-                                f"retry in {exc.retry_after} s",
-                           headers={"Retry-After": str(exc.retry_after)}) from None
+            raise ApiError(
+                503,
+                f"the server is busy: {exc} (server options --workers / --queue-size); "
+                f"retry in {exc.retry_after} s",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
         return job
 
     @property
@@ -240,9 +254,14 @@ class Service:
             "device": str(getattr(self.loaded, "device", "cpu")),
             "dtype": str(getattr(self.loaded, "dtype", "")).replace("torch.", ""),
             "auth": s.token is not None,
-            "limits": {"max_upload_mb": s.max_upload_mb, "max_voxels": s.max_voxels,
-                       "max_zip_entries": s.max_zip_entries, "max_unzipped_mb": s.max_unzipped_mb,
-                       "max_zip_ratio": s.max_zip_ratio, "result_ttl_s": s.result_ttl},
+            "limits": {
+                "max_upload_mb": s.max_upload_mb,
+                "max_voxels": s.max_voxels,
+                "max_zip_entries": s.max_zip_entries,
+                "max_unzipped_mb": s.max_unzipped_mb,
+                "max_zip_ratio": s.max_zip_ratio,
+                "result_ttl_s": s.result_ttl,
+            },
             "defaults": {"threshold": s.threshold, "presence_threshold": s.presence_threshold},
             "queue": self.queue.load(),
             "feature_cache": self.cache.snapshot(),

@@ -117,11 +117,18 @@ class ServeSettings:
     def validate(self) -> None:
         """Raise :class:`SettingsError` naming the first setting that is out of range."""
         positive = {
-            "max-upload-mb": self.max_upload_mb, "max-voxels": self.max_voxels,
-            "max-zip-entries": self.max_zip_entries, "max-unzipped-mb": self.max_unzipped_mb,
-            "max-zip-ratio": self.max_zip_ratio, "max-json-kb": self.max_json_kb, "workers": self.workers,
-            "queue-size": self.queue_size, "result-ttl": self.result_ttl, "cache-items": self.cache_items,
-            "cache-mb": self.cache_mb, "image-memory-mb": self.image_memory_mb,
+            "max-upload-mb": self.max_upload_mb,
+            "max-voxels": self.max_voxels,
+            "max-zip-entries": self.max_zip_entries,
+            "max-unzipped-mb": self.max_unzipped_mb,
+            "max-zip-ratio": self.max_zip_ratio,
+            "max-json-kb": self.max_json_kb,
+            "workers": self.workers,
+            "queue-size": self.queue_size,
+            "result-ttl": self.result_ttl,
+            "cache-items": self.cache_items,
+            "cache-mb": self.cache_mb,
+            "image-memory-mb": self.image_memory_mb,
         }
         for name, value in positive.items():
             if not value > 0:

@@ -75,14 +75,15 @@ def acquired_plane(reo: Reorientation) -> str | None:
     return None if axis is None else PLANE_OF_AXIS[axis]
 
 
-def plane_geometry(display_shape: tuple[int, ...], spacing_zyx: Sequence[float],
-                   ndim: int) -> dict:
+def plane_geometry(display_shape: tuple[int, ...], spacing_zyx: Sequence[float], ndim: int) -> dict:
     """Per plane: slice count, rows, columns and their spacing (mm, or pixel units for pictures)."""
     z, y, x = display_shape[:3]
     sz, sy, sx = spacing_zyx
-    planes = {"axial": dict(count=z, rows=y, cols=x, row_spacing=sy, col_spacing=sx),
-              "coronal": dict(count=y, rows=z, cols=x, row_spacing=sz, col_spacing=sx),
-              "sagittal": dict(count=x, rows=z, cols=y, row_spacing=sz, col_spacing=sy)}
+    planes = {
+        "axial": dict(count=z, rows=y, cols=x, row_spacing=sy, col_spacing=sx),
+        "coronal": dict(count=y, rows=z, cols=x, row_spacing=sz, col_spacing=sx),
+        "sagittal": dict(count=x, rows=z, cols=y, row_spacing=sz, col_spacing=sy),
+    }
     if ndim == 2:
         return {"image": planes["axial"]}
     return planes
@@ -151,14 +152,23 @@ class ImageStore:
             return list(self._records.values())
 
     # -- adding --------------------------------------------------------------------------------------
-    def add(self, image_id: str, folder: Path, name: str, stored: Stored, image: Image,
-            series_uid: str | None, modality: str | None) -> ImageRecord:
+    def add(
+        self,
+        image_id: str,
+        folder: Path,
+        name: str,
+        stored: Stored,
+        image: Image,
+        series_uid: str | None,
+        modality: str | None,
+    ) -> ImageRecord:
         """Register a read image: write its display copy and describe it."""
         display, how = display_uint8(image)
         np.save(folder / "display.npy", display, allow_pickle=False)
         reo = plan_reorientation(image)
-        spacing_zyx = tuple(reversed(reo.canonical_spacing)) if image.ndim == 3 else \
-            (1.0, *image.spacing_array_order)
+        spacing_zyx = (
+            tuple(reversed(reo.canonical_spacing)) if image.ndim == 3 else (1.0, *image.spacing_array_order)
+        )
         mask_file, _ = MASK_OUTPUTS[stored.kind]
         info = {
             "image_id": image_id,
@@ -182,7 +192,8 @@ class ImageStore:
                 "spacing_zyx": [float(s) for s in spacing_zyx],
                 "planes": plane_geometry(display.shape, spacing_zyx, image.ndim),
                 "intensity": how,
-                "frame": "canonical LPS (axial anterior up, patient right on the left)" if image.ndim == 3
+                "frame": "canonical LPS (axial anterior up, patient right on the left)"
+                if image.ndim == 3
                 else "as stored",
                 "acquired_plane": acquired_plane(reo),
             },

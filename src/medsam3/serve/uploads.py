@@ -122,12 +122,14 @@ def download_stem(name: str) -> str:
 
 # -- streaming the body --------------------------------------------------------------------------------
 def _too_large(settings: ServeSettings) -> ApiError:
-    return ApiError(413, f"upload too large: the limit is {settings.max_upload_mb:g} MB "
-                         "(server option --max-upload-mb)")
+    return ApiError(
+        413, f"upload too large: the limit is {settings.max_upload_mb:g} MB (server option --max-upload-mb)"
+    )
 
 
-async def _limited(stream: AsyncIterator[bytes], limit: int, settings: ServeSettings
-                   ) -> AsyncGenerator[bytes, None]:
+async def _limited(
+    stream: AsyncIterator[bytes], limit: int, settings: ServeSettings
+) -> AsyncGenerator[bytes, None]:
     seen = 0
     async for chunk in stream:
         seen += len(chunk)
@@ -146,8 +148,7 @@ async def receive_upload(request: Request, folder: Path, settings: ServeSettings
     ctype = request.headers.get("content-type", "")
     if ctype.lower().startswith("multipart/form-data"):
         body = _limited(request.stream(), limit + _MULTIPART_SLACK, settings)
-        parser = MultiPartParser(request.headers, body,
-                                 max_files=1, max_fields=4, max_part_size=4096)
+        parser = MultiPartParser(request.headers, body, max_files=1, max_fields=4, max_part_size=4096)
         try:
             form = await parser.parse()
         except MultiPartException as exc:
@@ -173,8 +174,10 @@ async def receive_upload(request: Request, folder: Path, settings: ServeSettings
             async for chunk in _limited(request.stream(), limit, settings):
                 size += len(chunk)
                 out.write(chunk)
-        fields = {"series_uid": request.query_params.get("series_uid"),
-                  "modality": request.query_params.get("modality")}
+        fields = {
+            "series_uid": request.query_params.get("series_uid"),
+            "modality": request.query_params.get("modality"),
+        }
         name = display_name(request.headers.get("x-filename") or request.query_params.get("name"))
     if size == 0:
         raise ApiError(400, f"{name}: the upload is empty (0 bytes)")
@@ -212,8 +215,11 @@ def _refuse_external_references(path: Path, fmt: str, name: str) -> None:
         for line in _nrrd_header(path):
             key = line.split(":", 1)[0].strip().lower()
             if key in ("data file", "datafile"):
-                raise ApiError(400, f"{name}: detached NRRD header ('{key}:' names a separate data file); "
-                                    "upload a single .nrrd file with the data attached")
+                raise ApiError(
+                    400,
+                    f"{name}: detached NRRD header ('{key}:' names a separate data file); "
+                    "upload a single .nrrd file with the data attached",
+                )
     if fmt == "nifti":
         with open(path, "rb") as fh:
             head = fh.read(352)
@@ -221,8 +227,11 @@ def _refuse_external_references(path: Path, fmt: str, name: str) -> None:
             with gzip.open(path, "rb") as fh:
                 head = fh.read(352)
         if head[344:347] == b"ni1" or head[4:7] == b"ni2":
-            raise ApiError(400, f"{name}: a NIfTI header without its image data (.hdr/.img pair); "
-                                "upload a single .nii or .nii.gz file")
+            raise ApiError(
+                400,
+                f"{name}: a NIfTI header without its image data (.hdr/.img pair); "
+                "upload a single .nii or .nii.gz file",
+            )
 
 
 def sniff_upload(path: Path, name: str) -> str:
@@ -237,11 +246,17 @@ def sniff_upload(path: Path, name: str) -> str:
         raise ApiError(415, f"{name}: {exc.problem}") from None
     announced = extension_format(name)
     if announced is not None and announced != fmt:
-        raise ApiError(415, f"{name}: the name says {FORMAT_NAMES[announced]} but the content is "
-                            f"{FORMAT_NAMES[fmt]}; rename the file to match its content")
+        raise ApiError(
+            415,
+            f"{name}: the name says {FORMAT_NAMES[announced]} but the content is "
+            f"{FORMAT_NAMES[fmt]}; rename the file to match its content",
+        )
     if fmt not in ACCEPTED:
-        raise ApiError(415, f"{name}: {FORMAT_NAMES.get(fmt, fmt)} uploads are not accepted; upload NIfTI, "
-                            "NRRD, a DICOM series as .zip, a DICOM file, PNG, JPEG, BMP or TIFF")
+        raise ApiError(
+            415,
+            f"{name}: {FORMAT_NAMES.get(fmt, fmt)} uploads are not accepted; upload NIfTI, "
+            "NRRD, a DICOM series as .zip, a DICOM file, PNG, JPEG, BMP or TIFF",
+        )
     _refuse_external_references(path, fmt, name)
     return fmt
 
@@ -274,8 +289,11 @@ def check_zip(path: Path, name: str, settings: ServeSettings) -> list[zipfile.Zi
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ApiError(400, f"{name}: a damaged zip archive ({exc})") from None
     if len(infos) > settings.max_zip_entries:
-        raise ApiError(400, f"{name}: the zip holds {len(infos)} entries; at most {settings.max_zip_entries} "
-                            "are accepted (server option --max-zip-entries)")
+        raise ApiError(
+            400,
+            f"{name}: the zip holds {len(infos)} entries; at most {settings.max_zip_entries} "
+            "are accepted (server option --max-zip-entries)",
+        )
     files = []
     total = compressed = 0
     for info in infos:
@@ -286,21 +304,33 @@ def check_zip(path: Path, name: str, settings: ServeSettings) -> list[zipfile.Zi
         if info.is_dir():
             continue
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise ApiError(400, f"{name}: zip entry '{shown}' uses an unsupported compression method "
-                                f"({info.compress_type}); use deflate or store")
+            raise ApiError(
+                400,
+                f"{name}: zip entry '{shown}' uses an unsupported compression method "
+                f"({info.compress_type}); use deflate or store",
+            )
         ratio = info.file_size / max(info.compress_size, 1)
         if info.file_size > _RATIO_MIN_BYTES and ratio > settings.max_zip_ratio:
-            raise ApiError(400, f"{name}: zip entry '{shown}' expands {ratio:.0f}x "
-                                f"(limit {settings.max_zip_ratio:g}x): refused as a possible zip bomb")
+            raise ApiError(
+                400,
+                f"{name}: zip entry '{shown}' expands {ratio:.0f}x "
+                f"(limit {settings.max_zip_ratio:g}x): refused as a possible zip bomb",
+            )
         total += info.file_size
         compressed += info.compress_size
         files.append(info)
     if total > settings.max_unzipped_bytes:
-        raise ApiError(400, f"{name}: the zip expands to {total / 2**20:.1f} MB; the limit is "
-                            f"{settings.max_unzipped_mb:g} MB (server option --max-unzipped-mb)")
+        raise ApiError(
+            400,
+            f"{name}: the zip expands to {total / 2**20:.1f} MB; the limit is "
+            f"{settings.max_unzipped_mb:g} MB (server option --max-unzipped-mb)",
+        )
     if total > _RATIO_MIN_BYTES and total / max(compressed, 1) > settings.max_zip_ratio:
-        raise ApiError(400, f"{name}: the zip expands {total / max(compressed, 1):.0f}x (limit "
-                            f"{settings.max_zip_ratio:g}x): refused as a possible zip bomb")
+        raise ApiError(
+            400,
+            f"{name}: the zip expands {total / max(compressed, 1):.0f}x (limit "
+            f"{settings.max_zip_ratio:g}x): refused as a possible zip bomb",
+        )
     if not files:
         raise ApiError(400, f"{name}: the zip archive holds no files")
     return files
@@ -331,9 +361,12 @@ def extract_zip(path: Path, target: Path, name: str, settings: ServeSettings) ->
                     while chunk := src.read(_CHUNK):
                         written += len(chunk)
                         if written > budget:
-                            raise ApiError(400, f"{name}: the zip expands beyond "
-                                                f"{settings.max_unzipped_mb:g} MB (server option "
-                                                "--max-unzipped-mb)")
+                            raise ApiError(
+                                400,
+                                f"{name}: the zip expands beyond "
+                                f"{settings.max_unzipped_mb:g} MB (server option "
+                                "--max-unzipped-mb)",
+                            )
                         out.write(chunk)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise ApiError(400, f"{name}: a damaged zip archive ({exc})") from None
@@ -347,8 +380,9 @@ def _dicom_voxels(files: list[Path]) -> int:
     total = 0
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["Rows", "Columns",
-                                                                            "NumberOfFrames"])
+            ds = pydicom.dcmread(
+                f, stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"]
+            )
         except Exception:  # not DICOM: the reader skips it
             continue
         frames = ds.get("NumberOfFrames", 1) or 1
@@ -410,6 +444,9 @@ def store_upload(received: Received, folder: Path, settings: ServeSettings) -> S
             raise ApiError(400, f"{name}: cannot read the DICOM headers ({exc})") from None
         voxels = 0
     if voxels > settings.max_voxels:
-        raise ApiError(413, f"{name}: the image declares {voxels:,} voxels; the limit is "
-                            f"{settings.max_voxels:,} (server option --max-voxels)")
+        raise ApiError(
+            413,
+            f"{name}: the image declares {voxels:,} voxels; the limit is "
+            f"{settings.max_voxels:,} (server option --max-voxels)",
+        )
     return Stored(source, kind, voxels)

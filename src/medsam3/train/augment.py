@@ -102,8 +102,9 @@ class Draw:
     noise_seed: int = 0
 
 
-def draw(settings: AugmentSettings, rng: np.random.Generator, *, allow_flip: bool = True,
-         is_color: bool = True) -> Draw:
+def draw(
+    settings: AugmentSettings, rng: np.random.Generator, *, allow_flip: bool = True, is_color: bool = True
+) -> Draw:
     """The random choices of one example. Always consumes the same number of draws from ``rng``."""
     u = rng.random(12)
     out = Draw()
@@ -156,11 +157,17 @@ def apply(image: torch.Tensor, masks: torch.Tensor, d: Draw) -> tuple[torch.Tens
     if d.geometric and (d.hflip or d.vflip or d.angle or d.scale != 1.0 or any(d.shift)):
         theta = sampling_matrix(d)[None]
         grid = F.affine_grid(theta, [1, 1, *image.shape[-2:]], align_corners=False)
-        image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros",
-                              align_corners=False)[0]
+        image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
+            0
+        ]
         if len(masks):
-            moved = F.grid_sample(masks[:, None].float(), grid.expand(len(masks), -1, -1, -1), mode="nearest",
-                                  padding_mode="zeros", align_corners=False)
+            moved = F.grid_sample(
+                masks[:, None].float(),
+                grid.expand(len(masks), -1, -1, -1),
+                mode="nearest",
+                padding_mode="zeros",
+                align_corners=False,
+            )
             masks = moved[:, 0] > 0.5
     if d.gamma != 1.0:
         image = image.clamp(0, 1) ** d.gamma

@@ -173,14 +173,22 @@ class ItemLoader:
         labels = load_label_arrays(record)
         spatial = image.spatial_shape
         if tuple(labels.semantic.shape) != tuple(spatial):
-            raise InputError(record.label[0], f"label map of shape {labels.semantic.shape} does not match "
-                             f"its image {record.image[0]} of shape {spatial}")
+            raise InputError(
+                record.label[0],
+                f"label map of shape {labels.semantic.shape} does not match "
+                f"its image {record.image[0]} of shape {spatial}",
+            )
         if image.ndim == 3:
             reo = plan_reorientation(image)
             axis = reo.through_plane_axis
-            return _Volume(reo.apply(image.array), image.is_color, reo.apply(labels.semantic),
-                           None if labels.instances is None else reo.apply(labels.instances), axis,
-                           axis in reo.flipped)
+            return _Volume(
+                reo.apply(image.array),
+                image.is_color,
+                reo.apply(labels.semantic),
+                None if labels.instances is None else reo.apply(labels.instances),
+                axis,
+                axis in reo.flipped,
+            )
         return _Volume(image.array, image.is_color, labels.semantic, labels.instances, None, False)
 
     def volume(self, index: int) -> _Volume:
@@ -204,8 +212,9 @@ class ItemLoader:
     def tokens(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` int64 ``(32,)`` of a prompt text (cached)."""
         if text not in self._tokens:
-            enc = self.tokenizer([text], padding="max_length", max_length=TEXT_TOKENS, truncation=True,
-                                 return_tensors="pt")
+            enc = self.tokenizer(
+                [text], padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"
+            )
             self._tokens[text] = (enc["input_ids"][0].long(), enc["attention_mask"][0].long())
         return self._tokens[text]
 
@@ -220,8 +229,11 @@ class ItemLoader:
         pixels_all = vol.image[..., :3] if vol.is_color else vol.image
         key = (item.record, item.concept)
         if key not in self._intensity:
-            self._intensity[key] = intensity_parameters(pixels_all, record.modality if record.modality in
-                                                        MODALITIES else "OTHER", concept=item.concept)
+            self._intensity[key] = intensity_parameters(
+                pixels_all,
+                record.modality if record.modality in MODALITIES else "OTHER",
+                concept=item.concept,
+            )
         pixels = self._slice(vol, item.slice, pixels_all)
         semantic = self._slice(vol, item.slice, vol.semantic)
         h, w = semantic.shape
@@ -241,8 +253,12 @@ class ItemLoader:
         masks = np.stack(resized) if resized else np.zeros((0, self.image_size, self.image_size), bool)
         if augment and self.augment is not None:
             arng = np.random.default_rng([self.seed, _AUGMENT_STREAM, int(item.index)])
-            choice = aug.draw(self.augment, arng, allow_flip=not aug.is_positional(item.concept),
-                              is_color=bool(vol.is_color))
+            choice = aug.draw(
+                self.augment,
+                arng,
+                allow_flip=not aug.is_positional(item.concept),
+                is_color=bool(vol.is_color),
+            )
             moved, moved_masks = aug.apply(image01, torch.from_numpy(masks), choice)
             image01, masks = moved, moved_masks.numpy()
         masks = masks[masks.any(axis=(1, 2))]
@@ -253,8 +269,9 @@ class ItemLoader:
         rng = np.random.default_rng([self.seed, _BOX_STREAM, int(item.index)])
         if len(boxes) and rng.random() < self.box_prompt_fraction:
             j = int(rng.integers(len(boxes)))
-            prompt_box = noisy_box_cxcywh(boxes[j], self.image_size, rng, self.box_noise_std,
-                                          self.box_noise_max)
+            prompt_box = noisy_box_cxcywh(
+                boxes[j], self.image_size, rng, self.box_noise_std, self.box_noise_max
+            )
         input_ids, attention_mask = self.tokens(item.concept)
         return {
             "pixel_values": pixel_values,
@@ -337,11 +354,17 @@ def verify_records(records: Sequence[Record], level: str) -> None:
             image, label = read_header(r.image[0]), read_header(r.label[0])
         check_geometry(image, label, r.image[0], r.label[0])
         if r.dims == 3 and image.channels > 1:
-            raise InputError(r.image[0], f"is a volume with {image.channels} channels in one file; training "
-                             "reads single-channel volumes (give one file per channel, nnU-Net style)")
+            raise InputError(
+                r.image[0],
+                f"is a volume with {image.channels} channels in one file; training "
+                "reads single-channel volumes (give one file per channel, nnU-Net style)",
+            )
         if _shape_of(label.shape, r.dims) != tuple(r.shape):
-            raise InputError(r.label[0], f"label grid {label.shape} differs from the manifest's shape "
-                             f"{r.shape} (the file changed since `medsam3 prepare`)")
+            raise InputError(
+                r.label[0],
+                f"label grid {label.shape} differs from the manifest's shape "
+                f"{r.shape} (the file changed since `medsam3 prepare`)",
+            )
         if level != "full":
             continue
         semantic = load_label_arrays(r).semantic
@@ -349,5 +372,6 @@ def verify_records(records: Sequence[Record], level: str) -> None:
         unknown = sorted(set(np.unique(semantic).tolist()) - allowed - {0})
         if unknown:
             names = ", ".join(f"{k}={v!r}" for k, v in sorted(r.label_names.items())) or "none"
-            raise InputError(r.label[0], f"label value {unknown[0]} is not among the dataset's labels "
-                             f"({names})")
+            raise InputError(
+                r.label[0], f"label value {unknown[0]} is not among the dataset's labels ({names})"
+            )

@@ -51,8 +51,13 @@ def rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the global generator)
     state = {
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -172,8 +177,9 @@ def optimizer_state(acc, module, optimizer) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         inner = getattr(optimizer, "optimizer", optimizer)
-        return get_optimizer_state_dict(module, inner, options=StateDictOptions(full_state_dict=True,
-                                                                                 cpu_offload=True))
+        return get_optimizer_state_dict(
+            module, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return optimizer.state_dict()
 
 
@@ -186,8 +192,9 @@ def load_optimizer_state(acc, module, optimizer, state: dict[str, Any]) -> None:
         # parameters that never received a gradient (unused by the forward) have no saved state; torch
         # first fills every parameter's state (a zero-gradient step at lr 0), so those entries are dropped
         # again: Adam must start their step count at 0 as in a run that never stopped
-        set_optimizer_state_dict(module, inner, state,
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(
+            module, inner, state, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
         saved = state["state"]
         for name, param in module.named_parameters():
             if name not in saved:
@@ -196,9 +203,24 @@ def load_optimizer_state(acc, module, optimizer, state: dict[str, Any]) -> None:
     optimizer.load_state_dict(state)
 
 
-def save_training_state(acc, module, optimizer, scheduler, sampler, position: int, step: int, epoch: int,
-                        best: float | None, best_step: int | None, metrics: Any, config: dict[str, Any],
-                        *, is_best: bool, keep_last: int, run_dir: str | Path) -> Path:
+def save_training_state(
+    acc,
+    module,
+    optimizer,
+    scheduler,
+    sampler,
+    position: int,
+    step: int,
+    epoch: int,
+    best: float | None,
+    best_step: int | None,
+    metrics: Any,
+    config: dict[str, Any],
+    *,
+    is_best: bool,
+    keep_last: int,
+    run_dir: str | Path,
+) -> Path:
     """Gather everything (all processes call this) and write the run's checkpoint on the main process."""
     model = model_state(acc, module)
     optim = optimizer_state(acc, module, optimizer)
@@ -212,19 +234,27 @@ def save_training_state(acc, module, optimizer, scheduler, sampler, position: in
     path = checkpoint_dir(run_dir) / LAST
     if acc.is_main_process:
         payload = {
-            "model": model, "optimizer": optim, "scheduler": scheduler.state_dict(),
+            "model": model,
+            "optimizer": optim,
+            "scheduler": scheduler.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "sampler": sampler_state, "rng": rng, "step": int(step), "epoch": int(epoch),
-            "best_metric": best, "best_step": best_step,
-            "metrics": None if metrics is None else metrics.to_dict(), "config": config,
+            "sampler": sampler_state,
+            "rng": rng,
+            "step": int(step),
+            "epoch": int(epoch),
+            "best_metric": best,
+            "best_step": best_step,
+            "metrics": None if metrics is None else metrics.to_dict(),
+            "config": config,
         }
         path = write_run_checkpoint(run_dir, payload, is_best=is_best, keep_last=keep_last)
     acc.wait_for_everyone()
     return path
 
 
-def export_model(template: Sam3Model, state: dict[str, torch.Tensor] | None, processor: Any,
-                 out_dir: str | Path) -> Path:
+def export_model(
+    template: Sam3Model, state: dict[str, torch.Tensor] | None, processor: Any, out_dir: str | Path
+) -> Path:
     """Write a ``medsam3 segment``-loadable folder (``save_sam3``) of ``template`` with ``state`` loaded.
 
     ``template`` (a ``Sam3Model``, possibly with LoRA adapters) is not changed; adapters are merged into

@@ -228,8 +228,12 @@ class TrainConfig:
         """Raise :class:`InputError` for values outside their allowed range."""
         checks = [
             (self.mode in MODES, "mode", self.mode, f"one of {MODES}"),
-            (self.mixed_precision in PRECISIONS, "mixed_precision", self.mixed_precision,
-             f"one of {PRECISIONS}"),
+            (
+                self.mixed_precision in PRECISIONS,
+                "mixed_precision",
+                self.mixed_precision,
+                f"one of {PRECISIONS}",
+            ),
             (self.loss.kind in LOSS_KINDS, "loss.kind", self.loss.kind, f"one of {LOSS_KINDS}"),
             (self.loss.preset in LOSS_PRESETS, "loss.preset", self.loss.preset, f"one of {LOSS_PRESETS}"),
             (self.export in EXPORTS, "export", self.export, f"one of {EXPORTS}"),
@@ -239,36 +243,82 @@ class TrainConfig:
             (self.epochs >= 1, "epochs", self.epochs, ">= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, ">= 1"),
             (self.stop_after is None or self.stop_after >= 1, "stop_after", self.stop_after, ">= 1"),
-            (self.stop_after_minutes is None or self.stop_after_minutes > 0, "stop_after_minutes",
-             self.stop_after_minutes, "> 0"),
-            (self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps_per_epoch",
-             self.steps_per_epoch, ">= 1"),
-            (0.0 <= self.box_prompt_fraction <= 1.0, "box_prompt_fraction", self.box_prompt_fraction,
-             "in [0, 1]"),
-            (self.box_noise_std >= 0 and self.box_noise_max >= 0, "box_noise_std / box_noise_max",
-             (self.box_noise_std, self.box_noise_max), ">= 0"),
+            (
+                self.stop_after_minutes is None or self.stop_after_minutes > 0,
+                "stop_after_minutes",
+                self.stop_after_minutes,
+                "> 0",
+            ),
+            (
+                self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+                "steps_per_epoch",
+                self.steps_per_epoch,
+                ">= 1",
+            ),
+            (
+                0.0 <= self.box_prompt_fraction <= 1.0,
+                "box_prompt_fraction",
+                self.box_prompt_fraction,
+                "in [0, 1]",
+            ),
+            (
+                self.box_noise_std >= 0 and self.box_noise_max >= 0,
+                "box_noise_std / box_noise_max",
+                (self.box_noise_std, self.box_noise_max),
+                ">= 0",
+            ),
             (0.0 < self.optim.layer_decay <= 1.0, "optim.layer_decay", self.optim.layer_decay, "in (0, 1]"),
-            (len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas), "optim.betas",
-             self.optim.betas, "two numbers in [0, 1)"),
-            (self.optim.warmup_steps >= 0 and self.optim.cooldown_steps >= 0 and self.optim.timescale >= 1,
-             "optim.warmup_steps / cooldown_steps / timescale",
-             (self.optim.warmup_steps, self.optim.cooldown_steps, self.optim.timescale),
-             "warm-up and cool-down >= 0, timescale >= 1"),
+            (
+                len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas),
+                "optim.betas",
+                self.optim.betas,
+                "two numbers in [0, 1)",
+            ),
+            (
+                self.optim.warmup_steps >= 0 and self.optim.cooldown_steps >= 0 and self.optim.timescale >= 1,
+                "optim.warmup_steps / cooldown_steps / timescale",
+                (self.optim.warmup_steps, self.optim.cooldown_steps, self.optim.timescale),
+                "warm-up and cool-down >= 0, timescale >= 1",
+            ),
             (self.lora.rank >= 1, "lora.rank", self.lora.rank, ">= 1"),
-            (self.mode != "lora" or self.lora.vision or self.lora.text, "lora.vision / lora.text",
-             (self.lora.vision, self.lora.text), "at least one true in lora mode"),
+            (
+                self.mode != "lora" or self.lora.vision or self.lora.text,
+                "lora.vision / lora.text",
+                (self.lora.vision, self.lora.text),
+                "at least one true in lora mode",
+            ),
             (self.log_every >= 1, "log_every", self.log_every, ">= 1"),
-            (self.val_every >= 0 and self.save_every >= 0 and self.keep_last >= 0,
-             "val_every / save_every / keep_last", (self.val_every, self.save_every, self.keep_last), ">= 0"),
+            (
+                self.val_every >= 0 and self.save_every >= 0 and self.keep_last >= 0,
+                "val_every / save_every / keep_last",
+                (self.val_every, self.save_every, self.keep_last),
+                ">= 0",
+            ),
             (self.data.val_max_items >= 0, "data.val_max_items", self.data.val_max_items, ">= 0"),
-            (0.0 <= self.data.cross_group_share <= 1.0, "data.cross_group_share", self.data.cross_group_share,
-             "in [0, 1]"),
-            (not self.data.augment.problems(), "data.augment", "; ".join(self.data.augment.problems()),
-             "valid amounts"),
-            (self.model.dropout is None or 0.0 <= self.model.dropout < 1.0, "model.dropout",
-             self.model.dropout, "in [0, 1) or null"),
-            (self.model.image_size is None or self.model.image_size > 0, "model.image_size",
-             self.model.image_size, "> 0 or null"),
+            (
+                0.0 <= self.data.cross_group_share <= 1.0,
+                "data.cross_group_share",
+                self.data.cross_group_share,
+                "in [0, 1]",
+            ),
+            (
+                not self.data.augment.problems(),
+                "data.augment",
+                "; ".join(self.data.augment.problems()),
+                "valid amounts",
+            ),
+            (
+                self.model.dropout is None or 0.0 <= self.model.dropout < 1.0,
+                "model.dropout",
+                self.model.dropout,
+                "in [0, 1) or null",
+            ),
+            (
+                self.model.image_size is None or self.model.image_size > 0,
+                "model.image_size",
+                self.model.image_size,
+                "> 0 or null",
+            ),
         ]
         for ok, key, value, expected in checks:
             if not ok:
@@ -452,11 +502,27 @@ def config_yaml(config: TrainConfig) -> str:
 
 
 #: Fields that may change between a checkpoint and its resumption without changing the run.
-RUN_CONTROL_KEYS = frozenset({
-    "resume", "stop_after", "stop_after_minutes", "max_steps", "epochs", "log_every", "val_every",
-    "save_every", "keep_last", "export", "tensorboard", "progress", "data.num_workers", "data.cache_volumes",
-    "data.verify", "data.val_max_items", "run_dir",
-})
+RUN_CONTROL_KEYS = frozenset(
+    {
+        "resume",
+        "stop_after",
+        "stop_after_minutes",
+        "max_steps",
+        "epochs",
+        "log_every",
+        "val_every",
+        "save_every",
+        "keep_last",
+        "export",
+        "tensorboard",
+        "progress",
+        "data.num_workers",
+        "data.cache_volumes",
+        "data.verify",
+        "data.val_max_items",
+        "run_dir",
+    }
+)
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -77,8 +77,11 @@ def build_loss(cfg: TrainConfig):
     if cfg.loss.kind == "simple":
         simple = SimpleSegLoss(**cfg.loss.overrides) if cfg.loss.overrides else SimpleSegLoss()
         return lambda outputs, targets, num_targets: simple(outputs, targets)
-    base = {"default": LossConfig, "sam3": LossConfig.sam3,
-            "medical_sam3_public": LossConfig.medical_sam3_public}[cfg.loss.preset]()
+    base = {
+        "default": LossConfig,
+        "sam3": LossConfig.sam3,
+        "medical_sam3_public": LossConfig.medical_sam3_public,
+    }[cfg.loss.preset]()
     try:
         loss_config = replace(base, aux_loss=cfg.loss.aux_loss, **cfg.loss.overrides)
     except TypeError as exc:
@@ -197,9 +200,15 @@ class RunLogger:
                 TimeRemainingColumn,
             )
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TimeRemainingColumn(),
-                                TextColumn("loss {task.fields[loss]}"), console=Console(stderr=True))
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                console=Console(stderr=True),
+            )
             self.bar_task = self.bar.add_task("train", total=total, completed=start_step, loss="")
             self.bar.start()
 
@@ -207,15 +216,28 @@ class RunLogger:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def step(self, step: int, epoch: int, terms: dict[str, float], lrs: list[float], grad_norm: float | None,
-             result: TrainResult) -> None:
+    def step(
+        self,
+        step: int,
+        epoch: int,
+        terms: dict[str, float],
+        lrs: list[float],
+        grad_norm: float | None,
+        result: TrainResult,
+    ) -> None:
         if not self.main:
             return
         lr: dict[str, float] = {}
         for name, value in zip(self.names, lrs, strict=True):
             lr.setdefault(name.removesuffix(".no_decay"), value)
-        record = {"step": step, "epoch": epoch, **terms, "grad_norm": grad_norm, "lr": lr,
-                  "time": time.time()}
+        record = {
+            "step": step,
+            "epoch": epoch,
+            **terms,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "time": time.time(),
+        }
         self._append(record)
         result.history.append(record)
         if self.bar is not None:
@@ -257,14 +279,21 @@ def _prepare_run_dir(cfg: TrainConfig, resume_from: Path | None, payload: dict |
 
     run_dir = Path(cfg.run_dir)
     if resume_from is None and (checkpoint_dir(run_dir) / LAST).exists():
-        raise InputError(run_dir, "already holds a training run (checkpoints/last.pt); resume it with "
-                         "resume=auto, or choose another run_dir")
+        raise InputError(
+            run_dir,
+            "already holds a training run (checkpoints/last.pt); resume it with "
+            "resume=auto, or choose another run_dir",
+        )
     if payload is not None:
-        changed = [k for k in config_differences(payload["config"], config_to_dict(cfg))
-                   if k not in RUN_CONTROL_KEYS]
+        changed = [
+            k for k in config_differences(payload["config"], config_to_dict(cfg)) if k not in RUN_CONTROL_KEYS
+        ]
         if changed:
-            raise InputError(resume_from, f"was written with another configuration ({', '.join(changed)}); "
-                             "resume with the same settings or start a new run_dir")
+            raise InputError(
+                resume_from,
+                f"was written with another configuration ({', '.join(changed)}); "
+                "resume with the same settings or start a new run_dir",
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", config_yaml(cfg))
     return run_dir
@@ -287,8 +316,11 @@ def _enable_cpu_fsdp(acc) -> None:
 
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
-        raise InputError(None, "FSDP on CPU needs FSDP2 (FSDP_VERSION=2 / fsdp_version: 2 in the accelerate "
-                         f"config), got version {plugin.fsdp_version}")
+        raise InputError(
+            None,
+            "FSDP on CPU needs FSDP2 (FSDP_VERSION=2 / fsdp_version: 2 in the accelerate "
+            f"config), got version {plugin.fsdp_version}",
+        )
     acc.state.fsdp_plugin = plugin
     acc.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -314,8 +346,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         precision = "bf16" if torch.cuda.is_available() else "no"
     # Without a GPU, several processes (torchrun, accelerate launch) need accelerate's CPU mode (gloo).
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    acc = Accelerator(mixed_precision=precision, cpu=launched and not torch.cuda.is_available(),
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = Accelerator(
+        mixed_precision=precision,
+        cpu=launched and not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     if acc.distributed_type == DistributedType.MULTI_CPU and _fsdp_requested():
         _enable_cpu_fsdp(acc)
     rank, world = acc.process_index, acc.num_processes
@@ -337,10 +372,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     problems = [p for part in _all_gather_objects(problems) for p in part]
     if problems:
         raise InputError(None, problems[0])
-    sampler = SliceSampler(records, "train", seed=cfg.seed, negative_fraction=cfg.data.negative_fraction,
-                           temperature=cfg.data.temperature, group_temperature=cfg.data.group_temperature,
-                           cross_group_negatives=cfg.data.cross_group_negatives,
-                           cross_group_share=cfg.data.cross_group_share)
+    sampler = SliceSampler(
+        records,
+        "train",
+        seed=cfg.seed,
+        negative_fraction=cfg.data.negative_fraction,
+        temperature=cfg.data.temperature,
+        group_temperature=cfg.data.group_temperature,
+        cross_group_negatives=cfg.data.cross_group_negatives,
+        cross_group_share=cfg.data.cross_group_share,
+    )
     sam3, processor = build_model(cfg)
     if precision == "bf16" and acc.device.type == "cpu":
         geometry_encoder_in_fp32(sam3)  # its box pooling fails under CPU autocast (train.cpu_autocast)
@@ -352,8 +393,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     loss_fn = build_loss(cfg)
-    val_items = validation_items(records, cfg.data.val_split, cfg.data.val_max_items, cfg.data.val_seed) \
-        if cfg.data.val_max_items else []
+    val_items = (
+        validation_items(records, cfg.data.val_split, cfg.data.val_max_items, cfg.data.val_seed)
+        if cfg.data.val_max_items
+        else []
+    )
 
     resume_from = find_resume_checkpoint(cfg.run_dir, cfg.resume)
     payload = load_checkpoint(resume_from) if resume_from is not None else None
@@ -383,22 +427,42 @@ def train(cfg: TrainConfig) -> TrainResult:
     if acc.distributed_type == DistributedType.FSDP and main:
         log.warning("FSDP: checkpoints gather the full model and optimizer state on every save")
 
-    loader = ItemLoader(records, size, processor.tokenizer, seed=cfg.seed,
-                        box_prompt_fraction=cfg.box_prompt_fraction, box_noise_std=cfg.box_noise_std,
-                        box_noise_max=cfg.box_noise_max, cache_volumes=cfg.data.cache_volumes,
-                        augment=cfg.data.augment)
+    loader = ItemLoader(
+        records,
+        size,
+        processor.tokenizer,
+        seed=cfg.seed,
+        box_prompt_fraction=cfg.box_prompt_fraction,
+        box_noise_std=cfg.box_noise_std,
+        box_noise_max=cfg.box_noise_max,
+        cache_volumes=cfg.data.cache_volumes,
+        augment=cfg.data.augment,
+    )
     dataset = SliceSampleDataset(sampler, batch_size=cfg.batch_size, load=loader, rank=rank, world_size=world)
-    data = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
-                      num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
-                      pin_memory=acc.device.type == "cuda")
+    data = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        pin_memory=acc.device.type == "cuda",
+    )
     start_position = sampler.position
 
     logger = RunLogger(cfg, main, total, step, [g["name"] for g in optimizer.param_groups])
     if main:
         counts = trainable_summary(sam3)
-        log.info("training %s: %d of %d parameters trainable; %d steps (%d per epoch), global batch %d on %d "
-                 "process(es)", cfg.mode, counts["trainable"], counts["total"], total, steps_per_epoch,
-                 global_batch, world)
+        log.info(
+            "training %s: %d of %d parameters trainable; %d steps (%d per epoch), global batch %d on %d "
+            "process(es)",
+            cfg.mode,
+            counts["trainable"],
+            counts["total"],
+            total,
+            steps_per_epoch,
+            global_batch,
+            world,
+        )
     result = TrainResult(step, epoch, total, False, best, best_step, Path(cfg.run_dir), None, is_main=main)
 
     # 3. steps ------------------------------------------------------------------------------------------
@@ -436,8 +500,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         end_of_epoch = step % steps_per_epoch == 0
         if deadline is not None:  # every process must stop at the same step
             out_of_time = _all_reduce_sum(float(time.monotonic() >= deadline), acc.device) > 0
-        last_step = step == total or (cfg.stop_after is not None and step - first >= cfg.stop_after) or \
-            out_of_time
+        last_step = (
+            step == total or (cfg.stop_after is not None and step - first >= cfg.stop_after) or out_of_time
+        )
         metrics = None
         due = step % cfg.val_every == 0 if cfg.val_every else end_of_epoch
         if val_items and (due or step == total):
@@ -445,16 +510,37 @@ def train(cfg: TrainConfig) -> TrainResult:
             logger.validation(step, metrics, result)
             if best is None or metrics.mean > best:
                 best, best_step = metrics.mean, step
-        if metrics is not None or last_step or (cfg.save_every and step % cfg.save_every == 0) or (
-                not cfg.save_every and end_of_epoch):
+        if (
+            metrics is not None
+            or last_step
+            or (cfg.save_every and step % cfg.save_every == 0)
+            or (not cfg.save_every and end_of_epoch)
+        ):
             position = start_position + (step - first) * cfg.grad_accum * cfg.batch_size * world
             result.last_checkpoint = save_training_state(
-                acc, module, optimizer, scheduler, sampler, position, step, epoch, best, best_step, metrics,
-                config_to_dict(cfg), is_best=metrics is not None and best_step == step,
-                keep_last=cfg.keep_last, run_dir=cfg.run_dir)
+                acc,
+                module,
+                optimizer,
+                scheduler,
+                sampler,
+                position,
+                step,
+                epoch,
+                best,
+                best_step,
+                metrics,
+                config_to_dict(cfg),
+                is_best=metrics is not None and best_step == step,
+                keep_last=cfg.keep_last,
+                run_dir=cfg.run_dir,
+            )
     if out_of_time and step < total and main:
-        log.info("stopped at step %d of %d after %.4g minutes (stop_after_minutes); run again to continue",
-                 step, total, cfg.stop_after_minutes)
+        log.info(
+            "stopped at step %d of %d after %.4g minutes (stop_after_minutes); run again to continue",
+            step,
+            total,
+            cfg.stop_after_minutes,
+        )
     result.step, result.epoch, result.best_metric, result.best_step = step, epoch, best, best_step
     result.finished = step >= total
     if result.finished:

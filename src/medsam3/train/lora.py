@@ -53,8 +53,11 @@ def lora_parameter_count(model: nn.Module, cfg: LoraSection) -> int:
     import re
 
     rx = re.compile(target_pattern(cfg))
-    return sum(cfg.rank * (m.in_features + m.out_features) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and rx.fullmatch(n))
+    return sum(
+        cfg.rank * (m.in_features + m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and rx.fullmatch(n)
+    )
 
 
 def apply_lora(model: ModuleT, cfg: LoraSection) -> ModuleT:
@@ -65,10 +68,13 @@ def apply_lora(model: ModuleT, cfg: LoraSection) -> ModuleT:
     """
     import peft
 
+    # peft annotates lora_alpha as int; it is only a factor (alpha / r), a float alpha works the same
     lora_config = peft.LoraConfig(
-        # peft annotates lora_alpha as int; it is only a factor (alpha / r), a float alpha works the same
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]
-        target_modules=target_pattern(cfg), bias="none",
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+        lora_dropout=cfg.dropout,
+        target_modules=target_pattern(cfg),
+        bias="none",
     )
     peft.inject_adapter_in_model(lora_config, model)
     for name, param in model.named_parameters():

@@ -118,8 +118,9 @@ def global_num_targets(targets: Sequence[Mapping[str, Any]], device: torch.devic
     Without an initialised ``torch.distributed`` group this is the local count. Every process must call
     it (it all-reduces). Returns a float32 scalar on ``device`` for ``Sam3Loss(num_targets_global=...)``.
     """
-    local = sum(0 if t.get("boxes") is None else torch.as_tensor(t["boxes"]).reshape(-1, 4).shape[0]
-                for t in targets)
+    local = sum(
+        0 if t.get("boxes") is None else torch.as_tensor(t["boxes"]).reshape(-1, 4).shape[0] for t in targets
+    )
     count = torch.tensor(float(local), device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(count)
@@ -164,8 +165,9 @@ class Sam3Loss:
     def __init__(self, config: LossConfig | None = None) -> None:
         self.config = config or LossConfig()
         c = self.config
-        self.matcher = HungarianMatcher(c.match_cost_class, c.match_cost_bbox, c.match_cost_giou,
-                                        c.match_alpha, c.match_gamma)
+        self.matcher = HungarianMatcher(
+            c.match_cost_class, c.match_cost_bbox, c.match_cost_giou, c.match_alpha, c.match_gamma
+        )
         self.o2m_matcher = OneToManyMatcher(c.o2m_topk, c.o2m_threshold, c.o2m_alpha)
 
     def __call__(
@@ -189,20 +191,30 @@ class Sam3Loss:
         masks = self._target_masks(targets, device)
 
         terms: dict[str, Tensor] = {}
-        common: dict[str, Any] = dict(targets=targets, boxes=boxes, has_target=has_target,
-                                      num_targets=num_targets)
+        common: dict[str, Any] = dict(
+            targets=targets, boxes=boxes, has_target=has_target, num_targets=num_targets
+        )
         self._find_terms(terms, outputs, self.matcher, "", 1.0, masks=masks, **common)
         one_to_many = _one_to_many_view(outputs)
         if one_to_many is not None and c.o2m_weight:
-            self._find_terms(terms, one_to_many, self.o2m_matcher, O2M_SUFFIX, c.o2m_weight, masks=masks,
-                             presence=False, **common)
+            self._find_terms(
+                terms,
+                one_to_many,
+                self.o2m_matcher,
+                O2M_SUFFIX,
+                c.o2m_weight,
+                masks=masks,
+                presence=False,
+                **common,
+            )
         for i, aux in enumerate((outputs.get("aux_outputs") or []) if c.aux_loss else []):
             self._find_terms(terms, aux, self.matcher, f"_aux{i}", 1.0, **common)
             aux_o2m = _one_to_many_view(aux)
             if aux_o2m is not None and c.o2m_weight:
                 matcher = self.o2m_matcher if c.o2m_matcher_on_aux else self.matcher
-                self._find_terms(terms, aux_o2m, matcher, f"_aux{i}{O2M_SUFFIX}", c.o2m_weight,
-                                 presence=False, **common)
+                self._find_terms(
+                    terms, aux_o2m, matcher, f"_aux{i}{O2M_SUFFIX}", c.o2m_weight, presence=False, **common
+                )
         self._semantic_terms(terms, outputs, masks, has_target)
 
         if c.scale_by_batch_size:
@@ -222,8 +234,10 @@ class Sam3Loss:
                 continue
             m = torch.as_tensor(m, device=device)
             if m.dim() != 3 or len(m) != len(target_boxes_cxcywh(target, device)):
-                raise ValueError(f"target masks must have shape (N, H, W) with N = number of boxes, got "
-                                 f"{tuple(m.shape)} for {len(target_boxes_cxcywh(target, device))} boxes")
+                raise ValueError(
+                    f"target masks must have shape (N, H, W) with N = number of boxes, got "
+                    f"{tuple(m.shape)} for {len(target_boxes_cxcywh(target, device))} boxes"
+                )
             sizes.add(tuple(m.shape[-2:]))
             masks.append(m.bool())
         if len(sizes) > 1:
@@ -256,8 +270,17 @@ class Sam3Loss:
         if c.ce_weight:
             iou = paired_box_iou(pred_xyxy.detach(), target_xyxy)
             ce = iou_aware_classification_loss(
-                logits, batch_idx, query_idx, iou, has_target, c.pos_weight, c.ce_alpha, c.ce_gamma,
-                c.pad_num_queries, c.negatives_in_absent_images)
+                logits,
+                batch_idx,
+                query_idx,
+                iou,
+                has_target,
+                c.pos_weight,
+                c.ce_alpha,
+                c.ce_gamma,
+                c.pad_num_queries,
+                c.negatives_in_absent_images,
+            )
             terms["loss_ce" + suffix] = weight * c.ce_weight * ce
         if presence and c.presence_weight and out.get("presence_logits") is not None:
             presence_logits = out["presence_logits"].float()
@@ -297,8 +320,7 @@ class Sam3Loss:
         c = self.config
         presence_logits = outputs.get("presence_logits")
         if c.semantic_presence_weight and presence_logits is not None:
-            loss = F.binary_cross_entropy_with_logits(
-                presence_logits.float().reshape(-1), has_target.float())
+            loss = F.binary_cross_entropy_with_logits(presence_logits.float().reshape(-1), has_target.float())
             terms["loss_semantic_presence"] = c.semantic_presence_weight * loss
         semantic = outputs.get("semantic_seg")
         if semantic is None or not (c.semantic_focal_weight or c.semantic_dice_weight):
@@ -307,12 +329,17 @@ class Sam3Loss:
         if not known:
             return
         size = known[0].shape[-2:]
-        union = torch.stack([union_masks(m) if m is not None else torch.zeros(size, dtype=torch.bool,
-                             device=semantic.device) for m in masks])
+        union = torch.stack(
+            [
+                union_masks(m)
+                if m is not None
+                else torch.zeros(size, dtype=torch.bool, device=semantic.device)
+                for m in masks
+            ]
+        )
         valid = torch.tensor([m is not None for m in masks], device=semantic.device)
         focal, dice = semantic_seg_losses(semantic, union, valid, c.semantic_alpha, c.semantic_gamma)
         if c.semantic_focal_weight:
             terms["loss_semantic_seg"] = c.semantic_focal_weight * focal
         if c.semantic_dice_weight:
             terms["loss_semantic_dice"] = c.semantic_dice_weight * dice
-

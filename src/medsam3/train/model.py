@@ -44,8 +44,15 @@ class Sam3TrainModule(nn.Module):
         recorder = record_decoder_layers(self.sam3) if self.aux else contextlib.nullcontext()
         with recorder as layers:
             vision = encode_image(self.sam3, pixel_values)
-            out = predict_prompts(self.sam3, vision, input_ids=input_ids, attention_mask=attention_mask,
-                                  boxes=boxes, box_labels=box_labels, meta_text_cls=self.meta_text_cls)
+            out = predict_prompts(
+                self.sam3,
+                vision,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                boxes=boxes,
+                box_labels=box_labels,
+                meta_text_cls=self.meta_text_cls,
+            )
         result = {k: getattr(out, k) for k in _OUTPUT_FIELDS if getattr(out, k, None) is not None}
         if layers is not None:  # recorded when self.aux
             result["aux_outputs"] = layers.aux_outputs()
@@ -69,7 +76,8 @@ def enable_activation_checkpointing(sam3: nn.Module) -> int:
     count = 0
     for name, module in sam3.named_modules():
         if isinstance(module, GradientCheckpointingLayer) and name.startswith(
-                ("vision_encoder.backbone.", "text_encoder.")):
+            ("vision_encoder.backbone.", "text_encoder.")
+        ):
             # set as PreTrainedModel does; the layer class does not declare the attribute
             module._gradient_checkpointing_func = func  # type: ignore[assignment]
             module.gradient_checkpointing = True
@@ -103,8 +111,7 @@ def build_model(cfg: TrainConfig) -> tuple[Sam3Model, Sam3Processor]:
             sam3 = resize_sam3_input(sam3, cfg.model.image_size)
         except ModelError as exc:
             raise InputError(None, f"config: model.image_size: {exc}") from None
-        resize_processor(processor, cfg.model.image_size,
-                         int(vit_sizes(sam3.config)[1]))
+        resize_processor(processor, cfg.model.image_size, int(vit_sizes(sam3.config)[1]))
     sam3.train()
     if cfg.mode == "lora":
         apply_lora(sam3, cfg.lora)

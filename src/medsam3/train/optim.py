@@ -142,8 +142,11 @@ def parameter_groups(model: Sam3Model, cfg: OptimSection) -> list[ParamGroup]:
     parameter appears in ``model.named_parameters()``; names are ``<component>[.<vit layer>][.no_decay]``.
     """
     base_lr = {
-        "decoder": cfg.lr_decoder, "vision": cfg.lr_vision, "text": cfg.lr_text,
-        "geometry": cfg.lr_geometry, "fusion_encoder": cfg.lr_fusion_encoder,
+        "decoder": cfg.lr_decoder,
+        "vision": cfg.lr_vision,
+        "text": cfg.lr_text,
+        "geometry": cfg.lr_geometry,
+        "fusion_encoder": cfg.lr_fusion_encoder,
     }
     blocks = num_vit_blocks(model)
     no_decay = _no_weight_decay_names(model)
@@ -173,7 +176,8 @@ def build_optimizer(
     """
     torch_groups: list[dict[str, Any]] = [
         {"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "name": g.name}
-        for g in groups if g.params
+        for g in groups
+        if g.params
     ]
     if not torch_groups:
         raise ValueError("no trainable parameters")
@@ -197,6 +201,7 @@ def lr_factor(n: int, warmup: int, timescale: int, cooldown: int = 0, total: int
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSection, total_steps: int):
     """``LambdaLR`` applying :func:`lr_factor`; call ``step()`` once after every optimizer update."""
+
     def factor(done: int) -> float:
         return lr_factor(done + 1, cfg.warmup_steps, cfg.timescale, cfg.cooldown_steps, total_steps)
 

@@ -74,8 +74,12 @@ def predicted_mask(
     """
     presence_in = None if presence_logit is None else presence_logit[None]
     scores, presence = query_scores(pred_logits[None], presence_in)
-    sel = select_queries(scores[0], None if presence_logit is None else float(presence[0]),
-                         threshold=THRESHOLD, presence_threshold=PRESENCE_THRESHOLD)
+    sel = select_queries(
+        scores[0],
+        None if presence_logit is None else float(presence[0]),
+        threshold=THRESHOLD,
+        presence_threshold=PRESENCE_THRESHOLD,
+    )
     if sel.absent:
         return np.zeros(orig_hw, bool)
     logits = pred_masks[sel.queries[0]].float().cpu().numpy()
@@ -137,10 +141,21 @@ def run_validation(
             presence = None if presence is None else presence.float().cpu().numpy()
             for row, item in enumerate(real):
                 ref = batch["items"][row]["reference"]
-                pred = predicted_mask(logits[row], None if presence is None else presence[row],
-                                      out["pred_masks"][row], ref.shape, image_size)
-                results.append({"index": item.index, "dataset": item.dataset, "concept": item.concept,
-                                "dice": float(dice(pred, ref))})
+                pred = predicted_mask(
+                    logits[row],
+                    None if presence is None else presence[row],
+                    out["pred_masks"][row],
+                    ref.shape,
+                    image_size,
+                )
+                results.append(
+                    {
+                        "index": item.index,
+                        "dataset": item.dataset,
+                        "concept": item.concept,
+                        "dice": float(dice(pred, ref)),
+                    }
+                )
     results = sorted(_gather(results), key=lambda r: r["index"])
     by_dataset: dict[str, list[float]] = {}
     for r in results:
@@ -150,8 +165,9 @@ def run_validation(
     return ValidationResult(per_dataset, mean, len(results), results)
 
 
-def validate_now(acc, module, load, collate_fn, items: Sequence[SliceSample], image_size: int,
-                 batch_size: int = 1) -> ValidationResult:
+def validate_now(
+    acc, module, load, collate_fn, items: Sequence[SliceSample], image_size: int, batch_size: int = 1
+) -> ValidationResult:
     """:func:`run_validation` through the prepared training module (eval mode, the run's autocast)."""
     was_training = module.training
     module.eval()
@@ -162,7 +178,8 @@ def validate_now(acc, module, load, collate_fn, items: Sequence[SliceSample], im
             return module(**inputs)
 
     try:
-        return run_validation(forward, load, collate_fn, items, image_size, batch_size, acc.process_index,
-                              acc.num_processes)
+        return run_validation(
+            forward, load, collate_fn, items, image_size, batch_size, acc.process_index, acc.num_processes
+        )
     finally:
         module.train(was_training)

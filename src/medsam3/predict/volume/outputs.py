@@ -37,8 +37,14 @@ from medsam3.io.atomic import atomic_path
 #: Label-map suffix for each input format (:func:`medsam3.io.sniff.detect_format`).
 log = logging.getLogger(__name__)
 
-SEG_SUFFIX = {"nifti": ".nii.gz", "nrrd": ".nrrd", "metaimage": ".mha", "dicom": ".nii.gz", "npz": ".npz",
-              "tiff": ".tif"}
+SEG_SUFFIX = {
+    "nifti": ".nii.gz",
+    "nrrd": ".nrrd",
+    "metaimage": ".mha",
+    "dicom": ".nii.gz",
+    "npz": ".npz",
+    "tiff": ".tif",
+}
 
 
 def dicom_seg_problem(reference: Image) -> str | None:
@@ -50,13 +56,17 @@ def dicom_seg_problem(reference: Image) -> str | None:
     meta = reference.meta
     if meta.get("format") != "dicom" or not meta.get("files"):
         return "the input is not DICOM"
-    missing = [name for name, ok in (("StudyInstanceUID", meta.get("study_uid")),
-                                     ("SeriesInstanceUID", meta.get("series_uid")),
-                                     ("SOPInstanceUID", all(meta.get("sop_instance_uids") or [""])))
-               if not ok]
+    missing = [
+        name
+        for name, ok in (
+            ("StudyInstanceUID", meta.get("study_uid")),
+            ("SeriesInstanceUID", meta.get("series_uid")),
+            ("SOPInstanceUID", all(meta.get("sop_instance_uids") or [""])),
+        )
+        if not ok
+    ]
     if missing:
-        return (f"the source series lacks {', '.join(missing)} (anonymised?), which a DICOM SEG must "
-                "reference")
+        return f"the source series lacks {', '.join(missing)} (anonymised?), which a DICOM SEG must reference"
     return None
 
 
@@ -65,8 +75,9 @@ def is_dicom_source(reference: Image) -> bool:
     return dicom_seg_problem(reference) is None
 
 
-def volume_output_paths(reference: Image, out_dir: str | Path, stem: str, *, overlay: bool = True
-                        ) -> dict[str, Path]:
+def volume_output_paths(
+    reference: Image, out_dir: str | Path, stem: str, *, overlay: bool = True
+) -> dict[str, Path]:
     """The output files for a volume read as ``reference``, by kind; the JSON is listed last."""
     out = Path(out_dir)
     suffix = SEG_SUFFIX.get(str(reference.meta.get("format")), ".nii.gz")
@@ -101,19 +112,33 @@ def write_volume_result(result, out_dir: str | Path, stem: str, *, overlay: bool
         if overlay:
             reo = result.reorientation
             labels = reo.apply(result.label_map) if reo is not None else result.label_map
-            spacing = tuple(reversed(reo.canonical_spacing)) if reo is not None else \
-                result.reference.spacing_array_order
+            spacing = (
+                tuple(reversed(reo.canonical_spacing))
+                if reo is not None
+                else result.reference.spacing_array_order
+            )
             background = result.display if result.display is not None else _grey(result.reference)
             title = ", ".join(e.name for e in result.labels if not e.absent) or "nothing found"
             overlay_volume(background, labels, names, tmp["overlay"], spacing, "planes", title=title)
-            overlay_volume(background, labels, names, tmp["montage"], spacing, "montage", title=title,
-                           axis=result.slice_axis or 0)
+            overlay_volume(
+                background,
+                labels,
+                names,
+                tmp["montage"],
+                spacing,
+                "montage",
+                title=title,
+                axis=result.slice_axis or 0,
+            )
         summary = result.to_dict()
         summary["outputs"] = {kind: p.name for kind, p in paths.items() if kind != "json"}
         if result.reference.meta.get("format") == "dicom" and "dicom_seg" not in paths:
             summary["dicom_seg_not_written"] = dicom_seg_problem(result.reference)
-            log.warning("%s: no DICOM SEG written: %s", result.reference.meta.get("path"),
-                        summary["dicom_seg_not_written"])
+            log.warning(
+                "%s: no DICOM SEG written: %s",
+                result.reference.meta.get("path"),
+                summary["dicom_seg_not_written"],
+            )
         json_tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return paths
 

@@ -76,11 +76,15 @@ def as_volume_prompt(prompt: Prompt | VolumePrompt) -> VolumePrompt:
     if isinstance(prompt, VolumePrompt):
         return prompt
     if prompt.points:
-        raise PromptError(f"prompt {prompt.display_name!r}: points are for 2D images; on a volume use a box "
-                          "on a key slice or a 3D box")
+        raise PromptError(
+            f"prompt {prompt.display_name!r}: points are for 2D images; on a volume use a box "
+            "on a key slice or a 3D box"
+        )
     if prompt.boxes:
-        raise PromptError(f"prompt {prompt.display_name!r}: a box on a volume needs its key slice "
-                          "(VolumePrompt(box_slice=K), --box-slice K) or a 3D box (--box3d)")
+        raise PromptError(
+            f"prompt {prompt.display_name!r}: a box on a volume needs its key slice "
+            "(VolumePrompt(box_slice=K), --box-slice K) or a 3D box (--box3d)"
+        )
     return VolumePrompt(prompt.text)
 
 
@@ -103,14 +107,16 @@ def plan_prompt(prompt: VolumePrompt, reo: Reorientation, axis: int) -> SlicePla
         if len(covered) != 1:
             raise PromptError(
                 f"the box of {prompt.display_name!r} lies on input slice {k} (array axis 0), which is not a "
-                f"slice along the chosen {PLANE_OF_AXIS[axis]} axis; use --axis auto or a 3D box (--box3d)")
+                f"slice along the chosen {PLANE_OF_AXIS[axis]} axis; use --axis auto or a 3D box (--box3d)"
+            )
         key = covered[0]
         boxes.append(slice_plane_box(lo, hi, axis, shape))
     return SlicePlan(range(n), tuple(boxes), tuple(prompt.box_labels), key)
 
 
-def group_prompts(volume: np.ndarray, modality: str, window: str | None, prompts: list[VolumePrompt]
-                  ) -> dict[IntensityParams, list[int]]:
+def group_prompts(
+    volume: np.ndarray, modality: str, window: str | None, prompts: list[VolumePrompt]
+) -> dict[IntensityParams, list[int]]:
     """Prompts grouped by intensity mapping (computed on the whole volume): one image-feature pass each.
 
     Only CT mappings depend on the concept (its window); other modalities get one mapping for all.
@@ -123,8 +129,9 @@ def group_prompts(volume: np.ndarray, modality: str, window: str | None, prompts
     return groups
 
 
-def check_volume_request(image: Image, prompts: Sequence[Prompt | VolumePrompt], options: VolumeOptions
-                         ) -> tuple[list[VolumePrompt], Reorientation, int, list[SlicePlan]]:
+def check_volume_request(
+    image: Image, prompts: Sequence[Prompt | VolumePrompt], options: VolumeOptions
+) -> tuple[list[VolumePrompt], Reorientation, int, list[SlicePlan]]:
     """Everything that can be checked without the model: prompts against the volume, the mode, the axis.
 
     Returns the volume prompts, the reorientation plan (no data moved), the slicing axis and each
@@ -144,8 +151,9 @@ def check_volume_request(image: Image, prompts: Sequence[Prompt | VolumePrompt],
     return checked, reo, axis, [plan_prompt(p, reo, axis) for p in checked]
 
 
-def prepare(engine: Engine, image: Image, prompts: Sequence[Prompt | VolumePrompt], options: VolumeOptions
-            ) -> tuple[list[VolumePrompt], Image, Reorientation, int, list[SlicePlan]]:
+def prepare(
+    engine: Engine, image: Image, prompts: Sequence[Prompt | VolumePrompt], options: VolumeOptions
+) -> tuple[list[VolumePrompt], Image, Reorientation, int, list[SlicePlan]]:
     """:func:`check_volume_request`, the token limit, then the canonical volume (no model work yet)."""
     prompts, _, axis, plans = check_volume_request(image, prompts, options)
     engine.tokenize([p.model_text for p in prompts])  # too long -> PromptError before any work

@@ -113,12 +113,16 @@ class ComponentReport:
     removed_voxels: int
 
     def to_dict(self) -> dict:
-        return {"components_found": self.found, "components_kept": self.kept,
-                "voxels_removed": self.removed_voxels}
+        return {
+            "components_found": self.found,
+            "components_kept": self.kept,
+            "voxels_removed": self.removed_voxels,
+        }
 
 
-def filter_components(mask: np.ndarray, *, min_voxels: int = 0, keep_largest: bool = False
-                      ) -> tuple[np.ndarray, ComponentReport]:
+def filter_components(
+    mask: np.ndarray, *, min_voxels: int = 0, keep_largest: bool = False
+) -> tuple[np.ndarray, ComponentReport]:
     """Rule 3: drop 26-connected components under ``min_voxels``; optionally keep only the largest.
 
     Ties for the largest go to the component met first in array order. Returns ``(new mask, report)``.
@@ -207,8 +211,15 @@ def concept_mask(res: ConceptSlices, transform: ResizeTransform, axis: int, shap
     return mask
 
 
-def postprocess_concept(res: ConceptSlices, plan: SlicePlan, transform: ResizeTransform, axis: int, shape,
-                        options: VolumeOptions, voxel_ml: float | None) -> ConceptVolume:
+def postprocess_concept(
+    res: ConceptSlices,
+    plan: SlicePlan,
+    transform: ResizeTransform,
+    axis: int,
+    shape,
+    options: VolumeOptions,
+    voxel_ml: float | None,
+) -> ConceptVolume:
     """Step 5 of the module docstring for one prompt."""
     found = len(res.kept)
     if found == 0:

@@ -32,6 +32,7 @@ from medsam3.predict.prompts import VISUAL_PROMPT_TEXT, Box, parse_box
 
 Box3D = tuple[float, float, float, float, float, float]
 
+
 @dataclass
 class VolumePrompt:
     """One prompt on a volume (see the module docstring for the coordinates).
@@ -56,15 +57,23 @@ class VolumePrompt:
         self.boxes = [tuple(float(v) for v in b) for b in self.boxes] if self.boxes else None
         if self.boxes and self.box_labels is None:
             self.box_labels = [1] * len(self.boxes)
-        self.box_labels = ([int(v) for v in self.box_labels]
-                           if self.boxes and self.box_labels is not None else None)
+        self.box_labels = (
+            [int(v) for v in self.box_labels] if self.boxes and self.box_labels is not None else None
+        )
         self.box3d = tuple(float(v) for v in self.box3d) if self.box3d is not None else None
 
     @property
     def kind(self) -> str:
         """``"text"``, ``"text+box"`` (key slice), ``"text+box3d"``, ``"box"``, ``"box3d"``."""
-        parts = [name for name, on in (("text", self.text is not None), ("box", self.boxes),
-                                       ("box3d", self.box3d is not None)) if on]
+        parts = [
+            name
+            for name, on in (
+                ("text", self.text is not None),
+                ("box", self.boxes),
+                ("box3d", self.box3d is not None),
+            )
+            if on
+        ]
         return "+".join(parts) or "empty"
 
     @property
@@ -84,8 +93,11 @@ class VolumePrompt:
         out: dict = {"text": self.text, "kind": self.kind}
         if self.boxes:
             assert self.box_labels is not None  # set with the boxes in __post_init__
-            out.update(boxes=[list(b) for b in self.boxes], box_labels=list(self.box_labels),
-                       box_slice=self.box_slice)
+            out.update(
+                boxes=[list(b) for b in self.boxes],
+                box_labels=list(self.box_labels),
+                box_slice=self.box_slice,
+            )
         if self.box3d is not None:
             out["box3d"] = list(self.box3d)
         return out
@@ -109,15 +121,19 @@ def validate_volume_prompt(prompt: VolumePrompt, shape_zyx: Sequence[int]) -> Vo
     if prompt.text is None and not prompt.boxes and prompt.box3d is None:
         raise PromptError("a volume prompt needs a text, a box on a key slice or a 3D box")
     if prompt.boxes and prompt.box3d is not None:
-        raise PromptError(f"prompt {prompt.display_name!r}: give either --box with --box-slice or --box3d, "
-                          "not both")
+        raise PromptError(
+            f"prompt {prompt.display_name!r}: give either --box with --box-slice or --box3d, not both"
+        )
     if prompt.boxes:
         if prompt.box_slice is None:
-            raise PromptError(f"box {_fmt(prompt.boxes[0])} on a volume needs --box-slice K (the input slice "
-                              "index it is drawn on), or use --box3d x1,y1,z1,x2,y2,z2")
+            raise PromptError(
+                f"box {_fmt(prompt.boxes[0])} on a volume needs --box-slice K (the input slice "
+                "index it is drawn on), or use --box3d x1,y1,z1,x2,y2,z2"
+            )
         if not 0 <= prompt.box_slice < z:
-            raise PromptError(f"--box-slice {prompt.box_slice} is outside the {z} slices (0..{z - 1}) of "
-                              f"the {size}")
+            raise PromptError(
+                f"--box-slice {prompt.box_slice} is outside the {z} slices (0..{z - 1}) of the {size}"
+            )
         for box in prompt.boxes:
             if len(box) != 4 or not all(math.isfinite(v) for v in box):
                 raise PromptError(f"box {_fmt(box)}: expected 4 finite numbers x1,y1,x2,y2")
@@ -125,8 +141,10 @@ def validate_volume_prompt(prompt: VolumePrompt, shape_zyx: Sequence[int]) -> Vo
             if x1 >= x2 or y1 >= y2:
                 raise PromptError(f"box {_fmt(box)} is degenerate: need x1 < x2 and y1 < y2 (voxels)")
             if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
-                raise PromptError(f"box {_fmt(box)} lies outside the slices of the {size}: need "
-                                  f"0 <= x <= {w}, 0 <= y <= {h}")
+                raise PromptError(
+                    f"box {_fmt(box)} lies outside the slices of the {size}: need "
+                    f"0 <= x <= {w}, 0 <= y <= {h}"
+                )
         assert prompt.box_labels is not None  # set with the boxes in __post_init__
         bad = [v for v in prompt.box_labels if v not in (0, 1)]
         if bad:
@@ -134,8 +152,9 @@ def validate_volume_prompt(prompt: VolumePrompt, shape_zyx: Sequence[int]) -> Vo
         if prompt.text is None and 1 not in prompt.box_labels:
             raise PromptError("a box-only prompt needs at least one positive box")
     elif prompt.box_slice is not None:
-        raise PromptError(f"--box-slice {prompt.box_slice} given without a --box for prompt "
-                          f"{prompt.display_name!r}")
+        raise PromptError(
+            f"--box-slice {prompt.box_slice} given without a --box for prompt {prompt.display_name!r}"
+        )
     if prompt.box3d is not None:
         b = prompt.box3d
         if len(b) != 6 or not all(math.isfinite(v) for v in b):
@@ -144,8 +163,9 @@ def validate_volume_prompt(prompt: VolumePrompt, shape_zyx: Sequence[int]) -> Vo
         if x1 >= x2 or y1 >= y2 or z1 >= z2:
             raise PromptError(f"3D box {_fmt(b)} is degenerate: need x1 < x2, y1 < y2 and z1 < z2 (voxels)")
         if min(x1, y1, z1) < 0 or x2 > w or y2 > h or z2 > z:
-            raise PromptError(f"3D box {_fmt(b)} lies outside the {size}: need 0 <= x <= {w}, "
-                              f"0 <= y <= {h}, 0 <= z <= {z}")
+            raise PromptError(
+                f"3D box {_fmt(b)} lies outside the {size}: need 0 <= x <= {w}, 0 <= y <= {h}, 0 <= z <= {z}"
+            )
     return prompt
 
 
@@ -179,8 +199,9 @@ class _Draft:
     box3d: Box3D | None = None
 
     def build(self) -> VolumePrompt:
-        return VolumePrompt(self.text, self.boxes or None, self.box_labels or None, self.box_slice,
-                            self.box3d)
+        return VolumePrompt(
+            self.text, self.boxes or None, self.box_labels or None, self.box_slice, self.box3d
+        )
 
 
 def volume_prompts_from_cli(items: Sequence[tuple[str, str]]) -> list[VolumePrompt]:
@@ -213,8 +234,9 @@ def volume_prompts_from_cli(items: Sequence[tuple[str, str]]) -> list[VolumeProm
                 raise PromptError(f"two --box3d for {name!r}; give one 3D box per prompt")
             target.box3d = parse_box3d(raw)
         elif kind == "point":
-            raise PromptError(f"point {raw!r}: points are for 2D images; on a volume use --box with "
-                              "--box-slice, or --box3d")
+            raise PromptError(
+                f"point {raw!r}: points are for 2D images; on a volume use --box with --box-slice, or --box3d"
+            )
         else:
             raise ValueError(f"unknown prompt item kind {kind!r}")
     if leading.boxes or leading.box3d is not None or leading.box_slice is not None:
@@ -228,8 +250,13 @@ def volume_prompts_from_cli(items: Sequence[tuple[str, str]]) -> list[VolumeProm
 # From input voxels to the slices the segmenter sees
 
 
-def canonical_box(lo_zyx: Sequence[float], hi_zyx: Sequence[float], source_axes: Sequence[int],
-                  flipped: Sequence[int], canonical_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def canonical_box(
+    lo_zyx: Sequence[float],
+    hi_zyx: Sequence[float],
+    source_axes: Sequence[int],
+    flipped: Sequence[int],
+    canonical_shape: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray]:
     """A box ``[lo, hi]`` in input array coordinates ``(z, y, x)`` mapped to the canonical array.
 
     ``source_axes`` / ``flipped`` / ``canonical_shape`` are those of a

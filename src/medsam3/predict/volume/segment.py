@@ -31,8 +31,10 @@ from medsam3.preprocess.resize import ResizeTransform
 from medsam3.preprocess.slices import take_slice
 
 #: How boxes are given on volumes (recorded in every result's settings).
-BOX_FRAME = ("input array voxels: x along axis 2, y along axis 1, z along axis 0 (the stored slice index); "
-             "continuous coordinates, exclusive ends")
+BOX_FRAME = (
+    "input array voxels: x along axis 2, y along axis 1, z along axis 0 (the stored slice index); "
+    "continuous coordinates, exclusive ends"
+)
 
 
 def _box3d(mask: np.ndarray) -> tuple[int, ...]:
@@ -50,8 +52,9 @@ def _max_or_none(values: np.ndarray) -> float | None:
     return float(values.max()) if values.size else None
 
 
-def segment_volume(engine: Engine, image: Image, prompts: Sequence[Prompt | VolumePrompt],
-                   options: VolumeOptions) -> SegmentationResult:
+def segment_volume(
+    engine: Engine, image: Image, prompts: Sequence[Prompt | VolumePrompt], options: VolumeOptions
+) -> SegmentationResult:
     """Segment a 3D ``image`` with volume ``prompts`` (module docstring of :mod:`medsam3.predict.volume`)."""
     engine = engine.at_size(options.image_size)
     checked, canonical, reo, axis, plans = prepare(engine, image, prompts, options)
@@ -68,15 +71,18 @@ def segment_volume(engine: Engine, image: Image, prompts: Sequence[Prompt | Volu
     transform = ResizeTransform(hw, engine.image_size)
     known = image.meta.get("spacing_known", True) is not False
     voxel_ml = image.voxel_volume_ml if known else None
-    concepts = [postprocess_concept(res, plan, transform, axis, volume.shape, options, voxel_ml)
-                for res, plan in zip(results, plans, strict=True)]
+    concepts = [
+        postprocess_concept(res, plan, transform, axis, volume.shape, options, voxel_ml)
+        for res, plan in zip(results, plans, strict=True)
+    ]
 
     def confidence(i: int, k: int) -> Any:
         c = voxel_confidence(results[i], transform, k)
         return c[::-1] if axis != 0 and isinstance(c, np.ndarray) else c  # displayed -> stored rows
 
-    canonical_labels = assign_labels([c.mask for c in concepts], [i + 1 for i in range(len(checked))], axis,
-                                     confidence, volume.shape)
+    canonical_labels = assign_labels(
+        [c.mask for c in concepts], [i + 1 for i in range(len(checked))], axis, confidence, volume.shape
+    )
     label_map = reo.invert(canonical_labels)
 
     how = {i: params.describe() for params, members in groups.items() for i in members}
@@ -84,22 +90,38 @@ def segment_volume(engine: Engine, image: Image, prompts: Sequence[Prompt | Volu
     entries = []
     for i, (p, res, con) in enumerate(zip(checked, results, concepts, strict=True)):
         searched = res.outcome != NOT_SEARCHED
-        common: dict[str, Any] = dict(value=i + 1, prompt_index=i, prompt=p,
-                                      presence=_max_or_none(res.presence[searched]), source=source,
-                                      preprocessing=how[i], slices_detected=con.slices_detected,
-                                      post=con.components, area_mm2=None)
+        common: dict[str, Any] = dict(
+            value=i + 1,
+            prompt_index=i,
+            prompt=p,
+            presence=_max_or_none(res.presence[searched]),
+            source=source,
+            preprocessing=how[i],
+            slices_detected=con.slices_detected,
+            post=con.components,
+            area_mm2=None,
+        )
         if con.mask is None:
             best = float(res.scores[searched].max()) if searched.any() else None
-            entries.append(LabelEntry(score=best, absent=True, reason=con.reason, voxels=0,
-                                      volume_ml=0.0 if voxel_ml else None, **common))
+            entries.append(
+                LabelEntry(
+                    score=best,
+                    absent=True,
+                    reason=con.reason,
+                    voxels=0,
+                    volume_ml=0.0 if voxel_ml else None,
+                    **common,
+                )
+            )
             continue
         on = slice_counts(con.mask, axis) > 0
         kept = (res.outcome == KEPT) & on
         score = float(res.scores[kept].max()) if kept.any() else float(res.scores[res.outcome == KEPT].max())
         mask = label_map == i + 1
         voxels = int(mask.sum())
-        entry = LabelEntry(score=score, voxels=voxels, volume_ml=voxels * voxel_ml if voxel_ml else None,
-                           **common)
+        entry = LabelEntry(
+            score=score, voxels=voxels, volume_ml=voxels * voxel_ml if voxel_ml else None, **common
+        )
         if voxels:
             entry.box3d = _box3d(mask)
             entry.slice_range = (entry.box3d[2], entry.box3d[5] - 1)
@@ -108,21 +130,24 @@ def segment_volume(engine: Engine, image: Image, prompts: Sequence[Prompt | Volu
         entries.append(entry)
 
     settings = run_settings(engine, options, image, groups, encoded, MIRRORS if options.tta else ((),))
-    settings.update({
-        "mode": f"volume ({options.mode})",
-        "orientation": reo.describe(),
-        "slice_axis": axis,
-        "slice_plane": PLANE_OF_AXIS[axis],
-        "slices": int(volume.shape[axis]),
-        "volume": volume_settings(options),
-        "box_frame": BOX_FRAME,
-    })
+    settings.update(
+        {
+            "mode": f"volume ({options.mode})",
+            "orientation": reo.describe(),
+            "slice_axis": axis,
+            "slice_plane": PLANE_OF_AXIS[axis],
+            "slices": int(volume.shape[axis]),
+            "volume": volume_settings(options),
+            "box_frame": BOX_FRAME,
+        }
+    )
     if options.mode == "track":
         settings["video_model"] = str(getattr(engine.video(), "source", "in-memory video model"))
         settings["image_encoder_runs"] = None
         settings["slices_tracked"] = encoded
-    return SegmentationResult(label_map, entries, image, settings, display=display, reorientation=reo,
-                              slice_axis=axis)
+    return SegmentationResult(
+        label_map, entries, image, settings, display=display, reorientation=reo, slice_axis=axis
+    )
 
 
 def volume_settings(options: VolumeOptions) -> dict[str, Any]:

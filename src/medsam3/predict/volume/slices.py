@@ -74,9 +74,16 @@ def _vision_rows(vision: Sam3VisionEncoderOutput, rows: list[int]) -> Sam3Vision
     return Sam3VisionEncoderOutput(**{key: pick(value) for key, value in vision.items()})
 
 
-def detect_slices(engine: Engine, volume: np.ndarray, axis: int, prompts: list[VolumePrompt],
-                  plans: list[SlicePlan], groups: dict[IntensityParams, list[int]], options: VolumeOptions,
-                  display: np.ndarray) -> tuple[list[ConceptSlices], int]:
+def detect_slices(
+    engine: Engine,
+    volume: np.ndarray,
+    axis: int,
+    prompts: list[VolumePrompt],
+    plans: list[SlicePlan],
+    groups: dict[IntensityParams, list[int]],
+    options: VolumeOptions,
+    display: np.ndarray,
+) -> tuple[list[ConceptSlices], int]:
     """Steps 3-4 of the module docstring on a canonical ``volume``; fills ``display`` (uint8, canonical).
 
     Returns the per-prompt :class:`ConceptSlices` and the number of slice encodings run.
@@ -93,7 +100,8 @@ def detect_slices(engine: Engine, volume: np.ndarray, axis: int, prompts: list[V
     first = next(iter(groups))
     for k in range(n):  # the picture drawn under overlays: the first group's mapping
         take_slice(display, axis, k, display=True)[...] = slice_to_rgb(
-            apply_intensity(take_slice(volume, axis, k, display=True), first))[..., 0]
+            apply_intensity(take_slice(volume, axis, k, display=True), first)
+        )[..., 0]
     with torch.inference_mode():
         text = engine.encode_texts(tokens)
         for params, members in groups.items():
@@ -101,8 +109,10 @@ def detect_slices(engine: Engine, volume: np.ndarray, axis: int, prompts: list[V
             mirrors = mirrors_for(mirrors_all, [prompts[i].model_text for i in members])
             for start in range(0, len(needed), options.slice_batch):
                 ks = needed[start : start + options.slice_batch]
-                rgb = [slice_to_rgb(apply_intensity(take_slice(volume, axis, k, display=True), params))
-                       for k in ks]
+                rgb = [
+                    slice_to_rgb(apply_intensity(take_slice(volume, axis, k, display=True), params))
+                    for k in ks
+                ]
                 pixels = torch.cat([engine.pixel_values(transform.image(r)) for r in rgb])
                 visions = [engine.encode_images(mirror_grid(pixels, dims)) for dims in mirrors]
                 encoded += len(ks) * len(mirrors)
@@ -111,29 +121,44 @@ def detect_slices(engine: Engine, volume: np.ndarray, axis: int, prompts: list[V
                     chunk = rows[c : c + options.prompt_batch_size]
                     prompt_rows = torch.tensor([i for _, i in chunk], device=device)
                     chunk_plans = [plans[i] for _, i in chunk]
-                    boxes, labels = box_tensors([p.boxes for p in chunk_plans],
-                                                [p.box_labels for p in chunk_plans],
-                                                transform.boxes_to_model, engine.image_size)
-                    outs = [engine.detect(_vision_rows(vision, [b for b, _ in chunk]),
-                                          text_embeds=text.index_select(0, prompt_rows),
-                                          attention_mask=att.index_select(0, prompt_rows),
-                                          boxes=mirror_boxes(boxes, dims), box_labels=labels,
-                                          meta_text_cls=options.meta_text_cls)
-                            for vision, dims in zip(visions, mirrors, strict=True)]
-                    out = outs[0] if len(outs) == 1 else merge_mirrored(
-                        outs, mirrors, [not is_positional(prompts[i].model_text) for _, i in chunk])
+                    boxes, labels = box_tensors(
+                        [p.boxes for p in chunk_plans],
+                        [p.box_labels for p in chunk_plans],
+                        transform.boxes_to_model,
+                        engine.image_size,
+                    )
+                    outs = [
+                        engine.detect(
+                            _vision_rows(vision, [b for b, _ in chunk]),
+                            text_embeds=text.index_select(0, prompt_rows),
+                            attention_mask=att.index_select(0, prompt_rows),
+                            boxes=mirror_boxes(boxes, dims),
+                            box_labels=labels,
+                            meta_text_cls=options.meta_text_cls,
+                        )
+                        for vision, dims in zip(visions, mirrors, strict=True)
+                    ]
+                    out = (
+                        outs[0]
+                        if len(outs) == 1
+                        else merge_mirrored(
+                            outs, mirrors, [not is_positional(prompts[i].model_text) for _, i in chunk]
+                        )
+                    )
                     _decide_rows(options, out, [(ks[b], i) for b, i in chunk], results)
     return results, encoded
 
 
-def _decide_rows(options: VolumeOptions, out: Any, rows: list[tuple[int, int]], results: list[ConceptSlices]
-                 ) -> None:
+def _decide_rows(
+    options: VolumeOptions, out: Any, rows: list[tuple[int, int]], results: list[ConceptSlices]
+) -> None:
     pres_logits = None if out.presence_logits is None else out.presence_logits.float().cpu().numpy()
     scores, presence = query_scores(out.pred_logits.float().cpu().numpy(), pres_logits)
     for r, (k, i) in enumerate(rows):
         pres = None if pres_logits is None else float(presence[r])
-        sel = select_queries(scores[r], pres, threshold=options.threshold,
-                             presence_threshold=options.presence_threshold)
+        sel = select_queries(
+            scores[r], pres, threshold=options.threshold, presence_threshold=options.presence_threshold
+        )
         res = results[i]
         res.presence[k] = np.nan if pres is None else pres
         if sel.absent:
@@ -143,5 +168,3 @@ def _decide_rows(options: VolumeOptions, out: Any, rows: list[tuple[int, int]], 
         res.outcome[k] = KEPT
         res.scores[k] = sel.scores[0]
         res.logits[k] = out.pred_masks[r, sel.queries[0]].float().cpu().numpy()
-
-

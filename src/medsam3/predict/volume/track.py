@@ -159,8 +159,15 @@ def probe_indices(n_frames: int, probes: int) -> list[int]:
 
 
 @torch.inference_mode()
-def probe_scores(video_model: Sam3VideoModel, processor: Sam3VideoProcessor, frames: np.ndarray,
-                 prompts: Sequence[str], indices: Sequence[int], *, batch_size: int = 4) -> np.ndarray:
+def probe_scores(
+    video_model: Sam3VideoModel,
+    processor: Sam3VideoProcessor,
+    frames: np.ndarray,
+    prompts: Sequence[str],
+    indices: Sequence[int],
+    *,
+    batch_size: int = 4,
+) -> np.ndarray:
     """Detection confidence of each prompt on the slices ``indices``: ``(P, len(indices))`` float32.
 
     The confidence is SAM3's ``max_q sigmoid(logit_q) * sigmoid(presence)`` from the video model's
@@ -173,10 +180,14 @@ def probe_scores(video_model: Sam3VideoModel, processor: Sam3VideoProcessor, fra
     param = next(detector.parameters())
     size = video_input_size(video_model)
     ip = processor.image_processor
-    norm = (float(getattr(ip, "rescale_factor", 1 / 255)), getattr(ip, "image_mean", (0.5,) * 3),
-            getattr(ip, "image_std", (0.5,) * 3))
-    tokens = processor.tokenizer(list(prompts), padding="max_length", max_length=TEXT_TOKENS,
-                                 return_tensors="pt")
+    norm = (
+        float(getattr(ip, "rescale_factor", 1 / 255)),
+        getattr(ip, "image_mean", (0.5,) * 3),
+        getattr(ip, "image_std", (0.5,) * 3),
+    )
+    tokens = processor.tokenizer(
+        list(prompts), padding="max_length", max_length=TEXT_TOKENS, return_tensors="pt"
+    )
     ids, mask = tokens["input_ids"].to(param.device), tokens["attention_mask"].to(param.device)
     text = detector.get_text_features(input_ids=ids, attention_mask=mask, return_dict=True).pooler_output
     out = np.zeros((len(prompts), len(indices)), dtype=np.float32)
@@ -186,8 +197,11 @@ def probe_scores(video_model: Sam3VideoModel, processor: Sam3VideoProcessor, fra
         vision = detector.get_vision_features(pixel_values=pixels.to(device=param.device, dtype=param.dtype))
         for p in range(len(prompts)):
             emb = text[p : p + 1].expand(len(chunk), -1, -1)
-            det = detector(vision_embeds=vision, attention_mask=mask[p : p + 1].expand(len(chunk), -1),
-                           text_embeds=BaseModelOutputWithPooling(last_hidden_state=emb, pooler_output=emb))
+            det = detector(
+                vision_embeds=vision,
+                attention_mask=mask[p : p + 1].expand(len(chunk), -1),
+                text_embeds=BaseModelOutputWithPooling(last_hidden_state=emb, pooler_output=emb),
+            )
             conf = det.pred_logits.sigmoid() * det.presence_logits.sigmoid()
             out[p, start : start + len(chunk)] = conf.max(dim=1).values.float().cpu().numpy()
     return out
@@ -240,9 +254,15 @@ class _PromptOutput:
         self.start: tuple[float, int] | None = None
 
 
-def _collect(processor: Sam3VideoProcessor, session: Sam3VideoInferenceSession,
-             out: Sam3VideoSegmentationOutput, hw: tuple[int, int], offset: int, first: int,
-             results: dict[str, _PromptOutput]) -> None:
+def _collect(
+    processor: Sam3VideoProcessor,
+    session: Sam3VideoInferenceSession,
+    out: Sam3VideoSegmentationOutput,
+    hw: tuple[int, int],
+    offset: int,
+    first: int,
+    results: dict[str, _PromptOutput],
+) -> None:
     """Merge one finished frame's objects by prompt into ``results`` (frame ``first + out.frame_idx``)."""
     assert out.frame_idx is not None and out.obj_id_to_score is not None  # set for every processed frame
     pp = processor.postprocess_outputs(session, out, original_sizes=[list(hw)])
@@ -260,9 +280,18 @@ def _collect(processor: Sam3VideoProcessor, session: Sam3VideoInferenceSession,
         acc.presence = max([acc.presence, *scores])
 
 
-def _run_pass(video_model: Sam3VideoModel, processor: Sam3VideoProcessor, session: Sam3VideoInferenceSession,
-              order: Sequence[int], *, reverse: bool, window: int, keep: set[int], finish: Callable,
-              report: Callable) -> None:
+def _run_pass(
+    video_model: Sam3VideoModel,
+    processor: Sam3VideoProcessor,
+    session: Sam3VideoInferenceSession,
+    order: Sequence[int],
+    *,
+    reverse: bool,
+    window: int,
+    keep: set[int],
+    finish: Callable,
+    report: Callable,
+) -> None:
     """Process ``order`` (local frame indices) in one direction, finishing frames after the hot-start delay.
 
     Mirrors ``Sam3VideoModel.propagate_in_video_iterator``: outputs are held for ``hotstart_delay`` frames
@@ -279,7 +308,7 @@ def _run_pass(video_model: Sam3VideoModel, processor: Sam3VideoProcessor, sessio
             buffer.append(out)
             session.hotstart_removed_obj_ids.update(out.removed_obj_ids)
             ready = buffer if n == len(order) - 1 else buffer[:1] if len(buffer) >= delay else []
-            buffer = buffer[len(ready):]
+            buffer = buffer[len(ready) :]
         else:
             ready = [out]
         for item in ready:
@@ -370,15 +399,34 @@ def track_volume_prompts(
             nonlocal done
             done += 1
             if progress is not None:
-                progress(TrackProgress(done, z, f + frame, reverse, len(frames_held(s)),
-                                       session_tensor_bytes(s)))
+                progress(
+                    TrackProgress(done, z, f + frame, reverse, len(frames_held(s)), session_tensor_bytes(s))
+                )
 
         keep = set(range(local, min(local + window, stop - first))) if local > 0 else set()
-        _run_pass(video_model, video_processor, session, range(local, stop - first), reverse=False,
-                  window=window, keep=keep, finish=finish, report=report)
+        _run_pass(
+            video_model,
+            video_processor,
+            session,
+            range(local, stop - first),
+            reverse=False,
+            window=window,
+            keep=keep,
+            finish=finish,
+            report=report,
+        )
         if local > 0:
-            _run_pass(video_model, video_processor, session, range(local - 1, -1, -1), reverse=True,
-                      window=window, keep=set(), finish=finish, report=report)
+            _run_pass(
+                video_model,
+                video_processor,
+                session,
+                range(local - 1, -1, -1),
+                reverse=True,
+                window=window,
+                keep=set(),
+                finish=finish,
+                report=report,
+            )
         offset += int(session.max_obj_id) + 1
         del session
 
@@ -392,7 +440,10 @@ def track_volume_prompts(
         acc.scores[~acc.masks.reshape(z, -1).any(axis=1)] = 0.0
         is_tracked = t in tracked
         out[t] = TrackResult(
-            prompt=t, masks=acc.masks, scores=acc.scores, presence=float(acc.presence),
+            prompt=t,
+            masks=acc.masks,
+            scores=acc.scores,
+            presence=float(acc.presence),
             object_ids_merged=tuple(sorted(acc.ids)),
             start_frame=acc.start[1] if is_tracked and acc.start is not None else None,
             start_frames=tuple(starts) if is_tracked else (),
@@ -415,15 +466,28 @@ def track_volume(
 ) -> TrackResult:
     """Track one text concept through a volume: :func:`track_volume_prompts` for a single prompt."""
     return track_volume_prompts(
-        video_model, video_processor, frames, [prompt], start_frames=start_frames,
-        score_threshold=score_threshold, max_frames_in_memory=max_frames_in_memory, probes=probes,
-        clean=clean, progress=progress,
+        video_model,
+        video_processor,
+        frames,
+        [prompt],
+        start_frames=start_frames,
+        score_threshold=score_threshold,
+        max_frames_in_memory=max_frames_in_memory,
+        probes=probes,
+        clean=clean,
+        progress=progress,
     )[str(prompt).strip()]
 
 
-def track_slices(engine: Engine, volume: np.ndarray, axis: int, prompts: list[VolumePrompt],
-                 groups: dict[IntensityParams, list[int]], options: VolumeOptions, display: np.ndarray
-                 ) -> tuple[list[ConceptSlices], int]:
+def track_slices(
+    engine: Engine,
+    volume: np.ndarray,
+    axis: int,
+    prompts: list[VolumePrompt],
+    groups: dict[IntensityParams, list[int]],
+    options: VolumeOptions,
+    display: np.ndarray,
+) -> tuple[list[ConceptSlices], int]:
     """Track mode: each intensity group's slices go through SAM3's video model as one frame sequence.
 
     Fills ``display`` like :func:`~medsam3.predict.volume.slices.detect_slices`. Returns per-prompt
@@ -435,8 +499,12 @@ def track_slices(engine: Engine, volume: np.ndarray, axis: int, prompts: list[Vo
     results: list[ConceptSlices] = [ConceptSlices.empty(n) for _ in prompts]
     passes = 0
     for g, (params, members) in enumerate(groups.items()):
-        frames = np.stack([slice_to_rgb(apply_intensity(take_slice(volume, axis, k, display=True), params))
-                           for k in range(n)])
+        frames = np.stack(
+            [
+                slice_to_rgb(apply_intensity(take_slice(volume, axis, k, display=True), params))
+                for k in range(n)
+            ]
+        )
         if g == 0:
             for k in range(n):
                 take_slice(display, axis, k, display=True)[...] = frames[k, ..., 0]
