@@ -60,7 +60,9 @@ def test_one_call_on_the_fetal_head_sample(tmp_path):
 
 def test_one_call_on_the_hippocampus_volume():
     result = medsam3.segment(str(HIPPO), ["hippocampus", "fetal head"], device="cpu")
-    reference = np.asarray(nib.load(str(SAMPLES / "hippocampus_019_labels.nii.gz")).dataobj).transpose(2, 1, 0)
+    reference = np.asarray(nib.load(str(SAMPLES / "hippocampus_019_labels.nii.gz")).dataobj).transpose(
+        2, 1, 0
+    )
     assert result.label_map.shape == reference.shape
     assert dice(result.label_map == 1, reference > 0) > 0.75
     whole, head = result.labels
@@ -112,6 +114,14 @@ def test_nibabel_sitk_and_numpy_inputs_equal_the_file(seg):
     np.testing.assert_array_equal(seg.segment(image.array, "fetal head", modality="US").label_map, from_png)
 
 
+def test_numpy_volume_with_spacing(seg):
+    array = read_image(HIPPO).array
+    result = seg.segment(array, "hippocampus", spacing=(0.5, 0.5, 2.0), modality="MR")
+    label = result.labels[0]
+    assert result.label_map.shape == array.shape and label.voxels > 0
+    assert label.volume_ml == pytest.approx(label.voxels * 0.5 * 0.5 * 2.0 / 1000.0)
+
+
 def test_per_call_options_do_not_change_the_segmenters(seg):
     image = read_image(HC18)
     plain = seg.segment(image, "fetal head")
@@ -140,7 +150,11 @@ def test_sitk_and_numpy_by_hand():
     itk.SetSpacing((0.5, 0.7, 2.0))
     itk.SetOrigin((1.0, 2.0, 3.0))
     image = from_sitk(itk, modality="MR")
-    assert image.array.shape == (4, 5, 6) and image.spacing == (0.5, 0.7, 2.0) and image.origin == (1.0, 2.0, 3.0)
+    assert (
+        image.array.shape == (4, 5, 6)
+        and image.spacing == (0.5, 0.7, 2.0)
+        and image.origin == (1.0, 2.0, 3.0)
+    )
     assert to_sitk(image).GetSpacing() == (0.5, 0.7, 2.0)
     picture = from_numpy(np.zeros((10, 12, 3), np.uint8))
     assert picture.is_color and picture.ndim == 2 and picture.meta["spacing_known"] is False

@@ -3,6 +3,7 @@
 One call::
 
     import medsam3
+
     result = medsam3.segment("scan.nii.gz", "liver")
     result.write("out/")
 
@@ -33,18 +34,32 @@ from medsam3.lazy import lazy_attribute
 
 if TYPE_CHECKING:
     from medsam3.api import segment
+    from medsam3.io.readers import read_image
     from medsam3.predict.options import SegmentOptions, VolumeOptions
     from medsam3.predict.prompts import Prompt
     from medsam3.predict.segmenter import Segmenter
     from medsam3.predict.summary import LabelEntry, SegmentationResult
     from medsam3.predict.volume.prompts import VolumePrompt
 
-__all__ = ["Image", "LabelEntry", "MedSam3Error", "Prompt", "SegmentOptions", "SegmentationResult",
-           "Segmenter", "VolumeOptions", "VolumePrompt", "__version__", "segment"]
+__all__ = [
+    "Image",
+    "LabelEntry",
+    "MedSam3Error",
+    "Prompt",
+    "SegmentOptions",
+    "SegmentationResult",
+    "Segmenter",
+    "VolumeOptions",
+    "VolumePrompt",
+    "__version__",
+    "read_image",
+    "segment",
+]
 __version__ = "0.1.0"
 
 _LAZY = {
     "segment": "medsam3.api",
+    "read_image": "medsam3.io.readers",
     "Segmenter": "medsam3.predict.segmenter",
     "SegmentationResult": "medsam3.predict.summary",
     "LabelEntry": "medsam3.predict.summary",

@@ -24,8 +24,12 @@ _lock = threading.Lock()
 
 
 def _engine(model: str | os.PathLike | None, device: str, dtype: str) -> Engine:
-    key = (None if model is None else os.fspath(model), str(device), str(dtype),
-           os.environ.get("MEDSAM3_MODEL"))
+    key = (
+        None if model is None else os.fspath(model),
+        str(device),
+        str(dtype),
+        os.environ.get("MEDSAM3_MODEL"),
+    )
     with _lock:
         if key not in _engines:
             _engines[key] = Engine.from_pretrained(key[0], device=key[1], dtype=key[2])
@@ -35,8 +39,16 @@ def _engine(model: str | os.PathLike | None, device: str, dtype: str) -> Engine:
         return _engines[key]
 
 
-def segment(image: Any, prompts: PromptsLike, *, model: str | os.PathLike | None = None, device: str = "auto",
-            dtype: str = "auto", spacing: Any = None, **options: Any) -> SegmentationResult:
+def segment(
+    image: Any,
+    prompts: PromptsLike,
+    *,
+    model: str | os.PathLike | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    spacing: Any = None,
+    **options: Any,
+) -> SegmentationResult:
     """Segment ``image`` with ``prompts`` in one call.
 
     Args:
@@ -60,7 +72,4 @@ def segment(image: Any, prompts: PromptsLike, *, model: str | os.PathLike | None
     Raises:
         MedSam3Error: an unreadable input, an invalid prompt or option, a model that cannot be loaded.
     """
-    from medsam3.io.memory import to_image
-
-    picture = to_image(image, spacing=spacing, modality=options.get("modality"))
-    return Segmenter(_engine(model, device, dtype)).segment(picture, prompts, **options)
+    return Segmenter(_engine(model, device, dtype)).segment(image, prompts, spacing=spacing, **options)

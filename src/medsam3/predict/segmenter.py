@@ -71,8 +71,17 @@ class Segmenter:
         OptionError: an unknown option or an invalid value; ModelError: the model cannot be loaded.
     """
 
-    def __init__(self, model: Any = None, *, device: str = "auto", dtype: str = "auto", tracker: Any = None,
-                 video: Any = None, options: VolumeOptions | None = None, **overrides: Any):
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        tracker: Any = None,
+        video: Any = None,
+        options: VolumeOptions | None = None,
+        **overrides: Any,
+    ):
         if isinstance(model, Engine):
             self.engine = model
         elif hasattr(model, "model") and hasattr(model, "processor"):
@@ -84,8 +93,9 @@ class Segmenter:
         self.options = build_options(VolumeOptions, options, **overrides)
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                        **options: Any) -> Segmenter:
+    def from_pretrained(
+        cls, path_or_hub_id: str | None = None, *, device: str = "auto", dtype: str = "auto", **options: Any
+    ) -> Segmenter:
         """Load a model (folder or Hub id; ``None``: the configured or bundled default) with default
         ``options`` for its calls."""
         return cls(path_or_hub_id, device=device, dtype=dtype, **options)
@@ -95,13 +105,16 @@ class Segmenter:
         """Where the model came from (path or id), for reports."""
         return self.engine.source
 
-    def segment(self, image: Any, prompts: PromptsLike, **options: Any) -> SegmentationResult:
+    def segment(
+        self, image: Any, prompts: PromptsLike, *, spacing: Any = None, **options: Any
+    ) -> SegmentationResult:
         """Segment ``image`` with ``prompts``; ``options`` change this call's options only.
 
         Args:
             image: an :class:`~medsam3.image.Image` (a 2D image, a one-slice volume segmented as its slice,
                 or a 3D volume), a file path, a nibabel or SimpleITK image, or a numpy array
                 (:func:`medsam3.io.memory.to_image`).
+            spacing: for a numpy array, the voxel size in mm in ITK order ``(x, y[, z])``.
             prompts: a concept text, or a list of texts and :class:`~medsam3.predict.prompts.Prompt`
                 objects (coordinates in pixels of ``image``); for volumes also
                 :class:`~medsam3.predict.volume.prompts.VolumePrompt` (boxes on a key slice or 3D boxes,
@@ -120,7 +133,7 @@ class Segmenter:
 
         call = self.options.replace(**options) if options else self.options
         given = as_prompts(prompts)
-        image = to_image(image, modality=call.modality)
+        image = to_image(image, spacing=spacing, modality=call.modality)
         points = any(getattr(p, "points", None) for p in given)
         flat = as_2d(image)
         if flat is not None:
@@ -132,4 +145,3 @@ class Segmenter:
 
         check_request(call, points=points, volume=True)
         return segment_volume(self.engine, image, given, call)
-
