@@ -262,7 +262,9 @@ def test_interrupt_then_resume_from_a_list_file(case_folder, model_dir, tmp_path
 
 
 def test_batch_input_errors(case_folder, model_dir, tmp_path, capsys):
-    code, _, err = run(capsys, case_folder, "-p", "liver", "--model", model_dir, "-o", case_folder / "out")
+    # outputs inside a case (a DICOM series folder) are refused; inside the folder of cases they are not
+    out = case_folder / "series" / "out"
+    code, _, err = run(capsys, case_folder, "-p", "liver", "--model", model_dir, "-o", out)
     assert code == 2 and "refusing to write over an input" in err
     code, _, err = run(capsys, tmp_path / "missing.txt", "-p", "liver", "--model", model_dir, "-o", tmp_path)
     assert code == 2 and "no such file" in err

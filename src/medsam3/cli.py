@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Callable
 
 from medsam3 import __version__
 from medsam3.errors import MedSam3Error
@@ -73,14 +76,37 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
+    received: list[int] = []
+    restore = _terminate_as_interrupt(received)
     try:
         return int(args.func(args) or 0)
     except MedSam3Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted" + (" (SIGTERM)" if received else ""), file=sys.stderr)
+        return 128 + (received[0] if received else signal.SIGINT)
+    finally:
+        restore()
+
+
+def _terminate_as_interrupt(received: list[int]) -> Callable[[], None]:
+    """Handle SIGTERM (sent by ``timeout``, schedulers, container and service managers) like Ctrl-C: the
+    command stops cleanly (no temporary left, a folder run writes its summary). Returns the function that
+    puts the previous handler back. Only the main thread can install handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from medsam3.commands.inference_options import (
 )
 from medsam3.errors import OutputError, PromptError
 from medsam3.image import Image
-from medsam3.io.atomic import check_not_input, protect_inputs
+from medsam3.io.atomic import check_not_input, protect_inputs, write_error
 from medsam3.predict.options import VolumeOptions, check_request
 from medsam3.predict.prompts import prompts_from_cli, validate_prompt
 from medsam3.predict.summary import default_stem
@@ -198,7 +198,11 @@ def _segmenter(args: argparse.Namespace, options: VolumeOptions) -> Segmenter:
 
 
 def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
+    try:
+        is_file = out.exists() and not out.is_dir()
+    except OSError as exc:  # a name the system refuses (too long, ...)
+        raise write_error(out, exc) from None
+    if is_file:
         raise OutputError(f"{out}: output folder is an existing file")
 
 
@@ -240,12 +244,12 @@ def _protect(args: argparse.Namespace, inputs) -> None:
 
 
 def _run_single(args: argparse.Namespace, options: VolumeOptions) -> int:
-    from medsam3.io.readers import read_image
+    from medsam3.io.readers import check_segmentable, read_image
     from medsam3.predict.segmenter import as_2d
 
     items = args.prompt_items or []
     _protect(args, [args.input])
-    volume = read_image(args.input, modality=args.modality)
+    volume = check_segmentable(read_image(args.input, modality=args.modality), args.input)
     image = as_2d(volume)
     if image is None:
         return _run_volume(args, volume, options)
@@ -286,14 +290,15 @@ def _run_volume(args: argparse.Namespace, volume: Image, options: VolumeOptions)
 
 
 def _run_batch(args: argparse.Namespace, options: VolumeOptions) -> int:
-    from medsam3.io.readers import read_image
+    from medsam3.io.readers import check_segmentable, read_image
     from medsam3.predict.batch_cases import discover_cases, run_cases, summary_prompts
     from medsam3.predict.segmenter import as_2d
     from medsam3.predict.volume.plan import check_volume_request
     from medsam3.predict.volume.prompts import volume_prompts_from_cli
 
     cases = discover_cases(args.input, exclude=[args.out])
-    _protect(args, [args.input, *(c.path for c in cases)])
+    # the cases (and a list file) are protected, not the folder holding them: OUT_DIR may lie inside it
+    _protect(args, [*(c.path for c in cases), *([args.input] if args.input.is_file() else [])])
     _check_out_dir(args.out)
     check_not_input(args.summary or args.out / "summary.csv")
     items = args.prompt_items or []
@@ -311,7 +316,7 @@ def _run_batch(args: argparse.Namespace, options: VolumeOptions) -> int:
     overlay = not args.no_overlay
 
     def segment_case(case) -> dict:
-        loaded = read_image(case.path, modality=args.modality)
+        loaded = check_segmentable(read_image(case.path, modality=args.modality), case.path)
         image = as_2d(loaded)
         if image is None:
             if volume_prompts is None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 import torch
 
 from medsam3.errors import ModelError, OutputError
-from medsam3.io.atomic import check_not_input
+from medsam3.io.atomic import check_not_input, is_write_failure, temporary_name_parts, write_error
 from medsam3.model.resolve import ResolvedModel, model_directory, resolve_model
 
 if TYPE_CHECKING:
@@ -195,13 +195,17 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
         raise OutputError(f"{path}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputError(f"{path}: folder exists and is not empty; choose a new folder (or overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    prefix, _ = temporary_name_parts(target.name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".part", dir=target.parent))
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         yield tmp
         _default_permissions(tmp)
         if target.is_dir() and any(target.iterdir()):
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            old = target.with_name(f"{prefix}old-{uuid.uuid4().hex[:8]}")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -209,8 +213,10 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
             if target.is_dir():
                 target.rmdir()
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(exc):
+            raise write_error(path, exc) from None
         raise
 
 

@@ -18,7 +18,9 @@ A case is **done** when its ``<name>.json`` exists and every output file it list
 renamed into place after all other outputs (:mod:`medsam3.predict.volume.outputs`), so an interrupted case
 is never mistaken for a finished one. Done cases are skipped unless ``overwrite``; a JSON made with other
 prompts is not silently reused: that case fails and asks for ``--overwrite`` or another output folder.
-Interrupting a run (Ctrl-C) stops after writing the summary CSV; re-running the same command redoes only
+Interrupting a run (Ctrl-C, or SIGTERM as sent by ``timeout``, schedulers and service managers) stops
+after writing the summary CSV; temporaries of a run killed outright are removed when the next run starts
+(:func:`medsam3.io.atomic.remove_stale_temporaries`); re-running the same command redoes only
 what was not finished.
 
 Summary
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from medsam3.errors import InputError, MedSam3Error
-from medsam3.io.atomic import write_text_atomic
+from medsam3.io.atomic import remove_stale_temporaries, write_text_atomic
 from medsam3.io.dicom import find_dicom_files
 from medsam3.predict.summary import default_stem
 
@@ -226,6 +228,8 @@ def run_cases(
 
     out_dir = Path(out_dir)
     csv_path = Path(summary_csv) if summary_csv is not None else out_dir / "summary.csv"
+    for stale in remove_stale_temporaries(out_dir):  # left by a run that was killed outright
+        log.info("removed %s, a temporary file of a run that no longer runs", stale.name)
     outcomes: list[CaseOutcome] = []
     processed = 0
     progress = Progress(
