@@ -38,6 +38,12 @@ _UNIT_MM = {
 }
 
 
+def picture_bomb_message(exc: Exception) -> str:
+    """The refusal of a picture whose header declares more pixels than Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``, twice that is an error); Pillow's message names the declared size."""
+    return f"the picture is refused as a decompression bomb: {exc}"
+
+
 def _pillow_read(path: Path, fmt: str) -> tuple[np.ndarray, str]:
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
@@ -57,6 +63,8 @@ def _pillow_read(path: Path, fmt: str) -> tuple[np.ndarray, str]:
             if mode.startswith("I;16"):
                 return np.asarray(im).astype(np.uint16, copy=False), "I;16"
             return np.asarray(im), mode
+    except PILImage.DecompressionBombError as exc:
+        raise InputError(path, picture_bomb_message(exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(path, f"cannot be read as {fmt.upper()} ({exc})") from exc
 
@@ -64,9 +72,12 @@ def _pillow_read(path: Path, fmt: str) -> tuple[np.ndarray, str]:
 def _palette_to_rgb(path: Path) -> np.ndarray:
     from PIL import Image as PILImage
 
-    with PILImage.open(path) as im:
-        rgba = "transparency" in im.info
-        return np.asarray(im.convert("RGBA" if rgba else "RGB"))
+    try:
+        with PILImage.open(path) as im:
+            rgba = "transparency" in im.info
+            return np.asarray(im.convert("RGBA" if rgba else "RGB"))
+    except PILImage.DecompressionBombError as exc:
+        raise InputError(path, picture_bomb_message(exc)) from None
 
 
 def _tiff_read(path: Path) -> tuple[np.ndarray, str, tuple[float, ...] | None]:

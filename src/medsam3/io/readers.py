@@ -63,6 +63,25 @@ def validate(image: Image, path: Path) -> Image:
     return image
 
 
+#: The largest label value a label map may hold (uint32).
+MAX_LABEL = int(np.iinfo(np.uint32).max)
+
+
+#: Why a segmentation (a DICOM SEG, a Slicer segmentation) is refused as the image to segment.
+NOT_AN_IMAGE = "this is a segmentation (label map / DICOM SEG), not an image to segment"
+
+
+def check_segmentable(image: Image, path: str | Path | None = None) -> Image:
+    """Refuse a segmentation given as the image to segment (the same message everywhere).
+
+    Raises:
+        InputError: ``image`` was read as a label map (``meta['is_label']``).
+    """
+    if image.meta.get("is_label"):
+        raise InputError(path if path is not None else image.meta.get("path"), NOT_AN_IMAGE)
+    return image
+
+
 def smallest_unsigned(max_value: int) -> np.dtype:
     """The smallest unsigned integer dtype holding ``0..max_value``."""
     for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
@@ -83,6 +102,8 @@ def _as_labels(array: np.ndarray, path: Path) -> np.ndarray:
     if array.size and array.min() < 0:
         raise InputError(path, f"holds negative values (minimum {array.min()}); labels must be >= 0")
     top = int(array.max()) if array.size else 0
+    if top > MAX_LABEL:
+        raise InputError(path, f"holds values up to {top:.6g}; label values go up to {MAX_LABEL}")
     return array.astype(smallest_unsigned(top), copy=False)
 
 
@@ -155,6 +176,8 @@ def read_image(path: str | Path, *, series_uid: str | None = None, modality: str
     """
     p, fmt = _resolve(path)
     image = validate(_load(p, fmt, series_uid, as_labels=False), p)
+    if image.array.dtype.kind == "b":  # a boolean image is a 0 / 1 image
+        image.array = image.array.astype(np.uint8)
     if modality is not None:
         try:
             image.modality = normalise_modality(modality)

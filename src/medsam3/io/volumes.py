@@ -58,7 +58,9 @@ def _check_nifti_complete(path: Path) -> None:
                 path, f"its voxel file {data_file.name} is missing or shorter than {nbytes} bytes"
             )
         return _check_nifti_finite(path, img)
-    expected = int(header.get_data_offset()) + nbytes
+    # The loaded header's get_data_offset() can be 0; the data object knows where the voxels start.
+    offset = int(getattr(img.dataobj, "offset", 0) or header.get_data_offset())
+    expected = offset + nbytes
     with open(path, "rb") as fh:
         compressed = fh.read(2) == b"\x1f\x8b"
     if not compressed:
@@ -101,6 +103,11 @@ def _check_nifti_finite(path: Path, img: AnalyzeImage) -> None:
         )
 
 
+#: Largest cosine between two voxel axes of a NIfTI read through nibabel (ITK refuses most non-orthonormal
+#: affines; rounding in an sform is accepted, a real shear is refused).
+SHEAR_TOLERANCE = 1e-3
+
+
 def _read_with_nibabel(path: Path) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
     """NIfTI through nibabel: array ``(Z, Y, X)`` and LPS geometry (for affines ITK refuses)."""
     import nibabel as nib
@@ -116,6 +123,14 @@ def _read_with_nibabel(path: Path) -> tuple[np.ndarray, tuple, tuple, np.ndarray
     lin = aff[:d, :d]
     spacing = np.linalg.norm(lin, axis=0)
     direction = lin / spacing
+    shear = float(np.abs(direction.T @ direction - np.eye(d)).max())
+    if shear > SHEAR_TOLERANCE:  # outputs are written with an orthogonal grid: they would not overlay it
+        raise InputError(
+            path,
+            f"has a sheared (non-orthogonal) voxel grid (axes off by up to {shear:.3g} in cosine); masks "
+            "could not be written on the same grid. Resample it to an orthogonal grid first (for example "
+            "with SimpleITK's Resample or nibabel.processing.resample_from_to)",
+        )
     return np.ascontiguousarray(data.T), tuple(spacing), tuple(aff[:d, 3]), direction
 
 

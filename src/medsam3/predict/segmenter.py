@@ -130,10 +130,11 @@ class Segmenter:
             weights, track mode without a video model.
         """
         from medsam3.io.memory import to_image
+        from medsam3.io.readers import check_segmentable
 
         call = self.options.replace(**options) if options else self.options
         given = as_prompts(prompts)
-        image = to_image(image, spacing=spacing, modality=call.modality)
+        image = check_segmentable(to_image(image, spacing=spacing, modality=call.modality))
         points = any(getattr(p, "points", None) for p in given)
         flat = as_2d(image)
         if flat is not None:

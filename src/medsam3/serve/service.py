@@ -104,7 +104,7 @@ class Service:
         return rec.info
 
     def _read_upload(self, image_id: str, folder: Path, received) -> ImageRecord:
-        from medsam3.io.readers import read_image
+        from medsam3.io.readers import NOT_AN_IMAGE, read_image
 
         stored = store_upload(received, folder, self.settings)
         try:
@@ -112,10 +112,7 @@ class Service:
         except InputError as exc:
             raise ApiError(400, public_message(exc, name=received.name, hide=self.hidden_paths)) from None
         if image.meta.get("is_label"):
-            raise ApiError(
-                400,
-                f"{received.name}: this is a segmentation (label map / DICOM SEG), not an image to segment",
-            )
+            raise ApiError(400, f"{received.name}: {NOT_AN_IMAGE}")
         image.meta["display_name"] = received.name
         return self.images.add(
             image_id, folder, received.name, stored, image, received.series_uid, received.modality

@@ -435,10 +435,16 @@ def store_upload(received: Received, folder: Path, settings: ServeSettings) -> S
     else:
         source = folder / f"source{_SUFFIX[kind]}"
         received.path.replace(source)
+    from PIL.Image import DecompressionBombError
+
     try:
         voxels = declared_voxels(source, kind)
     except ApiError:
         raise
+    except DecompressionBombError as exc:
+        from medsam3.io.raster import picture_bomb_message
+
+        raise ApiError(413, f"{name}: {picture_bomb_message(exc)}") from None
     except Exception as exc:  # an unreadable header: the reader will say what is wrong
         if kind == "dicom-zip":
             raise ApiError(400, f"{name}: cannot read the DICOM headers ({exc})") from None
