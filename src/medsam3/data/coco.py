@@ -175,7 +175,11 @@ def discover_coco(root: Path, options: Mapping, labels, modality) -> Discovery:
     patterns = [options["annotations"]] if options.get("annotations") else ["annotations/*.json", "*.json"]
     files: list[Path] = []
     for pattern in patterns:
-        files = sorted(p for p in root.glob(pattern) if p.is_file())
+        # an absolute pattern (a file given by its full path) is looked up where it says, not under the root
+        base, rest = (
+            (Path(pattern).parent, Path(pattern).name) if Path(pattern).is_absolute() else (root, pattern)
+        )
+        files = sorted(p for p in base.glob(rest) if p.is_file())
         if files:
             break
     if not files:

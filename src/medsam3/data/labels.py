@@ -342,7 +342,7 @@ def parse_label_map(doc: Any, source: str | Path | None) -> tuple[dict[int, str]
                 continue
             else:
                 value, name = int(val), str(key)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 is read as infinity
             raise InputError(source, f"label entry {key!r}: {val!r} is not a value/name pair") from None
         if value == 0:
             continue

@@ -122,13 +122,26 @@ def load_meta_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"{p}: checkpoint file not found")
+    with open(p, "rb") as fh:
+        if fh.read(2) == b"\x1f\x8b":
+            raise ModelError(
+                f"{p}: is gzip-compressed, not a PyTorch checkpoint; decompress it first (gunzip)"
+            )
     try:
         obj = _torch_load(p)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a pickle of objects at all: garbage or another format
+            raise ModelError(
+                f"{p}: cannot read this checkpoint; the file is not a PyTorch checkpoint ({_reason(exc)})"
+            ) from exc
         raise ModelError(
             f"{p}: refused for safety: the checkpoint contains pickled Python objects other than tensors "
             f"and plain containers, and loading them would run code from the file ({_first_line(exc)}); "
             "re-save it as a plain state dict (torch.save(model.state_dict(), ...)) with a trusted tool"
+        ) from exc
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:  # a legacy unpickler fed other bytes
+        raise ModelError(
+            f"{p}: cannot read this checkpoint; the file is not a PyTorch checkpoint ({_reason(exc)})"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ModelError(
@@ -146,6 +159,11 @@ def _torch_load(p: Path) -> Any:
             raise
         # files written with the legacy (non-zip) serialization cannot be memory-mapped
         return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """The error's type and first line (a bare ``KeyError: 101`` says little without its type)."""
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -30,6 +30,7 @@ import torch
 from medsam3.errors import ModelError, PromptError
 from medsam3.model.forward import encode_image, encode_text, model_device, model_dtype, predict_prompts
 from medsam3.model.input_size import input_size, resize_sam3_input
+from medsam3.predict.prompts import brief
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, Sam3Model, Sam3TrackerModel
@@ -150,7 +151,9 @@ class Engine:
             lengths = enc["attention_mask"].sum(dim=1).tolist()
             bad = next(t for t, n in zip(texts, lengths, strict=True) if n > TEXT_TOKENS)
             n = int(max(lengths))
-            raise PromptError(f"prompt {bad!r} is too long: {n} tokens, SAM3 reads at most {TEXT_TOKENS}")
+            raise PromptError(
+                f"prompt {brief(bad)} is too long: {n} tokens, SAM3 reads at most {TEXT_TOKENS}"
+            )
         return Tokens(enc["input_ids"], enc["attention_mask"])
 
     def pixel_values(self, rgb_model: np.ndarray, model: torch.nn.Module | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ the same invalid combination. Every problem raises :class:`~medsam3.errors.Optio
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -276,6 +277,8 @@ def check_value(name: str, value: Any, annotation: Any, info: OptionInfo) -> Any
             if isinstance(value, bool):
                 raise TypeError
             value = float(value)
+            if not math.isfinite(value):
+                raise OptionError(f"{name} must be a finite number, got {value}")
         else:
             value = str(value)
             if info.parse is not None:

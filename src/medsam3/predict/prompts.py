@@ -22,6 +22,7 @@ them; those given before any ``-p`` form one geometry-only prompt (see :func:`pr
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +36,13 @@ VISUAL_PROMPT_TEXT = "visual"
 
 _NEGATIVE = {"neg", "negative", "0", "-", "bg"}
 _POSITIVE = {"pos", "positive", "1", "+", "fg"}
+
+
+def brief(text: str, limit: int = 60) -> str:
+    """``text`` quoted for a message: at most ``limit`` characters, the length said when cut."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 @dataclass
@@ -56,8 +64,9 @@ class Prompt:
     point_labels: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if self.text is not None:
-            self.text = " ".join(str(self.text).split())
+        if self.text is not None:  # control characters never belong to a concept: dropped, not printed
+            text = "".join(ch for ch in str(self.text) if unicodedata.category(ch) != "Cc" or ch.isspace())
+            self.text = " ".join(text.split())
         self.boxes = [tuple(float(v) for v in b) for b in self.boxes] if self.boxes else None
         self.points = [tuple(float(v) for v in p) for p in self.points] if self.points else None
         if self.boxes and self.box_labels is None:

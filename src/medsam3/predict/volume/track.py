@@ -63,6 +63,7 @@ from medsam3.model.video import (
 )
 from medsam3.predict.engine import Engine
 from medsam3.predict.options import VolumeOptions, default_of
+from medsam3.predict.prompts import brief
 from medsam3.predict.volume.plan import KEPT, LOW_SCORE, ConceptSlices
 from medsam3.predict.volume.prompts import VolumePrompt
 from medsam3.preprocess.intensity import IntensityParams, apply_intensity
@@ -141,7 +142,9 @@ def _check_prompts(processor: Sam3VideoProcessor, prompts: Sequence[str]) -> lis
             raise PromptError("empty text prompt")
         n = len(processor.tokenizer(text)["input_ids"])
         if n > TEXT_TOKENS:
-            raise PromptError(f"prompt {text!r} is too long: {n} tokens, SAM3 reads at most {TEXT_TOKENS}")
+            raise PromptError(
+                f"prompt {brief(text)} is too long: {n} tokens, SAM3 reads at most {TEXT_TOKENS}"
+            )
     if len(set(texts)) != len(texts):
         raise PromptError(f"duplicate prompts in {texts}")
     return texts
