@@ -43,7 +43,13 @@ def make_settings(model: Path, work: Path, **overrides):
     from medsam3.serve.settings import ServeSettings
 
     values = dict(
-        model=str(model), device="cpu", dtype="fp32", work_dir=work, threshold=0.0, presence_threshold=0.5
+        model=str(model),
+        device="cpu",
+        dtype="fp32",
+        work_dir=work,
+        threshold=0.0,
+        presence_threshold=0.5,
+        allowed_hosts=("testserver",),  # the Host of the test client
     )
     values.update(overrides)
     return ServeSettings(**values)

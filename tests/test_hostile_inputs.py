@@ -394,3 +394,196 @@ def test_a_sheared_nifti_is_refused_not_silently_straightened(tmp_path, capsys):
         nib.Nifti1Image(np.zeros((10, 12, 5), np.int16), np.diag([1.0, 1.0, 2.0, 1.0]) + 1e-7), str(rounded)
     )
     assert read_image(rounded).array.shape == (5, 12, 10)
+
+
+# -- the server protects its host: Host and Origin ----------------------------------------------------------
+def test_host_rules_by_hand():
+    from medsam3.serve.settings import ServeSettings
+
+    local = ServeSettings()
+    for host in ("127.0.0.1:8000", "localhost", "[::1]:8000", "LOCALHOST:80", "viewer.localhost:8000"):
+        assert local.host_allowed(host), host
+    for host in ("evil.example:8000", "", None, "127.0.0.1.evil.example"):
+        assert not local.host_allowed(host), host
+    named = ServeSettings(allowed_hosts=("imaging.lab.example",))
+    assert named.host_allowed("imaging.lab.example:8000") and not named.host_allowed("other.example")
+    assert ServeSettings(host="0.0.0.0").host_allowed("any.example")  # every interface: a token protects it
+    assert not ServeSettings(host="0.0.0.0", allowed_hosts=("a.example",)).host_allowed("b.example")
+
+
+def test_rebinding_hosts_and_cross_origin_writes_are_refused(tmp_path, serve_model):
+    from serve_fixtures import client_for, make_settings
+
+    with client_for(make_settings(serve_model, tmp_path / "work", allowed_hosts=())) as client:
+        r = client.get("/api/info", headers={"Host": "attacker.example"})
+        assert r.status_code == 400 and "unknown Host 'attacker.example'" in r.json()["error"]
+        assert client.get("/api/info", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+        png = HC18.read_bytes()
+        files = {"file": ("a.png", png)}
+        r = client.post(
+            "/api/images",
+            files=files,
+            headers={"Host": "127.0.0.1:8000", "Origin": "http://attacker.example"},
+        )
+        assert (
+            r.status_code == 403 and "cross-origin request from http://attacker.example" in r.json()["error"]
+        )
+        r = client.post(
+            "/api/images", files=files, headers={"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000"}
+        )
+        assert r.status_code == 201  # the viewer's own page
+        r = client.post("/api/images", files=files, headers={"Host": "127.0.0.1:8000"})
+        assert r.status_code == 201  # scripts send no Origin
+
+
+def test_failed_logins_are_throttled_per_client():
+    from medsam3.serve.throttle import FailureThrottle
+
+    t = FailureThrottle(limit=3, window=10.0)
+    for k in range(3):
+        assert t.wait("a", now=100.0 + k) == 0.0
+        t.failed("a", now=100.0 + k)
+    assert t.wait("a", now=103.0) == pytest.approx(7.0)  # until the first failure is 10 s old
+    assert t.wait("b", now=103.0) == 0.0  # another client is not affected
+    assert t.wait("a", now=110.5) == 0.0
+
+
+def test_wrong_tokens_get_429_after_ten(tmp_path, serve_model):
+    from serve_fixtures import client_for, make_settings
+
+    token = "a-long-enough-token"
+    with client_for(make_settings(serve_model, tmp_path / "work", token=token)) as client:
+        codes = [client.post("/api/login", json={"token": f"wrong-{k:04d}"}).status_code for k in range(10)]
+        assert codes == [401] * 10
+        r = client.get("/api/info", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+        assert "too many failed authentication attempts" in r.json()["error"]
+
+
+def test_an_image_with_a_queued_job_is_not_deleted(tmp_path, serve_model, monkeypatch):
+    import threading
+
+    from medsam3.serve.service import Service
+    from serve_fixtures import client_for, make_settings, upload, wait_job
+
+    gate = threading.Event()
+    real = Service.execute
+
+    def held(self, job):
+        gate.wait(30)
+        return real(self, job)
+
+    monkeypatch.setattr(Service, "execute", held)
+    with client_for(make_settings(serve_model, tmp_path / "work")) as client:
+        image_id = upload(client, HC18).json()["image_id"]
+        job = client.post(f"/api/images/{image_id}/segment", json={"prompts": [{"text": "head"}]}).json()
+        r = client.delete(f"/api/images/{image_id}")
+        assert r.status_code == 409 and "1 job(s) queued or running" in r.json()["error"]
+        gate.set()
+        assert wait_job(client, job["job_id"])["status"] == "done"
+        assert client.delete(f"/api/images/{image_id}").status_code == 200
+
+
+# -- declared sizes before allocation ---------------------------------------------------------------------
+def _nrrd(path: Path, sizes: str, encoding: str, data: bytes) -> Path:
+    header = (
+        "NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\n"
+        f"sizes: {sizes}\nspace directions: (1,0,0) (0,1,0) (0,0,1)\nendian: little\nencoding: {encoding}\n"
+        "space origin: (0,0,0)\n\n"
+    )
+    path.write_bytes(header.encode() + data)
+    return path
+
+
+def test_a_voxel_bomb_is_refused_before_allocation(tmp_path, capsys, monkeypatch):
+    bomb = _nrrd(tmp_path / "bomb.nrrd", "2000 2000 2000", "gzip", zlib.compress(b"\0" * 64))
+    assert bomb.stat().st_size < 400
+    code, err = run(capsys, "info", bomb)
+    assert code == 2 and last_error(err) == (
+        f"error: {bomb}: declares 2000 x 2000 x 2000 = 8,000,000,000 voxels, more than the limit of "
+        "1,073,741,824 (set MEDSAM3_MAX_VOXELS to read larger volumes)"
+    )
+    short = _nrrd(tmp_path / "short.nrrd", "10 10 10", "raw", b"\0" * 100)
+    code, err = run(capsys, "info", short)
+    assert code == 2 and "is truncated: its header declares 2,000 bytes of raw voxels" in last_error(err)
+    monkeypatch.setenv("MEDSAM3_MAX_VOXELS", "500")
+    whole = _nrrd(tmp_path / "whole.nrrd", "10 10 10", "raw", b"\0" * 2000)
+    code, err = run(capsys, "info", whole)
+    assert code == 2 and "declares 10 x 10 x 10 = 1,000 voxels, more than the limit of 500" in last_error(err)
+    monkeypatch.delenv("MEDSAM3_MAX_VOXELS")
+    assert run(capsys, "info", whole)[0] == 0
+
+
+def test_nifti_header_voxel_sizes_and_names(tmp_path, capsys):
+    path = tmp_path / "pix.nii"
+    nib.save(nib.Nifti1Image(np.zeros((10, 12, 5), np.int16), np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    raw[80:88] = struct.pack("<ff", 0.0, -1.0)  # pixdim[1], pixdim[2] of a NIfTI-1 header
+    path.write_bytes(bytes(raw))
+    code, err = run(capsys, "info", path)
+    assert code == 2 and last_error(err) == (
+        f"error: {path}: has invalid voxel sizes in its header (pixdim [0.0, -1.0, 1.0]); "
+        "they must be positive"
+    )
+    plain = tmp_path / "plain.nii.gz"
+    nib.save(
+        nib.Nifti1Image(np.arange(600, dtype=np.int16).reshape(10, 12, 5), np.diag([0.5, 0.7, 2.0, 1])),
+        str(plain),
+    )
+    bare = tmp_path / "scan_without_extension"
+    shutil.copy(plain, bare)  # recognised by its content, as the server does
+    a, b = read_image(plain), read_image(bare)
+    np.testing.assert_array_equal(a.array, b.array)
+    assert a.spacing == b.spacing and b.meta["path"] == str(bare)
+    assert run(capsys, "info", bare)[0] == 0
+
+
+def test_retry_after_is_estimated_from_measured_jobs_only():
+    from medsam3.serve.jobs import JobQueue
+
+    queue = JobQueue(lambda job: {}, lambda job, exc: str(exc), workers=1, queue_size=16)
+    try:
+        queue._waiting.extend(f"j{k}" for k in range(16))  # a full queue, before any job has finished
+        assert queue.retry_after() == 1
+        queue._durations.extend([0.1, 0.1, 0.1])
+        assert queue.retry_after() == 2  # ceil(0.1 s x 16 ahead)
+    finally:
+        queue._waiting.clear()
+        queue.shutdown()
+
+
+def test_an_npz_upload_is_named_for_what_it_is(tmp_path, serve_model):
+    from serve_fixtures import client_for, make_settings, upload
+
+    path = tmp_path / "case.npz"
+    np.savez_compressed(path, imgs=np.zeros((3, 8, 8), np.uint8))
+    with client_for(make_settings(serve_model, tmp_path / "work")) as client:
+        r = upload(client, path)
+    assert r.status_code == 415 and r.json()["error"].startswith("case.npz: a numpy .npz archive")
+    assert "DICOM folder" not in r.json()["error"]
+
+
+def test_a_failed_report_leaves_no_empty_folder(tmp_path):
+    from medsam3.evaluate.report import write_files
+
+    def full_disk(tmp: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "reports" / "run1"
+    with pytest.raises(OutputError, match=r"cases\.csv: cannot write \(No space left on device\)"):
+        write_files(out, {"summary.csv": "a,b\n", "figures/x.png": b"png", "cases.csv": full_disk})
+    assert list(tmp_path.iterdir()) == []  # reports/, run1/ and figures/ were made for it: all gone
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OutputError):
+        write_files(tmp_path / "kept", {"cases.csv": full_disk})
+    assert (tmp_path / "kept").is_dir()  # a folder that was there before stays
+
+
+def test_serve_with_an_unwritable_work_dir(tmp_path, capsys, serve_model):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    work = blocker / "work"
+    code, err = run(
+        capsys, "serve", "--work-dir", work, "--model", serve_model, "--device", "cpu", "--port", "0"
+    )
+    assert code == 2 and last_error(err) == f"error: {work}: cannot write (Not a directory)"

@@ -58,6 +58,14 @@ def register(subparsers) -> None:
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name the server also answers as (repeat; besides localhost, loopback and --host); "
+        "requests naming another host are refused (DNS rebinding)",
+    )
     add_model_arguments(
         p,
         model_help="model folder or id (default: $MEDSAM3_MODEL, the configured model, else the bundled one)",
@@ -133,6 +141,7 @@ def settings_from_args(args: argparse.Namespace):
         result_ttl=args.result_ttl,
         cache_items=args.cache_items,
         cache_mb=args.cache_mb,
+        allowed_hosts=tuple(args.allowed_host),
         threshold=args.threshold,
         presence_threshold=args.presence_threshold,
     )

@@ -292,16 +292,37 @@ def write_files(out_dir: str | Path, files: Mapping[str, str | bytes | Callable[
     targets = [out_dir / rel for rel in files]
     for t in targets:
         check_not_input(t)
-    with contextlib.ExitStack() as stack:
-        for content, target in zip(files.values(), targets, strict=True):
-            tmp = stack.enter_context(atomic_path(target))
-            if isinstance(content, str):
-                tmp.write_text(content, encoding="utf-8")
-            elif isinstance(content, bytes):
-                tmp.write_bytes(content)
-            else:
-                content(tmp)
+    created = _missing_folders({t.parent for t in targets})
+    try:
+        with contextlib.ExitStack() as stack:
+            for content, target in zip(files.values(), targets, strict=True):
+                tmp = stack.enter_context(atomic_path(target))
+                if isinstance(content, str):
+                    tmp.write_text(content, encoding="utf-8")
+                elif isinstance(content, bytes):
+                    tmp.write_bytes(content)
+                else:
+                    content(tmp)
+    except BaseException:
+        for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty: nothing of anyone else's is removed
+        raise
     return targets
+
+
+def _missing_folders(folders: set[Path]) -> set[Path]:
+    """The folders (and their missing parents) that writing into ``folders`` would create."""
+    missing: set[Path] = set()
+    for folder in folders:
+        for p in (folder, *folder.parents):
+            try:
+                if p.exists():
+                    break
+            except OSError:
+                break
+            missing.add(p)
+    return missing
 
 
 def report_files(

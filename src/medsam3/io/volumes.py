@@ -18,6 +18,7 @@ Checks added here:
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -41,6 +42,19 @@ def _itk_message(exc: Exception) -> str:
     return text.split("): ", 1)[-1][:300]
 
 
+def _raw_pixdim(path: Path, img: AnalyzeImage) -> np.ndarray:
+    """The header's ``pixdim`` as stored (nibabel's loader silently makes zero or negative sizes positive)."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        holder = img.file_map.get("header") or img.file_map["image"]  # .hdr of a pair, else the file
+        with ImageOpener(str(holder.filename or path)) as fh:
+            raw = type(img.header).from_fileobj(fh, check=False)
+    except Exception:  # a header nibabel cannot read twice: keep what it loaded
+        return np.asarray(img.header["pixdim"], dtype=np.float64)
+    return np.asarray(raw["pixdim"], dtype=np.float64)
+
+
 def _check_nifti_complete(path: Path) -> None:
     """Refuse a NIfTI file whose voxel data is shorter than its header promises."""
     import nibabel as nib
@@ -50,7 +64,14 @@ def _check_nifti_complete(path: Path) -> None:
     except Exception as exc:  # nibabel raises many types for broken headers
         raise InputError(path, f"is not a readable NIfTI file ({exc})") from exc
     header = img.header
-    nbytes = int(np.prod(header.get_data_shape(), dtype=np.int64) * header.get_data_dtype().itemsize)
+    shape = header.get_data_shape()
+    pixdim = _raw_pixdim(path, img)[1 : 1 + min(len(shape), 3)]
+    used = np.asarray(shape[: len(pixdim)]) > 1  # a single slice's thickness may be left at 0
+    if not np.all(np.isfinite(pixdim[used])) or np.any(pixdim[used] <= 0):
+        raise InputError(
+            path, f"has invalid voxel sizes in its header (pixdim {pixdim.tolist()}); they must be positive"
+        )
+    nbytes = int(np.prod(shape, dtype=np.int64) * header.get_data_dtype().itemsize)
     data_file = Path(img.file_map["image"].filename or path)
     if data_file != path:  # a .hdr/.img pair: the voxels are in the .img file
         if not data_file.is_file() or data_file.stat().st_size < nbytes:
@@ -162,18 +183,99 @@ def segment_table(header: dict[str, str]) -> list[dict[str, Any]]:
     return out
 
 
+#: Environment variable with the largest number of voxels (times components) a volume may declare.
+MAX_VOXELS_ENV = "MEDSAM3_MAX_VOXELS"
+#: Its default: 2^30 voxels (a 512 x 512 x 4096 CT; 2 GB of int16).
+DEFAULT_MAX_VOXELS = 2**30
+
+
+def max_voxels() -> int:
+    """The voxel limit of :func:`read_volume` (``$MEDSAM3_MAX_VOXELS`` or :data:`DEFAULT_MAX_VOXELS`)."""
+    text = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise InputError(None, f"{MAX_VOXELS_ENV}={text!r} is not a number of voxels") from None
+    if value <= 0:
+        raise InputError(None, f"{MAX_VOXELS_ENV}={text!r} must be positive")
+    return value
+
+
+def _check_declared_size(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Refuse a file whose header declares more voxels than the limit, or more raw data than it holds.
+
+    Only the header is read (``ReadImageInformation``). A header SimpleITK cannot read is left to the
+    reader, which says what is wrong.
+    """
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return
+    size = [int(s) for s in reader.GetSize()]
+    voxels = int(np.prod(size, dtype=np.int64)) * max(int(reader.GetNumberOfComponents()), 1)
+    limit = max_voxels()
+    if voxels > limit:
+        raise InputError(
+            path,
+            f"declares {' x '.join(map(str, size))} = {voxels:,} voxels, more than the limit of {limit:,} "
+            f"(set {MAX_VOXELS_ENV} to read larger volumes)",
+        )
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    if path.name.lower().endswith(".nrrd") and b"encoding: raw" in head and b"data file:" not in head:
+        itemsize = _itemsize(reader)
+        needed = voxels * itemsize
+        if path.stat().st_size < needed:
+            raise InputError(
+                path,
+                f"is truncated: its header declares {needed:,} bytes of raw voxels, the file holds "
+                f"{path.stat().st_size:,} bytes in all",
+            )
+
+
+def _itemsize(reader: sitk.ImageFileReader) -> int:
+    probe = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+    return int(sitk.GetArrayViewFromImage(probe).dtype.itemsize)
+
+
+#: Endings the NIfTI readers recognise (others are read through a link named ``.nii`` / ``.nii.gz``).
+NIFTI_NAMES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
+
+
 def read_volume(path: Path, fmt: str) -> dict[str, Any]:
     """Read a NIfTI / NRRD / MetaImage file.
 
     Returns a dict with ``array`` (``(Z, Y, X)``, ``(Y, X)``, ``(Y, X, C)`` colour, or for a multi-layer
     ``.seg.nrrd`` ``(Z, Y, X, L)`` with ``layers=True``), ``spacing``, ``origin``, ``direction`` (ITK order,
     LPS), ``is_color``, ``layers`` and ``header`` (the file's metadata dictionary).
+
+    A NIfTI file recognised by its content but named without ``.nii`` / ``.nii.gz`` is read through a link
+    with the right name (the readers choose by name); messages name the file itself.
     """
+    if fmt == "nifti" and not path.name.lower().endswith(NIFTI_NAMES):
+        import tempfile
+
+        with open(path, "rb") as fh:
+            suffix = ".nii.gz" if fh.read(2) == b"\x1f\x8b" else ".nii"
+        with tempfile.TemporaryDirectory(prefix="medsam3-") as folder:
+            link = Path(folder) / f"image{suffix}"
+            link.symlink_to(path.resolve())
+            try:
+                return _read_volume(link, fmt)
+            except InputError as exc:
+                raise InputError(path, exc.problem.replace(str(link), str(path))) from None
+    return _read_volume(path, fmt)
+
+
+def _read_volume(path: Path, fmt: str) -> dict[str, Any]:
     what = _FORMAT_NAME[fmt]
-    if fmt == "nifti":
-        _check_nifti_complete(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    _check_declared_size(path, reader)  # before anything is allocated
+    if fmt == "nifti":
+        _check_nifti_complete(path)
     try:
         image = reader.Execute()
     except RuntimeError as exc:

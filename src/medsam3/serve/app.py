@@ -32,7 +32,9 @@ import contextlib
 import hmac
 import io
 import logging
+import math
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -49,6 +51,7 @@ from medsam3.serve.schemas import LoginIn, SegmentIn
 from medsam3.serve.service import Service
 from medsam3.serve.settings import ServeSettings
 from medsam3.serve.store import check_plane
+from medsam3.serve.throttle import FailureThrottle
 from medsam3.serve.uploads import MASK_OUTPUTS, download_stem
 
 log = logging.getLogger("medsam3.serve")
@@ -141,15 +144,38 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
     )
     app.state.service = service
     app.state.settings = settings
+    throttle = FailureThrottle()
     install_error_handlers(app, hide=service.hidden_paths)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
         set_cookie = False
+        host = request.headers.get("host")
+        if not settings.host_allowed(host):
+            return error_response(
+                400,
+                f"unknown Host {host!r}: this server answers as localhost or the address it serves on "
+                "(server option --allowed-host adds names)",
+            )
+        origin = request.headers.get("origin")
+        if request.method in ("POST", "PUT", "PATCH", "DELETE") and origin and origin != "null":
+            if urlsplit(origin).netloc.lower() != (host or "").lower():
+                return error_response(403, f"cross-origin request from {origin} refused")
+        client = request.client.host if request.client else "unknown"
+        if settings.token is not None:
+            wait = throttle.wait(client)
+            if wait > 0:
+                return error_response(
+                    429,
+                    f"too many failed authentication attempts from {client}; retry in {math.ceil(wait)} s",
+                    {"Retry-After": str(math.ceil(wait))},
+                )
         if settings.token is not None and path not in _PUBLIC:
             given, from_query = _request_token(request)
             if not _token_ok(given, settings.token):
+                if given:  # a wrong token, not a missing one
+                    throttle.failed(client)
                 wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
                 if wants_page and path in ("/", "/index.html"):
                     return RedirectResponse("/login", status_code=303)
@@ -191,6 +217,8 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
     async def login_form(request: Request):
         form = await request.form(max_files=0, max_fields=2)
         token = form.get("token")
+        if settings.token is not None and not (isinstance(token, str) and _token_ok(token, settings.token)):
+            throttle.failed(request.client.host if request.client else "unknown")
         if settings.token is None or (isinstance(token, str) and _token_ok(token, settings.token)):
             response = RedirectResponse("/", status_code=303)
             if settings.token is not None:
@@ -199,10 +227,11 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
         return RedirectResponse("/login?failed=1", status_code=303)
 
     @app.post("/api/login", tags=["auth"], summary="exchange the token for a session cookie")
-    async def login(body: LoginIn):
+    async def login(body: LoginIn, request: Request):
         if settings.token is None:
             return {"ok": True, "auth": False}
         if not _token_ok(body.token, settings.token):
+            throttle.failed(request.client.host if request.client else "unknown")
             raise ApiError(401, "wrong token")
         response = JSONResponse({"ok": True, "auth": True})
         response.set_cookie(COOKIE, settings.token, httponly=True, samesite="strict")
@@ -288,6 +317,11 @@ def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
     @app.delete("/api/images/{image_id}", tags=["images"], summary="remove an uploaded image")
     async def image_delete(image_id: str = _id_param()):
         service.images.get(image_id)
+        busy = service.pending_jobs(image_id)
+        if busy:
+            raise ApiError(
+                409, f"image {image_id} has {busy} job(s) queued or running; delete it when they end"
+            )
         service.images.remove(image_id)
         return {"deleted": image_id}
 

@@ -3,8 +3,9 @@
 A job goes ``queued -> running -> done`` or ``-> failed`` (with a message for the client). At most
 ``workers`` jobs run at once and at most ``queue_size`` wait; :meth:`JobQueue.submit` on a full queue raises
 :class:`QueueFull` with a ``Retry-After`` estimate (seconds: the mean run time so far times the jobs ahead
-per worker, at least 1). Jobs are never dropped silently: each submitted job ends ``done`` or ``failed``,
-also when the server shuts down (queued jobs then fail with a message saying so).
+per worker, at least 1; 1 before any job has finished, when there is nothing to estimate from). Jobs
+are never dropped silently: each submitted job ends ``done`` or ``failed``, also when the server shuts
+down (queued jobs then fail with a message saying so).
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ class JobQueue:
     def retry_after(self) -> int:
         """Seconds a client should wait before submitting again (see the module docstring)."""
         with self._lock:
-            mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
+            if not self._durations:  # nothing measured yet: no estimate better than "soon"
+                return 1
+            mean = sum(self._durations) / len(self._durations)
             ahead = len(self._waiting) + self._running
         return max(1, min(600, math.ceil(mean * max(ahead, 1) / self.workers)))
 

@@ -30,6 +30,7 @@ from typing import Any
 from fastapi import Request
 
 from medsam3.errors import InputError, MedSam3Error
+from medsam3.io.atomic import write_error
 from medsam3.predict.engine import Engine
 from medsam3.predict.segmenter import Segmenter
 from medsam3.preprocess.intensity import parse_window
@@ -57,10 +58,15 @@ class Service:
             if settings.work_dir is None
             else Path(settings.work_dir)
         )
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.images = ImageStore(self.work_dir / "images", memory_bytes=settings.image_memory_bytes)
         self.jobs_dir = self.work_dir / "jobs"
-        self.jobs_dir.mkdir(exist_ok=True)
+        try:
+            for folder in (self.work_dir, self.work_dir / "images", self.jobs_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-")  # writable, not just there
+                probe.close()
+        except OSError as exc:
+            raise write_error(folder, exc) from None
+        self.images = ImageStore(self.work_dir / "images", memory_bytes=settings.image_memory_bytes)
         self.cache = FeatureCache(settings.cache_items, settings.cache_bytes)
         install_feature_cache(loaded.model, self.cache)
         self.model_name = Path(str(getattr(loaded, "source", "model"))).name or "model"
@@ -199,6 +205,11 @@ class Service:
         except BaseException:
             shutil.rmtree(job.folder, ignore_errors=True)
             raise
+
+    def pending_jobs(self, image_id: str) -> int:
+        """How many jobs of ``image_id`` are queued or running."""
+        with self._lock:
+            return sum(1 for j in self._jobs.values() if j.image_id == image_id and not j.ended)
 
     def job_file(self, job: Job, kind: str) -> Path:
         """A result file of a finished job (409 while it is not done, 404 when it has no such file)."""

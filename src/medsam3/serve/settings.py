@@ -48,6 +48,8 @@ class ServeSettings:
         work_dir: folder for uploads and results (``None``: a fresh temporary folder removed at exit).
         threshold, presence_threshold: default decision thresholds of a segmentation (a request may
             override them).
+        allowed_hosts: ``Host`` names the server answers besides ``localhost``, ``127.0.0.1``, ``::1`` and
+            ``host`` (:meth:`host_allowed`).
     """
 
     host: str = "127.0.0.1"
@@ -73,6 +75,7 @@ class ServeSettings:
     threshold: float = field(default_factory=lambda: default_of("threshold"))
     presence_threshold: float = field(default_factory=lambda: default_of("presence_threshold"))
     log_level: str = "info"
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.token is not None:
@@ -113,6 +116,21 @@ class ServeSettings:
     def is_loopback(self) -> bool:
         return is_loopback_host(self.host)
 
+    def host_allowed(self, host_header: str | None) -> bool:
+        """Whether a request's ``Host`` names this server. A web page the user visits can resolve its own
+        domain to 127.0.0.1 (DNS rebinding) and would then reach the API; its requests carry that domain as
+        ``Host`` and are refused. Allowed: ``localhost``, loopback addresses, the address served on and
+        :attr:`allowed_hosts`; any name when serving on every interface (``0.0.0.0`` / ``::``) with no
+        ``allowed_hosts`` (then a token is what protects the server)."""
+        name = _host_name(host_header or "")
+        if not name:
+            return False
+        wildcard = self.host in ("0.0.0.0", "::", "")
+        if wildcard and not self.allowed_hosts:
+            return True
+        known = {"localhost", "127.0.0.1", "::1", self.host.lower(), *(h.lower() for h in self.allowed_hosts)}
+        return name in known or (name.endswith(".localhost"))
+
     # -- checks --------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise :class:`SettingsError` naming the first setting that is out of range."""
@@ -143,6 +161,14 @@ class ServeSettings:
                 raise SettingsError(f"the token must have at least {MIN_TOKEN_LENGTH} characters")
             if not re.fullmatch(r"[\x21-\x7e]+", self.token):
                 raise SettingsError("the token must be printable ASCII without spaces")
+
+
+def _host_name(header: str) -> str:
+    """The host of a ``Host`` / origin authority without its port: ``[::1]:8000`` -> ``::1``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def is_loopback_host(host: str) -> bool:

@@ -239,6 +239,14 @@ def sniff_upload(path: Path, name: str) -> str:
     if _is_zip(path):
         if not zipfile.is_zipfile(path):
             raise ApiError(400, f"{name}: a damaged zip archive (no readable central directory)")
+        with zipfile.ZipFile(path) as zf:
+            members = [i.filename for i in zf.infolist() if not i.is_dir()]
+        if members and all(m.endswith(".npy") for m in members):
+            raise ApiError(
+                415,
+                f"{name}: a numpy .npz archive; the server takes NIfTI, NRRD, a DICOM series as .zip, a "
+                "DICOM file, PNG, JPEG, BMP or TIFF (the command line reads npz: medsam3 segment case.npz)",
+            )
         return "dicom-zip"
     try:
         fmt = detect_format(path)
