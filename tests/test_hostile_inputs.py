@@ -587,3 +587,147 @@ def test_serve_with_an_unwritable_work_dir(tmp_path, capsys, serve_model):
         capsys, "serve", "--work-dir", work, "--model", serve_model, "--device", "cpu", "--port", "0"
     )
     assert code == 2 and last_error(err) == f"error: {work}: cannot write (Not a directory)"
+
+
+# -- what survives a server restart --------------------------------------------------------------------------
+def _held_service(settings, loaded, gate):
+    from medsam3.serve.service import Service
+
+    service = Service(settings, loaded)
+    real = service.queue.execute
+
+    def held(job):
+        gate.wait()  # a server killed while this job runs: the (daemon) thread never comes back
+        return real(job)
+
+    service.queue.execute = held
+    return service
+
+
+def test_a_restarted_server_knows_its_images_and_runs_every_job_it_accepted(tmp_path, serve_model):
+    import threading
+
+    from medsam3.model.loading import load_sam3
+    from medsam3.serve.schemas import SegmentIn
+    from medsam3.serve.service import Service
+    from medsam3.serve.uploads import Received
+    from serve_fixtures import make_settings
+
+    settings = make_settings(serve_model, tmp_path / "work", workers=1, queue_size=8, result_ttl=3600.0)
+    loaded = load_sam3(serve_model, device="cpu", dtype="fp32")
+    gate = threading.Event()
+    old = _held_service(settings, loaded, gate)
+    image_id = "ab" * 16
+    folder = old.images.new_folder(image_id)
+    shutil.copy(HC18, folder / "upload.part")
+    size = (folder / "upload.part").stat().st_size
+    rec = old._read_upload(image_id, folder, Received(folder / "upload.part", "head.png", size))
+    body = SegmentIn.model_validate({"prompts": [{"text": "head"}]})
+    jobs = [old.submit(rec.id, body) for _ in range(3)]
+    deadline = time.time() + 30
+    while jobs[0].status != "running" and time.time() < deadline:
+        time.sleep(0.02)
+    assert [j.status for j in jobs] == ["running", "queued", "queued"]
+    (old.jobs_dir / jobs[0].id).mkdir()  # the partial folder of the job that was cut short
+    stray = old.jobs_dir / ("cd" * 16)
+    stray.mkdir()  # a folder no record knows, older than the results' lifetime
+    os.utime(stray, (time.time() - 7200, time.time() - 7200))
+    # the old server is killed here: no shutdown, its worker stays blocked
+
+    new = Service(settings, loaded)
+    try:
+        assert new.images.get(image_id).name == "head.png"
+        for job in jobs:
+            got = new.get_job(job.id)
+            deadline = time.time() + 60
+            while not got.ended and time.time() < deadline:
+                time.sleep(0.05)
+            assert got.status == "done", got.error
+            assert new.job_file(got, "mask").is_file()
+        assert not stray.exists()
+    finally:
+        new.close()
+
+
+def _serve(work: Path, model: Path, port: int) -> subprocess.Popen:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    cmd = [
+        sys.executable,
+        "-m",
+        "medsam3.cli",
+        "serve",
+        "--work-dir",
+        str(work),
+        "--port",
+        str(port),
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--queue-size",
+        "32",
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_up(client, proc: subprocess.Popen) -> None:
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if client.get("/api/info").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not start")
+
+
+def test_server_killed_with_jobs_queued_answers_for_every_job_after_a_restart(tmp_path, serve_model):
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work = tmp_path / "work"
+    hippo = Path(medsam3.__file__).parent / "assets" / "samples" / "hippocampus_019.nii.gz"
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        server = _serve(work, serve_model, port)
+        try:
+            _wait_up(client, server)
+            with open(hippo, "rb") as fh:
+                image_id = client.post("/api/images", files={"file": (hippo.name, fh)}).json()["image_id"]
+            body = {"prompts": [{"text": "hippocampus"}, {"text": "liver"}]}
+            ids = [
+                client.post(f"/api/images/{image_id}/segment", json=body).json()["job_id"] for _ in range(8)
+            ]
+            server.kill()  # SIGKILL, with jobs queued and one running
+            server.wait(30)
+            from medsam3.serve.durable import StateStore
+
+            recorded = StateStore(work)
+            unfinished = [j.status for j in recorded.jobs() if not j.ended]
+            recorded.close()
+            assert unfinished and set(unfinished) <= {"queued", "running"}
+            states = []
+            server = _serve(work, serve_model, port)
+            _wait_up(client, server)
+            for job_id in ids:
+                deadline = time.time() + 240
+                while True:
+                    r = client.get(f"/api/jobs/{job_id}")
+                    assert r.status_code == 200, r.text  # never forgotten
+                    if r.json()["status"] in ("done", "failed") or time.time() > deadline:
+                        break
+                    time.sleep(0.1)
+                states.append(r.json()["status"])
+            assert states == ["done"] * len(ids)
+            assert client.get(f"/api/jobs/{ids[-1]}/mask").status_code == 200
+        finally:
+            server.terminate()
+            server.wait(30)

@@ -150,7 +150,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 _TEMPORARY = re.compile(r"^\..*\.(\d+)-[^./]+\.part")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a process this user may not signal counts as running)."""
     if pid == os.getpid():
         return True
     try:
@@ -171,7 +172,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         return removed
     for item in folder.iterdir():
         match = _TEMPORARY.match(item.name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or process_alive(int(match.group(1))):
             continue
         with contextlib.suppress(OSError):
             if item.is_dir() and not item.is_symlink():

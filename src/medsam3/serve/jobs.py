@@ -107,11 +107,13 @@ class JobQueue:
         *,
         workers: int = 1,
         queue_size: int = 16,
+        on_change: Callable[[Job], None] | None = None,
     ):
         if workers < 1 or queue_size < 1:
             raise ValueError("workers and queue_size must be >= 1")
         self.execute = execute
         self.describe_error = describe_error
+        self.on_change = on_change
         self.workers = int(workers)
         self.queue_size = int(queue_size)
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=self.queue_size)
@@ -186,17 +188,29 @@ class JobQueue:
                 continue
             with self._lock:
                 self._waiting.remove(job.id)
-                if self._stop.is_set():
+                stopped = self._stop.is_set()
+                if stopped:
                     job.status, job.finished = FAILED, time.time()
                     job.error = "the server shut down before this job ran"
                     self.failed += 1
-                    continue
-                self._running += 1
+                else:
+                    self._running += 1
+            if stopped:
+                self._changed(job)
+                continue
             self._run(job)
+
+    def _changed(self, job: Job) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(job)
+            except Exception:  # recording a transition must never lose the job itself
+                log.exception("could not record the state of job %s", job.id)
 
     def _run(self, job: Job) -> None:
         job.started = time.time()
         job.status = RUNNING
+        self._changed(job)
         try:
             result = self.execute(job)
         except BaseException as exc:  # every failure becomes the job's message
@@ -210,6 +224,7 @@ class JobQueue:
             with self._lock:
                 self._running -= 1
                 self.failed += 1
+            self._changed(job)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -220,6 +235,7 @@ class JobQueue:
             self._running -= 1
             self.completed += 1
             self._durations = (self._durations + [job.finished - job.started])[-20:]
+        self._changed(job)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop taking jobs; queued jobs fail with a message; wait up to ``timeout`` s for running ones."""

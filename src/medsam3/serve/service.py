@@ -35,6 +35,12 @@ from medsam3.predict.engine import Engine
 from medsam3.predict.segmenter import Segmenter
 from medsam3.preprocess.intensity import parse_window
 from medsam3.serve.cache import FeatureCache, install_feature_cache
+from medsam3.serve.durable import (
+    StateStore,
+    sweep_dead_temporary_work_dirs,
+    sweep_unknown,
+    temporary_work_dir,
+)
 from medsam3.serve.errors import ApiError, public_message
 from medsam3.serve.jobs import FAILED, QUEUED, RUNNING, Job, JobQueue, QueueFull, is_valid_id, new_id
 from medsam3.serve.results import request_prompts, segment_job
@@ -53,11 +59,10 @@ class Service:
         self.settings = settings
         self.loaded = loaded
         self._own_work_dir = settings.work_dir is None
-        self.work_dir = (
-            Path(tempfile.mkdtemp(prefix="medsam3-serve-"))
-            if settings.work_dir is None
-            else Path(settings.work_dir)
-        )
+        if self._own_work_dir:
+            for gone in sweep_dead_temporary_work_dirs():
+                log.info("removed %s, the work folder of a server that no longer runs", gone)
+        self.work_dir = temporary_work_dir() if settings.work_dir is None else Path(settings.work_dir)
         self.jobs_dir = self.work_dir / "jobs"
         try:
             for folder in (self.work_dir, self.work_dir / "images", self.jobs_dir):
@@ -74,10 +79,59 @@ class Service:
         self._expired_jobs: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         self.engine = Engine(loaded)
+        self.state = StateStore(self.work_dir)
+        self.images.state = self.state
         self.queue = JobQueue(
-            self.execute, self.describe_error, workers=settings.workers, queue_size=settings.queue_size
+            self.execute,
+            self.describe_error,
+            workers=settings.workers,
+            queue_size=settings.queue_size,
+            on_change=self.state.put_job,
         )
         self.started = time.time()
+        self._restore()
+
+    def _restore(self) -> None:
+        """Take over the images and jobs recorded by a server on this work folder
+        (:mod:`medsam3.serve.durable`)."""
+        known: set[str] = set()
+        for rec in self.state.images():
+            if rec.folder.is_dir():
+                self.images.restore(rec)
+                known.add(rec.id)
+            else:
+                self.state.drop_image(rec.id)
+        requeued = failed = 0
+        for job in self.state.jobs():
+            with self._lock:
+                self._jobs[job.id] = job
+            if job.ended:
+                continue
+            shutil.rmtree(job.folder, ignore_errors=True)  # a partial result of a run that was cut short
+            job.status, job.started, job.finished = QUEUED, None, None
+            reason = None if job.image_id in known else "its image was lost when the server restarted"
+            if reason is None:
+                try:
+                    self.queue.submit(job)
+                    requeued += 1
+                except QueueFull:
+                    reason = "it could not be queued again after the server restarted (the queue was full)"
+            if reason is not None:
+                job.status, job.error, job.finished = FAILED, f"{reason}; submit it again", time.time()
+                failed += 1
+            self.state.put_job(job)
+        ttl = self.settings.result_ttl
+        swept = sweep_unknown(self.work_dir / "images", known, ttl)
+        swept += sweep_unknown(self.jobs_dir, set(self._jobs), ttl)
+        if known or self._jobs or swept:
+            log.info(
+                "restored %d image(s), %d job(s) (%d queued again, %d failed); removed %d unknown folder(s)",
+                len(known),
+                len(self._jobs),
+                requeued,
+                failed,
+                len(swept),
+            )
 
     # -- messages --------------------------------------------------------------------------------------
     @property
@@ -171,11 +225,13 @@ class Service:
         job.folder = self.jobs_dir / job.id
         with self._lock:
             self._jobs[job.id] = job
+        self.state.put_job(job)  # recorded before it can run: a restart finds it
         try:
             self.queue.submit(job)
         except QueueFull as exc:
             with self._lock:
                 self._jobs.pop(job.id, None)
+            self.state.drop_job(job.id)
             raise ApiError(
                 503,
                 f"the server is busy: {exc} (server options --workers / --queue-size); "
@@ -226,6 +282,7 @@ class Service:
         """Forget an ended job and remove its files."""
         with self._lock:
             self._jobs.pop(job.id, None)
+        self.state.drop_job(job.id)
         shutil.rmtree(job.folder, ignore_errors=True)
 
     # -- expiry ----------------------------------------------------------------------------------------
@@ -244,6 +301,7 @@ class Service:
                 self._expired_jobs.popitem(last=False)
             busy = {j.image_id for j in self._jobs.values() if not j.ended}
         for job in gone_jobs:
+            self.state.drop_job(job.id)
             shutil.rmtree(job.folder, ignore_errors=True)
         gone_images = [r.id for r in self.images.records() if r.id not in busy and r.last_used + ttl <= now]
         for image_id in gone_images:
@@ -280,5 +338,6 @@ class Service:
     def close(self) -> None:
         """Stop the workers and remove a work folder the service created itself."""
         self.queue.shutdown()
+        self.state.close()
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -122,6 +122,8 @@ class ImageStore:
         self._expired: OrderedDict[str, float] = OrderedDict()
         self._loaded: OrderedDict[str, Image] = OrderedDict()
         self._lock = threading.Lock()
+        #: Where added and removed records are also written (``put_image`` / ``drop_image``), if anywhere.
+        self.state: Any = None
 
     # -- ids and folders -----------------------------------------------------------------------------
     def new_folder(self, image_id: str) -> Path:
@@ -204,6 +206,8 @@ class ImageStore:
         with self._lock:
             self._records[image_id] = rec
             self._remember(image_id, image)
+        if self.state is not None:
+            self.state.put_image(rec)
         return rec
 
     # -- pixel access --------------------------------------------------------------------------------
@@ -240,7 +244,14 @@ class ImageStore:
         return np.ascontiguousarray(take_slice(self.display(rec), axis, index, display=True))
 
     # -- removal and expiry --------------------------------------------------------------------------
+    def restore(self, rec: ImageRecord) -> None:
+        """Know ``rec`` again (a record kept by a server that ran on the same folder before)."""
+        with self._lock:
+            self._records[rec.id] = rec
+
     def remove(self, image_id: str, *, expired: bool = False) -> None:
+        if self.state is not None:
+            self.state.drop_image(image_id)
         with self._lock:
             rec = self._records.pop(image_id, None)
             self._loaded.pop(image_id, None)
