@@ -731,3 +731,25 @@ def test_server_killed_with_jobs_queued_answers_for_every_job_after_a_restart(tm
         finally:
             server.terminate()
             server.wait(30)
+
+
+def test_uploads_stay_within_the_storage_budget(tmp_path, serve_model):
+    from serve_fixtures import client_for, make_settings, upload
+
+    with client_for(make_settings(serve_model, tmp_path / "probe")) as client:
+        empty = client.app.state.service.storage_bytes()
+        upload(client, HC18)
+        per_image = client.app.state.service.storage_bytes() - empty  # the upload and its display copy
+    budget_mb = (empty + 2.5 * per_image) / 2**20
+    settings = make_settings(serve_model, tmp_path / "work", max_storage_mb=budget_mb)
+    with client_for(settings) as client:
+        service = client.app.state.service
+        ids = [upload(client, HC18).json()["image_id"] for _ in range(5)]
+        assert service.storage_bytes() <= settings.max_storage_bytes
+        assert client.get(f"/api/images/{ids[0]}").status_code == 410  # the oldest idle ones expired
+        assert client.get(f"/api/images/{ids[-1]}").status_code == 200
+    small = make_settings(serve_model, tmp_path / "work2", max_storage_mb=(empty + per_image / 2) / 2**20)
+    with client_for(small) as client:
+        r = upload(client, HC18)
+        assert r.status_code == 507 and "not enough storage for this upload" in r.json()["error"]
+        assert client.app.state.service.images.records() == []

@@ -59,6 +59,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
+        "--max-storage-mb",
+        type=_positive(float),
+        default=20480.0,
+        metavar="MB",
+        help="disk budget of the work folder (uploads and results, default 20480); the oldest idle images "
+        "expire first when an upload needs room, then uploads get 507",
+    )
+    p.add_argument(
         "--allowed-host",
         action="append",
         default=[],
@@ -142,6 +150,7 @@ def settings_from_args(args: argparse.Namespace):
         cache_items=args.cache_items,
         cache_mb=args.cache_mb,
         allowed_hosts=tuple(args.allowed_host),
+        max_storage_mb=args.max_storage_mb,
         threshold=args.threshold,
         presence_threshold=args.presence_threshold,
     )

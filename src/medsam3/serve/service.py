@@ -18,7 +18,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -153,6 +155,9 @@ class Service:
         """Receive, check, read and store an upload; returns its public description (ApiError on refusal)."""
         from starlette.concurrency import run_in_threadpool
 
+        length = request.headers.get("content-length")
+        incoming = int(length) if length and length.isdigit() else self.settings.max_upload_bytes
+        await run_in_threadpool(self.make_room, incoming)
         image_id = new_id()
         folder = self.images.new_folder(image_id)
         try:
@@ -160,6 +165,11 @@ class Service:
             rec = await run_in_threadpool(self._read_upload, image_id, folder, received)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
+            raise
+        try:  # what it takes once stored (the upload, its display copy) must fit too
+            await run_in_threadpool(self.make_room, 0, image_id)
+        except ApiError:
+            self.images.remove(image_id)
             raise
         return rec.info
 
@@ -177,6 +187,42 @@ class Service:
         return self.images.add(
             image_id, folder, received.name, stored, image, received.series_uid, received.modality
         )
+
+    # -- storage ---------------------------------------------------------------------------------------
+    def storage_bytes(self) -> int:
+        """Bytes the work folder holds (images, their copies, results)."""
+        total = 0
+        for root, _, files in os.walk(self.work_dir):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(root, name)).st_size
+        return total
+
+    def make_room(self, incoming: int, keep: str | None = None) -> None:
+        """Make room for ``incoming`` more bytes within the storage budget: expire the least recently used
+        idle images (and their jobs' results) first, never ``keep``; 507 when that is not enough."""
+        budget = self.settings.max_storage_bytes
+        used = self.storage_bytes()
+        if used + incoming <= budget:
+            return
+        with self._lock:
+            busy = {j.image_id for j in self._jobs.values() if not j.ended} | {keep}
+        for rec in sorted(self.images.records(), key=lambda r: r.last_used):
+            if used + incoming <= budget:
+                return
+            if rec.id in busy:
+                continue
+            for job in [j for j in list(self._jobs.values()) if j.image_id == rec.id]:
+                self.cleanup_job(job)
+            self.images.remove(rec.id, expired=True)
+            log.info("expired image %s early to stay within the storage budget", rec.id)
+            used = self.storage_bytes()
+        if used + incoming > budget:
+            raise ApiError(
+                507,
+                f"not enough storage for this upload ({incoming / 2**20:.1f} MB): {used / 2**20:.1f} of "
+                f"{budget / 2**20:.1f} MB are in use by images being segmented (option --max-storage-mb)",
+            )
 
     # -- jobs ------------------------------------------------------------------------------------------
     def get_job(self, job_id: str) -> Job:

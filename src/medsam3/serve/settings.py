@@ -48,6 +48,8 @@ class ServeSettings:
         work_dir: folder for uploads and results (``None``: a fresh temporary folder removed at exit).
         threshold, presence_threshold: default decision thresholds of a segmentation (a request may
             override them).
+        max_storage_mb: disk budget of the work folder (images and results); the oldest idle images
+            expire first when an upload needs room, then uploads get 507.
         allowed_hosts: ``Host`` names the server answers besides ``localhost``, ``127.0.0.1``, ``::1`` and
             ``host`` (:meth:`host_allowed`).
     """
@@ -76,6 +78,7 @@ class ServeSettings:
     presence_threshold: float = field(default_factory=lambda: default_of("presence_threshold"))
     log_level: str = "info"
     allowed_hosts: tuple[str, ...] = ()
+    max_storage_mb: float = 20480.0
 
     def __post_init__(self) -> None:
         if self.token is not None:
@@ -92,6 +95,11 @@ class ServeSettings:
     @property
     def max_unzipped_bytes(self) -> int:
         return int(self.max_unzipped_mb * _MB)
+
+    @property
+    def max_storage_bytes(self) -> int:
+        """The disk budget of the work folder: uploads, their copies and the results."""
+        return int(self.max_storage_mb * 1024 * 1024)
 
     @property
     def max_json_bytes(self) -> int:
@@ -147,6 +155,7 @@ class ServeSettings:
             "cache-items": self.cache_items,
             "cache-mb": self.cache_mb,
             "image-memory-mb": self.image_memory_mb,
+            "max-storage-mb": self.max_storage_mb,
         }
         for name, value in positive.items():
             if not value > 0:
