@@ -753,3 +753,21 @@ def test_uploads_stay_within_the_storage_budget(tmp_path, serve_model):
         r = upload(client, HC18)
         assert r.status_code == 507 and "not enough storage for this upload" in r.json()["error"]
         assert client.app.state.service.images.records() == []
+
+
+def test_an_npz_declaring_a_huge_array_is_refused_before_allocation(tmp_path, capsys):
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<i2", "fortran_order": False, "shape": (2000, 2000, 2000)}
+    )
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("imgs.npy", header.getvalue() + b"\0" * 64)
+    code, err = run(capsys, "info", path)
+    assert code == 2 and last_error(err) == (
+        f"error: {path}: array 'imgs' declares shape (2000, 2000, 2000) = 8,000,000,000 values, "
+        "more than the limit of 1,073,741,824 (set MEDSAM3_MAX_VOXELS to read larger volumes)"
+    )

@@ -102,7 +102,36 @@ def _prompts(value: Any) -> dict[int, str]:
     return out
 
 
+def _check_declared_sizes(path: Path) -> None:
+    """Refuse members whose ``.npy`` headers declare more voxels than the limit (a few compressed bytes can
+    declare gigabytes), before any array is allocated."""
+    from medsam3.io.volumes import MAX_VOXELS_ENV, max_voxels
+
+    limit = max_voxels()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                        version, np.lib.format.read_array_header_2_0
+                    )
+                    shape = read(fh)[0]
+                count = int(np.prod(shape, dtype=np.float64))  # float: no overflow on forged shapes
+                if count > limit:
+                    raise InputError(
+                        path,
+                        f"array {info.filename[:-4]!r} declares shape {tuple(shape)} = {count:,} values, "
+                        f"more than the limit of {limit:,} (set {MAX_VOXELS_ENV} to read larger volumes)",
+                    )
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError):
+        return  # np.load below says what is wrong with the file
+
+
 def _open(path: Path) -> dict[str, Any]:
+    _check_declared_sizes(path)
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
