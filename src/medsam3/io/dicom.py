@@ -277,12 +277,43 @@ def apply_rescale(raw: np.ndarray, pairs: list[tuple[float, float]]) -> np.ndarr
     return out
 
 
+#: What decodes compressed pixel data (all permissively licensed): GDCM (JPEG Baseline / Extended /
+#: Lossless, JPEG-LS, JPEG 2000, RLE), pylibjpeg-openjpeg (JPEG 2000, HTJ2K), pylibjpeg-rle (RLE), pyjpegls
+#: (JPEG-LS); pydicom itself reads Deflate and RLE.
+DECODERS = "python-gdcm pylibjpeg pylibjpeg-openjpeg pylibjpeg-rle pyjpegls"
+
+
+def missing_decoder(ds: Dataset) -> str | None:
+    """Why the pixel data of ``ds`` cannot be decoded here (its transfer syntax named), or ``None``."""
+    from pydicom.pixels import get_decoder
+
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if uid is None or not uid.is_compressed:
+        return None
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return f"its transfer syntax {uid.name} ({uid}) has no decoder in pydicom"
+    if decoder.is_available:
+        return None
+    return (
+        f"its transfer syntax {uid.name} ({uid}) needs a decoder that is not installed "
+        f"(pip install {DECODERS})"
+    )
+
+
 def _decode(path: Path) -> tuple[Dataset, np.ndarray]:
     """Full dataset and its pixel array (pydicom decoders; colour is returned as RGB)."""
     try:
         full = pydicom.dcmread(path, force=True)
+    except Exception as exc:
+        raise InputError(path, f"cannot be read as DICOM ({exc})") from exc
+    missing = missing_decoder(full)
+    if missing is not None:
+        raise InputError(path, f"DICOM pixel data cannot be decoded: {missing}")
+    try:
         return full, full.pixel_array
-    except Exception as exc:  # missing decoder, corrupt pixel data, ...
+    except Exception as exc:  # corrupt pixel data, a decoder that fails on it, ...
         raise InputError(path, f"DICOM pixel data cannot be decoded ({exc})") from exc
 
 
