@@ -27,7 +27,8 @@ Summary
 -------
 ``summary.csv`` (rewritten atomically after every case): ``case``, ``input``, ``status`` (``ok``,
 ``skipped``, ``failed``, ``interrupted``), ``error``, ``seconds``, then ``<prompt> voxels`` and
-``<prompt> ml`` per prompt (pixels and nothing for 2D images).
+``<prompt> ml`` and ``<prompt> mean`` (mean intensity in the input's units) per prompt (pixels and no ml
+for 2D images).
 """
 
 from __future__ import annotations
@@ -165,7 +166,10 @@ def label_rows(summary: dict) -> list[dict[str, Any]]:
     rows = []
     for e in summary.get("labels", []):
         voxels = e.get("voxels", e.get("area_px"))
-        rows.append({"name": e.get("name"), "voxels": voxels, "ml": e.get("volume_ml")})
+        intensity = (e.get("statistics") or {}).get("intensity") or {}
+        rows.append(
+            {"name": e.get("name"), "voxels": voxels, "ml": e.get("volume_ml"), "mean": intensity.get("mean")}
+        )
     return rows
 
 
@@ -180,7 +184,7 @@ def write_summary_csv(path: Path, outcomes: Sequence[CaseOutcome], label_names: 
             "status",
             "error",
             "seconds",
-            *[f"{n} {unit}" for n in label_names for unit in ("voxels", "ml")],
+            *[f"{n} {unit}" for n in label_names for unit in ("voxels", "ml", "mean")],
         ]
     )
     for o in outcomes:
@@ -188,8 +192,12 @@ def write_summary_csv(path: Path, outcomes: Sequence[CaseOutcome], label_names: 
         cells = []
         for n in label_names:
             r = by_name.get(n, {})
-            ml = r.get("ml")
-            cells += ["" if r.get("voxels") is None else r["voxels"], "" if ml is None else f"{ml:.6g}"]
+            ml, mean = r.get("ml"), r.get("mean")
+            cells += [
+                "" if r.get("voxels") is None else r["voxels"],
+                "" if ml is None else f"{ml:.6g}",
+                "" if mean is None else f"{mean:.6g}",
+            ]
         writer.writerow([o.case.name, str(o.case.path), o.status, o.error, f"{o.seconds:.2f}", *cells])
     return write_text_atomic(path, buf.getvalue())
 

@@ -245,10 +245,18 @@ class SegmentationResult:
                 "background": 0,
                 "values": "see labels[].value; 0 is background",
             },
-            "labels": [e.to_dict() for e in self.labels],
+            "labels": [self._entry_dict(e) for e in self.labels],
             "settings": self.settings,
             "versions": package_versions(),
         }
+
+    def _entry_dict(self, entry: LabelEntry) -> dict[str, Any]:
+        out = entry.to_dict()
+        if entry.value is not None and not entry.absent:
+            from medsam3.predict.statistics import label_statistics
+
+            out["statistics"] = label_statistics(self.label_map, entry.value, self.reference)
+        return out
 
     def table(self) -> str:
         """A short plain-text table: value, name, score, presence, area (voxels, ml, slices), status."""
