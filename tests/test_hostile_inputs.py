@@ -645,6 +645,11 @@ def test_a_restarted_server_knows_its_images_and_runs_every_job_it_accepted(tmp_
             assert got.status == "done", got.error
             assert new.job_file(got, "mask").is_file()
         assert not stray.exists()
+        # after the results' lifetime everything of the old run is gone: the disk is back to the state file
+        assert new.cleanup(now=time.time() + settings.result_ttl + 1) == {"jobs": 3, "images": 1}
+        assert not any(p.is_file() for p in (old.work_dir / "images").rglob("*"))
+        assert not any(p.is_file() for p in old.jobs_dir.rglob("*"))
+        assert new.state.jobs() == [] and new.state.images() == []
     finally:
         new.close()
 
@@ -771,3 +776,18 @@ def test_an_npz_declaring_a_huge_array_is_refused_before_allocation(tmp_path, ca
         f"error: {path}: array 'imgs' declares shape (2000, 2000, 2000) = 8,000,000,000 values, "
         "more than the limit of 1,073,741,824 (set MEDSAM3_MAX_VOXELS to read larger volumes)"
     )
+
+
+def test_a_model_folder_that_cannot_be_written_leaves_nothing(tmp_path):
+    from medsam3.model.loading import atomic_directory
+
+    with pytest.raises(OutputError, match=r"model: cannot write \(No space left on device\)$"):
+        with atomic_directory(tmp_path / "model") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    with pytest.raises(OutputError, match="cannot write"):
+        with atomic_directory(blocker / "model"):
+            pass
