@@ -12,7 +12,7 @@ continuous pixel coordinates of the original image, mapped to the model grid by 
 (the identity here) and shifted by -0.5 to the pixel-index frame that SAM's prompt encoders expect
 (both add 0.5 back). Meta's side is driven through its public API, ``Sam3Processor.set_image`` and
 ``Sam3Image.predict_inst(point_coords=..., point_labels=..., box=...)``; ours as
-``Segmenter._track`` does it: ``get_image_embeddings`` once, then ``Sam3TrackerModel(image_embeddings=...,
+``medsam3.predict.segment_2d`` does it: ``get_image_embeddings`` once, then ``Sam3TrackerModel(image_embeddings=...,
 input_points (1, 1, n, 2), input_labels (1, 1, n), input_boxes (1, 1, 4), multimask_output=...)``.
 
 Cases (``multimask_output`` as the segmenter chooses it: True for a single point, else False):
@@ -76,7 +76,7 @@ COMMAND = "python -m pytest -m slow tests/slow/test_meta_tracker_equivalence.py 
 
 
 def _model_frame_prompts(box: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The prompt in the pixel-index frame of the model grid, as ``Segmenter._track`` computes it.
+    """The prompt in the pixel-index frame of the model grid, as ``medsam3.predict.segment_2d`` computes it.
 
     Returns points ``(1, 2)`` and boxes ``(1, 4)`` (or None), float64 ``x, y`` / ``x0, y0, x1, y1``.
     """
@@ -163,7 +163,7 @@ def comparison(tmp_path_factory):
     info["hf_dtype"] = str(next(tracker.parameters()).dtype)
     info["timings"]["loading"] = time.perf_counter() - t
 
-    # the segmenter's preprocessing (``Segmenter._pixel_values``): float32 x / 255, then (x - 0.5) / 0.5
+    # the segmenter's preprocessing (``Engine.pixel_values``): float32 x / 255, then (x - 0.5) / 0.5
     ip = loaded.processor.image_processor
     mean = np.asarray(ip.image_mean, dtype=np.float32)
     std = np.asarray(ip.image_std, dtype=np.float32)
