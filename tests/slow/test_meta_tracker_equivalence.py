@@ -12,7 +12,8 @@ continuous pixel coordinates of the original image, mapped to the model grid by 
 (the identity here) and shifted by -0.5 to the pixel-index frame that SAM's prompt encoders expect
 (both add 0.5 back). Meta's side is driven through its public API, ``Sam3Processor.set_image`` and
 ``Sam3Image.predict_inst(point_coords=..., point_labels=..., box=...)``; ours as
-``medsam3.predict.segment_2d`` does it: ``get_image_embeddings`` once, then ``Sam3TrackerModel(image_embeddings=...,
+``medsam3.predict.segment_2d`` does it: ``get_image_embeddings`` once, then
+``Sam3TrackerModel(image_embeddings=...,
 input_points (1, 1, n, 2), input_labels (1, 1, n), input_boxes (1, 1, 4), multimask_output=...)``.
 
 Cases (``multimask_output`` as the segmenter chooses it: True for a single point, else False):

@@ -39,6 +39,7 @@ from medsam3.io.atomic import check_not_input, protect_inputs, write_error
 from medsam3.predict.options import VolumeOptions, check_request
 from medsam3.predict.prompts import prompts_from_cli, validate_prompt
 from medsam3.predict.summary import default_stem
+from medsam3.predict.volume.outputs import OUTPUT_TYPES
 from medsam3.preprocess.intensity import intensity_parameters
 
 if TYPE_CHECKING:
@@ -154,6 +155,19 @@ def register(subparsers) -> None:
         model_help="model folder or id (default: $MEDSAM3_MODEL, the configured model, else the bundled one)",
     )
     p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
+    p.add_argument(
+        "--output-type",
+        nargs="+",
+        choices=OUTPUT_TYPES,
+        metavar="TYPE",
+        help=f"volumes: label-map files to write, one or more of {', '.join(OUTPUT_TYPES)} (default: the "
+        "input's own format, plus dicom-seg for DICOM input)",
+    )
+    p.add_argument(
+        "--per-prompt",
+        action="store_true",
+        help="volumes: also one binary file per concept, <case>_<concept> in the first output type",
+    )
     add_option_arguments(p, "segment", p.add_argument_group("volumes"))
     b = p.add_argument_group("many cases (a folder or a list file as INPUT)")
     b.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
@@ -255,6 +269,8 @@ def _run_single(args: argparse.Namespace, options: VolumeOptions) -> int:
         return _run_volume(args, volume, options)
     if args.mode == "track":
         raise PromptError(f"{args.input}: --mode track is for volumes; this is a 2D image")
+    if args.output_type or args.per_prompt:
+        raise OutputError(f"{args.input}: --output-type and --per-prompt are for volumes; a 2D mask is a PNG")
     prompts = _prompts_2d(items)
     check_request(options, points=any(p.points for p in prompts))
     pixels = image.array[..., :3] if image.is_color else image.array
@@ -273,7 +289,7 @@ def _run_single(args: argparse.Namespace, options: VolumeOptions) -> int:
 
 def _run_volume(args: argparse.Namespace, volume: Image, options: VolumeOptions) -> int:
     from medsam3.predict.batch_cases import case_name
-    from medsam3.predict.volume.outputs import volume_output_paths
+    from medsam3.predict.volume.outputs import check_output_types, volume_output_paths
     from medsam3.predict.volume.plan import check_volume_request
     from medsam3.predict.volume.prompts import volume_prompts_from_cli
 
@@ -281,11 +297,19 @@ def _run_volume(args: argparse.Namespace, volume: Image, options: VolumeOptions)
     _check_window(volume.array, args.modality or volume.modality, args.window, prompts)
     _check_out_dir(args.out)
     stem = case_name(args.input)
-    for path in volume_output_paths(volume, args.out, stem, overlay=not args.no_overlay).values():
+    check_output_types(volume, args.output_type)
+    names = {i + 1: p.display_name for i, p in enumerate(prompts)} if args.per_prompt else None
+    paths = volume_output_paths(
+        volume, args.out, stem, overlay=not args.no_overlay, output_types=args.output_type, per_prompt=names
+    )
+    for path in paths.values():
         check_not_input(path)
     segmenter = _segmenter(args, options)
     result = segmenter.segment(volume, prompts)
-    _print_result(result, segmenter, result.write(args.out, stem, overlay=not args.no_overlay))
+    written = result.write(
+        args.out, stem, overlay=not args.no_overlay, output_types=args.output_type, per_prompt=args.per_prompt
+    )
+    _print_result(result, segmenter, written)
     return 0
 
 
@@ -329,7 +353,10 @@ def _run_batch(args: argparse.Namespace, options: VolumeOptions) -> int:
             for prompt in prompts_2d:
                 validate_prompt(prompt, image.spatial_shape)
             result = segmenter.segment(image, prompts_2d)
-        paths = result.write(args.out, case.name, overlay=overlay)
+        volume_files = (
+            {"output_types": args.output_type, "per_prompt": args.per_prompt} if result.is_volume else {}
+        )
+        paths = result.write(args.out, case.name, overlay=overlay, **volume_files)
         return json.loads(paths["json"].read_text(encoding="utf-8"))
 
     def same_prompts(summary: dict) -> bool:

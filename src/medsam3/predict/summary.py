@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -294,11 +294,24 @@ class SegmentationResult:
             "json": out / f"{stem}.json",
         }
 
-    def write(self, out_dir: str | Path, stem: str | None = None, *, overlay: bool = True) -> dict[str, Path]:
-        """Write the mask PNG, the overlay PNG and the JSON summary into ``out_dir``.
+    def write(
+        self,
+        out_dir: str | Path,
+        stem: str | None = None,
+        *,
+        overlay: bool = True,
+        output_types: Sequence[str] | None = None,
+        per_prompt: bool = False,
+    ) -> dict[str, Path]:
+        """Write the mask PNG, the overlay PNG and the JSON summary into ``out_dir`` (volumes:
+        :func:`medsam3.predict.volume.outputs.write_volume_result`, which also takes ``output_types`` and
+        ``per_prompt``).
 
         ``stem`` defaults to the input file's name without its extension. Nothing is left at the final
         names unless every file was written. Returns the paths by kind (``mask``, ``overlay``, ``json``).
+
+        Raises:
+            OutputError: ``output_types`` or ``per_prompt`` for a 2D result (its mask is a PNG).
         """
         from medsam3.io.writers import write_label_map
         from medsam3.overlay import overlay_2d
@@ -309,7 +322,15 @@ class SegmentationResult:
         if self.is_volume:
             from medsam3.predict.volume.outputs import write_volume_result
 
-            return write_volume_result(self, out_dir, stem, overlay=overlay)
+            return write_volume_result(
+                self, out_dir, stem, overlay=overlay, output_types=output_types, per_prompt=per_prompt
+            )
+        if output_types is not None or per_prompt:
+            from medsam3.errors import OutputError
+
+            raise OutputError(
+                "output types and per-prompt files are for volumes; a 2D mask is written as PNG"
+            )
         paths = self.output_paths(out_dir, stem)
         if not overlay:
             paths.pop("overlay")

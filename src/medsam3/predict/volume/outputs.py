@@ -29,8 +29,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from medsam3.errors import OutputError
 from medsam3.image import Image
 from medsam3.io.atomic import atomic_path
 
@@ -75,15 +78,64 @@ def is_dicom_source(reference: Image) -> bool:
     return dicom_seg_problem(reference) is None
 
 
+#: ``--output-type`` choices and their label-map suffixes (``dicom-seg``: a DICOM SEG referencing the series).
+OUTPUT_TYPES = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "npz": ".npz", "dicom-seg": ".dcm"}
+
+
+def check_output_types(reference: Image, output_types: Sequence[str] | None) -> None:
+    """Refuse output types the input cannot have (before any work).
+
+    Raises:
+        OutputError: an unknown type, or ``dicom-seg`` for an input without the DICOM references.
+    """
+    for kind in output_types or ():
+        if kind not in OUTPUT_TYPES:
+            raise OutputError(f"unknown output type {kind!r}; choose from {', '.join(OUTPUT_TYPES)}")
+        if kind == "dicom-seg" and not is_dicom_source(reference):
+            raise OutputError(f"a DICOM SEG cannot be written: {dicom_seg_problem(reference)}")
+
+
+def _slug(name: str) -> str:
+    text = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+    return "_".join(part for part in text.split("_") if part)[:60] or "label"
+
+
 def volume_output_paths(
-    reference: Image, out_dir: str | Path, stem: str, *, overlay: bool = True
+    reference: Image,
+    out_dir: str | Path,
+    stem: str,
+    *,
+    overlay: bool = True,
+    output_types: Sequence[str] | None = None,
+    per_prompt: Mapping[int, str] | None = None,
 ) -> dict[str, Path]:
-    """The output files for a volume read as ``reference``, by kind; the JSON is listed last."""
+    """The output files for a volume read as ``reference``, by kind; the JSON is listed last.
+
+    ``output_types`` (:data:`OUTPUT_TYPES`; ``None``: the input's own format, plus a DICOM SEG for DICOM
+    input) chooses the label-map files: the first non-SEG one is ``labels``, the others
+    ``labels_<type>``. ``per_prompt`` (label value -> name) adds one binary file per label,
+    ``<stem>_<name>`` in the format of ``labels`` (kind ``prompt_<value>``).
+    """
     out = Path(out_dir)
-    suffix = SEG_SUFFIX.get(str(reference.meta.get("format")), ".nii.gz")
-    paths = {"labels": out / f"{stem}_seg{suffix}"}
-    if is_dicom_source(reference):
-        paths["dicom_seg"] = out / f"{stem}_seg.dcm"
+    if output_types is None:
+        suffix = SEG_SUFFIX.get(str(reference.meta.get("format")), ".nii.gz")
+        paths = {"labels": out / f"{stem}_seg{suffix}"}
+        if is_dicom_source(reference):
+            paths["dicom_seg"] = out / f"{stem}_seg.dcm"
+    else:
+        maps = [k for k in dict.fromkeys(output_types) if k != "dicom-seg"] or ["nifti"]
+        suffix = OUTPUT_TYPES[maps[0]]
+        paths = {"labels": out / f"{stem}_seg{suffix}"}
+        for kind in maps[1:]:
+            paths[f"labels_{kind}"] = out / f"{stem}_seg{OUTPUT_TYPES[kind]}"
+        if "dicom-seg" in output_types:
+            paths["dicom_seg"] = out / f"{stem}_seg.dcm"
+    used: set[str] = set()
+    for value, name in (per_prompt or {}).items():
+        slug = _slug(name)
+        slug = slug if slug not in used else f"{slug}_{value}"
+        used.add(slug)
+        paths[f"prompt_{value}"] = out / f"{stem}_{slug}{suffix}"
     if overlay:
         paths["overlay"] = out / f"{stem}_overlay.png"
         paths["montage"] = out / f"{stem}_montage.png"
@@ -91,22 +143,48 @@ def volume_output_paths(
     return paths
 
 
-def write_volume_result(result, out_dir: str | Path, stem: str, *, overlay: bool = True) -> dict[str, Path]:
-    """Write a 3D :class:`~medsam3.predict.summary.SegmentationResult` (module docstring).
+def write_volume_result(
+    result: Any,
+    out_dir: str | Path,
+    stem: str,
+    *,
+    overlay: bool = True,
+    output_types: Sequence[str] | None = None,
+    per_prompt: bool = False,
+) -> dict[str, Path]:
+    """Write a 3D :class:`~medsam3.predict.summary.SegmentationResult` (module docstring;
+    ``output_types`` and ``per_prompt`` as in :func:`volume_output_paths`).
 
     Nothing appears at the final names unless every file was written; the JSON is renamed last.
-    Returns the paths by kind (``labels``, ``dicom_seg``, ``overlay``, ``montage``, ``json``).
+    Returns the paths by kind (``labels``, ``labels_<type>``, ``dicom_seg``, ``prompt_<value>``,
+    ``overlay``, ``montage``, ``json``).
     """
+    import numpy as np
+
     from medsam3.io.writers import write_dicom_seg, write_label_map
     from medsam3.overlay import overlay_volume
 
-    paths = volume_output_paths(result.reference, out_dir, stem, overlay=overlay)
     names = result.label_names()
+    check_output_types(result.reference, output_types)
+    paths = volume_output_paths(
+        result.reference,
+        out_dir,
+        stem,
+        overlay=overlay,
+        output_types=output_types,
+        per_prompt=names if per_prompt else None,
+    )
     with contextlib.ExitStack() as stack:
         # Entered first, so renamed into place last: the JSON marks a complete case.
         json_tmp = stack.enter_context(atomic_path(paths["json"]))
         tmp = {kind: stack.enter_context(atomic_path(p)) for kind, p in paths.items() if kind != "json"}
-        write_label_map(result.label_map, tmp["labels"], result.to_image(), label_names=names)
+        grid = result.to_image()
+        for kind in [k for k in tmp if k == "labels" or k.startswith("labels_")]:
+            write_label_map(result.label_map, tmp[kind], grid, label_names=names)
+        for kind in [k for k in tmp if k.startswith("prompt_")]:
+            value = int(kind.split("_", 1)[1])
+            binary = (np.asarray(result.label_map) == value).astype(np.uint8)
+            write_label_map(binary, tmp[kind], grid, label_names={1: names[value]})
         if "dicom_seg" in tmp:
             write_dicom_seg(result.label_map, result.reference, tmp["dicom_seg"], names)
         if overlay:
