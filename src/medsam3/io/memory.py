@@ -77,13 +77,9 @@ def from_sitk(image: Any, modality: str | None = None) -> Image:
 
 def to_sitk(image: Image) -> Any:
     """A ``SimpleITK.Image`` with ``image``'s array and geometry."""
-    import SimpleITK as sitk
+    from medsam3.io.volumes import sitk_image
 
-    out = sitk.GetImageFromArray(np.ascontiguousarray(image.array), isVector=image.is_color)
-    out.SetSpacing(tuple(float(s) for s in image.spacing))
-    out.SetOrigin(tuple(float(o) for o in image.origin))
-    out.SetDirection(tuple(float(v) for v in image.direction.ravel()))
-    return out
+    return sitk_image(image.array, image.spacing, image.origin, image.direction, is_color=image.is_color)
 
 
 def from_nibabel(image: Any, modality: str | None = None) -> Image:
@@ -93,15 +89,15 @@ def from_nibabel(image: Any, modality: str | None = None) -> Image:
         data = data[..., 0]
     if data.ndim != 3:
         raise InputError(None, f"a nibabel image must be 3D; got shape {data.shape}")
-    affine = _FLIP_XY @ np.asarray(image.affine, dtype=np.float64)[:3]
-    spacing = np.linalg.norm(affine[:, :3], axis=0)
-    if np.any(spacing == 0):
+    from medsam3.io.volumes import nibabel_geometry
+
+    spacing, origin, direction = nibabel_geometry(image.affine, 3)
+    if 0.0 in spacing:
         raise InputError(None, f"the nibabel image's affine is singular: {image.affine.tolist()}")
-    direction = affine[:, :3] / spacing
     out = Image(
         np.ascontiguousarray(data.transpose(2, 1, 0)),
-        tuple(spacing),
-        tuple(affine[:, 3]),
+        spacing,
+        origin,
         direction,
         "OTHER",
         {"path": "nibabel image", "format": "nibabel"},

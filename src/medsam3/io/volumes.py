@@ -129,6 +129,19 @@ def _check_nifti_finite(path: Path, img: AnalyzeImage) -> None:
 SHEAR_TOLERANCE = 1e-3
 
 
+def nibabel_geometry(
+    affine: np.ndarray, ndim: int
+) -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:
+    """ITK geometry ``(spacing, origin, direction)`` in LPS of a nibabel (RAS) ``affine`` for the first
+    ``ndim`` axes: spacing is each column's length, direction the normalised columns."""
+    aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)  # RAS -> LPS
+    lin = aff[:ndim, :ndim]
+    spacing = np.linalg.norm(lin, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        direction = lin / spacing
+    return tuple(float(v) for v in spacing), tuple(float(v) for v in aff[:ndim, 3]), direction
+
+
 def _read_with_nibabel(path: Path) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
     """NIfTI through nibabel: array ``(Z, Y, X)`` and LPS geometry (for affines ITK refuses)."""
     import nibabel as nib
@@ -139,11 +152,8 @@ def _read_with_nibabel(path: Path) -> tuple[np.ndarray, tuple, tuple, np.ndarray
         data = data[..., 0]
     if data.ndim not in (2, 3):
         raise InputError(path, f"has {data.ndim} dimensions {data.shape}; expected a 2D image or 3D volume")
-    aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine  # RAS -> LPS
     d = data.ndim
-    lin = aff[:d, :d]
-    spacing = np.linalg.norm(lin, axis=0)
-    direction = lin / spacing
+    spacing, origin, direction = nibabel_geometry(img.affine, d)
     shear = float(np.abs(direction.T @ direction - np.eye(d)).max())
     if shear > SHEAR_TOLERANCE:  # outputs are written with an orthogonal grid: they would not overlay it
         raise InputError(
@@ -152,7 +162,7 @@ def _read_with_nibabel(path: Path) -> tuple[np.ndarray, tuple, tuple, np.ndarray
             "could not be written on the same grid. Resample it to an orthogonal grid first (for example "
             "with SimpleITK's Resample or nibabel.processing.resample_from_to)",
         )
-    return np.ascontiguousarray(data.T), tuple(spacing), tuple(aff[:d, 3]), direction
+    return np.ascontiguousarray(data.T), spacing, origin, direction
 
 
 def _metadata(reader: sitk.ImageFileReader) -> dict[str, str]:
@@ -222,11 +232,12 @@ def _check_declared_size(path: Path, reader: sitk.ImageFileReader) -> None:
             f"declares {' x '.join(map(str, size))} = {voxels:,} voxels, more than the limit of {limit:,} "
             f"(set {MAX_VOXELS_ENV} to read larger volumes)",
         )
+    if not path.name.lower().endswith(".nrrd"):
+        return
     with open(path, "rb") as fh:
         head = fh.read(1 << 16)
-    if path.name.lower().endswith(".nrrd") and b"encoding: raw" in head and b"data file:" not in head:
-        itemsize = _itemsize(reader)
-        needed = voxels * itemsize
+    if b"encoding: raw" in head and b"data file:" not in head:
+        needed = voxels * _itemsize(reader)
         if path.stat().st_size < needed:
             raise InputError(
                 path,
@@ -333,6 +344,17 @@ def _read_volume(path: Path, fmt: str) -> dict[str, Any]:
     }
 
 
+def sitk_image(
+    array: np.ndarray, spacing: Any, origin: Any, direction: np.ndarray, *, is_color: bool = False
+) -> sitk.Image:
+    """A ``SimpleITK.Image`` of ``array`` (array order) with the given ITK geometry."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=is_color)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(o) for o in origin))
+    image.SetDirection(tuple(float(v) for v in np.asarray(direction, dtype=np.float64).ravel()))
+    return image
+
+
 def write_volume(
     array: np.ndarray,
     spacing: tuple[float, ...],
@@ -348,10 +370,7 @@ def write_volume(
     Compression is on (gzip for NIfTI ``.nii.gz``, NRRD and MHA). ``metadata`` entries become header fields
     (NRRD ``key:=value`` lines, MetaImage ``key = value``).
     """
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=is_color)
-    image.SetSpacing(tuple(float(s) for s in spacing))
-    image.SetOrigin(tuple(float(o) for o in origin))
-    image.SetDirection(tuple(float(v) for v in np.asarray(direction, dtype=np.float64).ravel()))
+    image = sitk_image(array, spacing, origin, direction, is_color=is_color)
     for key, value in (metadata or {}).items():
         image.SetMetaData(key, value)
     name = path.name.lower()

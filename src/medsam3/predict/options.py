@@ -147,12 +147,7 @@ class SegmentOptions:
 
     def replace(self: _O, **changes: Any) -> _O:
         """A copy with ``changes`` (checked like a new instance)."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise OptionError(
-                f"unknown option {unknown[0]!r}; options: {', '.join(option_names(type(self)))}"
-            )
-        return dataclasses.replace(self, **changes)
+        return build_options(type(self), self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -191,12 +191,7 @@ class Service:
     # -- storage ---------------------------------------------------------------------------------------
     def storage_bytes(self) -> int:
         """Bytes the work folder holds (images, their copies, results)."""
-        total = 0
-        for root, _, files in os.walk(self.work_dir):
-            for name in files:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(root, name)).st_size
-        return total
+        return _folder_bytes(self.work_dir)
 
     def make_room(self, incoming: int, keep: str | None = None) -> None:
         """Make room for ``incoming`` more bytes within the storage budget: expire the least recently used
@@ -212,11 +207,14 @@ class Service:
                 return
             if rec.id in busy:
                 continue
-            for job in [j for j in list(self._jobs.values()) if j.image_id == rec.id]:
+            with self._lock:
+                jobs = [j for j in self._jobs.values() if j.image_id == rec.id]
+            for job in jobs:
+                used -= _folder_bytes(job.folder)
                 self.cleanup_job(job)
+            used -= _folder_bytes(rec.folder)
             self.images.remove(rec.id, expired=True)
             log.info("expired image %s early to stay within the storage budget", rec.id)
-            used = self.storage_bytes()
         if used + incoming > budget:
             raise ApiError(
                 507,
@@ -387,3 +385,13 @@ class Service:
         self.state.close()
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the files below ``folder`` (0 when it is gone)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
