@@ -404,6 +404,8 @@ def write_dicom_seg(
     series_description: str = "medsam3 segmentation",
     series_number: int = 300,
     algorithm_name: str = "medsam3",
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> Path:
     """Write a BINARY DICOM SEG referencing ``reference``'s source series; returns the final path.
 
@@ -414,6 +416,8 @@ def write_dicom_seg(
             again (headers only) to reference them.
         label_names: label value -> segment label (default ``"label <value>"``); named values absent from
             the labels still get an (empty) segment.
+        series_instance_uid, sop_instance_uid: the SEG's UIDs (default: new random ones);
+            :func:`medsam3.predict.volume.outputs.derived_uids` gives ones that repeat for the same result.
 
     Raises :class:`OutputError` when the reference is not DICOM or lacks UIDs, the shapes differ, or there
     is no segment to write.
@@ -454,9 +458,9 @@ def write_dicom_seg(
                 pixel_array=numbered,
                 segmentation_type="BINARY",
                 segment_descriptions=descriptions,
-                series_instance_uid=hd.UID(),
+                series_instance_uid=series_instance_uid or hd.UID(),
                 series_number=series_number,
-                sop_instance_uid=hd.UID(),
+                sop_instance_uid=sop_instance_uid or hd.UID(),
                 instance_number=1,
                 manufacturer="medsam3",
                 manufacturer_model_name="medsam3",

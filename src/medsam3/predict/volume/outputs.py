@@ -9,7 +9,8 @@ NIfTI              ``<stem>_seg.nii.gz``
 NRRD               ``<stem>_seg.nrrd`` (label names as Slicer segment fields)
 MetaImage          ``<stem>_seg.mha``
 DICOM series/file  ``<stem>_seg.nii.gz`` and ``<stem>_seg.dcm``, a DICOM SEG referencing the series
-                   (when the series has its UIDs: see :func:`dicom_seg_problem`)
+                   (when the series has its UIDs: see :func:`dicom_seg_problem`); with ``--output-type
+                   rtstruct`` also ``<stem>_rtstruct.dcm``, an RT Structure Set
 BiomedSegFM npz    ``<stem>_seg.npz`` (``segs`` in the input's layout, ``spacing``, ``origin``,
                    ``direction``, ``label_names``)
 TIFF stack         ``<stem>_seg.tif`` (no geometry, as the input)
@@ -78,8 +79,18 @@ def is_dicom_source(reference: Image) -> bool:
     return dicom_seg_problem(reference) is None
 
 
-#: ``--output-type`` choices and their label-map suffixes (``dicom-seg``: a DICOM SEG referencing the series).
-OUTPUT_TYPES = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "npz": ".npz", "dicom-seg": ".dcm"}
+#: ``--output-type`` choices and their label-map suffixes (``dicom-seg``: a DICOM SEG, ``rtstruct``: a DICOM
+#: RT Structure Set, both referencing the source series).
+OUTPUT_TYPES = {
+    "nifti": ".nii.gz",
+    "nrrd": ".nrrd",
+    "mha": ".mha",
+    "npz": ".npz",
+    "dicom-seg": ".dcm",
+    "rtstruct": ".dcm",
+}
+#: Output types that are DICOM objects referencing the source (not label-map files).
+DICOM_TYPES = ("dicom-seg", "rtstruct")
 
 
 def check_output_types(reference: Image, output_types: Sequence[str] | None) -> None:
@@ -93,6 +104,46 @@ def check_output_types(reference: Image, output_types: Sequence[str] | None) -> 
             raise OutputError(f"unknown output type {kind!r}; choose from {', '.join(OUTPUT_TYPES)}")
         if kind == "dicom-seg" and not is_dicom_source(reference):
             raise OutputError(f"a DICOM SEG cannot be written: {dicom_seg_problem(reference)}")
+        if kind == "rtstruct":
+            from medsam3.io.rtstruct import rtstruct_problem
+
+            problem = rtstruct_problem(reference)
+            if problem is not None:
+                raise OutputError(f"an RTSTRUCT cannot be written: {problem}")
+
+
+def derived_uids(result: Any, kind: str) -> tuple[str, str]:
+    """Series and SOP Instance UIDs for a DICOM result object of ``kind`` (``"dicom_seg"``, ``"rtstruct"``).
+
+    Derived (``2.25.<hash>``) from the source series UID, the label map's bytes, the label names and the
+    settings: the same result written twice gets the same UIDs, so storing it again in a PACS leaves one
+    object (a server keeps the first copy of a SOP Instance), while any different result gets new ones.
+    """
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(np.ascontiguousarray(result.label_map).tobytes()).hexdigest()
+    basis = json.dumps(
+        {
+            "source": result.reference.meta.get("series_uid"),
+            "labels": digest,
+            "shape": list(np.shape(result.label_map)),
+            "names": {str(k): v for k, v in result.label_names().items()},
+            "settings": result.settings,
+            "kind": kind,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return _uuid_uid(basis + "/series"), _uuid_uid(basis + "/instance")
+
+
+def _uuid_uid(name: str) -> str:
+    """``2.25.<integer>`` of a name-based (version 5) UUID of ``name`` (DICOM PS3.5 B.2)."""
+    import uuid
+
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'medsam3:' + name).int}"
 
 
 def _slug(name: str) -> str:
@@ -112,8 +163,9 @@ def volume_output_paths(
     """The output files for a volume read as ``reference``, by kind; the JSON is listed last.
 
     ``output_types`` (:data:`OUTPUT_TYPES`; ``None``: the input's own format, plus a DICOM SEG for DICOM
-    input) chooses the label-map files: the first non-SEG one is ``labels``, the others
-    ``labels_<type>``. ``per_prompt`` (label value -> name) adds one binary file per label,
+    input) chooses the files: the first label-map type (not ``dicom-seg`` or ``rtstruct``) is ``labels``,
+    the others ``labels_<type>``; ``dicom_seg`` and ``rtstruct`` are the DICOM objects. ``per_prompt``
+    (label value -> name) adds one binary file per label,
     ``<stem>_<name>`` in the format of ``labels`` (kind ``prompt_<value>``).
     """
     out = Path(out_dir)
@@ -123,13 +175,15 @@ def volume_output_paths(
         if is_dicom_source(reference):
             paths["dicom_seg"] = out / f"{stem}_seg.dcm"
     else:
-        maps = [k for k in dict.fromkeys(output_types) if k != "dicom-seg"] or ["nifti"]
+        maps = [k for k in dict.fromkeys(output_types) if k not in DICOM_TYPES] or ["nifti"]
         suffix = OUTPUT_TYPES[maps[0]]
         paths = {"labels": out / f"{stem}_seg{suffix}"}
         for kind in maps[1:]:
             paths[f"labels_{kind}"] = out / f"{stem}_seg{OUTPUT_TYPES[kind]}"
         if "dicom-seg" in output_types:
             paths["dicom_seg"] = out / f"{stem}_seg.dcm"
+        if "rtstruct" in output_types:
+            paths["rtstruct"] = out / f"{stem}_rtstruct.dcm"
     used: set[str] = set()
     for value, name in (per_prompt or {}).items():
         slug = _slug(name)
@@ -156,7 +210,7 @@ def write_volume_result(
     ``output_types`` and ``per_prompt`` as in :func:`volume_output_paths`).
 
     Nothing appears at the final names unless every file was written; the JSON is renamed last.
-    Returns the paths by kind (``labels``, ``labels_<type>``, ``dicom_seg``, ``prompt_<value>``,
+    Returns the paths by kind (``labels``, ``labels_<type>``, ``dicom_seg``, ``rtstruct``, ``prompt_<value>``,
     ``overlay``, ``montage``, ``json``).
     """
     import numpy as np
@@ -186,7 +240,27 @@ def write_volume_result(
             binary = (np.asarray(result.label_map) == value).astype(np.uint8)
             write_label_map(binary, tmp[kind], grid, label_names={1: names[value]})
         if "dicom_seg" in tmp:
-            write_dicom_seg(result.label_map, result.reference, tmp["dicom_seg"], names)
+            series_uid, sop_uid = derived_uids(result, "dicom_seg")
+            write_dicom_seg(
+                result.label_map,
+                result.reference,
+                tmp["dicom_seg"],
+                names,
+                series_instance_uid=series_uid,
+                sop_instance_uid=sop_uid,
+            )
+        if "rtstruct" in tmp:
+            from medsam3.io.rtstruct import write_rtstruct
+
+            series_uid, sop_uid = derived_uids(result, "rtstruct")
+            write_rtstruct(
+                result.label_map,
+                result.reference,
+                tmp["rtstruct"],
+                names,
+                series_instance_uid=series_uid,
+                sop_instance_uid=sop_uid,
+            )
         if overlay:
             reo = result.reorientation
             labels = reo.apply(result.label_map) if reo is not None else result.label_map
