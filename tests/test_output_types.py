@@ -69,10 +69,23 @@ def test_output_type_refusals_before_any_work(tmp_path, capsys):
     )
     assert code == 2 and "a DICOM SEG cannot be written: the input is not DICOM" in err
     code, err = _segment(capsys, "segment", HC18, "-p", "fetal head", "-o", tmp_path / "b", "--per-prompt")
-    assert code == 2 and "--output-type and --per-prompt are for volumes" in err
+    assert code == 2 and "--per-prompt and --reference-series are for volumes" in err
+    code, err = _segment(
+        capsys,
+        "segment",
+        HIPPO,
+        "-p",
+        "hippocampus",
+        "-o",
+        tmp_path / "d",
+        "--output-type",
+        "nifti",
+        "rtstruct",
+    )
+    assert code == 2 and "an RTSTRUCT cannot be written: the input is not DICOM" in err
     code, err = _segment(capsys, "segment", HIPPO, "-p", "x", "-o", tmp_path / "c", "--output-type", "png")
     assert code == 2 and "invalid choice: 'png'" in err
-    assert not any((tmp_path / name).exists() for name in "abc")
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_dicom_series_with_chosen_outputs(data_dir, tmp_path, capsys, serve_model):

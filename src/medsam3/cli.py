@@ -18,7 +18,7 @@ from medsam3 import __version__
 from medsam3.errors import MedSam3Error
 
 #: Subcommand modules, in the order ``medsam3 --help`` lists them.
-COMMANDS = ("info", "preview", "segment", "convert", "prepare", "train", "evaluate", "serve")
+COMMANDS = ("info", "preview", "segment", "watch", "convert", "prepare", "train", "evaluate", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +52,10 @@ def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def _quiet_libraries() -> None:
-    """Silence transformers' weight-loading progress bars and info logs (kept with ``--verbose``)."""
+    """Silence transformers' weight-loading progress bars and info logs, and the per-request / per-module
+    info logs of the DICOM libraries (all kept with ``--verbose``)."""
+    for name in ("dicomweb_client", "highdicom"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:

@@ -134,21 +134,29 @@ def given_options(args: argparse.Namespace, front: str) -> list[str]:
     ]
 
 
+def input_value(text: str) -> Path | str:
+    """An input path as a :class:`~pathlib.Path`; a ``dicomweb+http(s)://`` URL stays a string (a ``Path``
+    would fold its ``//``)."""
+    if text.lower().startswith(("dicomweb+http://", "dicomweb+https://")):
+        return text
+    return Path(text)
+
+
 def input_argument(parser: argparse.ArgumentParser, help: str) -> None:
     """The input as a positional argument or ``-i/--input`` (nnU-Net's and TotalSegmentator's spelling)."""
-    parser.add_argument("input", type=Path, nargs="?", metavar="INPUT", help=help + " (or -i INPUT)")
+    parser.add_argument("input", type=input_value, nargs="?", metavar="INPUT", help=help + " (or -i INPUT)")
     parser.add_argument(
         "-i",
         "--input",
         dest="input_flag",
-        type=Path,
+        type=input_value,
         metavar="INPUT",
         default=None,
         help="the input, as an option",
     )
 
 
-def resolve_input(args: argparse.Namespace) -> Path:
+def resolve_input(args: argparse.Namespace) -> Path | str:
     """The input given positionally or with ``-i``; exactly one of them.
 
     Raises:

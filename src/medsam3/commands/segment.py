@@ -33,12 +33,11 @@ from medsam3.commands.inference_options import (
     options_from_args,
     resolve_input,
 )
-from medsam3.errors import OutputError, PromptError
+from medsam3.errors import OptionError, OutputError, PromptError
 from medsam3.image import Image
 from medsam3.io.atomic import check_not_input, protect_inputs, write_error
 from medsam3.predict.options import VolumeOptions, check_request
 from medsam3.predict.prompts import prompts_from_cli, validate_prompt
-from medsam3.predict.summary import default_stem
 from medsam3.predict.volume.outputs import OUTPUT_TYPES
 from medsam3.preprocess.intensity import intensity_parameters
 
@@ -88,7 +87,7 @@ exit status is 1 when a case failed. Interrupting and re-running redoes only unf
 """
 
 
-class _PromptItem(argparse.Action):
+class PromptItem(argparse.Action):
     """Collect -p / --box / --point in command-line order as ``(kind, value)`` pairs."""
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -112,7 +111,7 @@ def register(subparsers) -> None:
         "-p",
         "--prompt",
         dest="prompt_items",
-        action=_PromptItem,
+        action=PromptItem,
         const="text",
         metavar="TEXT",
         help="a concept to segment; repeat for several (see prompts below)",
@@ -120,7 +119,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--box",
         dest="prompt_items",
-        action=_PromptItem,
+        action=PromptItem,
         const="box",
         metavar="X1,Y1,X2,Y2[,neg]",
         help="a box in pixels, for the preceding -p",
@@ -128,7 +127,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--point",
         dest="prompt_items",
-        action=_PromptItem,
+        action=PromptItem,
         const="point",
         metavar="X,Y[,LABEL]",
         help="a point in pixels (label 1 positive, 0 negative), for the preceding -p (2D)",
@@ -136,7 +135,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--box-slice",
         dest="prompt_items",
-        action=_PromptItem,
+        action=PromptItem,
         const="box_slice",
         metavar="K",
         help="volumes: the input slice (array axis 0) the preceding prompt's --box lies on",
@@ -144,7 +143,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--box3d",
         dest="prompt_items",
-        action=_PromptItem,
+        action=PromptItem,
         const="box3d",
         metavar="X1,Y1,Z1,X2,Y2,Z2",
         help="volumes: a 3D box in input voxels for the preceding -p",
@@ -164,11 +163,38 @@ def register(subparsers) -> None:
         "input's own format, plus dicom-seg for DICOM input)",
     )
     p.add_argument(
+        "--reference-series",
+        type=Path,
+        metavar="DICOM_DIR",
+        help="volumes: the DICOM series a DICOM SEG / RTSTRUCT reference when the input is not DICOM (a "
+        "NIfTI converted from that series): same grid voxel for voxel, checked before any work",
+    )
+    p.add_argument(
         "--per-prompt",
         action="store_true",
         help="volumes: also one binary file per concept, <case>_<concept> in the first output type",
     )
     add_option_arguments(p, "segment", p.add_argument_group("volumes"))
+    w = p.add_argument_group(
+        "PACS (DICOMweb)",
+        "INPUT may be a series on a DICOMweb server: dicomweb+http(s)://HOST[:PORT]/ROOT/studies/UID/"
+        "series/UID (or --dicomweb ROOT --study UID --series UID). Credentials come from the environment: "
+        "MEDSAM3_DICOMWEB_TOKEN (bearer), or MEDSAM3_DICOMWEB_USER and MEDSAM3_DICOMWEB_PASSWORD (basic).",
+    )
+    w.add_argument(
+        "--dicomweb", metavar="ROOT_URL", help="the DICOMweb root of the server holding the series"
+    )
+    w.add_argument("--study", metavar="UID", help="with --dicomweb: the Study Instance UID")
+    w.add_argument("--series", metavar="UID", help="with --dicomweb: the Series Instance UID")
+    w.add_argument(
+        "--store",
+        nargs="?",
+        const="source",
+        default=None,
+        metavar="ROOT_URL",
+        help="send the DICOM SEG / RTSTRUCT by STOW-RS to the series' server (or to ROOT_URL); also for a "
+        "local DICOM series with ROOT_URL",
+    )
     b = p.add_argument_group("many cases (a folder or a list file as INPUT)")
     b.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     b.add_argument(
@@ -241,13 +267,65 @@ def _print_result(result, segmenter, paths) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medsam3.pacs.remote import check_storable, series_ref, store_target
     from medsam3.predict.batch_cases import is_batch_input
 
-    resolve_input(args)
+    given = [p for p in (args.input, args.input_flag) if p is not None]
+    ref = series_ref(given[0] if len(given) == 1 else None, args.dicomweb, args.study, args.series)
+    if ref is None:
+        resolve_input(args)
+    elif len(given) > 1:
+        resolve_input(args)  # the error for two inputs
     options = _options(args)  # the option rules, before any file is read
+    target = store_target(args.store, ref)
+    if target is not None:
+        check_storable(args.output_type)
+    if ref is not None:
+        return _run_remote(args, options, ref, target)
     if is_batch_input(args.input):
+        if target is not None or args.reference_series:
+            raise OptionError(
+                "--store and --reference-series take one series (a DICOMweb URL, a DICOM series folder or "
+                "one volume), not many cases"
+            )
         return _run_batch(args, options)
-    return _run_single(args, options)
+    paths = _run_single(args, options)
+    if target is not None:
+        _store(target, paths)
+    return 0
+
+
+def _run_remote(args: argparse.Namespace, options: VolumeOptions, ref, target: str | None) -> int:
+    """Segment a series downloaded from a DICOMweb server; store the results back with ``--store``."""
+    from medsam3.pacs.dicomweb import Server
+    from medsam3.pacs.remote import downloaded_series
+    from medsam3.predict.volume.prompts import volume_prompts_from_cli
+
+    volume_prompts_from_cli(args.prompt_items or [])  # the prompts parse, before the download
+    _check_out_dir(args.out)
+    server = Server(ref.base_url)
+    store = None if target is None else server if target == server.base_url else Server(target)
+    print(f"downloading {ref}")
+    sys.stdout.flush()
+    with downloaded_series(server, ref) as folder:
+        args.input = folder
+        args.source_url = ref.url
+        paths = _run_single(args, options)
+    if store is not None:
+        _store(store, paths)
+    return 0
+
+
+def _store(target, paths) -> None:
+    from medsam3.pacs.dicomweb import Server
+    from medsam3.pacs.remote import results_to_store
+
+    server = target if isinstance(target, Server) else Server(target)
+    files = results_to_store(paths)
+    uids = server.store(files)
+    for path, uid in zip(files, uids, strict=True):
+        print(f"stored: {path.name} -> {server.base_url} (SOP Instance {uid})")
+    sys.stdout.flush()
 
 
 def _protect(args: argparse.Namespace, inputs) -> None:
@@ -257,20 +335,29 @@ def _protect(args: argparse.Namespace, inputs) -> None:
     protect_inputs(protected)
 
 
-def _run_single(args: argparse.Namespace, options: VolumeOptions) -> int:
+def _run_single(
+    args: argparse.Namespace, options: VolumeOptions, segmenter: Segmenter | None = None
+) -> dict[str, Path]:
+    """Segment one image or volume; returns the written paths by kind."""
     from medsam3.io.readers import check_segmentable, read_image
+    from medsam3.predict.batch_cases import case_name
     from medsam3.predict.segmenter import as_2d
 
     items = args.prompt_items or []
     _protect(args, [args.input])
     volume = check_segmentable(read_image(args.input, modality=args.modality), args.input)
+    if getattr(args, "source_url", None):
+        volume.meta["path"] = args.source_url  # the JSON names the series on its server
     image = as_2d(volume)
     if image is None:
-        return _run_volume(args, volume, options)
+        return _run_volume(args, volume, options, segmenter)
     if args.mode == "track":
         raise PromptError(f"{args.input}: --mode track is for volumes; this is a 2D image")
-    if args.output_type or args.per_prompt:
-        raise OutputError(f"{args.input}: --output-type and --per-prompt are for volumes; a 2D mask is a PNG")
+    if args.output_type or args.per_prompt or getattr(args, "reference_series", None):
+        raise OutputError(
+            f"{args.input}: --output-type, --per-prompt and --reference-series are for volumes; a 2D mask "
+            "is a PNG"
+        )
     prompts = _prompts_2d(items)
     check_request(options, points=any(p.points for p in prompts))
     pixels = image.array[..., :3] if image.is_color else image.array
@@ -278,16 +365,19 @@ def _run_single(args: argparse.Namespace, options: VolumeOptions) -> int:
         validate_prompt(prompt, image.spatial_shape)
         intensity_parameters(pixels, args.modality or image.modality, window=args.window, concept=prompt.text)
     _check_out_dir(args.out)
-    stem = default_stem(args.input)
+    stem = case_name(args.input)  # a DICOM folder keeps its whole name (a Series UID has dots)
     for path in (args.out / f"{stem}_mask.png", args.out / f"{stem}_overlay.png", args.out / f"{stem}.json"):
         check_not_input(path)
-    segmenter = _segmenter(args, options)
+    segmenter = segmenter or _segmenter(args, options)
     result = segmenter.segment(image, prompts)
-    _print_result(result, segmenter, result.write(args.out, stem, overlay=not args.no_overlay))
-    return 0
+    paths = result.write(args.out, stem, overlay=not args.no_overlay)
+    _print_result(result, segmenter, paths)
+    return paths
 
 
-def _run_volume(args: argparse.Namespace, volume: Image, options: VolumeOptions) -> int:
+def _run_volume(
+    args: argparse.Namespace, volume: Image, options: VolumeOptions, segmenter: Segmenter | None = None
+) -> dict[str, Path]:
     from medsam3.predict.batch_cases import case_name
     from medsam3.predict.volume.outputs import check_output_types, volume_output_paths
     from medsam3.predict.volume.plan import check_volume_request
@@ -297,20 +387,46 @@ def _run_volume(args: argparse.Namespace, volume: Image, options: VolumeOptions)
     _check_window(volume.array, args.modality or volume.modality, args.window, prompts)
     _check_out_dir(args.out)
     stem = case_name(args.input)
-    check_output_types(volume, args.output_type)
+    source = _reference_series(getattr(args, "reference_series", None), volume)
+    check_output_types(volume, args.output_type, source)
     names = {i + 1: p.display_name for i, p in enumerate(prompts)} if args.per_prompt else None
     paths = volume_output_paths(
-        volume, args.out, stem, overlay=not args.no_overlay, output_types=args.output_type, per_prompt=names
+        volume,
+        args.out,
+        stem,
+        overlay=not args.no_overlay,
+        output_types=args.output_type,
+        per_prompt=names,
+        dicom_source=source,
     )
     for path in paths.values():
         check_not_input(path)
-    segmenter = _segmenter(args, options)
+    segmenter = segmenter or _segmenter(args, options)
     result = segmenter.segment(volume, prompts)
     written = result.write(
-        args.out, stem, overlay=not args.no_overlay, output_types=args.output_type, per_prompt=args.per_prompt
+        args.out,
+        stem,
+        overlay=not args.no_overlay,
+        output_types=args.output_type,
+        per_prompt=args.per_prompt,
+        dicom_source=source,
     )
     _print_result(result, segmenter, written)
-    return 0
+    return written
+
+
+def _reference_series(folder: Path | None, volume: Image) -> Image | None:
+    """The DICOM series ``--reference-series`` names, checked to hold ``volume``'s grid voxel for voxel."""
+    if folder is None:
+        return None
+    from medsam3.io.geometry import place_on_grid
+    from medsam3.io.readers import read_image
+
+    series = read_image(folder)
+    if series.meta.get("format") != "dicom":
+        raise OutputError(f"{folder}: --reference-series takes a DICOM series (folder or file)")
+    place_on_grid(volume.with_array(np.zeros(volume.spatial_shape, dtype=np.uint8)), series, path=folder)
+    return series
 
 
 def _run_batch(args: argparse.Namespace, options: VolumeOptions) -> int:

@@ -302,10 +302,11 @@ class SegmentationResult:
         overlay: bool = True,
         output_types: Sequence[str] | None = None,
         per_prompt: bool = False,
+        dicom_source: Image | None = None,
     ) -> dict[str, Path]:
         """Write the mask PNG, the overlay PNG and the JSON summary into ``out_dir`` (volumes:
-        :func:`medsam3.predict.volume.outputs.write_volume_result`, which also takes ``output_types`` and
-        ``per_prompt``).
+        :func:`medsam3.predict.volume.outputs.write_volume_result`, which also takes ``output_types``,
+        ``per_prompt`` and ``dicom_source``).
 
         ``stem`` defaults to the input file's name without its extension. Nothing is left at the final
         names unless every file was written. Returns the paths by kind (``mask``, ``overlay``, ``json``).
@@ -323,9 +324,15 @@ class SegmentationResult:
             from medsam3.predict.volume.outputs import write_volume_result
 
             return write_volume_result(
-                self, out_dir, stem, overlay=overlay, output_types=output_types, per_prompt=per_prompt
+                self,
+                out_dir,
+                stem,
+                overlay=overlay,
+                output_types=output_types,
+                per_prompt=per_prompt,
+                dicom_source=dicom_source,
             )
-        if output_types is not None or per_prompt:
+        if output_types is not None or per_prompt or dicom_source is not None:
             from medsam3.errors import OutputError
 
             raise OutputError(

@@ -93,26 +93,46 @@ OUTPUT_TYPES = {
 DICOM_TYPES = ("dicom-seg", "rtstruct")
 
 
-def check_output_types(reference: Image, output_types: Sequence[str] | None) -> None:
-    """Refuse output types the input cannot have (before any work).
+def check_output_types(
+    reference: Image, output_types: Sequence[str] | None, dicom_source: Image | None = None
+) -> None:
+    """Refuse output types the input cannot have (before any work); ``dicom_source``: the DICOM series
+    that SEG / RTSTRUCT reference instead of the input (``--reference-series``).
 
     Raises:
         OutputError: an unknown type, or ``dicom-seg`` for an input without the DICOM references.
     """
+    source = dicom_source if dicom_source is not None else reference
     for kind in output_types or ():
         if kind not in OUTPUT_TYPES:
             raise OutputError(f"unknown output type {kind!r}; choose from {', '.join(OUTPUT_TYPES)}")
-        if kind == "dicom-seg" and not is_dicom_source(reference):
-            raise OutputError(f"a DICOM SEG cannot be written: {dicom_seg_problem(reference)}")
+        if kind == "dicom-seg" and not is_dicom_source(source):
+            raise OutputError(f"a DICOM SEG cannot be written: {dicom_seg_problem(source)}")
         if kind == "rtstruct":
             from medsam3.io.rtstruct import rtstruct_problem
 
-            problem = rtstruct_problem(reference)
+            problem = rtstruct_problem(source)
             if problem is not None:
                 raise OutputError(f"an RTSTRUCT cannot be written: {problem}")
 
 
-def derived_uids(result: Any, kind: str) -> tuple[str, str]:
+def dicom_labels(result: Any, dicom_source: Image | None) -> tuple[Any, Image]:
+    """The label map ``(Z, Y, X)`` and the image a SEG / RTSTRUCT of ``result`` reference: the input, or
+    ``dicom_source`` (a DICOM series on the same grid up to axis order and flips, or a larger one holding
+    it voxel for voxel), the labels placed onto its grid without resampling.
+
+    Raises:
+        InputError: the grids do not match voxel for voxel.
+    """
+    if dicom_source is None:
+        return result.label_map, result.reference
+    from medsam3.io.geometry import place_on_grid
+
+    path = dicom_source.meta.get("path")
+    return place_on_grid(result.to_image(), dicom_source, path=path), dicom_source
+
+
+def derived_uids(result: Any, kind: str, source: Image | None = None) -> tuple[str, str]:
     """Series and SOP Instance UIDs for a DICOM result object of ``kind`` (``"dicom_seg"``, ``"rtstruct"``).
 
     Derived (``2.25.<hash>``) from the source series UID, the label map's bytes, the label names and the
@@ -126,7 +146,7 @@ def derived_uids(result: Any, kind: str) -> tuple[str, str]:
     digest = hashlib.sha256(np.ascontiguousarray(result.label_map).tobytes()).hexdigest()
     basis = json.dumps(
         {
-            "source": result.reference.meta.get("series_uid"),
+            "source": (source if source is not None else result.reference).meta.get("series_uid"),
             "labels": digest,
             "shape": list(np.shape(result.label_map)),
             "names": {str(k): v for k, v in result.label_names().items()},
@@ -159,6 +179,7 @@ def volume_output_paths(
     overlay: bool = True,
     output_types: Sequence[str] | None = None,
     per_prompt: Mapping[int, str] | None = None,
+    dicom_source: Image | None = None,
 ) -> dict[str, Path]:
     """The output files for a volume read as ``reference``, by kind; the JSON is listed last.
 
@@ -166,13 +187,14 @@ def volume_output_paths(
     input) chooses the files: the first label-map type (not ``dicom-seg`` or ``rtstruct``) is ``labels``,
     the others ``labels_<type>``; ``dicom_seg`` and ``rtstruct`` are the DICOM objects. ``per_prompt``
     (label value -> name) adds one binary file per label,
-    ``<stem>_<name>`` in the format of ``labels`` (kind ``prompt_<value>``).
+    ``<stem>_<name>`` in the format of ``labels`` (kind ``prompt_<value>``). ``dicom_source``: the DICOM
+    series SEG / RTSTRUCT reference when the input is not one (then a SEG is written by default too).
     """
     out = Path(out_dir)
     if output_types is None:
         suffix = SEG_SUFFIX.get(str(reference.meta.get("format")), ".nii.gz")
         paths = {"labels": out / f"{stem}_seg{suffix}"}
-        if is_dicom_source(reference):
+        if is_dicom_source(dicom_source if dicom_source is not None else reference):
             paths["dicom_seg"] = out / f"{stem}_seg.dcm"
     else:
         maps = [k for k in dict.fromkeys(output_types) if k not in DICOM_TYPES] or ["nifti"]
@@ -205,9 +227,10 @@ def write_volume_result(
     overlay: bool = True,
     output_types: Sequence[str] | None = None,
     per_prompt: bool = False,
+    dicom_source: Image | None = None,
 ) -> dict[str, Path]:
     """Write a 3D :class:`~medsam3.predict.summary.SegmentationResult` (module docstring;
-    ``output_types`` and ``per_prompt`` as in :func:`volume_output_paths`).
+    ``output_types``, ``per_prompt`` and ``dicom_source`` as in :func:`volume_output_paths`).
 
     Nothing appears at the final names unless every file was written; the JSON is renamed last.
     Returns the paths by kind (``labels``, ``labels_<type>``, ``dicom_seg``, ``rtstruct``, ``prompt_<value>``,
@@ -219,7 +242,7 @@ def write_volume_result(
     from medsam3.overlay import overlay_volume
 
     names = result.label_names()
-    check_output_types(result.reference, output_types)
+    check_output_types(result.reference, output_types, dicom_source)
     paths = volume_output_paths(
         result.reference,
         out_dir,
@@ -227,7 +250,10 @@ def write_volume_result(
         overlay=overlay,
         output_types=output_types,
         per_prompt=names if per_prompt else None,
+        dicom_source=dicom_source,
     )
+    if "dicom_seg" in paths or "rtstruct" in paths:
+        dicom_map, dicom_ref = dicom_labels(result, dicom_source)
     with contextlib.ExitStack() as stack:
         # Entered first, so renamed into place last: the JSON marks a complete case.
         json_tmp = stack.enter_context(atomic_path(paths["json"]))
@@ -240,10 +266,10 @@ def write_volume_result(
             binary = (np.asarray(result.label_map) == value).astype(np.uint8)
             write_label_map(binary, tmp[kind], grid, label_names={1: names[value]})
         if "dicom_seg" in tmp:
-            series_uid, sop_uid = derived_uids(result, "dicom_seg")
+            series_uid, sop_uid = derived_uids(result, "dicom_seg", dicom_ref)
             write_dicom_seg(
-                result.label_map,
-                result.reference,
+                dicom_map,
+                dicom_ref,
                 tmp["dicom_seg"],
                 names,
                 series_instance_uid=series_uid,
@@ -252,10 +278,10 @@ def write_volume_result(
         if "rtstruct" in tmp:
             from medsam3.io.rtstruct import write_rtstruct
 
-            series_uid, sop_uid = derived_uids(result, "rtstruct")
+            series_uid, sop_uid = derived_uids(result, "rtstruct", dicom_ref)
             write_rtstruct(
-                result.label_map,
-                result.reference,
+                dicom_map,
+                dicom_ref,
                 tmp["rtstruct"],
                 names,
                 series_instance_uid=series_uid,
@@ -284,6 +310,11 @@ def write_volume_result(
             )
         summary = result.to_dict()
         summary["outputs"] = {kind: p.name for kind, p in paths.items() if kind != "json"}
+        if dicom_source is not None:
+            summary["dicom_reference"] = {
+                "path": dicom_source.meta.get("path"),
+                "series_uid": dicom_source.meta.get("series_uid"),
+            }
         if result.reference.meta.get("format") == "dicom" and "dicom_seg" not in paths:
             summary["dicom_seg_not_written"] = dicom_seg_problem(result.reference)
             log.warning(
