@@ -160,7 +160,7 @@ def fingerprint(out: Path) -> dict:
         arr = np.ascontiguousarray(_array(path))
         digest = hashlib.sha256(arr.tobytes()).hexdigest()
         hashes[path.name] = f"{arr.dtype.str}{list(arr.shape)}:{digest}"
-    (summary,) = [p for p in out.glob("*.json")]
+    (summary,) = [p for p in out.glob("*.json") if not p.name.endswith("_seg.json")]  # not the sidecar
     labels = json.loads(summary.read_text(encoding="utf-8"))["labels"]
     keep = ("value", "name", "absent", "reason", "area_px", "voxels", "instance")
     entries = [{k: e.get(k) for k in keep} for e in labels]

@@ -198,10 +198,12 @@ def test_folder_with_a_broken_case(case_folder, model_dir, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [
             "good_seg.nii.gz",
+            "good_seg.json",
             "good_overlay.png",
             "good_montage.png",
             "good.json",
             "series_seg.nii.gz",
+            "series_seg.json",
             "series_seg.dcm",
             "series_overlay.png",
             "series_montage.png",

@@ -9,6 +9,7 @@ import numpy as np
 
 import medsam3
 from medsam3.cli import main
+from medsam3.io.label_names import read_label_table
 from medsam3.io.readers import read_image, read_label_map
 
 HIPPO = Path(medsam3.__file__).parent / "assets" / "samples" / "hippocampus_019.nii.gz"
@@ -52,7 +53,14 @@ def test_every_output_type_holds_the_same_labels_on_the_input_grid(tmp_path, cap
         "labels_npz": "hippocampus_019_seg.npz",
         "prompt_1": "hippocampus_019_anterior_hippocampus.nrrd",
         "prompt_2": "hippocampus_019_posterior_hippocampus.nrrd",
+        "label_names": "hippocampus_019_seg.json",
     }
+    names = {1: "anterior hippocampus", 2: "posterior hippocampus"}
+    table = read_label_table(out / "hippocampus_019_seg.nii.gz")
+    assert table.names == names and table.source == "nifti extension" and not table.warnings
+    sidecar = json.loads((out / "hippocampus_019_seg.json").read_text())
+    assert {e["value"]: e["name"] for e in sidecar["labels"]} == names
+    assert {e["value"]: tuple(e["color"]) for e in sidecar["labels"]} == table.colors
     maps = [read_label_map(out / name, source) for name in list(summary["outputs"].values())[:4]]
     for m in maps:
         assert m.same_geometry(source, atol=1e-4)

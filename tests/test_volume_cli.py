@@ -86,7 +86,7 @@ def test_nifti_two_prompts(data_dir, model_dir, tmp_path, capsys):
     )
     assert code == 0, err
     summary = check_case(tmp_path, "hippocampus_019", read_image(src), ".nii.gz", 2)
-    assert sorted(summary["outputs"]) == ["labels", "montage", "overlay"]
+    assert sorted(summary["outputs"]) == ["label_names", "labels", "montage", "overlay"]
     settings = summary["settings"]
     assert settings["image_encoder_runs"] == 41 and settings["slice_plane"] == "axial"
     assert settings["volume"]["slice_batch"] == 8 and settings["mode"] == "volume (slices)"
@@ -266,6 +266,7 @@ def test_inputs_are_never_written(data_dir, model_dir, tmp_path, capsys):
     assert {p.name for p in tmp_path.iterdir()} == {
         "series",
         "series_seg.nii.gz",
+        "series_seg.json",
         "series_seg.dcm",
         "series_overlay.png",
         "series_montage.png",

@@ -11,10 +11,16 @@
 * ``modality`` and where it came from (given, DICOM tag, or the guess rules of :mod:`medsam3.io.modality`);
 * ``intensity``: min, max, mean and the 0.5 / 99.5 percentiles (numpy's linear interpolation, all voxels);
 * ``labels`` for label maps: value, name (when the file names it), voxel count and volume in ml (3D) or
-  area in mm² (2D; in pixels when the pixel size is unknown). A file is treated as a label map when it
-  is one by format (DICOM SEG, Slicer ``.seg.nrrd``, npz ``gts``), when ``--labels`` is given, or when
-  it *looks* like one: non-negative integers that are either binary (two values) or piecewise constant
-  (at least 70% of neighbouring non-background voxel pairs equal; scans stay below 60% on the samples).
+  area in mm² (2D; in pixels when the pixel size is unknown), and ``color`` ``[r, g, b]`` (0..255) when
+  the file states one. Named values absent from the map are listed with 0 voxels. A file is treated as a
+  label map when it is one by format (DICOM SEG, Slicer ``.seg.nrrd``, npz ``gts``), when it carries a
+  label table (NIfTI header extension or JSON sidecar), when ``--labels`` is given, or when it *looks*
+  like one: non-negative integers that are either binary (two values) or piecewise constant (at least
+  70% of neighbouring non-background voxel pairs equal; scans stay below 60% on the samples);
+* ``label_names_source``: where the names came from (:func:`medsam3.io.label_names.read_label_table`:
+  ``nifti extension``, ``sidecar``, ``nrrd segment fields``, ``npz label_names``, ``dicom seg``, ...),
+  with ``label_names_file`` (the file holding them) and ``label_names_warnings`` (a sidecar that
+  disagrees with the file's own names); absent when the file names nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 
 from medsam3.image import Image
 from medsam3.io import dicom, dicom_seg
+from medsam3.io.label_names import LabelTable, read_label_table
 from medsam3.io.readers import read_image, read_label_map, read_segments
 from medsam3.io.sniff import detect_format
 from medsam3.io.volumes import read_metadata, segment_table
@@ -107,6 +114,24 @@ def _label_rows(image: Image, names: dict[int, str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _with_colors(rows: list[dict[str, Any]], table: LabelTable) -> list[dict[str, Any]]:
+    """``rows`` with ``color`` ``[r, g, b]`` added where the label table knows the value's colour."""
+    for row in rows:
+        color = table.colors.get(int(row["value"]))
+        if color is not None:
+            row["color"] = list(color)
+    return rows
+
+
+def _name_source(out: dict[str, Any], table: LabelTable) -> None:
+    if table.source is None:
+        return
+    out["label_names_source"] = table.source
+    out["label_names_file"] = None if table.file is None else str(table.file)
+    if table.warnings:
+        out["label_names_warnings"] = list(table.warnings)
+
+
 def _segment_rows(masks: dict[int, Image]) -> list[dict[str, Any]]:
     rows = []
     for v, m in sorted(masks.items()):
@@ -149,16 +174,24 @@ def describe(
     out: dict[str, Any] = {"path": str(path), "format": fmt}
     if _is_segmentation(path, fmt):
         masks = read_segments(path)
+        table = read_label_table(path)
         first = next(iter(masks.values()), None)
         grid = first if first is not None else read_label_map(path, overlap="last")
         out.update(kind="segmentation", **_geometry(grid))
-        out["labels"] = _segment_rows(masks)
+        out["labels"] = _with_colors(_segment_rows(masks), table)
+        _name_source(out, table)
         out["overlaps"] = _overlaps(masks)
         out["grid_source"] = grid.meta.get("grid_source")
         out["dtype"] = "uint8 (one mask per segment)"
         return out
     image = read_image(path, series_uid=series_uid, modality=modality)
-    is_label = bool(image.meta.get("is_label")) or labels or looks_like_labels(image.array)
+    table = read_label_table(path)
+    is_label = (
+        bool(image.meta.get("is_label"))
+        or labels
+        or table.source in ("nifti extension", "sidecar")
+        or looks_like_labels(image.array)
+    )
     out.update(kind="label map" if is_label else "image", **_geometry(image))
     out["modality"] = None if is_label and not modality else image.modality
     if out["modality"] is not None:
@@ -184,12 +217,19 @@ def describe(
         )
         if lab is not None and lab is not image:
             out["label_key"] = lab.meta.get("label_key")
-            out["labels"] = _label_rows(lab, lab.meta.get("label_names", {}))
+            out["labels"] = _with_colors(_label_rows(lab, _names(lab, table)), table)
+            _name_source(out, table)
             return out
     if is_label:
         lab = read_label_map(path, series_uid=series_uid) if not image.meta.get("is_label") else image
-        out["labels"] = _label_rows(lab, lab.meta.get("label_names", {}))
+        out["labels"] = _with_colors(_label_rows(lab, _names(lab, table)), table)
+        _name_source(out, table)
     return out
+
+
+def _names(lab: Image, table: LabelTable) -> dict[int, str]:
+    """The label names: the label table's where it found any, else those the reader attached."""
+    return dict(table.names) if table.source is not None else dict(lab.meta.get("label_names", {}))
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -254,6 +294,13 @@ def format_table(info: dict[str, Any]) -> str:
     if info.get("labels") is not None:
         lines.append("")
         lines.append(_label_table(info["labels"]))
+        if info.get("label_names_source"):
+            where = info["label_names_source"]
+            if where == "sidecar" and info.get("label_names_file"):
+                where += f" {Path(info['label_names_file']).name}"
+            lines.append(f"names from: {where}")
+        for warning in info.get("label_names_warnings", []):
+            lines.append(f"warning: {warning}")
     for o in info.get("overlaps", []):
         lines.append(f"overlap: segments {o['values'][0]} and {o['values'][1]} share {o['voxels']} voxels")
     return "\n".join(lines)
@@ -263,9 +310,16 @@ def _label_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "labels: none (all zero)"
     size_key = next((k for k in ("volume_ml", "area_mm2", "area_px") if k in rows[0]), None)
-    header = ["value", "name", "voxels"] + ([size_key.replace("_", " ")] if size_key else [])
+    colored = any(r.get("color") for r in rows)
+    header = (
+        ["value", "name", "voxels"]
+        + ([size_key.replace("_", " ")] if size_key else [])
+        + (["colour"] if colored else [])
+    )
     table = [header] + [
-        [str(r["value"]), r["name"] or "", str(r["voxels"])] + ([f"{r[size_key]:.4g}"] if size_key else [])
+        [str(r["value"]), r["name"] or "", str(r["voxels"])]
+        + ([f"{r[size_key]:.4g}"] if size_key else [])
+        + ([_hex(r.get("color"))] if colored else [])
         for r in rows
     ]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
@@ -274,3 +328,8 @@ def _label_table(rows: list[dict[str, Any]]) -> str:
         cells = [c.ljust(w) if j == 1 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _hex(color: Any) -> str:
+    """``#rrggbb`` of an ``[r, g, b]`` colour (0..255), empty when unknown."""
+    return "#{:02x}{:02x}{:02x}".format(*color) if color else ""

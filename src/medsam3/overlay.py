@@ -76,6 +76,15 @@ def label_colors(values: Iterable[Any]) -> dict[int, tuple[int, int, int]]:
     return out
 
 
+def ranked_colors(present: Iterable[Any], named: Iterable[Any] = ()) -> dict[int, tuple[int, int, int]]:
+    """Colours of a result's labels as its overlays draw them: the values ``present`` in the label map by
+    rank (:func:`label_colors`), then the ``named`` values without voxels, after them in value order."""
+    shown = sorted({int(v) for v in present} - {0})
+    ranked = shown + sorted({int(v) for v in named} - set(shown) - {0})
+    by_rank = label_colors(range(len(ranked)))
+    return {v: by_rank[i] for i, v in enumerate(ranked)}
+
+
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)

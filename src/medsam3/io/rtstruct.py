@@ -225,12 +225,9 @@ def _rgb(value: Any) -> tuple[int, int, int]:
 
 def _roi_colors(masks: dict[int, np.ndarray]) -> dict[int, tuple[int, int, int]]:
     """Overlay colours: present values by rank, as the overlays draw them, then the empty named ROIs."""
-    from medsam3.overlay import label_colors
+    from medsam3.overlay import ranked_colors
 
-    present = [v for v, m in masks.items() if m.any()]
-    ranked = present + [v for v in masks if v not in present]
-    by_rank = label_colors(range(len(ranked)))
-    return {v: by_rank[i] for i, v in enumerate(ranked)}
+    return ranked_colors([v for v, m in masks.items() if m.any()], masks)
 
 
 def _source_headers(reference: Image, path: str | Path) -> list[Dataset]:

@@ -1,6 +1,8 @@
 """Write label maps and images with the geometry of a reference image; the format comes from the suffix.
 
 * ``.nii`` / ``.nii.gz``: NIfTI through SimpleITK (geometry stored as float32 qform/sform, as NIfTI does);
+  label names (and colours) as a JSON header extension, :mod:`medsam3.io.label_names` (the file is
+  otherwise byte for byte what SimpleITK writes);
 * ``.nrrd`` / ``.seg.nrrd``: NRRD (gzip); label names as Slicer segment fields (``Segment0_Name:=liver``);
 * ``.mha``: MetaImage (compressed); ``.mhd`` is refused (its second data file would escape the atomic write);
 * ``.png``: 2D only, ``uint8`` / ``uint16`` grey or ``uint8`` RGB(A); no geometry;
@@ -16,12 +18,14 @@ name beside the target, renamed when complete, and never one of the command's in
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from medsam3.errors import OutputError
 from medsam3.image import Image
+from medsam3.io import label_names as label_tables
 from medsam3.io import npz, raster, volumes
 from medsam3.io.atomic import atomic_path
 from medsam3.io.dicom_seg import write_dicom_seg
@@ -81,14 +85,20 @@ def _segment_fields(labels: np.ndarray, names: dict[int, str]) -> dict[str, str]
 
 
 def write_label_map(
-    labels: np.ndarray, path: str | Path, reference: Image, label_names: dict[int, str] | None = None
+    labels: np.ndarray,
+    path: str | Path,
+    reference: Image,
+    label_names: dict[int, str] | None = None,
+    *,
+    colors: Mapping[int, Sequence[int]] | None = None,
 ) -> Path:
     """Write ``labels`` (``reference.spatial_shape``, array order) with ``reference``'s geometry.
 
     The format comes from ``path``'s suffix (table in the module docstring); ``.dcm`` writes a DICOM SEG.
-    Label names are stored where the format can hold them (NRRD, npz, DICOM SEG). Returns the final path.
-    Raises :class:`OutputError` for a shape mismatch, non-integer or negative labels, an unsupported
-    suffix, a 3D label map to PNG, or a path that is one of the inputs.
+    Label names are stored where the format can hold them (NIfTI header extension, NRRD, npz, DICOM SEG);
+    ``colors`` (value -> ``(r, g, b)`` 0..255) replace the default colours of the NIfTI label table. Returns
+    the final path. Raises :class:`OutputError` for a shape mismatch, non-integer or negative labels, an
+    unsupported suffix, a 3D label map to PNG, or a path that is one of the inputs.
     """
     path = Path(path)
     fmt = _kind(path)
@@ -98,6 +108,12 @@ def write_label_map(
             f"{path}: labels have shape {arr.shape} but the reference image {tuple(reference.spatial_shape)}"
         )
     names = {int(k): str(v) for k, v in (label_names or {}).items()}
+    table = None
+    if fmt == "nifti" and any(k >= 1 for k in names):
+        try:
+            table = label_tables.label_table(names, colors)
+        except ValueError as exc:
+            raise OutputError(f"{path}: {exc}") from None
     if fmt == "dicom":
         return write_dicom_seg(arr, reference, path, names)
     if fmt == "png":
@@ -106,7 +122,15 @@ def write_label_map(
         if arr.dtype.itemsize > 2:
             raise OutputError(f"{path}: label values up to {arr.max()} do not fit a 16-bit PNG (use .tif)")
     with atomic_path(path) as tmp:
-        if fmt in _VOLUME_SUFFIXES:
+        if table is not None:  # written as usual, then copied with the extension into the temporary file
+            label_tables.write_nifti_with_table(
+                lambda plain: volumes.write_volume(
+                    arr, reference.spacing, reference.origin, reference.direction, plain
+                ),
+                tmp,
+                table,
+            )
+        elif fmt in _VOLUME_SUFFIXES:
             meta = _segment_fields(arr, names) if fmt == "nrrd" else None
             volumes.write_volume(
                 arr, reference.spacing, reference.origin, reference.direction, tmp, metadata=meta

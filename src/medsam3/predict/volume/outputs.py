@@ -16,9 +16,12 @@ BiomedSegFM npz    ``<stem>_seg.npz`` (``segs`` in the input's layout, ``spacing
 TIFF stack         ``<stem>_seg.tif`` (no geometry, as the input)
 =================  ===============================================================================
 
-plus ``<stem>_overlay.png`` (axial, coronal and sagittal planes through the labels' centre),
-``<stem>_montage.png`` (the slices along the slicing axis with the most foreground) and ``<stem>.json``
-(label value -> concept, score, presence, voxels, ml, slice range; settings; the output file names).
+NIfTI label maps carry their label names and colours in a header extension and in a JSON sidecar
+``<stem>_seg.json`` (:mod:`medsam3.io.label_names`; colours as in the overlays), read back by
+``medsam3 info --labels``. The output then also has ``<stem>_overlay.png`` (axial, coronal and sagittal
+planes through the labels' centre), ``<stem>_montage.png`` (the slices along the slicing axis with the most
+foreground) and ``<stem>.json`` (label value -> concept, score, presence, voxels, ml, slice range;
+settings; the output file names).
 
 Every label map has the input's shape, spacing, origin and direction. All files go through
 :func:`medsam3.io.atomic.atomic_path` and are renamed into place together once all were produced, the
@@ -37,6 +40,7 @@ from typing import Any
 from medsam3.errors import OutputError
 from medsam3.image import Image
 from medsam3.io.atomic import atomic_path
+from medsam3.io.label_names import sidecar_path, write_label_sidecar
 
 #: Label-map suffix for each input format (:func:`medsam3.io.sniff.detect_format`).
 log = logging.getLogger(__name__)
@@ -166,6 +170,10 @@ def _uuid_uid(name: str) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'medsam3:' + name).int}"
 
 
+#: File-name parts of a case's own outputs, never used for a per-prompt file.
+_RESERVED = {"seg", "overlay", "montage", "rtstruct"}
+
+
 def _slug(name: str) -> str:
     text = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
     return "_".join(part for part in text.split("_") if part)[:60] or "label"
@@ -209,12 +217,16 @@ def volume_output_paths(
     used: set[str] = set()
     for value, name in (per_prompt or {}).items():
         slug = _slug(name)
-        slug = slug if slug not in used else f"{slug}_{value}"
+        slug = slug if slug not in used | _RESERVED else f"{slug}_{value}"
         used.add(slug)
         paths[f"prompt_{value}"] = out / f"{stem}_{slug}{suffix}"
     if overlay:
         paths["overlay"] = out / f"{stem}_overlay.png"
         paths["montage"] = out / f"{stem}_montage.png"
+    for kind in [k for k in paths if k == "labels" or k.startswith("labels_")]:
+        if paths[kind].name.endswith(".nii.gz"):
+            paths["label_names"] = sidecar_path(paths[kind])
+            break
     paths["json"] = out / f"{stem}.json"
     return paths
 
@@ -239,7 +251,7 @@ def write_volume_result(
     import numpy as np
 
     from medsam3.io.writers import write_dicom_seg, write_label_map
-    from medsam3.overlay import overlay_volume
+    from medsam3.overlay import overlay_volume, ranked_colors
 
     names = result.label_names()
     check_output_types(result.reference, output_types, dicom_source)
@@ -259,12 +271,15 @@ def write_volume_result(
         json_tmp = stack.enter_context(atomic_path(paths["json"]))
         tmp = {kind: stack.enter_context(atomic_path(p)) for kind, p in paths.items() if kind != "json"}
         grid = result.to_image()
+        colors = ranked_colors(np.unique(result.label_map), names)
         for kind in [k for k in tmp if k == "labels" or k.startswith("labels_")]:
-            write_label_map(result.label_map, tmp[kind], grid, label_names=names)
+            write_label_map(result.label_map, tmp[kind], grid, label_names=names, colors=colors)
+        if "label_names" in tmp:
+            write_label_sidecar(tmp["label_names"], names, colors, atomic=False)
         for kind in [k for k in tmp if k.startswith("prompt_")]:
             value = int(kind.split("_", 1)[1])
             binary = (np.asarray(result.label_map) == value).astype(np.uint8)
-            write_label_map(binary, tmp[kind], grid, label_names={1: names[value]})
+            write_label_map(binary, tmp[kind], grid, label_names={1: names[value]}, colors={1: colors[value]})
         if "dicom_seg" in tmp:
             series_uid, sop_uid = derived_uids(result, "dicom_seg", dicom_ref)
             write_dicom_seg(
@@ -284,6 +299,7 @@ def write_volume_result(
                 dicom_ref,
                 tmp["rtstruct"],
                 names,
+                colors=colors,
                 series_instance_uid=series_uid,
                 sop_instance_uid=sop_uid,
             )
