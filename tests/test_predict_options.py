@@ -60,7 +60,7 @@ def test_defaults_are_the_papers_rule():
         (dict(presence_threshold=-0.1), "presence_threshold must be between 0 and 1, got -0.1"),
         (dict(slice_batch=0), "slice_batch must be at least 1, got 0"),
         (dict(min_component_ml=-2), "min_component_ml must be at least 0, got -2"),
-        (dict(mode="video"), "mode must be one of slices, track, got 'video'"),
+        (dict(mode="video"), "mode must be one of slices, track, clips, got 'video'"),
         (dict(axis=3), "axis must be one of 0, 1, 2, got 3"),
         (
             dict(modality="PET-CT"),

@@ -202,7 +202,7 @@ def test_check_volume_request_without_the_model():
     with pytest.raises(PromptError, match="track mode takes text prompts only"):
         check_volume_request(vol, [VolumePrompt("a", box3d=(0, 0, 0, 2, 2, 2))], VolumeOptions(mode="track"))
     for bad, message in [
-        (dict(mode="video"), "mode must be one of slices, track, got 'video'"),
+        (dict(mode="video"), "mode must be one of slices, track, clips, got 'video'"),
         (dict(axis=3), "axis must be one of 0, 1, 2, got 3"),
         (dict(slice_batch=0), "slice_batch must be at least 1, got 0"),
         (dict(min_component_ml=-1), "min_component_ml must be at least 0, got -1"),

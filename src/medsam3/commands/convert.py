@@ -4,6 +4,7 @@ Examples::
 
     medsam3 convert sam3.pt models/sam3
     medsam3 convert checkpoint_2D.pt models/medical-sam3 --dtype bf16 --report convert.json
+    medsam3 convert checkpoint_3D.pt models/medical-sam3-v2 --v2      # then: segment --mode clips
 
 Accepts Meta's ``sam3.pt`` and Medical SAM3 / SAM3 trainer checkpoints (``{"model": ..., "optimizer": ...}``),
 loaded without running code from the file. With tracker keys the folder holds the video model (usable for
@@ -47,6 +48,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write only the image model (Sam3Model), dropping the tracker weights",
     )
+    p.add_argument(
+        "--v2",
+        action="store_true",
+        help="a Medical SAM3 V2 (3D) video checkpoint: configure the video model as V2 runs it (504 px input "
+        "and every size that depends on it, hot-start off, V2's thresholds); use with segment --mode clips",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        metavar="PX",
+        help="video models: the input size to configure (a multiple of the patch size), with every size "
+        "that depends on it; with --v2 it replaces 504",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.set_defaults(func=run)
 
@@ -64,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
             config=args.config,
             with_tracker=False if args.image_only else None,
             overwrite=args.overwrite,
+            recipe="v2" if args.v2 else None,
+            image_size=args.image_size,
         )
     except ConversionError as exc:
         if args.report:

@@ -451,3 +451,90 @@ def _infer_video_config(shapes: Mapping[str, Sequence[int]], detector: Sam3Confi
         memory_encoder_output_channels=_shape(shapes, "tracker.maskmem_backbone.out_proj.weight")[0],
         tracker_overrides=tracker_overrides,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Input size of a video model, and Medical SAM3 V2's settings
+
+#: Medical SAM3 V2 runs SAM3's video model at this input size.
+V2_IMAGE_SIZE = 504
+#: Medical SAM3 V2's video-model settings besides the input size: hot-start off, Meta's detection and
+#: association thresholds for the video model with temporal disambiguation.
+V2_VIDEO_SETTINGS: dict[str, Any] = {
+    "hotstart_delay": 0,
+    "hotstart_unmatch_thresh": 0,
+    "hotstart_dup_thresh": 0,
+    "score_threshold_detection": 0.5,
+    "new_det_thresh": 0.7,
+    "assoc_iou_thresh": 0.1,
+    "det_nms_thresh": 0.1,
+    "fill_hole_area": 16,
+    "recondition_every_nth_frame": 16,
+    "min_trk_keep_alive": -1,
+    "max_trk_keep_alive": 30,
+    "init_trk_keep_alive": 30,
+}
+
+
+def set_video_input_size(config: Sam3VideoConfig, size: int) -> dict[str, list[Any]]:
+    """Set a ``Sam3VideoConfig``'s square input size and every size that depends on it, in place.
+
+    ``g = size / patch`` is the ViT grid. Set: the detector's and the tracker's image size (ViT, RoPE grid,
+    prompt encoder), the detector's and the tracker's FPN feature sizes ``4g, 2g, g`` (transformers derives
+    the tracker's, not the detector's), the memory attention's RoPE grid ``g``, and the video model's
+    ``low_res_mask_size`` ``4g`` (not derived by transformers). Derived by the tracker from its image size:
+    its mask-input size ``4g`` and the size its memory encoder resizes masks to, ``16g`` (Meta's
+    ``interpol_size``: 1152 at 1008 px, 576 at 504 px). A position embedding learnt for the whole grid
+    (``pretrain_image_size == image_size``) follows the new grid (``pretrain_image_size`` becomes ``size``;
+    the caller resamples the weights, :func:`medsam3.model.input_size.resample_grid`); a tiled one (Meta's
+    24 x 24 at 336 px) is kept and tiled over the new grid.
+
+    Returns:
+        name -> ``[old, new]`` of every setting changed.
+    """
+    detector: Any = config.detector_config
+    tracker: Any = config.tracker_config
+    vit: Any = vit_config(detector)
+    patch = int(vit.patch_size)
+    if size <= 0 or size % patch:
+        raise ValueError(f"input size {size} is not a positive multiple of the patch size {patch}")
+    grid = size // patch
+    before = {
+        "image_size": int(vit.image_size),
+        "pretrain_image_size": int(vit.pretrain_image_size),
+        "detector_feature_sizes": [list(s) for s in vision_config(detector).backbone_feature_sizes or []],
+        "tracker_feature_sizes": [list(s) for s in tracker.vision_config.backbone_feature_sizes],
+        "low_res_mask_size": int(config.low_res_mask_size),
+        "memory_attention_rope_feat_sizes": list(tracker.memory_attention_rope_feat_sizes),
+    }
+    matched = int(vit.pretrain_image_size) == int(vit.image_size)
+    config.image_size = size
+    sizes = [[4 * grid, 4 * grid], [2 * grid, 2 * grid], [grid, grid]]
+    vision_config(detector).backbone_feature_sizes = sizes
+    tracker.image_size = size
+    tracker_vit = tracker.vision_config.backbone_config
+    tracker_vit.image_size = size
+    if matched:
+        vit.pretrain_image_size = size
+        tracker_vit.pretrain_image_size = size
+    config.low_res_mask_size = 4 * grid
+    after = {
+        "image_size": size,
+        "pretrain_image_size": int(vit.pretrain_image_size),
+        "detector_feature_sizes": sizes,
+        "tracker_feature_sizes": [list(s) for s in tracker.vision_config.backbone_feature_sizes],
+        "low_res_mask_size": 4 * grid,
+        "memory_attention_rope_feat_sizes": list(tracker.memory_attention_rope_feat_sizes),
+    }
+    return {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+
+
+def apply_v2_settings(config: Sam3VideoConfig) -> dict[str, list[Any]]:
+    """Set :data:`V2_VIDEO_SETTINGS` on ``config`` in place; returns name -> ``[old, new]`` of changes."""
+    changed = {}
+    for key, value in V2_VIDEO_SETTINGS.items():
+        old = getattr(config, key)
+        if old != value:
+            changed[key] = [old, value]
+        setattr(config, key, value)
+    return changed

@@ -44,7 +44,10 @@ class ConversionReport:
     ``converted``: Meta key -> transformers key(s) and operation; ``dropped``: keys deliberately left out,
     with the reason; ``unexpected``: Meta keys no rule knows (an error); ``missing``: transformers weights
     nothing provided (an error); ``mis_shaped``: converted tensors whose shape differs from the model's (an
-    error); ``ignored_entries``: checkpoint entries besides the state dict (optimizer, epoch, ...).
+    error); ``ignored_entries``: checkpoint entries besides the state dict (optimizer, epoch, ...);
+    ``recipe``: ``"v2"`` for a Medical SAM3 V2 conversion; ``sizes``: configuration settings changed from
+    what the weights imply (input size and what depends on it, V2's settings), each with ``from``, ``to``
+    and ``why``.
     """
 
     source: str = ""
@@ -58,6 +61,8 @@ class ConversionReport:
     config: dict[str, Any] = field(default_factory=dict)
     dtype: str = ""
     output: str = ""
+    recipe: str = ""
+    sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -84,6 +89,9 @@ class ConversionReport:
         for d in self.dropped:
             reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
         lines += [f"  dropped {n}: {reason}" for reason, n in reasons.items()]
+        if self.recipe:
+            lines.append(f"  recipe: {self.recipe}")
+        lines += [f"  set {k}: {v['from']} -> {v['to']} ({v['why']})" for k, v in self.sizes.items()]
         for label, items in (
             ("unexpected", self.unexpected),
             ("missing", self.missing),
@@ -355,6 +363,55 @@ def _convert(
     return out, report, config
 
 
+def _configure_size(
+    tensors: dict[str, torch.Tensor],
+    config: Any,
+    report: ConversionReport,
+    recipe: str | None,
+    image_size: int | None,
+    source: str,
+) -> dict[str, torch.Tensor]:
+    """Apply ``recipe`` / ``image_size`` to a converted video model's configuration (and, for a position
+    embedding learnt over the whole grid, its weights); the report's ``sizes`` say what changed and why."""
+    from medsam3.model.configs import V2_IMAGE_SIZE, apply_v2_settings, set_video_input_size
+    from medsam3.model.input_size import resample_grid
+
+    if getattr(config, "model_type", "") != "sam3_video":
+        raise ModelError(
+            f"{source}: --image-size and the V2 recipe apply to video models (detector + tracker)"
+        )
+    size = int(image_size) if image_size is not None else V2_IMAGE_SIZE
+    why = (
+        "given with --image-size"
+        if image_size is not None
+        else "Medical SAM3 V2 runs the video model at 504 px"
+    )
+    try:
+        changed = set_video_input_size(config, size)
+    except ValueError as exc:
+        raise ModelError(f"{source}: {exc}") from None
+    report.sizes = {k: {"from": old, "to": new, "why": why} for k, (old, new) in changed.items()}
+    key = "detector_model.vision_encoder.backbone.embeddings.position_embeddings"
+    if "pretrain_image_size" in changed and key in tensors:
+        grid = size // int(config.detector_config.vision_config.backbone_config.patch_size)
+        tensors = dict(tensors)
+        tensors[key] = resample_grid(tensors[key], grid)
+        report.sizes["position_embeddings"] = {
+            "from": "learnt over the whole grid",
+            "to": f"resampled to {grid} x {grid} (bicubic)",
+            "why": why,
+        }
+    if recipe == "v2":
+        report.sizes.update(
+            {
+                k: {"from": old, "to": new, "why": "Medical SAM3 V2: hot-start off, Meta's video thresholds"}
+                for k, (old, new) in apply_v2_settings(config).items()
+            }
+        )
+        report.recipe = "v2"
+    return tensors
+
+
 def _natural(key: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
@@ -396,6 +453,8 @@ def convert_meta_checkpoint(
     config: Any = None,
     with_tracker: bool | None = None,
     overwrite: bool = False,
+    recipe: str | None = None,
+    image_size: int | None = None,
 ) -> ConversionReport:
     """Convert a Meta-format checkpoint file into a transformers model folder ``out_dir``.
 
@@ -405,6 +464,12 @@ def convert_meta_checkpoint(
             holding one); inferred from the tensor shapes when None.
         with_tracker: see :func:`convert_meta_state_dict`.
         overwrite: replace an existing non-empty ``out_dir`` (only once the new folder is complete).
+        recipe: ``"v2"``: a Medical SAM3 V2 video checkpoint (the same ``detector.*`` / ``tracker.*`` names
+            and shapes as Meta's layout, so the file cannot say it is one): the video model is configured
+            as V2 runs it, at :data:`~medsam3.model.configs.V2_IMAGE_SIZE` px with hot-start off and V2's
+            thresholds (:func:`~medsam3.model.configs.apply_v2_settings`).
+        image_size: the input size to configure (video models; with ``recipe="v2"`` it replaces 504), with
+            every size that depends on it (:func:`~medsam3.model.configs.set_video_input_size`).
 
     Writes ``config.json``, ``model.safetensors``, tokenizer and processor files, all into a temporary
     folder that is renamed to ``out_dir`` at the end: nothing is written when anything fails.
@@ -421,8 +486,16 @@ def convert_meta_checkpoint(
         raise OutputError(f"{out_dir}: the output folder would contain or replace the input {ckpt}")
     if isinstance(config, (str, os.PathLike)):
         config = _load_config_file(config)
+    if recipe not in (None, "v2"):
+        raise ModelError(f"unknown conversion recipe {recipe!r} (known: v2)")
+    if recipe == "v2" and with_tracker is False:
+        raise ModelError("a V2 checkpoint is a video model; it cannot be converted as an image model only")
     state, ignored = load_meta_checkpoint(ckpt)
+    if recipe == "v2":
+        with_tracker = True
     tensors, report, config = _convert(state, config, with_tracker, str(ckpt))
+    if recipe is not None or image_size is not None:
+        tensors = _configure_size(tensors, config, report, recipe, image_size, str(ckpt))
     report.ignored_entries = ignored
     report.dtype = str(torch_dtype).removeprefix("torch.")
     if not report.ok:

@@ -35,8 +35,10 @@ from medsam3.image import MODALITIES
 FRONTS = ("segment", "evaluate", "api", "serve")
 #: Defaults that differ for one front end: front -> option -> default.
 FRONT_DEFAULTS: Mapping[str, Mapping[str, Any]] = {"evaluate": {"presence_threshold": 0.0}}
-#: Volume modes: detection on every slice, or SAM3's video tracker.
-MODES = ("slices", "track")
+#: Volume modes: detection on every slice, SAM3's video tracker, or Medical SAM3 V2's independent clips.
+MODES = ("slices", "track", "clips")
+#: Intensity rules: medsam3's modality-aware windowing, or V2's per-slice min-max.
+INTENSITIES = ("auto", "minmax")
 #: Slicing axes of the canonical (LPS) volume.
 AXES = (0, 1, 2)
 
@@ -162,7 +164,9 @@ class VolumeOptions(SegmentOptions):
 
     mode: str = option(
         "slices",
-        "slices: detection on every slice; track: SAM3's video tracker",
+        "slices: detection on every slice; track: SAM3's video tracker; clips: Medical SAM3 V2's recipe "
+        "(the video model on independent clips of --clip-length slices, forward only, classes fused "
+        "pixel by pixel)",
         choices=MODES,
         fronts=("segment",),
     )
@@ -209,6 +213,22 @@ class VolumeOptions(SegmentOptions):
     )
     probes: int = option(
         8, "track mode: slices probed for each concept's start slice", low=1, metavar="N", fronts=("segment",)
+    )
+    clip_length: int = option(
+        4, "clips mode: slices per clip (V2: 4)", low=1, metavar="L", fronts=("segment",)
+    )
+    clip_post_process: bool = option(
+        False,
+        "clips mode: also apply the 3D post-processing (min slices, hole filling, component filters); V2 "
+        "applies none",
+        fronts=("segment",),
+    )
+    intensity: str = option(
+        "auto",
+        "auto: modality-aware windowing (CT windows, MR percentiles); minmax: V2's rule, uint8 slices as "
+        "stored and others min-max scaled per slice (clips and track modes)",
+        choices=INTENSITIES,
+        fronts=("segment",),
     )
 
 
@@ -304,9 +324,20 @@ RULES: tuple[Rule, ...] = (
     Rule(lambda o, points, volume: o.tta and o.instances, _TTA + "instances"),
     Rule(lambda o, points, volume: o.tta and points, _TTA + "point prompts"),
     Rule(lambda o, points, volume: o.tta and getattr(o, "mode", "slices") == "track", _TTA + "mode track"),
+    Rule(lambda o, points, volume: o.tta and getattr(o, "mode", "slices") == "clips", _TTA + "mode clips"),
     Rule(
         lambda o, points, volume: o.image_size is not None and getattr(o, "mode", "slices") == "track",
         "image_size cannot be combined with mode track: the video model runs at its own input size",
+    ),
+    Rule(
+        lambda o, points, volume: o.image_size is not None and getattr(o, "mode", "slices") == "clips",
+        "image_size cannot be combined with mode clips: the video model runs at its own input size",
+    ),
+    Rule(
+        lambda o, points, volume: (
+            getattr(o, "intensity", "auto") == "minmax" and getattr(o, "mode", "slices") == "slices"
+        ),
+        "intensity minmax (V2's per-slice rule) is for modes clips and track",
     ),
     Rule(
         lambda o, points, volume: o.instances and volume,

@@ -275,6 +275,19 @@ def apply_intensity(array: np.ndarray, params: IntensityParams) -> np.ndarray:
     return out
 
 
+def minmax_slice(image: np.ndarray) -> np.ndarray:
+    """Medical SAM3 V2's intensity rule for one 2D slice: ``uint8`` as stored; any other type NaN / inf ->
+    0, ``float32``, min-max over the slice to 0-255 (a constant slice becomes 0), truncated to ``uint8``."""
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        return a
+    x = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        return np.zeros(x.shape, dtype=np.uint8)
+    return ((x - lo) / (hi - lo) * 255.0).astype(np.uint8)
+
+
 def normalize_intensity(
     array: np.ndarray,
     modality: str,

@@ -43,7 +43,8 @@ class ConceptSlices:
         presence: ``(n,)`` float32 presence probability (NaN when unknown or unsearched).
         logits: kept slice -> ``(h, w)`` float32 mask logits on the model's mask grid (slices mode), or
             ``None`` in track mode (the mask is in ``masks``).
-        masks: track mode: kept slice -> ``(H, W)`` bool mask on the slice grid.
+        masks: track and clips modes: kept slice -> ``(H, W)`` bool mask on the slice grid.
+        probs: clips mode: kept slice -> ``(H, W)`` float32 mask probability on the slice grid.
     """
 
     outcome: np.ndarray
@@ -51,6 +52,7 @@ class ConceptSlices:
     presence: np.ndarray
     logits: dict[int, np.ndarray] = field(default_factory=dict)
     masks: dict[int, np.ndarray] = field(default_factory=dict)
+    probs: dict[int, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, n: int) -> ConceptSlices:

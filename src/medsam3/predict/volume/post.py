@@ -247,8 +247,19 @@ def postprocess_concept(
     return ConceptVolume(mask, None, found, report)
 
 
+def raw_concept(res: ConceptSlices, transform: ResizeTransform, axis: int, shape) -> ConceptVolume:
+    """One prompt's kept slices as they are, without 3D post-processing (clips mode, as V2)."""
+    found = len(res.kept)
+    if found == 0:
+        return ConceptVolume(None, "score", 0)
+    return ConceptVolume(concept_mask(res, transform, axis, shape), None, found)
+
+
 def voxel_confidence(res: ConceptSlices, transform: ResizeTransform, k: int) -> np.ndarray | float:
-    """Confidence of one prompt's voxels on slice ``k`` (displayed slice layout): score x mask probability."""
+    """Confidence of one prompt's voxels on slice ``k`` (displayed slice layout): score x mask probability
+    (slices mode), the mask probability (clips mode), the slice's tracker score (track mode)."""
+    if k in res.probs:
+        return res.probs[k]
     if k in res.logits:
         return res.scores[k] * sigmoid(transform.mask_to_original(res.logits[k]))
     return float(res.scores[k]) if res.outcome[k] == KEPT else 0.0

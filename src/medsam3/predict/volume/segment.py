@@ -21,8 +21,15 @@ from medsam3.predict.prompts import Prompt
 from medsam3.predict.segment_2d import run_settings
 from medsam3.predict.summary import LabelEntry, SegmentationResult
 from medsam3.predict.tta import MIRRORS
+from medsam3.predict.volume.clips import clip_ranges, clip_slices
 from medsam3.predict.volume.plan import KEPT, NOT_SEARCHED, group_prompts, prepare
-from medsam3.predict.volume.post import assign_labels, postprocess_concept, slice_counts, voxel_confidence
+from medsam3.predict.volume.post import (
+    assign_labels,
+    postprocess_concept,
+    raw_concept,
+    slice_counts,
+    voxel_confidence,
+)
 from medsam3.predict.volume.prompts import VolumePrompt
 from medsam3.predict.volume.slices import detect_slices
 from medsam3.predict.volume.track import track_slices
@@ -64,6 +71,8 @@ def segment_volume(
     display = np.zeros(volume.shape, dtype=np.uint8)
     if options.mode == "track":
         results, encoded = track_slices(engine, volume, axis, checked, groups, options, display)
+    elif options.mode == "clips":
+        results, encoded = clip_slices(engine, volume, axis, checked, groups, options, display)
     else:
         results, encoded = detect_slices(engine, volume, axis, checked, plans, groups, options, display)
 
@@ -71,10 +80,13 @@ def segment_volume(
     transform = ResizeTransform(hw, engine.image_size)
     known = image.meta.get("spacing_known", True) is not False
     voxel_ml = image.voxel_volume_ml if known else None
-    concepts = [
-        postprocess_concept(res, plan, transform, axis, volume.shape, options, voxel_ml)
-        for res, plan in zip(results, plans, strict=True)
-    ]
+    if options.mode == "clips" and not options.clip_post_process:
+        concepts = [raw_concept(res, transform, axis, volume.shape) for res in results]
+    else:
+        concepts = [
+            postprocess_concept(res, plan, transform, axis, volume.shape, options, voxel_ml)
+            for res, plan in zip(results, plans, strict=True)
+        ]
 
     def confidence(i: int, k: int) -> Any:
         c = voxel_confidence(results[i], transform, k)
@@ -86,7 +98,7 @@ def segment_volume(
     label_map = reo.invert(canonical_labels)
 
     how = {i: params.describe() for params, members in groups.items() for i in members}
-    source = "video tracker" if options.mode == "track" else "detector"
+    source = {"track": "video tracker", "clips": "video model (clips)"}.get(options.mode, "detector")
     entries = []
     for i, (p, res, con) in enumerate(zip(checked, results, concepts, strict=True)):
         searched = res.outcome != NOT_SEARCHED
@@ -141,10 +153,19 @@ def segment_volume(
             "box_frame": BOX_FRAME,
         }
     )
-    if options.mode == "track":
+    if options.mode in ("track", "clips"):
         settings["video_model"] = str(getattr(engine.video(), "source", "in-memory video model"))
         settings["image_encoder_runs"] = None
         settings["slices_tracked"] = encoded
+    if options.mode == "clips":
+        settings["clips"] = {
+            "length": options.clip_length,
+            "count": len(clip_ranges(int(volume.shape[axis]), options.clip_length)),
+            "fusion": "pixel_score (V2): highest probability above 0.5 inside each class's mask",
+            "post_processing_3d": options.clip_post_process,
+        }
+    if options.intensity == "minmax":
+        settings["intensity"] = "minmax (V2): uint8 slices as stored, others min-max scaled per slice"
     return SegmentationResult(
         label_map, entries, image, settings, display=display, reorientation=reo, slice_axis=axis
     )

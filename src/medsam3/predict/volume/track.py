@@ -66,7 +66,7 @@ from medsam3.predict.options import VolumeOptions, default_of
 from medsam3.predict.prompts import brief
 from medsam3.predict.volume.plan import KEPT, LOW_SCORE, ConceptSlices
 from medsam3.predict.volume.prompts import VolumePrompt
-from medsam3.preprocess.intensity import IntensityParams, apply_intensity
+from medsam3.preprocess.intensity import IntensityParams, apply_intensity, minmax_slice
 from medsam3.preprocess.slices import slice_to_rgb, take_slice
 
 if TYPE_CHECKING:
@@ -482,6 +482,26 @@ def track_volume(
     )[str(prompt).strip()]
 
 
+def intensity_runs(
+    groups: dict[IntensityParams, list[int]], options: VolumeOptions, n_prompts: int
+) -> list[tuple[IntensityParams | None, list[int]]]:
+    """The frame sequences a video mode runs: one per intensity group, or with ``intensity == "minmax"``
+    one for all prompts on V2's per-slice min-max slices (``params`` ``None``)."""
+    if getattr(options, "intensity", "auto") == "minmax":
+        return [(None, list(range(n_prompts)))]
+    return list(groups.items())
+
+
+def video_frames(volume: np.ndarray, axis: int, params: IntensityParams | None) -> np.ndarray:
+    """``(Z, H, W, 3)`` ``uint8`` displayed slices along ``axis``, windowed by ``params``, or by V2's
+    per-slice min-max (:func:`~medsam3.preprocess.intensity.minmax_slice`) when ``params`` is ``None``."""
+    n = volume.shape[axis]
+    slices = (take_slice(volume, axis, k, display=True) for k in range(n))
+    if params is None:
+        return np.stack([slice_to_rgb(minmax_slice(s)) for s in slices])
+    return np.stack([slice_to_rgb(apply_intensity(s, params)) for s in slices])
+
+
 def track_slices(
     engine: Engine,
     volume: np.ndarray,
@@ -501,13 +521,8 @@ def track_slices(
     n = volume.shape[axis]
     results: list[ConceptSlices] = [ConceptSlices.empty(n) for _ in prompts]
     passes = 0
-    for g, (params, members) in enumerate(groups.items()):
-        frames = np.stack(
-            [
-                slice_to_rgb(apply_intensity(take_slice(volume, axis, k, display=True), params))
-                for k in range(n)
-            ]
-        )
+    for g, (params, members) in enumerate(intensity_runs(groups, options, len(prompts))):
+        frames = video_frames(volume, axis, params)
         if g == 0:
             for k in range(n):
                 take_slice(display, axis, k, display=True)[...] = frames[k, ..., 0]
