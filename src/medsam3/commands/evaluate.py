@@ -6,12 +6,26 @@ Three forms::
     medsam3 evaluate --pred PRED_DIR --ref REF_DIR -o REPORT_DIR [--label-map map.json]
         [--ref-labels names.json] [--spacing-from ref|pred|none] [--nsd-tolerance 2.0] [--resample]
 
+    # (a) with a challenge protocol: BiomedSegFM .npz predictions (segs) against references (gts,
+    # spacing, text_prompts) of the same file name
+    medsam3 evaluate --protocol cvpr25 --pred PRED_DIR --ref REF_DIR -o REPORT_DIR
+        [--nsd-tolerance 2.0] [--spacing-order xyz|zyx]
+    # V2's own window Dice, NOT the challenge metric
+    medsam3 evaluate --protocol v2-window --pred PRED_DIR --ref REF_DIR -o REPORT_DIR
+
     # (b) run models on a manifest (from `medsam3 prepare`) and score them
     medsam3 evaluate --manifest manifest.jsonl --model A_DIR --model-name A --model B_DIR --model-name B
         --prompt-mode text|box|text+box|point [--split val|test|eval|all] [--absent 3] -o REPORT_DIR
 
     # the paper's Table 3 (vanilla SAM3 vs Medical SAM3, text only)
     medsam3 evaluate --table3 --data-root ROOT --vanilla SAM3_DIR --medical MEDSAM3_DIR -o REPORT_DIR
+
+Protocols (--protocol, form (a)): files (default, as above); cvpr25 = the CVPR 2025 text-guided 3D
+challenge (per prompted id DSC and NSD at 2 mm with surfel areas, nanmean per case; instance cases F1 at
+IoU 0.5; always beside them the rate of prompted ids absent from the reference that the prediction marks);
+v2-window = Medical SAM3 V2's own 3D evaluation (label 1, one 8-slice window around the largest reference
+slice, per-slice Dice), NOT the challenge metric. Definitions: medsam3.evaluate.challenge. Their reports
+hold cases.csv, summary.csv (per modality = file-name prefix, and overall), table.md and config.json.
 
 Report files: cases.csv, summary.csv, table.md, table.csv, config.json, dice_by_dataset.png,
 dice_by_modality.png, gallery.html + gallery/*.png (and absent*.csv, table3.*). They are written together
@@ -71,6 +85,7 @@ def _positive_float(text: str) -> float:
 
 
 def register(subparsers) -> None:
+    from medsam3.evaluate.challenge import PROTOCOLS, SPACING_ORDERS
     from medsam3.evaluate.run_model import GEOMETRIES, PROMPT_MODES, SPLIT_CHOICES, VOLUME_MODES
     from medsam3.evaluate.score_files import SPACING_SOURCES
 
@@ -108,6 +123,21 @@ def register(subparsers) -> None:
     )
     a = p.add_argument_group("(a) prediction files")
     a.add_argument("--ref", type=Path, metavar="REF_DIR", help="folder of reference label files")
+    a.add_argument(
+        "--protocol",
+        choices=("files",) + PROTOCOLS,
+        default="files",
+        help="files (default): any label files; cvpr25: the CVPR 2025 text-guided 3D challenge on npz "
+        "files; v2-window: V2's 8-slice window Dice on npz files (not the challenge metric)",
+    )
+    a.add_argument(
+        "--spacing-order",
+        choices=SPACING_ORDERS,
+        default="zyx",
+        help="--protocol cvpr25: how the npz spacing meets the (D, H, W) arrays: zyx (default: as stored, "
+        "as the organisers' script does, so NSD matches the challenge's) or xyz (the stored ITK x, y, z "
+        "reversed onto the axes: physically correct distances)",
+    )
     a.add_argument("--label-map", type=Path, help='prediction value -> name JSON, e.g. {"1": "liver"}')
     a.add_argument(
         "--ref-labels", type=Path, help="reference value -> name JSON (default: REF_DIR/dataset.json)"
@@ -180,6 +210,10 @@ def register(subparsers) -> None:
 def _exit_status(rows, allow_missing: bool) -> int:
     missing = sum(r.status == "missing" for r in rows)
     failed = sum(r.status == "failed" for r in rows)
+    return _exit_status_counts(missing, failed, allow_missing)
+
+
+def _exit_status_counts(missing: int, failed: int, allow_missing: bool) -> int:
     if not missing and not failed:
         return 0
     msg = (
@@ -256,6 +290,37 @@ def _run_files(args) -> int:
     write_report(args.out, result.rows, config, gallery.items(), n_boot=args.bootstrap, seed=args.seed)
     _print_summary(args.out, result.warnings)
     return _exit_status(result.rows, args.allow_missing)
+
+
+def _run_challenge(args) -> int:
+    from medsam3.evaluate.challenge import ChallengeOptions, score_challenge, write_challenge_report
+
+    if args.ref is None:
+        raise InputError(None, f"--protocol {args.protocol} needs --pred PRED_DIR and --ref REF_DIR")
+    if args.model_name and len(args.model_name) > 1:
+        raise InputError(None, "--pred takes one --model-name")
+    if args.protocol == "v2-window" and (args.nsd_tolerance != 2.0 or args.spacing_order != "zyx"):
+        raise InputError(None, "--nsd-tolerance and --spacing-order do not apply to --protocol v2-window")
+    protect_inputs([args.pred, args.ref])
+    check_not_input(args.out / "cases.csv")
+    model = (args.model_name or ["prediction"])[0]
+    options = ChallengeOptions(
+        protocol=args.protocol,
+        nsd_tolerance=args.nsd_tolerance,
+        spacing_order=args.spacing_order,
+        model=model,
+    )
+    result = score_challenge(args.pred, args.ref, options)
+    config = {
+        "form": "files",
+        "arguments": _arguments(args),
+        "model": model,
+        "nsd_tolerance_mm": options.nsd_tolerance if args.protocol == "cvpr25" else None,
+        "spacing_order": options.spacing_order if args.protocol == "cvpr25" else None,
+    }
+    write_challenge_report(args.out, result, config, model, n_boot=args.bootstrap, seed=args.seed)
+    _print_summary(args.out, result.warnings)
+    return _exit_status_counts(len(result.missing), len(result.failed), args.allow_missing)
 
 
 def _prompt_overrides(items: list[str] | None) -> dict[str, str]:
@@ -364,7 +429,9 @@ def _run_table3(args) -> int:
 
 #: Options that belong to one form only: option -> (attribute, default, forms that take it).
 _FORM_OPTIONS = {
-    "--ref": ("ref", None, ("files",)),
+    "--ref": ("ref", None, ("files", "challenge")),
+    "--protocol": ("protocol", "files", ("files", "challenge")),
+    "--spacing-order": ("spacing_order", "zyx", ("challenge",)),
     "--label-map": ("label_map", None, ("files",)),
     "--ref-labels": ("ref_labels", None, ("files",)),
     "--resample": ("resample", False, ("files",)),
@@ -387,7 +454,7 @@ _FORM_OPTIONS = {
     "--data-root": ("data_root", None, ("table3",)),
     "--vanilla": ("vanilla", None, ("table3",)),
     "--medical": ("medical", None, ("table3",)),
-    "--model-name": ("model_name", None, ("files", "manifest")),
+    "--model-name": ("model_name", None, ("files", "manifest", "challenge")),
     # the inference options (medsam3.predict.options) belong to the manifest form
     **{
         flag_of(f.name): (f.name, default_of(f.name, "evaluate"), ("manifest",))
@@ -398,7 +465,9 @@ _FORM_OPTIONS = {
 
 def _check_options(args, form: str) -> None:
     """Refuse options of another form instead of ignoring them silently."""
-    flag = {"files": "--pred", "manifest": "--manifest", "table3": "--table3"}[form]
+    flag = {"files": "--pred", "manifest": "--manifest", "table3": "--table3", "challenge": "--protocol"}[
+        form
+    ]
     wrong = [
         opt
         for opt, (attr, default, forms) in _FORM_OPTIONS.items()
@@ -410,7 +479,11 @@ def _check_options(args, form: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     form = "files" if args.pred is not None else "manifest" if args.manifest is not None else "table3"
+    if form == "files" and args.protocol != "files":
+        form = "challenge"
     _check_options(args, form)
+    if form == "challenge":
+        return _run_challenge(args)
     if args.pred is not None:
         return _run_files(args)
     if args.manifest is not None:
