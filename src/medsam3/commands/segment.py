@@ -11,6 +11,13 @@ INPUT is one of:
 * a **folder of cases** or a **list file**: every case as above, resumable, with ``summary.csv``
   (:mod:`medsam3.predict.batch_cases`); exits 1 when a case failed.
 
+Prompts come from ``-p`` (``-p LABEL=TEXT`` numbers them), else ``--prompts-json``, else the npz's own
+``text_prompts`` (the CVPR 2025 text-guided 3D challenge format), case by case
+(:mod:`medsam3.predict.case_prompts`): the label map holds each prompt's label id, an instance task its
+6-connected instances ``1..K``; ``--normalize-prompts`` maps sentences to vocabulary concepts; each case's
+JSON records the prompts' source, label ids, instances and wall time. ``--output-type challenge-npz``
+writes the challenge's ``<stem>.npz`` with ``segs`` only.
+
 All outputs of a case appear together or not at all, never over an input. Everything that can be checked
 without the model (the input, the prompts against its size, the CT window, the output names) is checked
 first.
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,13 +44,15 @@ from medsam3.commands.inference_options import (
 from medsam3.errors import OptionError, OutputError, PromptError
 from medsam3.image import Image
 from medsam3.io.atomic import check_not_input, protect_inputs, write_error
+from medsam3.predict.case_prompts import PromptSources, apply_case_prompts
 from medsam3.predict.options import VolumeOptions, check_request
-from medsam3.predict.prompts import prompts_from_cli, validate_prompt
-from medsam3.predict.volume.outputs import OUTPUT_TYPES
+from medsam3.predict.prompts import Prompt, prompts_from_cli, validate_prompt
+from medsam3.predict.volume.outputs import CHALLENGE_TYPE, OUTPUT_TYPES
 from medsam3.preprocess.intensity import intensity_parameters
 
 if TYPE_CHECKING:
     from medsam3.predict.segmenter import Segmenter
+    from medsam3.predict.volume.prompts import VolumePrompt
 
 EPILOG = """\
 prompts:
@@ -70,7 +80,8 @@ along --axis (default: the acquisition's slice axis). --mode slices finds each c
 a concept found on fewer than --min-slices slices is absent; holes are filled per slice
 (--no-fill-holes); 3D components under --min-component-voxels / --min-component-ml are dropped
 (--keep-largest keeps one). --mode track carries each concept through the slices with SAM3's video model
-(text prompts only; needs a video model folder). Prompt i has value i in the label map.
+(text prompts only; needs a video model folder). Prompt i has value i in the label map (its label id
+with -p LABEL=TEXT or per-case prompts, below).
   -p liver -p "left kidney"                         two concepts
   -p tumour --box 120,80,190,150 --box-slice 42     refine with a box on input slice 42
   -p tumour --box3d 120,80,30,190,150,55            search only inside a 3D box
@@ -82,8 +93,24 @@ a concept found on fewer than --min-slices slices is absent; holes are filled pe
 
 many cases: INPUT a folder (each file, and each DICOM series sub-folder, is a case) or a list file
 (.txt/.lst/.list, one path per line). Finished cases (their <case>.json and outputs exist) are skipped
-unless --overwrite; a failed case does not stop the others; OUT_DIR/summary.csv lists every case; the
-exit status is 1 when a case failed. Interrupting and re-running redoes only unfinished cases.
+unless --overwrite; a failed case does not stop the others; OUT_DIR/summary.csv lists every case (with
+its wall time in seconds); the exit status is 1 when a case failed. Interrupting and re-running redoes
+only unfinished cases.
+
+per-case prompts (CVPR 2025 text-guided 3D challenge): without -p each case takes, first that applies,
+  --prompts-json FILE   {"1": "liver", "2": "spleen"} for every case, or keyed by file name, then by
+                        name without extension: {"CT_x.npz": {"1": "liver", "instance_label": 0}} (a
+                        plain text is label 1)
+  the npz's text_prompts {"1": "CT imaging of the spleen within the abdomen", "instance_label": 0}
+and -p LABEL=TEXT (e.g. -p 1=liver -p 5=spleen) numbers command-line prompts. The label map holds each
+prompt's label id (uint8, uint16 past 255). instance_label 1 (exactly one prompt): the mask is split into
+6-connected components numbered 1..K. A case without any prompt fails alone. The JSON's "case" record
+gives the prompt source, texts, label ids, instance flag, number of instances and wall time.
+  medsam3 segment val_npz/ -o preds/ --output-type challenge-npz --no-overlay --normalize-prompts
+  writes preds/CT_x.npz (key segs, the input's (D, H, W)) per case, resumable; OUT_DIR must not be the
+  input folder (the prediction has the input's file name). --normalize-prompts maps each sentence to a
+  vocabulary concept ("Visualization of the left kidney in MRI" -> left kidney; rule in
+  medsam3.data.vocabulary); an unmapped sentence is used as written; the JSON reports both.
 """
 
 
@@ -114,7 +141,8 @@ def register(subparsers) -> None:
         action=PromptItem,
         const="text",
         metavar="TEXT",
-        help="a concept to segment; repeat for several (see prompts below)",
+        help="a concept to segment; repeat for several (see prompts below); LABEL=TEXT gives it label id "
+        "LABEL in the label map",
     )
     p.add_argument(
         "--box",
@@ -211,6 +239,20 @@ def register(subparsers) -> None:
         metavar="CSV",
         help="per-case summary CSV (default OUT_DIR/summary.csv)",
     )
+    c = p.add_argument_group("per-case prompts (without -p; see below)")
+    c.add_argument(
+        "--prompts-json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='prompts for every case ({"1": "liver"}) or by file name / name; used before the npz\'s '
+        "text_prompts",
+    )
+    c.add_argument(
+        "--normalize-prompts",
+        action="store_true",
+        help="map each prompt sentence to a vocabulary concept (unmapped sentences are used as written)",
+    )
     p.set_defaults(func=run, prompt_items=None)
 
 
@@ -266,6 +308,13 @@ def _print_result(result, segmenter, paths) -> None:
     sys.stdout.flush()
 
 
+def _sources(args: argparse.Namespace) -> PromptSources:
+    """The run's prompt sources (-p with its label ids, --prompts-json, the normaliser), checked."""
+    return PromptSources.from_args(
+        args.prompt_items, getattr(args, "prompts_json", None), getattr(args, "normalize_prompts", False)
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from medsam3.pacs.remote import check_storable, series_ref, store_target
     from medsam3.predict.batch_cases import is_batch_input
@@ -301,7 +350,9 @@ def _run_remote(args: argparse.Namespace, options: VolumeOptions, ref, target: s
     from medsam3.pacs.remote import downloaded_series
     from medsam3.predict.volume.prompts import volume_prompts_from_cli
 
-    volume_prompts_from_cli(args.prompt_items or [])  # the prompts parse, before the download
+    sources = _sources(args)
+    if sources.from_cli or sources.table is None:
+        volume_prompts_from_cli(list(sources.items))  # the prompts parse, before the download
     _check_out_dir(args.out)
     server = Server(ref.base_url)
     store = None if target is None else server if target == server.base_url else Server(target)
@@ -343,14 +394,15 @@ def _run_single(
     from medsam3.predict.batch_cases import case_name
     from medsam3.predict.segmenter import as_2d
 
-    items = args.prompt_items or []
+    start = time.perf_counter()
+    sources = _sources(args)
     _protect(args, [args.input])
     volume = check_segmentable(read_image(args.input, modality=args.modality), args.input)
     if getattr(args, "source_url", None):
         volume.meta["path"] = args.source_url  # the JSON names the series on its server
     image = as_2d(volume)
     if image is None:
-        return _run_volume(args, volume, options, segmenter)
+        return _run_volume(args, volume, options, segmenter, sources, start)
     if args.mode == "track":
         raise PromptError(f"{args.input}: --mode track is for volumes; this is a 2D image")
     if args.output_type or args.per_prompt or getattr(args, "reference_series", None):
@@ -358,38 +410,52 @@ def _run_single(
             f"{args.input}: --output-type, --per-prompt and --reference-series are for volumes; a 2D mask "
             "is a PNG"
         )
-    prompts = _prompts_2d(items)
+    stem = case_name(args.input)  # a DICOM folder keeps its whole name (a Series UID has dots)
+    cli = _prompts_2d(list(sources.items)) if sources.from_cli else None
+    case = sources.for_case(args.input, stem, cli)
+    prompts = [p for p in case.prompts(cli, volume=False) if isinstance(p, Prompt)]
     check_request(options, points=any(p.points for p in prompts))
     pixels = image.array[..., :3] if image.is_color else image.array
     for prompt in prompts:
         validate_prompt(prompt, image.spatial_shape)
         intensity_parameters(pixels, args.modality or image.modality, window=args.window, concept=prompt.text)
     _check_out_dir(args.out)
-    stem = case_name(args.input)  # a DICOM folder keeps its whole name (a Series UID has dots)
     for path in (args.out / f"{stem}_mask.png", args.out / f"{stem}_overlay.png", args.out / f"{stem}.json"):
         check_not_input(path)
     segmenter = segmenter or _segmenter(args, options)
-    result = segmenter.segment(image, prompts)
+    result, instances = apply_case_prompts(segmenter.segment(image, prompts), case)
+    result.case = case.record(instances, time.perf_counter() - start)
     paths = result.write(args.out, stem, overlay=not args.no_overlay)
     _print_result(result, segmenter, paths)
     return paths
 
 
 def _run_volume(
-    args: argparse.Namespace, volume: Image, options: VolumeOptions, segmenter: Segmenter | None = None
+    args: argparse.Namespace,
+    volume: Image,
+    options: VolumeOptions,
+    segmenter: Segmenter | None,
+    sources: PromptSources,
+    start: float,
 ) -> dict[str, Path]:
     from medsam3.predict.batch_cases import case_name
     from medsam3.predict.volume.outputs import check_output_types, volume_output_paths
     from medsam3.predict.volume.plan import check_volume_request
     from medsam3.predict.volume.prompts import volume_prompts_from_cli
 
-    prompts, *_ = check_volume_request(volume, volume_prompts_from_cli(args.prompt_items or []), options)
+    stem = case_name(args.input)
+    cli = volume_prompts_from_cli(list(sources.items)) if sources.from_cli else None
+    case = sources.for_case(args.input, stem, cli)
+    prompts, *_ = check_volume_request(volume, case.prompts(cli, volume=True), options)
     _check_window(volume.array, args.modality or volume.modality, args.window, prompts)
     _check_out_dir(args.out)
-    stem = case_name(args.input)
     source = _reference_series(getattr(args, "reference_series", None), volume)
     check_output_types(volume, args.output_type, source)
-    names = {i + 1: p.display_name for i, p in enumerate(prompts)} if args.per_prompt else None
+    names = (
+        dict(zip(case.label_ids, (p.display_name for p in prompts), strict=True))
+        if args.per_prompt and not case.instance
+        else None
+    )
     paths = volume_output_paths(
         volume,
         args.out,
@@ -402,7 +468,8 @@ def _run_volume(
     for path in paths.values():
         check_not_input(path)
     segmenter = segmenter or _segmenter(args, options)
-    result = segmenter.segment(volume, prompts)
+    result, instances = apply_case_prompts(segmenter.segment(volume, prompts), case)
+    result.case = case.record(instances, time.perf_counter() - start)
     written = result.write(
         args.out,
         stem,
@@ -429,6 +496,20 @@ def _reference_series(folder: Path | None, volume: Image) -> Image | None:
     return series
 
 
+def _values_fit(summary: dict, label_ids: tuple[int, ...], instance: bool) -> bool:
+    """Whether a case JSON's label values are those of ``label_ids`` (or of an instance task)."""
+    entries = [e for e in summary.get("labels", []) if e.get("value") is not None]
+    if instance:
+        return all(str(e.get("name", "")).endswith(f" #{e['value']}") for e in entries)
+    if list(label_ids) == list(range(1, len(label_ids) + 1)):
+        return True  # the segmenter's own numbering (also 2D --instances results)
+    return all(
+        0 <= int(e.get("prompt_index", -1)) < len(label_ids)
+        and e["value"] == label_ids[int(e["prompt_index"])]
+        for e in entries
+    )
+
+
 def _run_batch(args: argparse.Namespace, options: VolumeOptions) -> int:
     from medsam3.io.readers import check_segmentable, read_image
     from medsam3.predict.batch_cases import discover_cases, run_cases, summary_prompts
@@ -436,61 +517,99 @@ def _run_batch(args: argparse.Namespace, options: VolumeOptions) -> int:
     from medsam3.predict.volume.plan import check_volume_request
     from medsam3.predict.volume.prompts import volume_prompts_from_cli
 
+    sources = _sources(args)
     cases = discover_cases(args.input, exclude=[args.out])
     # the cases (and a list file) are protected, not the folder holding them: OUT_DIR may lie inside it
     _protect(args, [*(c.path for c in cases), *([args.input] if args.input.is_file() else [])])
     _check_out_dir(args.out)
     check_not_input(args.summary or args.out / "summary.csv")
-    items = args.prompt_items or []
+    if CHALLENGE_TYPE in (args.output_type or ()):
+        for c in cases:  # <name>.npz: the input's own name when OUT_DIR is the input folder
+            try:
+                check_not_input(args.out / f"{c.name}.npz")
+            except OutputError as exc:
+                raise OutputError(
+                    f"{exc}: --output-type {CHALLENGE_TYPE} names each prediction like its input; choose an "
+                    "OUT_DIR other than the input folder"
+                ) from None
+    if (
+        not sources.from_cli
+        and sources.table is None
+        and not any(c.path.suffix.lower() == ".npz" for c in cases)
+    ):
+        raise PromptError(
+            "no prompt given: use -p TEXT, --prompts-json FILE, or npz cases holding text_prompts"
+        )
+    items = list(sources.items)
     has_points = any(kind == "point" for kind, _ in items)
     has_volume_items = any(kind in _VOLUME_ITEMS for kind, _ in items)
     if has_points and has_volume_items:
         raise PromptError("points (2D images) and --box-slice / --box3d (volumes) cannot be mixed")
-    volume_prompts = None if has_points else volume_prompts_from_cli(items)
-    prompts_2d = None if has_volume_items else prompts_from_cli(items)
+    volume_prompts: list[VolumePrompt] | None = None
+    prompts_2d: list[Prompt] | None = None
+    names: list[str] = []
+    if sources.from_cli:
+        volume_prompts = None if has_points else volume_prompts_from_cli(items)
+        prompts_2d = None if has_volume_items else prompts_from_cli(items)
+        given = volume_prompts or prompts_2d
+        assert given is not None  # points and --box-slice / --box3d together were refused above
+        names = [p.display_name for p in given]
     check_request(options, points=has_points)
-    given = volume_prompts or prompts_2d
-    assert given is not None  # points and --box-slice / --box3d together were refused above
-    names = [p.display_name for p in given]
     segmenter = _segmenter(args, options)
     overlay = not args.no_overlay
 
     def segment_case(case) -> dict:
+        start = time.perf_counter()
         loaded = check_segmentable(read_image(case.path, modality=args.modality), case.path)
         image = as_2d(loaded)
         if image is None:
-            if volume_prompts is None:
+            if sources.from_cli and volume_prompts is None:
                 raise PromptError("points are for 2D images; this case is a volume")
-            prompts, *_ = check_volume_request(loaded, volume_prompts, options)
+            wanted = sources.for_case(case.path, case.name, volume_prompts)
+            prompts, *_ = check_volume_request(loaded, wanted.prompts(volume_prompts, volume=True), options)
             result = segmenter.segment(loaded, prompts)
         else:
-            if prompts_2d is None:
+            if sources.from_cli and prompts_2d is None:
                 raise PromptError("--box-slice / --box3d are for volumes; this case is a 2D image")
-            for prompt in prompts_2d:
+            wanted = sources.for_case(case.path, case.name, prompts_2d)
+            flat = [p for p in wanted.prompts(prompts_2d, volume=False) if isinstance(p, Prompt)]
+            for prompt in flat:
                 validate_prompt(prompt, image.spatial_shape)
-            result = segmenter.segment(image, prompts_2d)
+            result = segmenter.segment(image, flat)
+        result, instances = apply_case_prompts(result, wanted)
         volume_files = (
             {"output_types": args.output_type, "per_prompt": args.per_prompt} if result.is_volume else {}
         )
+        result.case = wanted.record(instances, time.perf_counter() - start)
         paths = result.write(args.out, case.name, overlay=overlay, **volume_files)
         return json.loads(paths["json"].read_text(encoding="utf-8"))
 
-    def same_prompts(summary: dict) -> bool:
+    def same_prompts(summary: dict, case) -> bool:
         volume = any("voxels" in e for e in summary.get("labels", []))
-        wanted = volume_prompts if volume else prompts_2d
-        if wanted is None:
+        cli: list[VolumePrompt] | list[Prompt] | None = volume_prompts if volume else prompts_2d
+        if sources.from_cli and cli is None:
             return False
-        return summary_prompts(summary) == json.loads(json.dumps([p.to_dict() for p in wanted]))
+        wanted = sources.for_case(case.path, case.name, cli)
+        made = [p.to_dict() for p in wanted.prompts(cli, volume=volume)]
+        if summary_prompts(summary) != json.loads(json.dumps(made)):
+            return False
+        record = summary.get("case")
+        if record is None:  # no case record (an older run, or stopped just before adding it): the values
+            return _values_fit(summary, wanted.label_ids, wanted.instance)
+        return record.get("label_ids") == list(wanted.label_ids) and bool(record.get("instance")) == (
+            wanted.instance
+        )
 
     outcomes = run_cases(
         cases,
         segment_case,
         args.out,
-        same_prompts=same_prompts,
+        same_case_prompts=same_prompts,
         label_names=names,
         overwrite=args.overwrite,
         max_cases=args.max_cases,
         summary_csv=args.summary,
+        case_columns=not sources.from_cli,
     )
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
     left = len(cases) - len(outcomes)

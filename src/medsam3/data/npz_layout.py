@@ -10,8 +10,9 @@ the same spatial shape; missing in test files), ``spacing`` and optionally ``dir
        {"CT_AbdomenCT-1K": {"1": ["liver", "liver in abdominal CT"], "2": "...", "instance_label": 0}}
 
    looked up by the file's folder names (nearest first), then by the longest key that prefixes the file name;
-3. ``text_prompts`` stored inside the file (``{"1": "liver", "instance_label": 0}``), read with an unpickler
-   that only admits numpy arrays and plain containers (never arbitrary objects).
+3. ``text_prompts`` stored inside the file (``{"1": "liver", "instance_label": 0}``), read by
+   :func:`medsam3.io.npz.load_text_prompts`, whose unpickler only admits plain containers, strings and
+   numbers (never arbitrary objects).
 
 ``instance_label: 1`` marks instance maps (every id > 0 is one object of the single named concept).
 The first prompt of a label is its name; all prompts are kept in the record for prompt variety.
@@ -20,16 +21,14 @@ The first prompt of a label is its name; all prompts are kept in the record for 
 from __future__ import annotations
 
 import json
-import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medsam3.data.discovery import Candidate, Discovery
 from medsam3.errors import InputError
+from medsam3.io.npz import instance_flag, load_text_prompts
 
 _PREFIX_MODALITY = {
     "ct": "CT",
@@ -55,56 +54,15 @@ def modality_from_filename(name: str) -> str:
     return _PREFIX_MODALITY.get(Path(name).name.split("_")[0].lower(), "OTHER")
 
 
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Admits what numpy needs to rebuild an object array; refuses every other global."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return _plain(value.item()) if value.shape == () else [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def read_text_prompts(path: str | Path) -> dict[str, Any] | None:
-    """The ``text_prompts`` entry of an npz file as a plain dict, or None when absent."""
+    """The ``text_prompts`` entry of an npz file as a plain dict (phrasing lists kept), or None when absent.
+
+    Read by :func:`medsam3.io.npz.load_text_prompts`, the package's one (restricted) reader of this entry.
+    """
     path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            if "text_prompts.npy" not in zf.namelist():
-                return None
-            with zf.open("text_prompts.npy") as fh:
-                major, _ = np.lib.format.read_magic(fh)
-                read = (
-                    np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                )
-                shape, _, dtype = read(fh)
-                if dtype.hasobject:
-                    value = _ArrayOnlyUnpickler(fh).load()
-                else:
-                    value = np.frombuffer(fh.read(), dtype=dtype).reshape(shape)
-    except (OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError) as exc:
-        raise InputError(path, f"cannot read text_prompts ({exc})") from None
-    value = _plain(value)
+    value = load_text_prompts(path)
+    if value is None:
+        return None
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -112,7 +70,7 @@ def read_text_prompts(path: str | Path) -> dict[str, Any] | None:
             raise InputError(path, "text_prompts is a string that is not JSON") from None
     if not isinstance(value, Mapping):
         raise InputError(path, f"text_prompts is a {type(value).__name__}, expected a mapping")
-    return dict(value)
+    return {str(k): v for k, v in value.items()}
 
 
 def parse_prompt_entry(
@@ -121,7 +79,7 @@ def parse_prompt_entry(
     """``{"1": ["liver", ...], "instance_label": 0}`` -> (value -> name, value -> prompts, is_instance)."""
     names: dict[int, str] = {}
     prompts: dict[int, list[str]] = {}
-    instance = bool(int(entry.get("instance_label", 0) or 0))
+    instance = instance_flag(entry.get("instance_label", 0), source)
     for key, val in entry.items():
         if key == "instance_label":
             continue

@@ -16,6 +16,36 @@ Resolution of a name, in order:
 
 The bundled ``vocabulary.json`` can be extended or overridden by a user file of the same form
 (:meth:`Vocabulary.merged`): user synonyms win over bundled ones.
+
+Prompt sentences
+----------------
+:meth:`Vocabulary.match_sentence` maps a challenge-style sentence ("CT imaging of the spleen within the
+abdomen", "Visualization of the left kidney in MRI") to one concept, by this rule:
+
+1. **Words.** The sentence is lower-cased; its words are the runs of letters and digits (hyphens,
+   slashes, brackets and punctuation separate words: "non-enhancing" is ``non enhancing``); British
+   spellings become US ones (``tumour`` -> ``tumor``). Every canonical term and synonym is split into words
+   the same way after :func:`normalize_term` (so ``kidney_left`` is ``left kidney``).
+2. **Phrases.** The words are cut into phrases at the relation words of :data:`PHRASE_BREAKS` (``of``,
+   ``in``, ``within``, ``on``, ``showing``, ...), which are dropped (so a term holding one of them never
+   matches; the bundled vocabulary has none). Modality and filler words (``ct``, ``mri``, ``imaging``,
+   ``visualization``, ``the``) need no list: they are in no term, so they never match.
+3. **Matches.** A term matches where its words appear consecutively inside one phrase; a sentence word
+   also matches the term word ``w`` as a plural (``ws``, ``wes``, ``w[:-1]ies`` for ``...y``, ``wae`` for
+   ``...a``).
+4. **Choice.** The first phrase holding a match names the target (the sentence's subject comes before its
+   context: "lesion in the left lung" is a lesion). Inside it the words are read left to right, taking at
+   each word the longest term that starts there and skipping the words it covers (so "enhancing tumor
+   region" takes ``enhancing tumor``, not the overlapping ``tumor region``). Of the terms taken, the one
+   with the most words wins; among equally long ones the **last** (the head noun ends an English noun
+   phrase: "pancreas lesion" is a lesion).
+5. **Context.** When the phrase right after the chosen one names a concept ``O`` and ``"O C"`` (``C`` the
+   chosen concept) is a term or synonym, that concept is taken: "tumor of the liver" -> ``liver tumor``,
+   "lesion in the liver" -> ``liver tumor`` (``liver lesion`` is its synonym).
+6. **Side.** When the chosen phrase holds exactly one side word (``left`` / ``right``) outside the match
+   and ``"<side> C"`` is a concept, that concept is taken: "kidney (right)" -> ``right kidney``.
+7. No match anywhere: the sentence is **unmapped** (:attr:`SentenceMatch.concept` is ``None``) and a
+   caller uses it as written.
 """
 
 from __future__ import annotations
@@ -92,6 +122,89 @@ def _words(name: str) -> set[str]:
     return set(re.sub(r"[^0-9a-z]+", " ", str(name).casefold()).split())
 
 
+#: Relation words that cut a prompt sentence into phrases (:meth:`Vocabulary.match_sentence`).
+PHRASE_BREAKS = frozenset(
+    {
+        "of",
+        "in",
+        "within",
+        "inside",
+        "on",
+        "at",
+        "from",
+        "into",
+        "onto",
+        "around",
+        "surrounding",
+        "near",
+        "adjacent",
+        "beside",
+        "along",
+        "across",
+        "between",
+        "involving",
+        "affecting",
+        "showing",
+        "shows",
+        "depicting",
+        "visible",
+        "seen",
+        "located",
+        "for",
+        "with",
+        "without",
+        "under",
+        "over",
+        "by",
+        "through",
+        "throughout",
+        "via",
+        "using",
+        "as",
+    }
+)
+_SIDE_WORDS = ("left", "right")
+
+
+def sentence_words(text: str) -> list[str]:
+    """The words of a sentence or term (rule 1 of the module docstring): lower-case runs of letters and
+    digits, British spellings made US."""
+    return [_US_SPELLING.get(w, w) for w in re.findall(r"[a-z0-9]+", str(text).casefold())]
+
+
+def _same_word(word: str, term_word: str) -> bool:
+    """``word`` is ``term_word`` or one of its plurals (rule 3 of the module docstring)."""
+    t = term_word
+    if word == t or word in (t + "s", t + "es"):
+        return True
+    return (t.endswith("y") and word == t[:-1] + "ies") or (t.endswith("a") and word == t + "e")
+
+
+@dataclass(frozen=True)
+class SentenceMatch:
+    """What :meth:`Vocabulary.match_sentence` made of a sentence.
+
+    Attributes:
+        text: the sentence as given.
+        concept: the canonical concept, or ``None`` (unmapped: use ``text`` as written).
+        matched: the sentence's words that named it (``None`` when unmapped).
+        rule: ``"term"``, ``"term+context"`` (rule 5), ``"term+side"`` (rule 6) or ``"unmapped"``.
+    """
+
+    text: str
+    concept: str | None
+    matched: str | None = None
+    rule: str = "unmapped"
+
+    @property
+    def used(self) -> str:
+        """The prompt to give the model: the concept, or the sentence itself when unmapped."""
+        return self.concept if self.concept is not None else self.text
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"text": self.text, "concept": self.concept, "matched": self.matched, "rule": self.rule}
+
+
 @dataclass(frozen=True)
 class Resolved:
     """The concept a label name maps to; ``known`` is False when no vocabulary entry matched."""
@@ -124,6 +237,13 @@ class Vocabulary:
         self._scoped = {
             key: {normalize_term(n): c for n, c in names.items()} for key, names in self.datasets.items()
         }
+        self._terms: list[tuple[tuple[str, ...], str]] = []
+        seen: set[tuple[str, ...]] = set()
+        for norm, canon in self._index.items():  # canonical terms first, then synonyms (as _index)
+            words = tuple(sentence_words(norm))
+            if words and words not in seen:
+                seen.add(words)
+                self._terms.append((words, canon))
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -209,3 +329,67 @@ class Vocabulary:
     def concept(self, name: str, dataset: str | Iterable[str] | None = None) -> str:
         """The canonical term for ``name`` (the normalised name itself when unknown)."""
         return self.resolve(name, dataset).concept
+
+    # -- prompt sentences ----------------------------------------------------------------------------
+    def _phrase_matches(self, phrase: list[str]) -> list[tuple[int, int, str]]:
+        """``(start, length, concept)`` of the terms taken from ``phrase`` left to right, the longest at
+        each word, none overlapping (rules 3 and 4)."""
+        taken = []
+        start = 0
+        while start < len(phrase):
+            best: tuple[int, str] | None = None
+            for words, canon in self._terms:
+                n = len(words)
+                if (best is None or n > best[0]) and start + n <= len(phrase):
+                    if all(_same_word(phrase[start + k], words[k]) for k in range(n)):
+                        best = (n, canon)
+            if best is None:
+                start += 1
+            else:
+                taken.append((start, best[0], best[1]))
+                start += best[0]
+        return taken
+
+    def _known(self, text: str) -> str | None:
+        hit = self.resolve(text)
+        return hit.concept if hit.known else None
+
+    def match_sentence(self, text: str) -> SentenceMatch:
+        """The concept a prompt sentence names (rules in the module docstring), or an unmapped result.
+
+        >>> Vocabulary.bundled().match_sentence("CT imaging of the spleen within the abdomen").concept
+        'spleen'
+        """
+        phrases: list[list[str]] = [[]]
+        for word in sentence_words(text):
+            if word in PHRASE_BREAKS:
+                if phrases[-1]:
+                    phrases.append([])
+            else:
+                phrases[-1].append(word)
+        chosen = None
+        for i, phrase in enumerate(phrases):
+            matches = self._phrase_matches(phrase)
+            if matches:
+                start, n, concept = max(matches, key=lambda m: (m[1], m[0]))
+                chosen = (i, start, n, concept)
+                break
+        if chosen is None:
+            return SentenceMatch(str(text), None)
+        i, start, n, concept = chosen
+        phrase = phrases[i]
+        matched = " ".join(phrase[start : start + n])
+        if i + 1 < len(phrases):
+            context = self._phrase_matches(phrases[i + 1])
+            if context:
+                other = max(context, key=lambda m: (m[1], m[0]))[2]
+                combined = self._known(f"{other} {concept}")
+                if combined is not None and combined != concept:
+                    return SentenceMatch(str(text), combined, f"{matched} ... {other}", "term+context")
+        outside = phrase[:start] + phrase[start + n :]
+        sides = [w for w in outside if w in _SIDE_WORDS]
+        if len(sides) == 1 and not any(w in _SIDE_WORDS for w in concept.split()):
+            sided = f"{sides[0]} {concept}"
+            if self.is_concept(sided):
+                return SentenceMatch(str(text), sided, f"{matched} ({sides[0]})", "term+side")
+        return SentenceMatch(str(text), concept, matched, "term")

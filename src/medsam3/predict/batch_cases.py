@@ -29,6 +29,15 @@ Summary
 ``skipped``, ``failed``, ``interrupted``), ``error``, ``seconds``, then ``<prompt> voxels`` and
 ``<prompt> ml`` and ``<prompt> mean`` (mean intensity in the input's units) per prompt (pixels and no ml
 for 2D images).
+
+``seconds`` is the case's wall time (reading, segmenting, writing). When the case JSON records its own
+time (``case.seconds``, written by ``medsam3 segment``), that number is used, so the CSV and the JSON agree,
+and a skipped case shows the time of the run that made it (0 when its JSON records none).
+
+When every case brings its own prompts (``case_columns``: no ``-p``, prompts from ``--prompts-json`` or
+the npz's ``text_prompts``), the per-prompt columns give way to ``prompt source``, ``labels`` (``<label
+id>=<prompt>:<voxels>`` joined by ``; ``; an instance task: its one prompt with the voxels of all its
+instances), ``instance`` (0 / 1) and ``instances`` (the number of instances of an instance task).
 """
 
 from __future__ import annotations
@@ -73,6 +82,13 @@ class CaseOutcome:
     error: str = ""
     seconds: float = 0.0
     labels: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def recorded_seconds(summary: dict, default: float) -> float:
+    """The wall time a case JSON records (``case.seconds``), else ``default``."""
+    value = (summary.get("case") or {}).get("seconds")
+    return float(value) if isinstance(value, (int, float)) else default
 
 
 def _has_dicom_directly(folder: Path) -> bool:
@@ -162,42 +178,77 @@ def existing_summary(out_dir: Path, case: Case) -> dict | None:
 
 
 def label_rows(summary: dict) -> list[dict[str, Any]]:
-    """Per-label ``name``, ``voxels`` (pixels in 2D) and ``ml`` (``None`` in 2D) from a case JSON."""
+    """Per-label ``value``, ``name``, ``voxels`` (pixels in 2D) and ``ml`` (``None`` in 2D) from a case
+    JSON."""
     rows = []
     for e in summary.get("labels", []):
         voxels = e.get("voxels", e.get("area_px"))
         intensity = (e.get("statistics") or {}).get("intensity") or {}
         rows.append(
-            {"name": e.get("name"), "voxels": voxels, "ml": e.get("volume_ml"), "mean": intensity.get("mean")}
+            {
+                "value": e.get("value"),
+                "name": e.get("name"),
+                "voxels": voxels,
+                "ml": e.get("volume_ml"),
+                "mean": intensity.get("mean"),
+            }
         )
     return rows
 
 
-def write_summary_csv(path: Path, outcomes: Sequence[CaseOutcome], label_names: Sequence[str]) -> Path:
-    """The per-case summary CSV (module docstring), written atomically."""
+#: Columns of the summary CSV when every case brings its own prompts (module docstring).
+CASE_COLUMNS = ("prompt source", "labels", "instance", "instances")
+
+
+def _case_cells(o: CaseOutcome) -> list[Any]:
+    info = o.info
+    if info.get("instance") and isinstance(
+        info.get("prompts"), dict
+    ):  # one prompt: its voxels, all instances
+        total = sum(r.get("voxels") or 0 for r in o.labels)
+        labels = "; ".join(f"{k}={text}:{total}" for k, text in info["prompts"].items())
+    else:
+        labels = "; ".join(
+            f"{r['value'] if r.get('value') is not None else '-'}={r.get('name')}:{r.get('voxels') or 0}"
+            for r in o.labels
+        )
+    instance = info.get("instance")
+    instances = info.get("instances")
+    return [
+        info.get("prompt_source") or "",
+        labels,
+        "" if instance is None else int(bool(instance)),
+        "" if instances is None else instances,
+    ]
+
+
+def write_summary_csv(
+    path: Path, outcomes: Sequence[CaseOutcome], label_names: Sequence[str], *, case_columns: bool = False
+) -> Path:
+    """The per-case summary CSV (module docstring), written atomically; ``case_columns``: the columns of
+    runs whose cases bring their own prompts instead of per-prompt ones."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(
-        [
-            "case",
-            "input",
-            "status",
-            "error",
-            "seconds",
-            *[f"{n} {unit}" for n in label_names for unit in ("voxels", "ml", "mean")],
-        ]
+    extra = (
+        list(CASE_COLUMNS)
+        if case_columns
+        else [f"{n} {unit}" for n in label_names for unit in ("voxels", "ml", "mean")]
     )
+    writer.writerow(["case", "input", "status", "error", "seconds", *extra])
     for o in outcomes:
-        by_name = {r["name"]: r for r in o.labels}
-        cells = []
-        for n in label_names:
-            r = by_name.get(n, {})
-            ml, mean = r.get("ml"), r.get("mean")
-            cells += [
-                "" if r.get("voxels") is None else r["voxels"],
-                "" if ml is None else f"{ml:.6g}",
-                "" if mean is None else f"{mean:.6g}",
-            ]
+        cells: list[Any] = []
+        if case_columns:
+            cells = _case_cells(o)
+        else:
+            by_name = {r["name"]: r for r in o.labels}
+            for n in label_names:
+                r = by_name.get(n, {})
+                ml, mean = r.get("ml"), r.get("mean")
+                cells += [
+                    "" if r.get("voxels") is None else r["voxels"],
+                    "" if ml is None else f"{ml:.6g}",
+                    "" if mean is None else f"{mean:.6g}",
+                ]
         writer.writerow([o.case.name, str(o.case.path), o.status, o.error, f"{o.seconds:.2f}", *cells])
     return write_text_atomic(path, buf.getvalue())
 
@@ -207,12 +258,14 @@ def run_cases(
     segment_case: Callable[[Case], dict],
     out_dir: str | Path,
     *,
-    same_prompts: Callable[[dict], bool],
+    same_prompts: Callable[[dict], bool] | None = None,
     label_names: Sequence[str],
     overwrite: bool = False,
     max_cases: int | None = None,
     summary_csv: str | Path | None = None,
     show_progress: bool = True,
+    same_case_prompts: Callable[[dict, Case], bool] | None = None,
+    case_columns: bool = False,
 ) -> list[CaseOutcome]:
     """Run ``segment_case`` on every case not done yet; never stop on a failed case.
 
@@ -222,7 +275,11 @@ def run_cases(
             marks the case failed (message in the CSV); ``KeyboardInterrupt`` stops the run.
         same_prompts: tells whether a done case's JSON summary was made with this run's prompts (see
             :func:`summary_prompts`); a done case made with other prompts fails instead of being skipped.
+        same_case_prompts: the same check for runs whose prompts depend on the case (``(summary, case)``);
+            used instead of ``same_prompts`` when given. A :class:`~medsam3.errors.MedSam3Error` it raises
+            (the case's prompts cannot be read) marks the case failed with that message.
         label_names: prompt display names, for the CSV columns.
+        case_columns: the CSV columns of runs whose cases bring their own prompts (module docstring).
         max_cases: process at most this many cases that are not done (skipped ones do not count); the
             rest are left for a later run.
         summary_csv: where to write the CSV (default ``out_dir / "summary.csv"``).
@@ -234,8 +291,28 @@ def run_cases(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if same_prompts is None and same_case_prompts is None:
+        raise TypeError("run_cases needs same_prompts or same_case_prompts")
     out_dir = Path(out_dir)
     csv_path = Path(summary_csv) if summary_csv is not None else out_dir / "summary.csv"
+
+    def write_csv() -> None:
+        write_summary_csv(csv_path, outcomes, label_names, case_columns=case_columns)
+
+    def done_matches(done: dict, case: Case) -> str | None:
+        """``None`` when a done case was made with this run's prompts, else why it cannot be skipped."""
+        try:
+            if same_case_prompts is not None:
+                same = same_case_prompts(done, case)
+            else:
+                assert same_prompts is not None
+                same = same_prompts(done)
+        except MedSam3Error as exc:
+            return str(exc)
+        if same:
+            return None
+        return "outputs exist from a run with other prompts; use --overwrite or another output folder"
+
     for stale in remove_stale_temporaries(out_dir):  # left by a run that was killed outright
         log.info("removed %s, a temporary file of a run that no longer runs", stale.name)
     outcomes: list[CaseOutcome] = []
@@ -254,21 +331,21 @@ def run_cases(
             progress.update(task, description=case.name)
             done = None if overwrite else existing_summary(out_dir, case)
             if done is not None:
-                if same_prompts(done):
-                    outcomes.append(CaseOutcome(case, "skipped", labels=label_rows(done)))
-                else:
+                problem = done_matches(done, case)
+                if problem is None:
                     outcomes.append(
                         CaseOutcome(
                             case,
-                            "failed",
-                            error=(
-                                "outputs exist from a run with other prompts; use --overwrite or another "
-                                "output folder"
-                            ),
+                            "skipped",
+                            seconds=recorded_seconds(done, 0.0),
+                            labels=label_rows(done),
+                            info=dict(done.get("case") or {}),
                         )
                     )
+                else:
+                    outcomes.append(CaseOutcome(case, "failed", error=problem))
                 progress.advance(task)
-                write_summary_csv(csv_path, outcomes, label_names)
+                write_csv()
                 continue
             if max_cases is not None and processed >= max_cases:
                 break
@@ -277,13 +354,17 @@ def run_cases(
             try:
                 summary = segment_case(case)
                 outcome = CaseOutcome(
-                    case, "ok", seconds=time.perf_counter() - start, labels=label_rows(summary)
+                    case,
+                    "ok",
+                    seconds=recorded_seconds(summary, time.perf_counter() - start),
+                    labels=label_rows(summary),
+                    info=dict(summary.get("case") or {}),
                 )
             except KeyboardInterrupt:
                 outcomes.append(
                     CaseOutcome(case, "interrupted", "interrupted by the user", time.perf_counter() - start)
                 )
-                write_summary_csv(csv_path, outcomes, label_names)
+                write_csv()
                 raise
             except MedSam3Error as exc:
                 outcome = CaseOutcome(case, "failed", str(exc), time.perf_counter() - start)
@@ -293,8 +374,8 @@ def run_cases(
                     case, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - start
                 )
             outcomes.append(outcome)
-            write_summary_csv(csv_path, outcomes, label_names)
+            write_csv()
             progress.advance(task)
     if not outcomes:
-        write_summary_csv(csv_path, outcomes, label_names)
+        write_csv()
     return outcomes

@@ -173,6 +173,8 @@ class SegmentationResult:
         reorientation: volumes: the :class:`~medsam3.preprocess.orientation.Reorientation` from the input to
             the canonical frame (overlays are drawn in the canonical frame).
         slice_axis: volumes: the canonical axis the volume was sliced along.
+        case: what the command line knows of the case (where its prompts came from, label ids, instance
+            task, seconds), written as the JSON's ``case`` record; ``None`` leaves it out.
     """
 
     label_map: np.ndarray
@@ -182,6 +184,7 @@ class SegmentationResult:
     display: np.ndarray | None = None
     reorientation: Reorientation | None = None
     slice_axis: int | None = None
+    case: dict[str, Any] | None = None
 
     @property
     def is_volume(self) -> bool:
@@ -237,7 +240,7 @@ class SegmentationResult:
                 direction=np.asarray(ref.direction).round(8).ravel().tolist(),
                 voxel_volume_ml=ref.voxel_volume_ml if ref.meta.get("spacing_known", True) else None,
             )
-        return {
+        out = {
             "image": image,
             "label_map": {
                 "dtype": str(self.label_map.dtype),
@@ -249,6 +252,9 @@ class SegmentationResult:
             "settings": self.settings,
             "versions": package_versions(),
         }
+        if self.case is not None:
+            out["case"] = self.case
+        return out
 
     def _entry_dict(self, entry: LabelEntry) -> dict[str, Any]:
         out = entry.to_dict()

@@ -16,6 +16,13 @@ BiomedSegFM npz    ``<stem>_seg.npz`` (``segs`` in the input's layout, ``spacing
 TIFF stack         ``<stem>_seg.tif`` (no geometry, as the input)
 =================  ===============================================================================
 
+``--output-type challenge-npz`` writes ``<stem>.npz`` holding ``segs`` only: the prediction file of the
+CVPR 2025 text-guided 3D challenge, named like its input (``CT_x.npz`` -> ``CT_x.npz``), the label map in the
+input's array layout (``(D, H, W)`` for a challenge case), ``uint8`` (``uint16`` past 255). Its name is
+the input's own when the output folder is the input's folder: that write is refused
+(:func:`medsam3.io.atomic.check_not_input`). Given alone, it is the case's only label map (no
+``<stem>_seg.*``); with other types it is written beside them.
+
 NIfTI label maps carry their label names and colours in a header extension and in a JSON sidecar
 ``<stem>_seg.json`` (:mod:`medsam3.io.label_names`; colours as in the overlays), read back by
 ``medsam3 info --labels``. The output then also has ``<stem>_overlay.png`` (axial, coronal and sagittal
@@ -92,9 +99,12 @@ OUTPUT_TYPES = {
     "npz": ".npz",
     "dicom-seg": ".dcm",
     "rtstruct": ".dcm",
+    "challenge-npz": ".npz",
 }
 #: Output types that are DICOM objects referencing the source (not label-map files).
 DICOM_TYPES = ("dicom-seg", "rtstruct")
+#: The challenge's prediction file (module docstring): ``<stem>.npz`` with ``segs`` only.
+CHALLENGE_TYPE = "challenge-npz"
 
 
 def check_output_types(
@@ -192,11 +202,13 @@ def volume_output_paths(
     """The output files for a volume read as ``reference``, by kind; the JSON is listed last.
 
     ``output_types`` (:data:`OUTPUT_TYPES`; ``None``: the input's own format, plus a DICOM SEG for DICOM
-    input) chooses the files: the first label-map type (not ``dicom-seg`` or ``rtstruct``) is ``labels``,
-    the others ``labels_<type>``; ``dicom_seg`` and ``rtstruct`` are the DICOM objects. ``per_prompt``
-    (label value -> name) adds one binary file per label,
-    ``<stem>_<name>`` in the format of ``labels`` (kind ``prompt_<value>``). ``dicom_source``: the DICOM
-    series SEG / RTSTRUCT reference when the input is not one (then a SEG is written by default too).
+    input) chooses the files: the first label-map type (not ``dicom-seg``, ``rtstruct`` or
+    ``challenge-npz``) is ``labels``, the others ``labels_<type>``; ``dicom_seg`` and ``rtstruct`` are the
+    DICOM objects; ``challenge_npz`` is ``<stem>.npz`` (module docstring; with ``challenge-npz`` alone there
+    is no ``labels``). ``per_prompt`` (label value -> name) adds one binary file per label,
+    ``<stem>_<name>`` in the format of ``labels`` (``.npz`` without one; kind ``prompt_<value>``).
+    ``dicom_source``: the DICOM series SEG / RTSTRUCT reference when the input is not one (then a SEG is
+    written by default too).
     """
     out = Path(out_dir)
     if output_types is None:
@@ -205,11 +217,16 @@ def volume_output_paths(
         if is_dicom_source(dicom_source if dicom_source is not None else reference):
             paths["dicom_seg"] = out / f"{stem}_seg.dcm"
     else:
-        maps = [k for k in dict.fromkeys(output_types) if k not in DICOM_TYPES] or ["nifti"]
-        suffix = OUTPUT_TYPES[maps[0]]
-        paths = {"labels": out / f"{stem}_seg{suffix}"}
+        challenge = CHALLENGE_TYPE in output_types
+        maps = [k for k in dict.fromkeys(output_types) if k not in (*DICOM_TYPES, CHALLENGE_TYPE)]
+        if not maps and not challenge:
+            maps = ["nifti"]
+        suffix = OUTPUT_TYPES[maps[0]] if maps else OUTPUT_TYPES["npz"]
+        paths = {"labels": out / f"{stem}_seg{suffix}"} if maps else {}
         for kind in maps[1:]:
             paths[f"labels_{kind}"] = out / f"{stem}_seg{OUTPUT_TYPES[kind]}"
+        if challenge:
+            paths["challenge_npz"] = out / f"{stem}.npz"
         if "dicom-seg" in output_types:
             paths["dicom_seg"] = out / f"{stem}_seg.dcm"
         if "rtstruct" in output_types:
@@ -245,8 +262,8 @@ def write_volume_result(
     ``output_types``, ``per_prompt`` and ``dicom_source`` as in :func:`volume_output_paths`).
 
     Nothing appears at the final names unless every file was written; the JSON is renamed last.
-    Returns the paths by kind (``labels``, ``labels_<type>``, ``dicom_seg``, ``rtstruct``, ``prompt_<value>``,
-    ``overlay``, ``montage``, ``json``).
+    Returns the paths by kind (``labels``, ``labels_<type>``, ``challenge_npz``, ``dicom_seg``, ``rtstruct``,
+    ``prompt_<value>``, ``overlay``, ``montage``, ``json``).
     """
     import numpy as np
 
@@ -274,6 +291,10 @@ def write_volume_result(
         colors = ranked_colors(np.unique(result.label_map), names)
         for kind in [k for k in tmp if k == "labels" or k.startswith("labels_")]:
             write_label_map(result.label_map, tmp[kind], grid, label_names=names, colors=colors)
+        if "challenge_npz" in tmp:
+            from medsam3.io.npz import write_challenge_npz
+
+            write_challenge_npz(result.label_map, tmp["challenge_npz"])
         if "label_names" in tmp:
             write_label_sidecar(tmp["label_names"], names, colors, atomic=False)
         for kind in [k for k in tmp if k.startswith("prompt_")]:
