@@ -41,6 +41,8 @@ MODES = ("slices", "track", "clips")
 INTENSITIES = ("auto", "minmax")
 #: Slicing axes of the canonical (LPS) volume.
 AXES = (0, 1, 2)
+#: Slice searches of slices mode (:mod:`medsam3.predict.volume.search`): every slice, or coarse to fine.
+SEARCHES = ("full", "coarse")
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,23 @@ class VolumeOptions(SegmentOptions):
         metavar="N",
         fronts=("segment", "api"),
     )
+    search: str = option(
+        "full",
+        "slices mode: full runs the image model on every slice; coarse probes every --search-step-mm and "
+        "searches slice by slice around the probes where the concept's presence passes (fewer encoder "
+        "passes; the same result whenever each run of slices where presence passes holds a probe: "
+        "structures thinner than the step between probes can be missed)",
+        choices=SEARCHES,
+        fronts=("segment", "evaluate", "api"),
+    )
+    search_step_mm: float = option(
+        10.0,
+        "search coarse: distance between probed slices in mm (at least one slice; smaller finds thinner "
+        "structures)",
+        low=1e-3,
+        metavar="MM",
+        fronts=("segment", "evaluate", "api"),
+    )
     probes: int = option(
         8, "track mode: slices probed for each concept's start slice", low=1, metavar="N", fronts=("segment",)
     )
@@ -338,6 +357,12 @@ RULES: tuple[Rule, ...] = (
             getattr(o, "intensity", "auto") == "minmax" and getattr(o, "mode", "slices") == "slices"
         ),
         "intensity minmax (V2's per-slice rule) is for modes clips and track",
+    ),
+    Rule(
+        lambda o, points, volume: (
+            getattr(o, "search", "full") == "coarse" and getattr(o, "mode", "slices") != "slices"
+        ),
+        "search coarse is for mode slices: modes track and clips run the video model on every slice",
     ),
     Rule(
         lambda o, points, volume: o.instances and volume,

@@ -38,7 +38,9 @@ class ConceptSlices:
     """Per-slice outcome of one prompt along the slicing axis (``n`` slices).
 
     Attributes:
-        outcome: ``(n,)`` int8: :data:`KEPT`, :data:`NO_PRESENCE`, :data:`LOW_SCORE` or :data:`NOT_SEARCHED`.
+        outcome: ``(n,)`` int8: :data:`KEPT`, :data:`NO_PRESENCE`, :data:`LOW_SCORE` or :data:`NOT_SEARCHED`
+            (outside the prompt's plan, or skipped by the coarse slice search,
+            :mod:`~medsam3.predict.volume.search`).
         scores: ``(n,)`` float32: the kept mask's confidence, else the best confidence seen (0 unsearched).
         presence: ``(n,)`` float32 presence probability (NaN when unknown or unsearched).
         logits: kept slice -> ``(h, w)`` float32 mask logits on the model's mask grid (slices mode), or
@@ -65,7 +67,12 @@ class ConceptSlices:
 
 @dataclass(frozen=True)
 class SlicePlan:
-    """Where one prompt is searched along the slicing axis, and with which boxes (displayed slice pixels)."""
+    """Where one prompt may be searched along the slicing axis, and with which boxes (displayed slice pixels).
+
+    ``slices``: every slice, or those a 3D box covers; ``key``: the key slice of a key-slice box prompt. The
+    slices mode searches all of ``slices`` or, with the coarse search, the part of it that
+    :class:`~medsam3.predict.volume.search.SliceSearch` reaches from probes (the key slice is one).
+    """
 
     slices: range
     boxes: tuple[tuple[float, float, float, float], ...] = ()

@@ -4,7 +4,9 @@
 (slices mode: :mod:`~medsam3.predict.volume.slices`; track mode: :mod:`~medsam3.predict.volume.track`). It
 returns a :class:`~medsam3.predict.summary.SegmentationResult` whose label map lies on the **input** grid
 (same shape, spacing, origin and direction as the input volume), with one entry per prompt carrying voxel
-counts, volume in ml and slice ranges in input voxel indices.
+counts, volume in ml and slice ranges in input voxel indices. Its settings record how it was made; in
+slices mode ``slice_search`` (:func:`~medsam3.predict.volume.search.search_report`) says how the slices
+were searched, the encoder passes a full pass needs, and per prompt the probes and the slices searched.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from medsam3.predict.volume.post import (
     voxel_confidence,
 )
 from medsam3.predict.volume.prompts import VolumePrompt
-from medsam3.predict.volume.slices import detect_slices
+from medsam3.predict.volume.search import plan_searches, probe_step, search_report
+from medsam3.predict.volume.slices import detect_slices, full_pass_runs
 from medsam3.predict.volume.track import track_slices
 from medsam3.preprocess.orientation import PLANE_OF_AXIS
 from medsam3.preprocess.resize import ResizeTransform
@@ -74,7 +77,13 @@ def segment_volume(
     elif options.mode == "clips":
         results, encoded = clip_slices(engine, volume, axis, checked, groups, options, display)
     else:
-        results, encoded = detect_slices(engine, volume, axis, checked, plans, groups, options, display)
+        n = int(volume.shape[axis])
+        spacing = float(canonical.spacing_array_order[axis])
+        step = probe_step(spacing if spacing > 0 else 1.0, options.search_step_mm)
+        searches = plan_searches(plans, n, options.search, step)
+        results, encoded = detect_slices(
+            engine, volume, axis, checked, plans, groups, options, display, searches
+        )
 
     hw = take_slice(volume, axis, 0, display=True).shape
     transform = ResizeTransform(hw, engine.image_size)
@@ -153,6 +162,19 @@ def segment_volume(
             "box_frame": BOX_FRAME,
         }
     )
+    if options.mode == "slices":
+        input_axis = reo.source_axes[axis]
+        last = int(volume.shape[axis]) - 1
+        settings["slice_search"] = search_report(
+            searches,
+            search=options.search,
+            step_mm=options.search_step_mm,
+            step=step,
+            spacing_mm=spacing if known and spacing > 0 else None,
+            to_input=(lambda k: last - k) if axis in reo.flipped else (lambda k: k),
+            input_axis=input_axis,
+            encoder_runs_full=full_pass_runs(checked, plans, groups, options.tta),
+        )
     if options.mode in ("track", "clips"):
         settings["video_model"] = str(getattr(engine.video(), "source", "in-memory video model"))
         settings["image_encoder_runs"] = None

@@ -1,4 +1,5 @@
-"""Slices mode: concept detection on every slice of a volume, image features shared by every prompt.
+"""Slices mode: concept detection on the slices of a volume (every slice, or coarse to fine), image
+features shared by every prompt.
 
 The volume flow (:func:`medsam3.predict.volume.segment.segment_volume`) for a ``(Z, Y, X)`` volume and
 prompts (text, text + key-slice box, 3D box; see :mod:`medsam3.predict.volume.prompts`):
@@ -11,9 +12,22 @@ prompts (text, text + key-slice box, 3D box; see :mod:`medsam3.predict.volume.pr
    (:func:`~medsam3.preprocess.intensity.intensity_parameters`: MR / PET percentiles over the whole
    volume, CT windows per concept). Prompts are grouped by mapping; each group is one pass over the slices.
 3. **Image features** are computed in batches of ``slice_batch`` slices and reused by every prompt of the
-   group: the vision encoder sees each slice exactly once per distinct mapping, whatever the number of
-   prompts (slices on which no prompt of the group is searched, outside every 3D box, are not encoded;
-   batches are made of the slices that are).
+   group: the vision encoder sees each slice at most once per distinct mapping, whatever the number of
+   prompts; every prompt of the group whose plan covers an encoded slice is decided on it. Which slices
+   are encoded is the ``search`` (:mod:`~medsam3.predict.volume.search`):
+
+   * ``"full"`` (default): every slice on which some prompt of the group is searched (slices outside
+     every 3D box are not encoded; batches are made of the slices that are), in one round;
+   * ``"coarse"``: in rounds (:func:`~medsam3.predict.volume.search.run_rounds`), first the probes
+     (every ``search_step_mm``, the first and last slice of each plan, key slices), then the slices
+     between two probes where a prompt's presence passes and the neighbours of every slice where it
+     passes, until presence fails on both sides. It gives the full pass's result whenever every run of
+     slices where a prompt's presence passes holds a probe; a structure thinner than the step that falls
+     between two probes is missed (the guarantee and its limits are stated in that module).
+
+   A result's settings report the encoder passes (``image_encoder_runs``; ``encoder_runs_full`` under
+   ``slice_search`` for the full pass) and, per prompt, the slices searched (``slice_search``, input
+   array indices along the sliced input axis).
    Text features are computed once per volume. Slice x prompt rows run through
    :meth:`Engine.detect <medsam3.predict.engine.Engine.detect>` in chunks of ``prompt_batch_size`` rows.
    With test-time mirroring (``tta``) each batch is also encoded mirrored along x, y
@@ -39,6 +53,7 @@ only, one tracking run per intensity group; its per-slice tracker score is the s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +67,7 @@ from medsam3.predict.postprocess import query_scores, select_queries
 from medsam3.predict.tta import MIRRORS, merge_mirrored, mirror_boxes, mirror_grid, mirrors_for
 from medsam3.predict.volume.plan import KEPT, LOW_SCORE, NO_PRESENCE, ConceptSlices, SlicePlan
 from medsam3.predict.volume.prompts import VolumePrompt
+from medsam3.predict.volume.search import SliceSearch, run_rounds
 from medsam3.preprocess.intensity import IntensityParams, apply_intensity
 from medsam3.preprocess.resize import ResizeTransform
 from medsam3.preprocess.slices import slice_to_rgb, take_slice
@@ -83,10 +99,20 @@ def detect_slices(
     groups: dict[IntensityParams, list[int]],
     options: VolumeOptions,
     display: np.ndarray,
+    searches: list[SliceSearch] | None = None,
 ) -> tuple[list[ConceptSlices], int]:
     """Steps 3-4 of the module docstring on a canonical ``volume``; fills ``display`` (uint8, canonical).
 
-    Returns the per-prompt :class:`ConceptSlices` and the number of slice encodings run.
+    Args:
+        volume: canonical ``(Z, Y, X)`` volume, sliced along ``axis``.
+        plans: per prompt, where it may be searched (:class:`SlicePlan`).
+        groups: intensity mapping -> prompt indices (one image-feature pass each).
+        display: ``uint8`` array of ``volume``'s shape, filled with the first group's mapping.
+        searches: per prompt, how its slices are searched (:mod:`~medsam3.predict.volume.search`; filled
+            in place); default every slice of its plan.
+
+    Returns:
+        The per-prompt :class:`ConceptSlices` and the number of slice encodings run.
     """
     n = volume.shape[axis]
     hw = take_slice(volume, axis, 0, display=True).shape
@@ -96,6 +122,8 @@ def detect_slices(
     att = tokens.attention_mask.to(device)
     mirrors_all = MIRRORS if options.tta else ((),)
     results = [ConceptSlices.empty(n) for _ in prompts]
+    if searches is None:
+        searches = [SliceSearch.full(n, plan.slices) for plan in plans]
     encoded = 0
     first = next(iter(groups))
     for k in range(n):  # the picture drawn under overlays: the first group's mapping
@@ -105,10 +133,16 @@ def detect_slices(
     with torch.inference_mode():
         text = engine.encode_texts(tokens)
         for params, members in groups.items():
-            needed = [k for k in range(n) if any(k in plans[i].slices for i in members)]
             mirrors = mirrors_for(mirrors_all, [prompts[i].model_text for i in members])
-            for start in range(0, len(needed), options.slice_batch):
-                ks = needed[start : start + options.slice_batch]
+
+            def evaluate(
+                ks: list[int],
+                rows: list[tuple[int, int]],
+                params: IntensityParams = params,
+                mirrors: Sequence[tuple[int, ...]] = mirrors,
+            ) -> list[bool]:
+                """Encode slices ``ks`` (one batch) and decide ``rows`` ``(position, prompt)`` on them."""
+                nonlocal encoded
                 rgb = [
                     slice_to_rgb(apply_intensity(take_slice(volume, axis, k, display=True), params))
                     for k in ks
@@ -116,7 +150,6 @@ def detect_slices(
                 pixels = torch.cat([engine.pixel_values(transform.image(r)) for r in rgb])
                 visions = [engine.encode_images(mirror_grid(pixels, dims)) for dims in mirrors]
                 encoded += len(ks) * len(mirrors)
-                rows = [(b, i) for b, k in enumerate(ks) for i in members if k in plans[i].slices]
                 for c in range(0, len(rows), options.prompt_batch_size):
                     chunk = rows[c : c + options.prompt_batch_size]
                     prompt_rows = torch.tensor([i for _, i in chunk], device=device)
@@ -146,7 +179,23 @@ def detect_slices(
                         )
                     )
                     _decide_rows(options, out, [(ks[b], i) for b, i in chunk], results)
+                return [bool(results[i].outcome[ks[b]] != NO_PRESENCE) for b, i in rows]
+
+            run_rounds({i: searches[i] for i in members}, options.slice_batch, evaluate)
     return results, encoded
+
+
+def full_pass_runs(
+    prompts: list[VolumePrompt], plans: list[SlicePlan], groups: dict[IntensityParams, list[int]], tta: bool
+) -> int:
+    """The slice encodings the full pass runs: per intensity group, the slices some member's plan covers,
+    times the group's mirrored passes."""
+    total = 0
+    for members in groups.values():
+        covered = set().union(*(set(plans[i].slices) for i in members))
+        mirrors = mirrors_for(MIRRORS if tta else ((),), [prompts[i].model_text for i in members])
+        total += len(covered) * len(mirrors)
+    return total
 
 
 def _decide_rows(
