@@ -26,7 +26,8 @@ from medsam3.predict.options import (
 
 #: ``--device`` values: any of these, or ``cuda:N``.
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+#: ``--dtype`` values (``int8``: dynamic int8 linear layers, CPU only; see :mod:`medsam3.model.quantize`).
+DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def flag_of(name: str) -> str:
@@ -60,7 +61,8 @@ def add_model_arguments(parser: argparse.ArgumentParser | Any, *, model_help: st
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="model precision (default auto: bf16 on CUDA, fp32 elsewhere)",
+        help="model precision (default auto: bf16 on CUDA, fp32 elsewhere); int8: the vision encoder's "
+        "linear layers dynamically quantized to int8, CPU only (faster, slightly less accurate)",
     )
 
 

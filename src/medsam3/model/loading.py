@@ -12,7 +12,8 @@
 Loading is strict: any missing, unexpected or mis-shaped weight raises :class:`ModelError` listing them.
 The model is put in eval mode on the chosen device and dtype: ``device="auto"`` picks CUDA, then Apple
 MPS, then the CPU; ``dtype="auto"`` picks bfloat16 on CUDA (float16 where bfloat16 is unsupported) and
-float32 elsewhere.
+float32 elsewhere; ``dtype="int8"`` (CPU only) quantizes the vision encoder's linear layers after loading
+(:mod:`medsam3.model.quantize`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 
 from medsam3.errors import ModelError, OutputError
 from medsam3.io.atomic import check_not_input, is_write_failure, temporary_name_parts, write_error
+from medsam3.model.quantize import check_int8_device, is_int8_name, quantize_int8
 from medsam3.model.resolve import ResolvedModel, model_directory, resolve_model
 
 if TYPE_CHECKING:
@@ -150,17 +152,28 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
             raise ModelError(f"dtype {dtype}: use float32, bfloat16 or float16")
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
+    if is_int8_name(name):
+        raise ModelError(
+            "--dtype int8: unknown as a tensor dtype (int8 quantizes a float32 model's linear layers); give "
+            "it to load_pretrained, or use medsam3.model.quantize.quantize_int8"
+        )
     if name not in DTYPE_NAMES:
-        raise ModelError(f"--dtype {dtype}: unknown; use fp32, bf16 or fp16")
+        raise ModelError(f"--dtype {dtype}: unknown; use fp32, bf16, fp16 or int8 (CPU)")
     return DTYPE_NAMES[name]
 
 
 def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """``"auto"`` -> bfloat16 on CUDA (float16 on GPUs without bfloat16), float32 on CPU and MPS.
 
+    ``"int8"`` -> float32 (the model is loaded in float32, then its linear layers are quantized: see
+    :mod:`medsam3.model.quantize`); refused off the CPU.
+
     On the CPU float16 is refused (several SAM3 operations have no CPU half kernels, and it is slower than
     float32); bfloat16 runs but with a warning (slower than float32 on most CPUs, coarser masks).
     """
+    if is_int8_name(dtype):
+        check_int8_device(device)
+        return torch.float32
     if str(dtype) == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -442,7 +455,9 @@ def load_pretrained(
             a ``sam3_video`` one; ``"tracker"``: a ``Sam3TrackerModel`` (:class:`LoadedSam3Tracker`) from the
             tracker weights of a ``sam3_video``, ``sam3_tracker`` or ``sam3_tracker_video`` folder;
             ``"video"``: a ``Sam3VideoModel`` (:class:`LoadedSam3Video`) from a ``sam3_video`` folder.
-        device, dtype: see :func:`pick_device` and :func:`pick_dtype`.
+        device, dtype: see :func:`pick_device` and :func:`pick_dtype`; ``dtype="int8"`` (CPU only) loads
+            the model in float32 and quantizes its vision encoder's linear layers to dynamic int8
+            (:func:`medsam3.model.quantize.quantize_int8`); ``dtype`` of the result is then float32.
 
     A folder without processor files gets SAM3's standard preprocessing and the offline CLIP tokenizer.
 
@@ -453,6 +468,9 @@ def load_pretrained(
     resolved = resolve_model(source)
     folder = model_directory(resolved)
     dev = pick_device(device)
+    int8 = is_int8_name(dtype)
+    if int8:
+        check_int8_device(dev, device)
     torch_dtype = pick_dtype(dtype, dev)
     raw = read_model_config(folder)
     found = raw.get("model_type")
@@ -462,16 +480,23 @@ def load_pretrained(
         from transformers import Sam3Processor
 
         image = _ready(_load_image_model(folder, torch_dtype), Sam3Processor, folder, dev)
-        return LoadedSam3(*image, dev, torch_dtype, str(folder), resolved)
+        return LoadedSam3(_quantized(image[0], int8), image[1], dev, torch_dtype, str(folder), resolved)
     if kind == "tracker":
         from transformers import Sam3TrackerProcessor
 
         tracker = _ready(_load_tracker_model(folder, raw, torch_dtype), Sam3TrackerProcessor, folder, dev)
-        return LoadedSam3Tracker(*tracker, dev, torch_dtype, str(folder), resolved)
+        return LoadedSam3Tracker(
+            _quantized(tracker[0], int8), tracker[1], dev, torch_dtype, str(folder), resolved
+        )
     from transformers import Sam3VideoProcessor
 
     video = _ready(_load_video_model(folder, torch_dtype), Sam3VideoProcessor, folder, dev)
-    return LoadedSam3Video(*video, dev, torch_dtype, str(folder), resolved)
+    return LoadedSam3Video(_quantized(video[0], int8), video[1], dev, torch_dtype, str(folder), resolved)
+
+
+def _quantized(net: ModelT, int8: bool) -> ModelT:
+    """``net`` with its vision encoder's linear layers in dynamic int8 when ``int8``, else unchanged."""
+    return cast("ModelT", quantize_int8(net)) if int8 else net
 
 
 # --------------------------------------------------------------------------------------------------

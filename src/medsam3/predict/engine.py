@@ -7,7 +7,8 @@ into another's state. The engine holds:
 * the image model (``transformers.Sam3Model``, eval mode) and its processor, loaded once;
 * resized copies of it for per-call input sizes (:meth:`Engine.at_size`, at most :data:`MAX_SIZES` kept);
 * SAM3's interactive tracker (``Sam3TrackerModel``, point prompts) and video model (``Sam3VideoModel``,
-  ``mode="track"``), loaded on first use from the same source, on the same device and dtype.
+  ``mode="track"``), loaded on first use from the same source, on the same device and dtype (int8 too:
+  :mod:`medsam3.model.quantize`).
 
 It is safe to share between threads (the server's workers): lazy loads and resizes happen under a lock;
 the models are only read.
@@ -30,6 +31,7 @@ import torch
 from medsam3.errors import ModelError, PromptError
 from medsam3.model.forward import encode_image, encode_text, model_device, model_dtype, predict_prompts
 from medsam3.model.input_size import input_size, resize_sam3_input
+from medsam3.model.quantize import INT8, dequantized_copy, dtype_label, is_int8, quantize_int8
 from medsam3.predict.prompts import brief
 
 if TYPE_CHECKING:
@@ -105,13 +107,18 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return model_dtype(self.model)
 
+    def _load_dtype(self) -> torch.dtype | str:
+        """The ``dtype`` the tracker and video model are loaded with: the image model's (``"int8"`` when
+        its linear layers are quantized)."""
+        return INT8 if is_int8(self.model) else self.dtype
+
     def describe(self) -> dict[str, Any]:
         """Model, input size, device and dtype, for the settings of a result."""
         return {
             "model": self.source,
             "model_input_size": self.image_size,
             "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype": dtype_label(self.model),
         }
 
     def at_size(self, image_size: int | None) -> Engine:
@@ -127,7 +134,10 @@ class Engine:
             if size in self._sizes:
                 self._sizes.move_to_end(size)
                 return self._sizes[size]
-            resized = resize_sam3_input(self.model, size).eval()
+            if is_int8(self.model):  # resized from the dequantized weights, then quantized again
+                resized = quantize_int8(resize_sam3_input(dequantized_copy(self.model), size)).eval()
+            else:
+                resized = resize_sam3_input(self.model, size).eval()
             sibling = Engine(_Resized(resized, self.processor, self.loaded), tracker=self, video=self)
             self._sizes[size] = sibling
             while len(self._sizes) > MAX_SIZES:
@@ -229,7 +239,7 @@ class Engine:
 
                 source = getattr(self.loaded, "source", None)
                 try:
-                    self._tracker = load_sam3_tracker(source, device=self.device, dtype=self.dtype)
+                    self._tracker = load_sam3_tracker(source, device=self.device, dtype=self._load_dtype())
                 except ModelError as exc:
                     raise ModelError(
                         f"point prompts without text need SAM3's interactive tracker, which could not be "
@@ -277,7 +287,7 @@ class Engine:
 
         source = getattr(self.loaded, "source", None)
         try:
-            return load_sam3_video(source, device=self.device, dtype=self.dtype)
+            return load_sam3_video(source, device=self.device, dtype=self._load_dtype())
         except ModelError as exc:
             raise ModelError(
                 f"track mode needs SAM3's video model, which could not be loaded from {source}: "
