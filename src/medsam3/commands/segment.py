@@ -9,7 +9,9 @@ INPUT is one of:
   the input's format and geometry, a DICOM SEG for DICOM input, overlays and ``<stem>.json``
   (:mod:`medsam3.predict.volume.outputs`);
 * a **folder of cases** or a **list file**: every case as above, resumable, with ``summary.csv``
-  (:mod:`medsam3.predict.batch_cases`); exits 1 when a case failed.
+  (:mod:`medsam3.predict.batch_cases`); exits 1 when a case failed. ``--num-parts K --part-id I`` runs a
+  deterministic share of the cases (:mod:`medsam3.predict.parts`); ``--engine ray`` runs the cases on a
+  Ray cluster (:mod:`medsam3.predict.ray_engine`) with the same per-case function and outputs.
 
 Prompts come from ``-p`` (``-p LABEL=TEXT`` numbers them), else ``--prompts-json``, else the npz's own
 ``text_prompts`` (the CVPR 2025 text-guided 3D challenge format), case by case
@@ -29,8 +31,9 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +54,7 @@ from medsam3.predict.volume.outputs import CHALLENGE_TYPE, OUTPUT_TYPES
 from medsam3.preprocess.intensity import intensity_parameters
 
 if TYPE_CHECKING:
+    from medsam3.predict.batch_cases import Case, CaseOutcome
     from medsam3.predict.segmenter import Segmenter
     from medsam3.predict.volume.prompts import VolumePrompt
 
@@ -96,6 +100,16 @@ many cases: INPUT a folder (each file, and each DICOM series sub-folder, is a ca
 unless --overwrite; a failed case does not stop the others; OUT_DIR/summary.csv lists every case (with
 its wall time in seconds); the exit status is 1 when a case failed. Interrupting and re-running redoes
 only unfinished cases.
+  --num-parts K --part-id I   this run's share of the cases (a hash of each case's name: the same on every
+                              run, whatever cases are added); parts share OUT_DIR, each writes
+                              summary.part-I-of-K.csv and merges the parts found into summary.csv
+    for i in 0 1 2 3; do medsam3 segment cases/ -p liver -o out --num-parts 4 --part-id $i \\
+      --device cuda:$i & done; wait
+  --engine ray                the cases on a Ray cluster (pip install "medsam3[distributed]"): reading in
+                              CPU tasks, --workers model actors (--gpus-per-worker, --cpus-per-worker),
+                              --address auto or ray://HOST:10001 (default: a local instance); a worker that
+                              dies has its case retried elsewhere (--retries); same outputs and resuming
+                              as without Ray, either engine resumes the other's OUT_DIR
 
 per-case prompts (CVPR 2025 text-guided 3D challenge): without -p each case takes, first that applies,
   --prompts-json FILE   {"1": "liver", "2": "spleen"} for every case, or keyed by file name, then by
@@ -239,6 +253,66 @@ def register(subparsers) -> None:
         metavar="CSV",
         help="per-case summary CSV (default OUT_DIR/summary.csv)",
     )
+    b.add_argument(
+        "--num-parts",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="split the cases into K parts by a hash of their names; run one part with --part-id",
+    )
+    b.add_argument(
+        "--part-id",
+        type=_count,
+        default=None,
+        metavar="I",
+        help="with --num-parts: the part to run, 0..K-1 (its CSV: summary.part-I-of-K.csv)",
+    )
+    b.add_argument(
+        "--merge-parts",
+        action="store_true",
+        help="with --num-parts: merge the part CSVs found into the summary CSV and exit (no segmentation)",
+    )
+    b.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: a Ray cluster (the distributed extra)",
+    )
+    r = p.add_argument_group("Ray (--engine ray)")
+    r.add_argument(
+        "--address",
+        default=None,
+        metavar="auto|ray://HOST:PORT",
+        help="the Ray cluster to join (default: $RAY_ADDRESS, else a new local instance)",
+    )
+    r.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="model actors (default: one per --gpus-per-worker GPUs of the cluster, 1 without GPUs)",
+    )
+    r.add_argument(
+        "--gpus-per-worker",
+        type=_fraction,
+        default=None,
+        metavar="G",
+        help="GPUs each actor takes (default 1 on a cluster with GPUs and --device not cpu, else 0)",
+    )
+    r.add_argument(
+        "--cpus-per-worker",
+        type=_fraction,
+        default=1.0,
+        metavar="C",
+        help="CPUs each actor takes, also its number of threads (default 1)",
+    )
+    r.add_argument(
+        "--retries",
+        type=_count,
+        default=2,
+        metavar="R",
+        help="times a case whose worker died is sent again to another worker (default 2)",
+    )
     c = p.add_argument_group("per-case prompts (without -p; see below)")
     c.add_argument(
         "--prompts-json",
@@ -266,6 +340,23 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
     return value
 
 
@@ -329,6 +420,12 @@ def run(args: argparse.Namespace) -> int:
     target = store_target(args.store, ref)
     if target is not None:
         check_storable(args.output_type)
+    many = _many_case_flags(args)
+    if ref is not None or not is_batch_input(args.input):
+        if many:
+            raise OptionError(
+                f"{', '.join(many)}: for many cases (a folder of cases or a list file as INPUT)"
+            )
     if ref is not None:
         return _run_remote(args, options, ref, target)
     if is_batch_input(args.input):
@@ -510,19 +607,179 @@ def _values_fit(summary: dict, label_ids: tuple[int, ...], instance: bool) -> bo
     )
 
 
+#: The options of the Ray engine, by their flags.
+_RAY_FLAGS = {
+    "address": "--address",
+    "workers": "--workers",
+    "gpus_per_worker": "--gpus-per-worker",
+    "cpus_per_worker": "--cpus-per-worker",
+    "retries": "--retries",
+}
+_RAY_DEFAULTS = {
+    "address": None,
+    "workers": None,
+    "gpus_per_worker": None,
+    "cpus_per_worker": 1.0,
+    "retries": 2,
+}
+
+
+def _many_case_flags(args: argparse.Namespace) -> list[str]:
+    """The many-case options given (parts, the engine and its options), checked against each other."""
+    given = [
+        flag
+        for name, flag in (("num_parts", "--num-parts"), ("part_id", "--part-id"))
+        if getattr(args, name, None) is not None
+    ]
+    if getattr(args, "merge_parts", False):
+        given.append("--merge-parts")
+    ray_given = [f for n, f in _RAY_FLAGS.items() if getattr(args, n, _RAY_DEFAULTS[n]) != _RAY_DEFAULTS[n]]
+    engine = getattr(args, "engine", "local")
+    if ray_given and engine != "ray":
+        raise OptionError(f"{', '.join(ray_given)}: options of --engine ray")
+    if engine != "local":
+        given.append(f"--engine {engine}")
+    if (getattr(args, "part_id", None) is not None or getattr(args, "merge_parts", False)) and getattr(
+        args, "num_parts", None
+    ) is None:
+        raise OptionError("--part-id and --merge-parts go with --num-parts K")
+    if getattr(args, "num_parts", None) is not None:
+        from medsam3.predict.parts import check_part
+
+        if args.part_id is None and not args.merge_parts and args.num_parts > 1:
+            raise OptionError("--num-parts K needs --part-id I (0..K-1), or --merge-parts")
+        check_part(args.num_parts, args.part_id or 0)
+    if engine == "ray" and str(args.device).startswith("cuda:"):
+        raise OptionError(
+            "--device cuda:N with --engine ray: Ray gives each worker its own GPUs (--gpus-per-worker); "
+            "use --device cuda or auto"
+        )
+    return ray_given + given
+
+
+@dataclass
+class CaseJob:
+    """How a batch run segments one case: the per-case function of ``medsam3 segment CASES``.
+
+    The folder loop calls it as ``job(case)``; the Ray engine reads in one task (:meth:`read`) and segments
+    in a model actor (:meth:`segment`), so both engines run the same code and write the same files. It
+    pickles without its loaded model (:meth:`segmenter` loads it where it runs, once).
+    """
+
+    out: Path
+    model: str | None
+    device: str
+    dtype: str
+    options: VolumeOptions
+    sources: PromptSources
+    volume_prompts: list[VolumePrompt] | None
+    prompts_2d: list[Prompt] | None
+    modality: str | None = None
+    output_type: list[str] | None = None
+    per_prompt: bool = False
+    overlay: bool = True
+    protected: tuple[Path, ...] = ()
+    loaded: Segmenter | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["loaded"] = None
+        return state
+
+    def segmenter(self) -> Segmenter:
+        """The model, loaded on first use."""
+        if self.loaded is None:
+            from medsam3.predict.segmenter import Segmenter
+
+            self.loaded = Segmenter(self.model, device=self.device, dtype=self.dtype, options=self.options)
+        return self.loaded
+
+    def read(self, case: Case) -> Image:
+        """Read and check a case's image (the work that needs no model)."""
+        from medsam3.io.readers import check_segmentable, read_image
+
+        return check_segmentable(read_image(case.path, modality=self.modality), case.path)
+
+    def segment(self, case: Case, loaded: Image, elapsed: float = 0.0) -> dict:
+        """Segment a case read by :meth:`read` and write its outputs (the JSON last); returns the JSON
+        summary. ``elapsed``: seconds already spent on the case (reading), counted in its wall time."""
+        from medsam3.predict.segmenter import as_2d
+        from medsam3.predict.volume.plan import check_volume_request
+
+        start = time.perf_counter() - elapsed
+        sources = self.sources
+        image = as_2d(loaded)
+        if image is None:
+            if sources.from_cli and self.volume_prompts is None:
+                raise PromptError("points are for 2D images; this case is a volume")
+            wanted = sources.for_case(case.path, case.name, self.volume_prompts)
+            prompts, *_ = check_volume_request(
+                loaded, wanted.prompts(self.volume_prompts, volume=True), self.options
+            )
+            result = self.segmenter().segment(loaded, prompts)
+        else:
+            if sources.from_cli and self.prompts_2d is None:
+                raise PromptError("--box-slice / --box3d are for volumes; this case is a 2D image")
+            wanted = sources.for_case(case.path, case.name, self.prompts_2d)
+            flat = [p for p in wanted.prompts(self.prompts_2d, volume=False) if isinstance(p, Prompt)]
+            for prompt in flat:
+                validate_prompt(prompt, image.spatial_shape)
+            result = self.segmenter().segment(image, flat)
+        result, instances = apply_case_prompts(result, wanted)
+        volume_files: dict[str, Any] = (
+            {"output_types": self.output_type, "per_prompt": self.per_prompt} if result.is_volume else {}
+        )
+        result.case = wanted.record(instances, time.perf_counter() - start)
+        paths = result.write(self.out, case.name, overlay=self.overlay, **volume_files)
+        return json.loads(paths["json"].read_text(encoding="utf-8"))
+
+    def __call__(self, case: Case) -> dict:
+        """Read, segment and write one case; returns its JSON summary."""
+        start = time.perf_counter()
+        loaded = self.read(case)
+        return self.segment(case, loaded, time.perf_counter() - start)
+
+    def same_prompts(self, summary: dict, case: Case) -> bool:
+        """Whether a done case's JSON was made with the prompts this run gives that case."""
+        from medsam3.predict.batch_cases import summary_prompts
+
+        sources = self.sources
+        volume = any("voxels" in e for e in summary.get("labels", []))
+        cli: list[VolumePrompt] | list[Prompt] | None = self.volume_prompts if volume else self.prompts_2d
+        if sources.from_cli and cli is None:
+            return False
+        wanted = sources.for_case(case.path, case.name, cli)
+        made = [p.to_dict() for p in wanted.prompts(cli, volume=volume)]
+        if summary_prompts(summary) != json.loads(json.dumps(made)):
+            return False
+        record = summary.get("case")
+        if record is None:  # no case record (an older run, or stopped just before adding it): the values
+            return _values_fit(summary, wanted.label_ids, wanted.instance)
+        return record.get("label_ids") == list(wanted.label_ids) and bool(record.get("instance")) == (
+            wanted.instance
+        )
+
+
 def _run_batch(args: argparse.Namespace, options: VolumeOptions) -> int:
-    from medsam3.io.readers import check_segmentable, read_image
-    from medsam3.predict.batch_cases import discover_cases, run_cases, summary_prompts
-    from medsam3.predict.segmenter import as_2d
-    from medsam3.predict.volume.plan import check_volume_request
+    from medsam3.predict.batch_cases import discover_cases, run_cases
+    from medsam3.predict.parts import merge_part_summaries, part_summary_path, select_part
     from medsam3.predict.volume.prompts import volume_prompts_from_cli
 
     sources = _sources(args)
     cases = discover_cases(args.input, exclude=[args.out])
+    cohort_csv: Path = args.summary or args.out / "summary.csv"
+    num_parts = getattr(args, "num_parts", None) or 1
+    part_id = getattr(args, "part_id", None) or 0
+    if getattr(args, "merge_parts", False):
+        report = merge_part_summaries(cohort_csv, num_parts, cases)
+        _print_merge(report, num_parts)
+        return 0
     # the cases (and a list file) are protected, not the folder holding them: OUT_DIR may lie inside it
     _protect(args, [*(c.path for c in cases), *([args.input] if args.input.is_file() else [])])
     _check_out_dir(args.out)
-    check_not_input(args.summary or args.out / "summary.csv")
+    check_not_input(cohort_csv)
+    part_csv = part_summary_path(cohort_csv, part_id, num_parts) if num_parts > 1 else cohort_csv
+    check_not_input(part_csv)
     if CHALLENGE_TYPE in (args.output_type or ()):
         for c in cases:  # <name>.npz: the input's own name when OUT_DIR is the input folder
             try:
@@ -555,69 +812,84 @@ def _run_batch(args: argparse.Namespace, options: VolumeOptions) -> int:
         assert given is not None  # points and --box-slice / --box3d together were refused above
         names = [p.display_name for p in given]
     check_request(options, points=has_points)
-    segmenter = _segmenter(args, options)
-    overlay = not args.no_overlay
-
-    def segment_case(case) -> dict:
-        start = time.perf_counter()
-        loaded = check_segmentable(read_image(case.path, modality=args.modality), case.path)
-        image = as_2d(loaded)
-        if image is None:
-            if sources.from_cli and volume_prompts is None:
-                raise PromptError("points are for 2D images; this case is a volume")
-            wanted = sources.for_case(case.path, case.name, volume_prompts)
-            prompts, *_ = check_volume_request(loaded, wanted.prompts(volume_prompts, volume=True), options)
-            result = segmenter.segment(loaded, prompts)
-        else:
-            if sources.from_cli and prompts_2d is None:
-                raise PromptError("--box-slice / --box3d are for volumes; this case is a 2D image")
-            wanted = sources.for_case(case.path, case.name, prompts_2d)
-            flat = [p for p in wanted.prompts(prompts_2d, volume=False) if isinstance(p, Prompt)]
-            for prompt in flat:
-                validate_prompt(prompt, image.spatial_shape)
-            result = segmenter.segment(image, flat)
-        result, instances = apply_case_prompts(result, wanted)
-        volume_files = (
-            {"output_types": args.output_type, "per_prompt": args.per_prompt} if result.is_volume else {}
-        )
-        result.case = wanted.record(instances, time.perf_counter() - start)
-        paths = result.write(args.out, case.name, overlay=overlay, **volume_files)
-        return json.loads(paths["json"].read_text(encoding="utf-8"))
-
-    def same_prompts(summary: dict, case) -> bool:
-        volume = any("voxels" in e for e in summary.get("labels", []))
-        cli: list[VolumePrompt] | list[Prompt] | None = volume_prompts if volume else prompts_2d
-        if sources.from_cli and cli is None:
-            return False
-        wanted = sources.for_case(case.path, case.name, cli)
-        made = [p.to_dict() for p in wanted.prompts(cli, volume=volume)]
-        if summary_prompts(summary) != json.loads(json.dumps(made)):
-            return False
-        record = summary.get("case")
-        if record is None:  # no case record (an older run, or stopped just before adding it): the values
-            return _values_fit(summary, wanted.label_ids, wanted.instance)
-        return record.get("label_ids") == list(wanted.label_ids) and bool(record.get("instance")) == (
-            wanted.instance
-        )
-
-    outcomes = run_cases(
-        cases,
-        segment_case,
-        args.out,
-        same_case_prompts=same_prompts,
+    protected = [*(c.path for c in cases), *([args.input] if args.input.is_file() else [])]
+    if args.model and Path(args.model).exists():
+        protected.append(Path(args.model))
+    job = CaseJob(
+        out=args.out,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        options=options,
+        sources=sources,
+        volume_prompts=volume_prompts,
+        prompts_2d=prompts_2d,
+        modality=args.modality,
+        output_type=args.output_type,
+        per_prompt=args.per_prompt,
+        overlay=not args.no_overlay,
+        protected=tuple(protected),
+    )
+    todo = select_part(cases, num_parts, part_id) if num_parts > 1 else cases
+    common: dict[str, Any] = dict(
+        same_case_prompts=job.same_prompts,
         label_names=names,
         overwrite=args.overwrite,
         max_cases=args.max_cases,
-        summary_csv=args.summary,
+        summary_csv=part_csv,
         case_columns=not sources.from_cli,
     )
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
-    left = len(cases) - len(outcomes)
+    if getattr(args, "engine", "local") == "ray":
+        from medsam3.predict.ray_engine import RaySettings, run_cases_ray
+
+        settings = RaySettings(
+            address=args.address,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            retries=args.retries,
+            cpu_only=args.device == "cpu",
+        )
+        outcomes = run_cases_ray(
+            todo, job, args.out, settings=settings, shared_folder=num_parts > 1, **common
+        )
+    else:
+        job.segmenter()  # the model loads (or fails) before any case is looked at
+        outcomes = run_cases(todo, job, args.out, shared_folder=num_parts > 1, **common)
+    return _report_batch(outcomes, len(todo), part_csv, cohort_csv, cases, num_parts, part_id)
+
+
+def _print_merge(report, num_parts: int) -> None:
     print(
-        f"{len(cases)} cases: {counts['ok']} ok, {counts['skipped']} skipped (already done), "
+        f"merged {len(report.parts)} of {num_parts} part summaries ({report.rows} cases) into {report.path}"
+        + (f"; no summary yet from part(s) {', '.join(map(str, report.missing))}" if report.missing else "")
+    )
+
+
+def _report_batch(
+    outcomes: list[CaseOutcome],
+    total: int,
+    part_csv: Path,
+    cohort_csv: Path,
+    cases: list[Case],
+    num_parts: int,
+    part_id: int,
+) -> int:
+    """Print the run's counts (and merge the part summaries); the exit status: 1 when a case failed."""
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
+    left = total - len(outcomes)
+    head = (
+        f"part {part_id} of {num_parts}: {total} of {len(cases)} cases" if num_parts > 1 else f"{total} cases"
+    )
+    print(
+        f"{head}: {counts['ok']} ok, {counts['skipped']} skipped (already done), "
         f"{counts['failed']} failed" + (f", {left} left for a later run" if left else "")
     )
-    print(f"summary: {args.summary or args.out / 'summary.csv'}")
+    print(f"summary: {part_csv}")
+    if num_parts > 1:
+        from medsam3.predict.parts import merge_part_summaries
+
+        _print_merge(merge_part_summaries(cohort_csv, num_parts, cases), num_parts)
     sys.stdout.flush()
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:

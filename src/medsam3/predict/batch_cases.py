@@ -21,7 +21,12 @@ prompts is not silently reused: that case fails and asks for ``--overwrite`` or 
 Interrupting a run (Ctrl-C, or SIGTERM as sent by ``timeout``, schedulers and service managers) stops
 after writing the summary CSV; temporaries of a run killed outright are removed when the next run starts
 (:func:`medsam3.io.atomic.remove_stale_temporaries`); re-running the same command redoes only
-what was not finished.
+what was not finished. When several runs share the output folder (parts on other machines, a Ray cluster),
+a temporary is only removed once it is also :data:`SHARED_STALE_SECONDS` old
+(:func:`remove_stale_temporaries_in`): a process id names a process of one machine only.
+
+The same completion rule holds for the Ray engine (:mod:`medsam3.predict.ray_engine`) and for parts of a
+cohort (:mod:`medsam3.predict.parts`): any of them resumes a cohort started by another.
 
 Summary
 -------
@@ -42,10 +47,12 @@ instances), ``instance`` (0 / 1) and ``instances`` (the number of instances of a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +60,8 @@ from pathlib import Path
 from typing import Any
 
 from medsam3.errors import InputError, MedSam3Error
-from medsam3.io.atomic import remove_stale_temporaries, write_text_atomic
+from medsam3.io import atomic
+from medsam3.io.atomic import process_alive, remove_stale_temporaries, write_text_atomic
 from medsam3.io.dicom import find_dicom_files
 from medsam3.predict.summary import default_stem
 
@@ -63,6 +71,9 @@ log = logging.getLogger(__name__)
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 #: Files in a case folder that are never cases.
 NOT_CASES = (".json", ".csv", ".txt", ".md", ".log", ".lst", ".list")
+#: Age (seconds since the last write) past which a temporary of a dead process is removed from an output
+#: folder that several machines write (module docstring).
+SHARED_STALE_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -253,6 +264,94 @@ def write_summary_csv(
     return write_text_atomic(path, buf.getvalue())
 
 
+def remove_stale_temporaries_in(out_dir: str | Path, *, shared: bool = False) -> list[Path]:
+    """Remove the temporaries that runs killed outright left in ``out_dir``; returns what was removed.
+
+    ``shared``: other machines may write the folder now (parts, a Ray cluster), so a temporary whose
+    process id names no process here may still be written elsewhere; only those untouched for
+    :data:`SHARED_STALE_SECONDS` are removed then.
+    """
+    if not shared:
+        removed = remove_stale_temporaries(out_dir)
+    else:
+        removed = []
+        folder = Path(out_dir)
+        now = time.time()
+        for item in folder.iterdir() if folder.is_dir() else ():
+            match = atomic._TEMPORARY.match(item.name)
+            if match is None or process_alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                if now - item.lstat().st_mtime < SHARED_STALE_SECONDS:
+                    continue
+                if item.is_dir() and not item.is_symlink():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+                removed.append(item)
+    for stale in removed:
+        log.info("removed %s, a temporary file of a run that no longer runs", stale.name)
+    return removed
+
+
+#: The error of a done case made with other prompts.
+OTHER_PROMPTS = "outputs exist from a run with other prompts; use --overwrite or another output folder"
+
+
+def done_outcome(
+    case: Case,
+    out_dir: Path,
+    *,
+    overwrite: bool,
+    same_prompts: Callable[[dict], bool] | None = None,
+    same_case_prompts: Callable[[dict, Case], bool] | None = None,
+) -> CaseOutcome | None:
+    """The outcome of a case that needs no work: ``skipped`` (done with this run's prompts) or ``failed``
+    (done with other prompts, or its prompts cannot be read); ``None`` when the case is to be segmented.
+
+    ``same_prompts`` / ``same_case_prompts``: as for :func:`run_cases`.
+    """
+    done = None if overwrite else existing_summary(out_dir, case)
+    if done is None:
+        return None
+    try:
+        if same_case_prompts is not None:
+            same = same_case_prompts(done, case)
+        else:
+            assert same_prompts is not None
+            same = same_prompts(done)
+    except MedSam3Error as exc:
+        return CaseOutcome(case, "failed", error=str(exc))
+    if not same:
+        return CaseOutcome(case, "failed", error=OTHER_PROMPTS)
+    return CaseOutcome(
+        case,
+        "skipped",
+        seconds=recorded_seconds(done, 0.0),
+        labels=label_rows(done),
+        info=dict(done.get("case") or {}),
+    )
+
+
+def ok_outcome(case: Case, summary: dict, elapsed: float) -> CaseOutcome:
+    """The outcome of a case segmented now, from the JSON summary it wrote (``elapsed``: its wall time,
+    used when the JSON records none)."""
+    return CaseOutcome(
+        case,
+        "ok",
+        seconds=recorded_seconds(summary, elapsed),
+        labels=label_rows(summary),
+        info=dict(summary.get("case") or {}),
+    )
+
+
+def error_text(exc: BaseException) -> str:
+    """The CSV's ``error`` for a failed case: a user error's message, else the exception's type and text."""
+    if isinstance(exc, MedSam3Error):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def run_cases(
     cases: Sequence[Case],
     segment_case: Callable[[Case], dict],
@@ -266,6 +365,7 @@ def run_cases(
     show_progress: bool = True,
     same_case_prompts: Callable[[dict, Case], bool] | None = None,
     case_columns: bool = False,
+    shared_folder: bool = False,
 ) -> list[CaseOutcome]:
     """Run ``segment_case`` on every case not done yet; never stop on a failed case.
 
@@ -283,6 +383,8 @@ def run_cases(
         max_cases: process at most this many cases that are not done (skipped ones do not count); the
             rest are left for a later run.
         summary_csv: where to write the CSV (default ``out_dir / "summary.csv"``).
+        shared_folder: other runs may write ``out_dir`` at the same time (parts on other machines; see
+            :func:`remove_stale_temporaries_in`).
 
     Returns:
         One :class:`CaseOutcome` per case that was looked at, in order. Re-raises ``KeyboardInterrupt``
@@ -299,22 +401,7 @@ def run_cases(
     def write_csv() -> None:
         write_summary_csv(csv_path, outcomes, label_names, case_columns=case_columns)
 
-    def done_matches(done: dict, case: Case) -> str | None:
-        """``None`` when a done case was made with this run's prompts, else why it cannot be skipped."""
-        try:
-            if same_case_prompts is not None:
-                same = same_case_prompts(done, case)
-            else:
-                assert same_prompts is not None
-                same = same_prompts(done)
-        except MedSam3Error as exc:
-            return str(exc)
-        if same:
-            return None
-        return "outputs exist from a run with other prompts; use --overwrite or another output folder"
-
-    for stale in remove_stale_temporaries(out_dir):  # left by a run that was killed outright
-        log.info("removed %s, a temporary file of a run that no longer runs", stale.name)
+    remove_stale_temporaries_in(out_dir, shared=shared_folder)
     outcomes: list[CaseOutcome] = []
     processed = 0
     progress = Progress(
@@ -329,21 +416,15 @@ def run_cases(
         task = progress.add_task("cases", total=len(cases))
         for case in cases:
             progress.update(task, description=case.name)
-            done = None if overwrite else existing_summary(out_dir, case)
-            if done is not None:
-                problem = done_matches(done, case)
-                if problem is None:
-                    outcomes.append(
-                        CaseOutcome(
-                            case,
-                            "skipped",
-                            seconds=recorded_seconds(done, 0.0),
-                            labels=label_rows(done),
-                            info=dict(done.get("case") or {}),
-                        )
-                    )
-                else:
-                    outcomes.append(CaseOutcome(case, "failed", error=problem))
+            known = done_outcome(
+                case,
+                out_dir,
+                overwrite=overwrite,
+                same_prompts=same_prompts,
+                same_case_prompts=same_case_prompts,
+            )
+            if known is not None:
+                outcomes.append(known)
                 progress.advance(task)
                 write_csv()
                 continue
@@ -353,26 +434,17 @@ def run_cases(
             start = time.perf_counter()
             try:
                 summary = segment_case(case)
-                outcome = CaseOutcome(
-                    case,
-                    "ok",
-                    seconds=recorded_seconds(summary, time.perf_counter() - start),
-                    labels=label_rows(summary),
-                    info=dict(summary.get("case") or {}),
-                )
+                outcome = ok_outcome(case, summary, time.perf_counter() - start)
             except KeyboardInterrupt:
                 outcomes.append(
                     CaseOutcome(case, "interrupted", "interrupted by the user", time.perf_counter() - start)
                 )
                 write_csv()
                 raise
-            except MedSam3Error as exc:
-                outcome = CaseOutcome(case, "failed", str(exc), time.perf_counter() - start)
             except Exception as exc:  # a bug or a library failure on this case: record it, go on
-                log.debug("case %s failed", case.name, exc_info=True)
-                outcome = CaseOutcome(
-                    case, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - start
-                )
+                if not isinstance(exc, MedSam3Error):
+                    log.debug("case %s failed", case.name, exc_info=True)
+                outcome = CaseOutcome(case, "failed", error_text(exc), time.perf_counter() - start)
             outcomes.append(outcome)
             write_csv()
             progress.advance(task)
