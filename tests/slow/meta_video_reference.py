@@ -402,41 +402,70 @@ def meta_conditioning_masks(
 
 @contextmanager
 def meta_new_object_masks(video_model, hw: tuple[int, int], pointers: list | None = None):
-    """Condition ``transformers``' tracker on new objects the way Meta's video model does.
+    """Start ``transformers``' tracker on new objects the way Meta's video model does.
 
-    ``transformers`` (``Sam3VideoModel._tracker_add_new_objects``, 5.x) thresholds the detection's
-    low-resolution logits at 0.5 (Meta: bilinear x4, then 0) and conditions the tracker on that mask at the
-    model's resolution; Meta conditions it on the mask at the video's resolution
-    (:func:`meta_conditioning_masks`), which for small slices is much coarser. While active, the tracker
-    gets Meta's video-size mask (as the 0 / 1 mask at ``4 x low_res_mask_size`` it resizes from), and the
-    objects' stored low-resolution outputs are replaced by Meta's. ``pointers``, if given, receives
-    ``(prompt, frame, object pointer)`` of every new object.
+    Three differences of ``transformers`` 5.x (``Sam3VideoModel._tracker_add_new_objects`` and the tracker's
+    ``_use_mask_as_output``) from Meta's model, for an object created from a detection:
 
-    Not emulated: Meta computes a new object's pointer (the SAM decoder's output token for the mask
-    input) from the 4x mask, downsampled 4x by the tracker's ``mask_downsample`` convolution;
-    ``transformers`` from the mask resized to the input size (504 px here) and then 4x down, and here
-    from the video-size mask. The pointers are compared separately (``pointers``).
+    * the mask handed to the tracker: the low-resolution logits thresholded at 0.5, where Meta resizes
+      them bilinearly to the tracker's input-mask size ``4 x low_res_mask_size`` (576 at 504 px) and
+      thresholds at 0 (that mask decides whether the object appears, and gives its pointer);
+    * the object's stored output (what the tracker returns for it on that frame, read again when V2 runs
+      the frame a second time): Meta's is the mask at the *video* size, as +-1024 resized to the
+      low-resolution grid (:func:`meta_conditioning_masks`), ``transformers``' the input mask at model
+      resolution;
+    * the object pointer: Meta runs the SAM decoder once on the 576 px mask downsampled 4x by the
+      tracker's ``mask_downsample`` convolution, single-mask (``_forward_sam_heads(multimask_output=False)``:
+      output token 0); ``transformers`` first resizes the mask to the input size (504), downsamples that,
+      resizes it to the decoder's mask size, and decodes multi-mask (``_single_frame_forward``'s default
+      ``multimask_output=True``: the token of the best predicted IoU), a different token.
+
+    While active, all three are made Meta's. Not emulated: the memory encoded when the object is created
+    (Meta: from the video-size mask, binarised, then resized; ``transformers``: resized, then binarised).
+    V2's second run of a clip's first frame re-encodes that frame's memory the same way on both sides
+    (``v2_prompted_frame_twice``), so it matters only for objects created on a later frame of a clip.
+    ``pointers``, if given, receives ``(prompt, frame, object pointer)`` of every new object.
     """
     model_type = type(video_model)
 
     def add_new_objects(self, inference_session, frame_idx, new_obj_ids, new_obj_masks, reverse=False):
         low = int(self.low_res_mask_size)
+        size = 4 * low
         groups = [inference_session.obj_id_to_prompt_id[i] for i in new_obj_ids]
-        video, low_scores = meta_conditioning_masks(new_obj_masks, hw, low, groups)
-        as_input = (
-            F.interpolate(low_scores, size=(4 * low, 4 * low), mode="bilinear", align_corners=False) > 0
+        up = F.interpolate(
+            new_obj_masks.unsqueeze(1).float(), size=(size, size), mode="bilinear", align_corners=False
         )
-        for obj_id, mask in zip(new_obj_ids, as_input, strict=True):
+        inputs = (up > 0).to(new_obj_masks.dtype)  # (N, 1, 4 low, 4 low), Meta's tracker input
+        _, low_scores = meta_conditioning_masks(new_obj_masks, hw, low, groups)
+        for obj_id, mask in zip(new_obj_ids, inputs, strict=True):
             obj_idx = inference_session.obj_id_to_idx(obj_id)
-            inference_session.add_mask_inputs(obj_idx, frame_idx, mask.unsqueeze(0).to(new_obj_masks.dtype))
+            inference_session.add_mask_inputs(obj_idx, frame_idx, mask.unsqueeze(0))
         inference_session.obj_with_new_inputs = list(new_obj_ids)
-        self.tracker_model(
+        tracker = self.tracker_model
+        tracker(
             inference_session=inference_session, frame_idx=frame_idx, reverse=reverse, run_mem_encoder=True
         )
-        for obj_id, scores in zip(new_obj_ids, low_scores, strict=True):
+
+        feats, _ = tracker._prepare_vision_features(inference_session, frame_idx, batch_size=1)
+        sizes = tracker.backbone_feature_sizes
+        high = [
+            x.permute(1, 2, 0).view(x.size(1), x.size(2), *s)
+            for x, s in zip(feats[:-1], sizes[:-1], strict=True)
+        ]
+        pix = feats[-1].permute(1, 2, 0).view(-1, tracker.hidden_dim, *sizes[-1])
+        for k, (obj_id, scores) in enumerate(zip(new_obj_ids, low_scores, strict=True)):
             obj_idx = inference_session.obj_id_to_idx(obj_id)
             out = inference_session.output_dict_per_obj[obj_idx]["cond_frame_outputs"][frame_idx]
             out["pred_masks"] = scores.unsqueeze(0).to(out["pred_masks"].dtype)
+            mask = inputs[k : k + 1].to(pix.dtype)
+            pointer = tracker._single_frame_forward(
+                input_masks=tracker.mask_downsample(mask),
+                image_embeddings=[*high, pix],
+                multimask_output=False,
+            ).object_pointer
+            if not bool(mask.any()):
+                pointer = tracker.no_object_pointer.expand_as(pointer)
+            out["object_pointer"] = pointer.reshape(out["object_pointer"].shape)
             if pointers is not None:
                 text = inference_session.prompts[inference_session.obj_id_to_prompt_id[obj_id]]
                 pointers.append((text, frame_idx, out["object_pointer"].detach().clone()))
