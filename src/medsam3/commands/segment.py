@@ -412,10 +412,8 @@ def run(args: argparse.Namespace) -> int:
 
     given = [p for p in (args.input, args.input_flag) if p is not None]
     ref = series_ref(given[0] if len(given) == 1 else None, args.dicomweb, args.study, args.series)
-    if ref is None:
-        resolve_input(args)
-    elif len(given) > 1:
-        resolve_input(args)  # the error for two inputs
+    if ref is None or len(given) > 1:
+        resolve_input(args)  # a local input, or the error for two inputs
     options = _options(args)  # the option rules, before any file is read
     target = store_target(args.store, ref)
     if target is not None:

@@ -119,24 +119,13 @@ class SegFrames:
 
     def label_map(self, overlap: str = "error") -> Image:
         """All segments in one label map (value = segment number) on ``grid``; see module docstring."""
-        if overlap not in ("error", "last", "first"):
-            raise ValueError(f"overlap must be 'error', 'last' or 'first', not {overlap!r}")
+        from medsam3.io.readers import smallest_unsigned  # readers imports this module
+
         pairs = self.overlaps()
-        if pairs and overlap == "error":
-            listing = ", ".join(
-                f"{self.names.get(a, a)} ({a}) & {self.names.get(b, b)} ({b}): {v} voxels"
-                for (a, b), v in pairs.items()
-            )
-            raise InputError(
-                self.path,
-                f"has overlapping segments ({listing}); one label map cannot hold them: read one mask per "
-                "segment (read_segments) or choose overlap='last' / 'first'",
-            )
-        numbers = sorted(self.names)
-        order = numbers if overlap == "last" else numbers[::-1]
-        top = max(numbers) if numbers else 0
-        dtype = np.uint8 if top < 256 else np.uint16
-        vol = self._volume(order, dtype)
+        order = painting_order(
+            self.path, self.names, pairs, overlap, "segments", "read one mask per segment (read_segments)"
+        )
+        vol = self._volume(order, smallest_unsigned(max(order, default=0)))
         placed = place_on_grid(self.own_grid.with_array(vol), self.grid, path=self.path)
         meta = dict(
             self.grid.meta,
@@ -144,6 +133,37 @@ class SegFrames:
             overlaps={f"{a},{b}": v for (a, b), v in pairs.items()},
         )
         return on_grid(self.grid, placed, meta)
+
+
+def painting_order(
+    path: Path | None,
+    names: Mapping[int, str],
+    pairs: Mapping[tuple[int, int], int],
+    overlap: str,
+    what: str,
+    instead: str,
+) -> list[int]:
+    """The order to paint numbered parts (segments, ROIs) into one label map so that ``overlap`` holds:
+    ``"last"`` lets the higher number win (ascending), ``"first"`` the lower one (descending).
+
+    Raises:
+        ValueError: an unknown ``overlap``.
+        InputError: ``overlap == "error"`` and ``pairs`` (number pair -> shared voxels) is not empty; the
+            message lists the pairs and suggests ``instead``.
+    """
+    if overlap not in ("error", "last", "first"):
+        raise ValueError(f"overlap must be 'error', 'last' or 'first', not {overlap!r}")
+    if pairs and overlap == "error":
+        listing = ", ".join(
+            f"{names.get(a, a)} ({a}) & {names.get(b, b)} ({b}): {v} voxels" for (a, b), v in pairs.items()
+        )
+        raise InputError(
+            path,
+            f"has overlapping {what} ({listing}); one label map cannot hold them: {instead} or choose "
+            "overlap='last' / 'first'",
+        )
+    numbers = sorted(names)
+    return numbers if overlap == "last" else numbers[::-1]
 
 
 def _frame_table(

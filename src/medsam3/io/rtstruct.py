@@ -55,6 +55,7 @@ from medsam3.errors import InputError, OutputError
 from medsam3.image import Image
 from medsam3.io.atomic import atomic_path, check_not_input
 from medsam3.io.dicom import sop_instance_uid
+from medsam3.io.dicom_seg import painting_order
 from medsam3.io.geometry import array_affine, on_grid
 
 log = logging.getLogger(__name__)
@@ -523,24 +524,12 @@ class RTStructure:
         ``overlap``: ``"error"`` refuses overlapping ROIs (the message lists the pairs), ``"last"`` lets
         the higher ROI number win, ``"first"`` the lower one.
         """
-        if overlap not in ("error", "last", "first"):
-            raise ValueError(f"overlap must be 'error', 'last' or 'first', not {overlap!r}")
+        from medsam3.io.readers import smallest_unsigned
+
         pairs = self.overlaps()
-        if pairs and overlap == "error":
-            listing = ", ".join(
-                f"{self.names.get(a, a)} ({a}) & {self.names.get(b, b)} ({b}): {v} voxels"
-                for (a, b), v in pairs.items()
-            )
-            raise InputError(
-                self.path,
-                f"has overlapping ROIs ({listing}); one label map cannot hold them: use masks() or choose "
-                "overlap='last' / 'first'",
-            )
-        numbers = sorted(self.names)
-        top = max(numbers) if numbers else 0
-        dtype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32
-        vol = np.zeros(self.reference.spatial_shape, dtype=dtype)
-        for n in numbers if overlap == "last" else numbers[::-1]:
+        order = painting_order(self.path, self.names, pairs, overlap, "ROIs", "use masks()")
+        vol = np.zeros(self.reference.spatial_shape, dtype=smallest_unsigned(max(order, default=0)))
+        for n in order:
             vol[self.mask(n)] = n
         meta = dict(
             self.meta,

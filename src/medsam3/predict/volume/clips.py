@@ -40,15 +40,8 @@ from medsam3.predict.engine import Engine
 from medsam3.predict.options import VolumeOptions
 from medsam3.predict.volume.plan import KEPT, LOW_SCORE, ConceptSlices
 from medsam3.predict.volume.prompts import VolumePrompt
-from medsam3.predict.volume.track import (
-    _check_frames,
-    _check_prompts,
-    _run_pass,
-    intensity_runs,
-    video_frames,
-)
+from medsam3.predict.volume.track import _check_frames, _check_prompts, _run_pass, video_sequences
 from medsam3.preprocess.intensity import IntensityParams
-from medsam3.preprocess.slices import take_slice
 
 if TYPE_CHECKING:
     from transformers import Sam3VideoModel, Sam3VideoProcessor
@@ -225,12 +218,7 @@ def clip_slices(
     n = volume.shape[axis]
     results: list[ConceptSlices] = [ConceptSlices.empty(n) for _ in prompts]
     passes = 0
-    for g, (params, members) in enumerate(intensity_runs(groups, options, len(prompts))):
-        frames = video_frames(volume, axis, params)
-        if g == 0:
-            for k in range(n):
-                take_slice(display, axis, k, display=True)[...] = frames[k, ..., 0]
-        texts = list(dict.fromkeys(prompts[i].model_text for i in members))
+    for frames, members, texts in video_sequences(volume, axis, prompts, groups, options, display):
         clipped = clips_volume_prompts(
             video.model, video.processor, frames, texts, clip_length=options.clip_length
         )

@@ -43,7 +43,7 @@ session has one set of start slices; with probing, each prompt's best slice is o
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -502,6 +502,26 @@ def video_frames(volume: np.ndarray, axis: int, params: IntensityParams | None) 
     return np.stack([slice_to_rgb(apply_intensity(s, params)) for s in slices])
 
 
+def video_sequences(
+    volume: np.ndarray,
+    axis: int,
+    prompts: list[VolumePrompt],
+    groups: dict[IntensityParams, list[int]],
+    options: VolumeOptions,
+    display: np.ndarray,
+) -> Iterator[tuple[np.ndarray, list[int], list[str]]]:
+    """The frame sequences of a video mode (track, clips): per :func:`intensity_runs` entry the
+    ``(Z, H, W, 3)`` frames, the prompt indices it serves and their distinct model texts. The first
+    sequence's grey levels fill ``display`` (displayed slices along ``axis``)."""
+    n = volume.shape[axis]
+    for g, (params, members) in enumerate(intensity_runs(groups, options, len(prompts))):
+        frames = video_frames(volume, axis, params)
+        if g == 0:
+            for k in range(n):
+                take_slice(display, axis, k, display=True)[...] = frames[k, ..., 0]
+        yield frames, members, list(dict.fromkeys(prompts[i].model_text for i in members))
+
+
 def track_slices(
     engine: Engine,
     volume: np.ndarray,
@@ -521,12 +541,7 @@ def track_slices(
     n = volume.shape[axis]
     results: list[ConceptSlices] = [ConceptSlices.empty(n) for _ in prompts]
     passes = 0
-    for g, (params, members) in enumerate(intensity_runs(groups, options, len(prompts))):
-        frames = video_frames(volume, axis, params)
-        if g == 0:
-            for k in range(n):
-                take_slice(display, axis, k, display=True)[...] = frames[k, ..., 0]
-        texts = list(dict.fromkeys(prompts[i].model_text for i in members))  # track mode: the text
+    for frames, members, texts in video_sequences(volume, axis, prompts, groups, options, display):
         tracked = track_volume_prompts(video.model, video.processor, frames, texts, probes=options.probes)
         passes += n
         for i in members:
