@@ -11,7 +11,9 @@ The expected fingerprints in ``golden/segment_outputs.json`` were computed by th
 it was before the inference engine was reshaped; ``tests/test_golden_outputs.py`` recomputes them.
 Regenerate (only after an intended change of results, and say why in the commit)::
 
-    python tests/golden_cases.py --write
+    python tests/golden_cases.py --write [CASE ...]
+
+(with case names: only those are recomputed, the others kept as they are).
 """
 
 from __future__ import annotations
@@ -190,16 +192,20 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(HERE))
     from serve_fixtures import build_model
 
-    if argv != ["--write"]:
+    names = argv[1:] or list(CASES)
+    if argv[:1] != ["--write"] or set(names) - set(CASES):
         print(__doc__)
         return 2
+    results = json.loads(GOLDEN.read_text(encoding="utf-8")) if argv[1:] and GOLDEN.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tiny = build_model(work / "tiny-model")
-        results = {name: run_case(name, work, tiny) for name in CASES}
+        results.update({name: run_case(name, work, tiny) for name in names})
     GOLDEN.parent.mkdir(exist_ok=True)
-    GOLDEN.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {len(results)} cases to {GOLDEN}")
+    GOLDEN.write_text(
+        json.dumps({n: results[n] for n in CASES if n in results}, indent=1) + "\n", encoding="utf-8"
+    )
+    print(f"wrote {len(names)} of {len(CASES)} cases to {GOLDEN}")
     return 0
 
 

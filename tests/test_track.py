@@ -27,6 +27,7 @@ from medsam3.model.video import (
     session_tensor_bytes,
     tracker_reach,
 )
+from medsam3.model.video_meta import meta_video_behaviour
 from medsam3.predict.volume.track import (
     clean_mask,
     probe_indices,
@@ -83,24 +84,29 @@ def frames():
 
 
 def reference(model, processor, frames, prompt, start):
-    """transformers' own path: all frames preloaded, forward then reverse, nothing freed.
+    """transformers' own path: all frames preloaded, forward then reverse, nothing freed; run with the
+    same Meta behaviour medsam3 installs (``medsam3.model.video_meta``), so that only the streaming, the
+    pruning and medsam3's pass order are compared.
 
     Returns the per-slice union of the prompt's objects, the per-object masks and the session.
     """
     from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
 
-    session = Sam3VideoInferenceSession(video=None, dtype=torch.float32)
+    session = Sam3VideoInferenceSession(
+        video=None, dtype=torch.float32, video_height=frames.shape[1], video_width=frames.shape[2]
+    )
     for i, frame in enumerate(frames):
         session.add_new_frame(pixel_tensor(frame, 224, 1 / 255, (0.5,) * 3, (0.5,) * 3), i)
     processor.add_text_prompt(session, prompt)
     union = np.zeros(frames.shape[:3], dtype=bool)
     per_object: dict[int, np.ndarray] = {}
-    for reverse in (False, True):
-        for out in model.propagate_in_video_iterator(session, start_frame_idx=start, reverse=reverse):
-            pp = processor.postprocess_outputs(session, out, original_sizes=[list(frames.shape[1:3])])
-            for obj, mask in zip(pp["object_ids"].tolist(), pp["masks"].numpy(), strict=True):
-                per_object.setdefault(obj, np.zeros(frames.shape[:3], dtype=bool))[out.frame_idx] = mask
-                union[out.frame_idx] |= mask
+    with meta_video_behaviour(model):
+        for reverse in (False, True):
+            for out in model.propagate_in_video_iterator(session, start_frame_idx=start, reverse=reverse):
+                pp = processor.postprocess_outputs(session, out, original_sizes=[list(frames.shape[1:3])])
+                for obj, mask in zip(pp["object_ids"].tolist(), pp["masks"].numpy(), strict=True):
+                    per_object.setdefault(obj, np.zeros(frames.shape[:3], dtype=bool))[out.frame_idx] = mask
+                    union[out.frame_idx] |= mask
     return union, per_object, session
 
 
@@ -218,6 +224,8 @@ def test_tracking_equals_transformers_unbounded_run(processor, queries, short_me
     memory = {}
     if short_memory:
         memory = dict(num_maskmem=3, tracker_overrides={"max_object_pointers_in_encoder": 3})
+    if queries > 1:  # several objects of one prompt: no NMS, which would keep one of these overlapping masks
+        memory["det_nms_thresh"] = 0.0
     model = video_model(queries=queries, object_bias=10.0, **OPEN_THRESHOLDS, **memory)
     frames = np.random.default_rng(3).integers(0, 256, (12 if short_memory else 8, 40, 50, 3), dtype=np.uint8)
     start = 3

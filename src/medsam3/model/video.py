@@ -164,6 +164,7 @@ def open_session(model, processor, frames, prompts: Iterable[str]):
     session.processed_frames = StreamedFrames.for_processor(
         frames, processor, video_input_size(model), param.device, param.dtype
     )
+    session.video_height, session.video_width = int(frames.shape[1]), int(frames.shape[2])
     for prompt in prompts:
         processor.add_text_prompt(session, prompt)
     return session

@@ -4,7 +4,11 @@ A volume's canonical slices ``(Z, H, W)`` are cut into **non-overlapping clips**
 (``[(s, min(Z, s + L)) for s in range(0, Z, L)]``, the last one may be shorter; V2's default ``L = 4``).
 Each clip is a fresh video session of SAM3's video model: nothing is carried from one clip to the next.
 The text prompts are added to the session (the detector runs on every slice of the clip), and the clip
-is propagated **forward only**, from its first slice to its last.
+is propagated **forward only**, from its first slice to its last. As V2 calls ``add_prompt`` on the first
+slice and then ``propagate_in_video`` from it, that slice runs twice and the second run is kept (the
+tracker's conditioning output for the objects just created). The video model runs as Meta's
+(:mod:`medsam3.model.video_meta`: NMS and hole filling, Meta's text prompt sequence, Meta's start of new
+objects), which ``tests/slow/test_meta_v2_clips.py`` checks against Meta's own video model.
 
 Per slice and prompt (:func:`_collect`):
 
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 
 from medsam3.model.video import open_session, tracker_reach
+from medsam3.model.video_meta import runs_as_meta
 from medsam3.predict.engine import Engine
 from medsam3.predict.options import VolumeOptions
 from medsam3.predict.volume.plan import KEPT, LOW_SCORE, ConceptSlices
@@ -130,6 +135,7 @@ def _collect(
         acc.tracker_scores[z] = max([float(acc.tracker_scores[z]), *(float(trk.get(i, 0.0)) for i in ids)])
 
 
+@runs_as_meta
 def clips_volume_prompts(
     video_model: Sam3VideoModel,
     video_processor: Sam3VideoProcessor,
@@ -192,6 +198,7 @@ def clips_volume_prompts(
             keep=set(),
             finish=finish,
             report=report,
+            prompted_twice=True,
         )
         del session
     return results

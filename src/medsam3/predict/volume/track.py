@@ -23,8 +23,12 @@ A volume's canonical slices ``(Z, H, W)`` are treated as the frames of a video. 
    slices) are merged into one mask: their union, at the slice grid ``(H, W)`` (low-resolution mask
    logits resized bilinearly and thresholded at 0 by ``Sam3VideoProcessor.postprocess_outputs``, which
    also hides objects suppressed or removed by the model's hot-start heuristics). Small holes and
-   specks are then cleaned here (the video model delegates that to the optional ``kernels`` package
-   and skips it without it), with the model's ``fill_hole_area`` scaled to the slice grid.
+   specks are then cleaned here at the slice grid, with the model's ``fill_hole_area`` scaled to it
+   (the video model's own hole filling works on its low-resolution masks).
+
+The video model runs as Meta's (:mod:`medsam3.model.video_meta`): NMS of the detections and hole filling
+even without ``transformers``' optional hub kernel, Meta's text prompt sequence in the detector (probes
+included), and new objects started as in Meta's model.
 
 Memory stays bounded for long volumes: frames are converted when the model reads them and never stored
 (:class:`medsam3.model.video.StreamedFrames`), and after every slice
@@ -61,6 +65,7 @@ from medsam3.model.video import (
     tracker_reach,
     video_input_size,
 )
+from medsam3.model.video_meta import no_reconditioning, runs_as_meta
 from medsam3.predict.engine import Engine
 from medsam3.predict.options import VolumeOptions, default_of
 from medsam3.predict.prompts import brief
@@ -162,6 +167,7 @@ def probe_indices(n_frames: int, probes: int) -> list[int]:
 
 
 @torch.inference_mode()
+@runs_as_meta
 def probe_scores(
     video_model: Sam3VideoModel,
     processor: Sam3VideoProcessor,
@@ -294,18 +300,31 @@ def _run_pass(
     keep: set[int],
     finish: Callable,
     report: Callable,
+    prompted_twice: bool = False,
 ) -> None:
     """Process ``order`` (local frame indices) in one direction, finishing frames after the hot-start delay.
 
     Mirrors ``Sam3VideoModel.propagate_in_video_iterator``: outputs are held for ``hotstart_delay`` frames
     so that objects the hot-start heuristics remove meanwhile are hidden; then pruned state is dropped.
+
+    ``prompted_twice``: run the first frame twice and keep the second run, as ``add_prompt`` followed by
+    ``propagate_in_video`` from the same frame does in Meta's video model (Medical SAM3 V2's recipe): the
+    first run creates the objects from the detections, the second returns the tracker's conditioning
+    output for them and re-encodes the frame's memory. The second run makes no periodic reconditioning
+    (in Meta's model it would re-add the same detection mask the objects were just created from).
     """
     delay = int(video_model.hotstart_delay)
     tracker = video_model.tracker_model.config
     limits = {"max_cond_frames": int(tracker.max_cond_frame_num), "memory_frames": int(tracker.num_maskmem)}
     buffer = []
+    if prompted_twice and len(order):
+        video_model(inference_session=session, frame_idx=order[0], reverse=reverse)
     for n, frame in enumerate(order):
-        out = video_model(inference_session=session, frame_idx=frame, reverse=reverse)
+        if prompted_twice and n == 0:
+            with no_reconditioning(session):
+                out = video_model(inference_session=session, frame_idx=frame, reverse=reverse)
+        else:
+            out = video_model(inference_session=session, frame_idx=frame, reverse=reverse)
         prune_session(session, frame, reverse=reverse, window=window, keep=keep, **limits)
         if delay > 0:
             buffer.append(out)
@@ -319,6 +338,7 @@ def _run_pass(
         report(frame, reverse)
 
 
+@runs_as_meta
 def track_volume_prompts(
     video_model: Sam3VideoModel,
     video_processor: Sam3VideoProcessor,
