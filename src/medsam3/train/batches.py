@@ -218,6 +218,19 @@ class ItemLoader:
             self._tokens[text] = (enc["input_ids"][0].long(), enc["attention_mask"][0].long())
         return self._tokens[text]
 
+    def intensity(self, index: int, concept: str) -> IntensityParams:
+        """Intensity mapping of record ``index`` for ``concept``, chosen as ``medsam3 segment`` does."""
+        key = (index, concept)
+        if key not in self._intensity:
+            record = self.records[index]
+            vol = self.volume(index)
+            self._intensity[key] = intensity_parameters(
+                vol.image[..., :3] if vol.is_color else vol.image,
+                record.modality if record.modality in MODALITIES else "OTHER",
+                concept=concept,
+            )
+        return self._intensity[key]
+
     # -- one example ---------------------------------------------------------------------------------
     def plain(self, item: SliceSample) -> dict[str, Any]:
         """The example of ``item`` without augmentation (validation)."""
@@ -227,18 +240,12 @@ class ItemLoader:
         record = self.records[item.record]
         vol = self.volume(item.record)
         pixels_all = vol.image[..., :3] if vol.is_color else vol.image
-        key = (item.record, item.concept)
-        if key not in self._intensity:
-            self._intensity[key] = intensity_parameters(
-                pixels_all,
-                record.modality if record.modality in MODALITIES else "OTHER",
-                concept=item.concept,
-            )
+        params = self.intensity(item.record, item.concept)
         pixels = self._slice(vol, item.slice, pixels_all)
         semantic = self._slice(vol, item.slice, vol.semantic)
         h, w = semantic.shape
         transform = ResizeTransform((h, w), self.image_size)
-        rgb = transform.image(slice_to_rgb(apply_intensity(pixels, self._intensity[key])))
+        rgb = transform.image(slice_to_rgb(apply_intensity(pixels, params)))
         image01 = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float() / 255.0
 
         values = record.concept_values().get(item.concept, [])

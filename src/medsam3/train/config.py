@@ -28,6 +28,9 @@ PRECISIONS = ("auto", "bf16", "fp16", "no")
 LOSS_KINDS = ("sam3", "simple")
 LOSS_PRESETS = ("default", "sam3", "medical_sam3_public")
 EXPORTS = ("best", "final", "both", "none")
+MODEL_KINDS = ("image", "video")
+TRACK_LOSSES = ("default", "v2", "sam2")
+VIDEO_VALIDATION = ("track", "clips")
 VERIFY = ("none", "files", "headers", "full")
 
 
@@ -38,7 +41,12 @@ class ModelSection:
     Attributes:
         source: ``"tiny"`` / ``"small"`` (random weights, :mod:`medsam3.model.configs`, seeded by
             ``TrainConfig.seed``), or a folder / Hub id in the transformers layout (a converted
-            checkpoint, ``facebook/sam3``, an earlier export), loaded by ``medsam3.model.loading.load_sam3``.
+            checkpoint, ``facebook/sam3``, an earlier export), loaded by ``medsam3.model.loading.load_sam3``
+            (``kind: video``: ``load_sam3_video``; the folder must hold a video model).
+        kind: ``image`` (``Sam3Model`` trained on slices) or ``video`` (``Sam3VideoModel``, detector and
+            tracker, trained on clips: :class:`ClipSection`, :mod:`medsam3.train.video_model`). Video
+            training runs the detector as the video model runs it, without Meta's geometry CLS token, so it
+            needs ``meta_text_cls: false``.
         size: keyword overrides of ``small_sam3_config`` for ``tiny`` / ``small`` (``image_size``,
             ``vit_layers``, ``num_queries``, ...).
         meta_text_cls: text-only prompts carry the geometry encoder's CLS token, as Meta's weights were
@@ -52,6 +60,7 @@ class ModelSection:
     """
 
     source: str = "tiny"
+    kind: str = "image"
     size: dict[str, Any] = field(default_factory=dict)
     meta_text_cls: bool = True
     activation_checkpointing: bool = False
@@ -108,6 +117,10 @@ class OptimSection:
         lr_geometry: geometry (box / point) encoder.
         lr_fusion_encoder: the DETR (fusion) encoder, which the paper's list leaves out; the public
             Medical SAM3 configuration trains it at 1e-5.
+        lr_tracker: the video model's tracker (memory attention, memory encoder, prompt encoder, SAM mask
+            decoder, object pointers); neither paper states a tracker rate, V2 trains every part at the
+            paper's rates, and the tracker's parts are decoders: the decoder rate. The tracker's FPN neck
+            on the shared ViT is a vision part (``lr_vision``, like the detector's neck).
         layer_decay: ViT block ``i`` of ``L`` gets ``lr_vision * layer_decay ** (L - i)``; the patch and
             position embeddings ``layer_decay ** (L + 1)``; the rest of the vision encoder ``1``.
         weight_decay: applied to every weight except biases and LayerNorm parameters.
@@ -121,6 +134,7 @@ class OptimSection:
     lr_text: float = 5e-5
     lr_geometry: float = 1e-4
     lr_fusion_encoder: float = 1e-5
+    lr_tracker: float = 3e-4
     layer_decay: float = 0.85
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -163,6 +177,38 @@ class LossSection:
 
 
 @dataclass
+class ClipSection:
+    """Clip training of the video model (``model.kind: video``; see :mod:`medsam3.train.clips`).
+
+    Attributes:
+        length: frames per clip (V2: 8); stride: slices between frames.
+        augment_per_frame: one augmentation draw per frame instead of one per clip.
+        gt_init_fraction: share of clips whose tracker starts from the ground-truth mask of frame 0
+            instead of the detector's top mask (0: always the detector, as V2).
+        track_loss: tracker terms (:mod:`medsam3.train.losses_track`): ``default`` (V2's semantic terms
+            plus SAM2's IoU and object-score terms), ``v2``, ``sam2``; ``track_loss_overrides`` changes
+            :class:`~medsam3.train.losses_track.TrackLossConfig` fields.
+        checkpoint_frames: recompute each tracked frame's step in the backward pass.
+        val_mode: 3D validation through ``track`` or ``clips`` volume inference (Dice per volume and
+            concept, averaged per dataset); ``val_clip_length`` and ``val_probes`` are those modes' settings.
+        v2_settings: for ``tiny`` / ``small`` random video models, V2's inference settings (hot start off,
+            ...: :func:`medsam3.model.configs.apply_v2_settings`); loaded models keep their own.
+    """
+
+    length: int = 8
+    stride: int = 1
+    augment_per_frame: bool = False
+    gt_init_fraction: float = 0.0
+    track_loss: str = "default"
+    track_loss_overrides: dict[str, Any] = field(default_factory=dict)
+    checkpoint_frames: bool = False
+    val_mode: str = "track"
+    val_clip_length: int = 4
+    val_probes: int = 5
+    v2_settings: bool = True
+
+
+@dataclass
 class TrainConfig:
     """One training run (defaults: the paper's recipe; see the module docstring for overrides).
 
@@ -201,6 +247,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     lora: LoraSection = field(default_factory=LoraSection)
     loss: LossSection = field(default_factory=LossSection)
+    clips: ClipSection = field(default_factory=ClipSection)
     mode: str = "full"
     run_dir: str = "runs/medsam3"
     resume: str = "auto"
@@ -228,6 +275,39 @@ class TrainConfig:
         """Raise :class:`InputError` for values outside their allowed range."""
         checks = [
             (self.mode in MODES, "mode", self.mode, f"one of {MODES}"),
+            (self.model.kind in MODEL_KINDS, "model.kind", self.model.kind, f"one of {MODEL_KINDS}"),
+            (
+                self.model.kind != "video" or not self.model.meta_text_cls,
+                "model.meta_text_cls",
+                self.model.meta_text_cls,
+                "false for model.kind video (the video model's detector runs text without the geometry CLS)",
+            ),
+            (self.clips.length >= 1, "clips.length", self.clips.length, ">= 1"),
+            (self.clips.stride >= 1, "clips.stride", self.clips.stride, ">= 1"),
+            (
+                0.0 <= self.clips.gt_init_fraction <= 1.0,
+                "clips.gt_init_fraction",
+                self.clips.gt_init_fraction,
+                "in [0, 1]",
+            ),
+            (
+                self.clips.track_loss in TRACK_LOSSES,
+                "clips.track_loss",
+                self.clips.track_loss,
+                f"one of {TRACK_LOSSES}",
+            ),
+            (
+                self.clips.val_mode in VIDEO_VALIDATION,
+                "clips.val_mode",
+                self.clips.val_mode,
+                f"one of {VIDEO_VALIDATION}",
+            ),
+            (
+                self.clips.val_clip_length >= 1 and self.clips.val_probes >= 1,
+                "clips.val_clip_length / clips.val_probes",
+                (self.clips.val_clip_length, self.clips.val_probes),
+                ">= 1",
+            ),
             (
                 self.mixed_precision in PRECISIONS,
                 "mixed_precision",
@@ -520,6 +600,9 @@ RUN_CONTROL_KEYS = frozenset(
         "data.cache_volumes",
         "data.verify",
         "data.val_max_items",
+        "clips.val_mode",
+        "clips.val_clip_length",
+        "clips.val_probes",
         "run_dir",
     }
 )
@@ -530,7 +613,11 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and key not in ("size", "overrides"):
+        if (
+            isinstance(a, dict)
+            and isinstance(b, dict)
+            and key not in ("size", "overrides", "track_loss_overrides")
+        ):
             out += config_differences(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}")

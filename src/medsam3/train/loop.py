@@ -45,7 +45,6 @@ import numpy as np
 import torch
 
 from medsam3.errors import InputError
-from medsam3.model.input_size import input_size
 from medsam3.train.checkpoint import (
     LAST,
     checkpoint_dir,
@@ -60,10 +59,11 @@ from medsam3.train.config import (
     RUN_CONTROL_KEYS,
     TrainConfig,
     config_differences,
+    config_from_dict,
     config_to_dict,
     config_yaml,
 )
-from medsam3.train.model import Sam3TrainModule, build_model
+from medsam3.train.model import Sam3TrainModule, build_model, training_input_size
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,37 @@ def build_loss(cfg: TrainConfig):
         raise InputError(None, f"config: loss.overrides: {exc}") from None
     sam3_loss = Sam3Loss(loss_config)
     return lambda outputs, targets, num_targets: sam3_loss(outputs, targets, num_targets_global=num_targets)
+
+
+def build_video_loss(cfg: TrainConfig):
+    """The clip loss ``(outputs, frame_targets, track_targets, n_objects, n_tracked) -> terms``:
+    ``cfg.loss`` on the detector's per-frame outputs plus the tracker terms of ``cfg.clips``
+    (:mod:`medsam3.train.losses_track`) on the tracked frames; ``loss`` is their sum."""
+    from medsam3.train.losses_track import TRACK_LOSS_PRESETS, track_losses
+
+    detector_loss = build_loss(cfg)
+    try:
+        track_config = replace(TRACK_LOSS_PRESETS[cfg.clips.track_loss](), **cfg.clips.track_loss_overrides)
+    except TypeError as exc:
+        raise InputError(None, f"config: clips.track_loss_overrides: {exc}") from None
+
+    def loss(outputs, targets, track_targets, n_objects: float, n_tracked: float) -> dict[str, Any]:
+        terms = dict(detector_loss(outputs["detector"], targets, n_objects))
+        total = terms.pop("loss")
+        tracker = outputs["tracker"]
+        extra = track_losses(
+            tracker["pred_masks"],
+            tracker["iou"],
+            tracker["object_score_logits"],
+            track_targets,
+            n_tracked,
+            track_config,
+        )
+        terms.update(extra)
+        terms["loss"] = total + sum(extra.values())
+        return terms
+
+    return loss
 
 
 def default_steps_per_epoch(records, split: str, global_batch: int) -> int:
@@ -115,10 +146,15 @@ def seed_micro_batch(seed: int, global_batch: int) -> None:
 
 
 def _all_reduce_sum(value: float, device) -> float:
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    return _all_reduce_sums([value], device)[0]
+
+
+def _all_reduce_sums(values: list[float], device) -> list[float]:
+    """Sums over processes of equally long lists of numbers, in one all-reduce."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
-    return float(t.item())
+    return [float(v) for v in t.tolist()]
 
 
 def _all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
@@ -285,9 +321,12 @@ def _prepare_run_dir(cfg: TrainConfig, resume_from: Path | None, payload: dict |
             "resume=auto, or choose another run_dir",
         )
     if payload is not None:
-        changed = [
-            k for k in config_differences(payload["config"], config_to_dict(cfg)) if k not in RUN_CONTROL_KEYS
-        ]
+        # fields added since the checkpoint was written take their defaults there
+        try:
+            saved = config_to_dict(config_from_dict(payload["config"]))
+        except InputError:
+            saved = payload["config"]
+        changed = [k for k in config_differences(saved, config_to_dict(cfg)) if k not in RUN_CONTROL_KEYS]
         if changed:
             raise InputError(
                 resume_from,
@@ -332,12 +371,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
     from torch.utils.data import DataLoader
 
+    from medsam3.data.clips import ClipSampler
     from medsam3.data.manifest import check_records, read_manifest
     from medsam3.data.sampler import SliceSampleDataset, SliceSampler
     from medsam3.train.batches import ItemLoader, collate, count_targets, verify_records
+    from medsam3.train.clips import ClipLoader, clips_to_device, collate_clips, count_clip_targets
     from medsam3.train.cpu_autocast import geometry_encoder_in_fp32
     from medsam3.train.optim import build_optimizer, build_scheduler, parameter_groups, trainable_summary
     from medsam3.train.validate import validate_now, validation_items
+    from medsam3.train.validate_volumes import run_volume_validation, volume_items
+    from medsam3.train.video_model import VideoTrainModule
 
     if not cfg.data.manifest:
         raise InputError(None, "config: data.manifest is required (a manifest from `medsam3 prepare`)")
@@ -372,9 +415,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     problems = [p for part in _all_gather_objects(problems) for p in part]
     if problems:
         raise InputError(None, problems[0])
-    sampler = SliceSampler(
-        records,
-        "train",
+    video = cfg.model.kind == "video"
+    stream: dict[str, Any] = dict(
         seed=cfg.seed,
         negative_fraction=cfg.data.negative_fraction,
         temperature=cfg.data.temperature,
@@ -382,22 +424,32 @@ def train(cfg: TrainConfig) -> TrainResult:
         cross_group_negatives=cfg.data.cross_group_negatives,
         cross_group_share=cfg.data.cross_group_share,
     )
+    if video:
+        sampler: SliceSampler = ClipSampler(
+            records, "train", length=cfg.clips.length, stride=cfg.clips.stride, **stream
+        )
+    else:
+        sampler = SliceSampler(records, "train", **stream)
     sam3, processor = build_model(cfg)
     if precision == "bf16" and acc.device.type == "cpu":
         geometry_encoder_in_fp32(sam3)  # its box pooling fails under CPU autocast (train.cpu_autocast)
-    size = input_size(sam3)
+    size = training_input_size(sam3)
     groups = parameter_groups(sam3, cfg.optim)
     optimizer = build_optimizer(groups, cfg.optim, acc.device.type)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = cfg.steps_per_epoch or default_steps_per_epoch(records, "train", global_batch)
+    if cfg.steps_per_epoch:
+        steps_per_epoch = cfg.steps_per_epoch
+    elif video:
+        steps_per_epoch = math.ceil(sampler.clips_per_epoch() / global_batch)  # type: ignore[attr-defined]
+    else:
+        steps_per_epoch = default_steps_per_epoch(records, "train", global_batch)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.optim, total)
-    loss_fn = build_loss(cfg)
-    val_items = (
-        validation_items(records, cfg.data.val_split, cfg.data.val_max_items, cfg.data.val_seed)
-        if cfg.data.val_max_items
-        else []
-    )
+    loss_fn = build_video_loss(cfg) if video else build_loss(cfg)
+    val_items: list[Any] = []
+    if cfg.data.val_max_items:
+        pick = volume_items if video else validation_items
+        val_items = list(pick(records, cfg.data.val_split, cfg.data.val_max_items, cfg.data.val_seed))
 
     resume_from = find_resume_checkpoint(cfg.run_dir, cfg.resume)
     payload = load_checkpoint(resume_from) if resume_from is not None else None
@@ -414,7 +466,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         best, best_step = payload.get("best_metric"), payload.get("best_step")
         if main:
             log.info("resuming from step %d (checkpoint %s)", step, resume_from)
-    module = Sam3TrainModule(sam3, cfg.model.meta_text_cls, aux=cfg.loss.kind == "sam3" and cfg.loss.aux_loss)
+    aux = cfg.loss.kind == "sam3" and cfg.loss.aux_loss
+    module: torch.nn.Module
+    if video:
+        module = VideoTrainModule(sam3, aux=aux, checkpoint_frames=cfg.clips.checkpoint_frames)
+    else:
+        module = Sam3TrainModule(sam3, cfg.model.meta_text_cls, aux=aux)
     module, optimizer = acc.prepare(module, optimizer)
     if payload is not None:
         load_optimizer_state(acc, module, optimizer, payload["optimizer"])
@@ -426,23 +483,39 @@ def train(cfg: TrainConfig) -> TrainResult:
             set_rng_state(states[rank] if len(states) == world else states[0])
     if acc.distributed_type == DistributedType.FSDP and main:
         log.warning("FSDP: checkpoints gather the full model and optimizer state on every save")
+    if acc.distributed_type == DistributedType.FSDP and video and val_items:
+        raise InputError(
+            None, "config: 3D validation of a video model does not run under FSDP; set data.val_max_items=0"
+        )
 
     loader = ItemLoader(
         records,
         size,
         processor.tokenizer,
         seed=cfg.seed,
-        box_prompt_fraction=cfg.box_prompt_fraction,
+        box_prompt_fraction=0.0 if video else cfg.box_prompt_fraction,
         box_noise_std=cfg.box_noise_std,
         box_noise_max=cfg.box_noise_max,
         cache_volumes=cfg.data.cache_volumes,
-        augment=cfg.data.augment,
+        augment=None if video else cfg.data.augment,
     )
-    dataset = SliceSampleDataset(sampler, batch_size=cfg.batch_size, load=loader, rank=rank, world_size=world)
+    load: Any = loader
+    if video:
+        load = ClipLoader(
+            loader,
+            seed=cfg.seed,
+            box_prompt_fraction=cfg.box_prompt_fraction,
+            box_noise_std=cfg.box_noise_std,
+            box_noise_max=cfg.box_noise_max,
+            augment=cfg.data.augment,
+            per_frame=cfg.clips.augment_per_frame,
+            gt_init_fraction=cfg.clips.gt_init_fraction,
+        )
+    dataset = SliceSampleDataset(sampler, batch_size=cfg.batch_size, load=load, rank=rank, world_size=world)
     data = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        collate_fn=collate,
+        collate_fn=collate_clips if video else collate,
         num_workers=cfg.data.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),
         pin_memory=acc.device.type == "cuda",
@@ -451,13 +524,13 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     logger = RunLogger(cfg, main, total, step, [g["name"] for g in optimizer.param_groups])
     if main:
-        counts = trainable_summary(sam3)
+        summary = trainable_summary(sam3)
         log.info(
             "training %s: %d of %d parameters trainable; %d steps (%d per epoch), global batch %d on %d "
             "process(es)",
             cfg.mode,
-            counts["trainable"],
-            counts["total"],
+            summary["trainable"],
+            summary["total"],
             total,
             steps_per_epoch,
             global_batch,
@@ -472,16 +545,26 @@ def train(cfg: TrainConfig) -> TrainResult:
     out_of_time = False
     while step < total and (cfg.stop_after is None or step - first < cfg.stop_after) and not out_of_time:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        n_global = _all_reduce_sum(count_targets(micro), acc.device) / (world * cfg.grad_accum)
+        counts = count_clip_targets(micro) if video else [float(count_targets(micro))]
+        n_global = [c / (world * cfg.grad_accum) for c in _all_reduce_sums(counts, acc.device)]
         module.train()
         sums: dict[str, float] = {}
         for m, batch in enumerate(micro):
             seed_micro_batch(cfg.seed, (step * cfg.grad_accum + m) * world + rank)
-            moved = _to_device(batch, acc.device)
+            moved = clips_to_device(batch, acc.device) if video else _to_device(batch, acc.device)
             sync = acc.no_sync(module) if m < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
                 outputs = module(**moved["inputs"])
-                terms = loss_fn(outputs, moved["targets"], max(n_global, 1.0))
+                if video:
+                    terms = loss_fn(
+                        outputs,
+                        moved["targets"],
+                        moved["track_targets"],
+                        max(n_global[0], 1.0),
+                        max(n_global[1], 1.0),
+                    )
+                else:
+                    terms = loss_fn(outputs, moved["targets"], max(n_global[0], 1.0))
             acc.backward(terms["loss"] / cfg.grad_accum)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
@@ -506,7 +589,20 @@ def train(cfg: TrainConfig) -> TrainResult:
         metrics = None
         due = step % cfg.val_every == 0 if cfg.val_every else end_of_epoch
         if val_items and (due or step == total):
-            metrics = validate_now(acc, module, loader.plain, collate, val_items, size, cfg.batch_size)
+            if video:
+                metrics = run_volume_validation(
+                    acc.unwrap_model(module).sam3,
+                    processor,
+                    loader,
+                    val_items,
+                    mode=cfg.clips.val_mode,
+                    clip_length=cfg.clips.val_clip_length,
+                    probes=cfg.clips.val_probes,
+                    rank=rank,
+                    world_size=world,
+                )
+            else:
+                metrics = validate_now(acc, module, loader.plain, collate, val_items, size, cfg.batch_size)
             logger.validation(step, metrics, result)
             if best is None or metrics.mean > best:
                 best, best_step = metrics.mean, step

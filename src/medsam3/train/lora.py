@@ -45,7 +45,8 @@ def target_pattern(cfg: LoraSection) -> str:
     parts = ([VISION_TARGETS] if cfg.vision else []) + ([TEXT_TARGETS] if cfg.text else [])
     if not parts:
         raise ValueError("LoRA needs the vision or the text encoder as target")
-    return "(" + "|".join(parts) + ")"
+    # a video model's detector holds the same modules under ``detector_model.``
+    return r"(detector_model\.)?(" + "|".join(parts) + ")"
 
 
 def lora_parameter_count(model: nn.Module, cfg: LoraSection) -> int:
@@ -79,7 +80,8 @@ def apply_lora(model: ModuleT, cfg: LoraSection) -> ModuleT:
     peft.inject_adapter_in_model(lora_config, model)
     for name, param in model.named_parameters():
         is_adapter = ".lora_A." in name or ".lora_B." in name
-        param.requires_grad_(is_adapter or not name.startswith(FROZEN_PREFIXES))
+        frozen = name.removeprefix("detector_model.").startswith(FROZEN_PREFIXES)
+        param.requires_grad_(is_adapter or not frozen)
     return model
 
 

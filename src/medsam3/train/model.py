@@ -85,13 +85,97 @@ def enable_activation_checkpointing(sam3: nn.Module) -> int:
     return count
 
 
-def build_model(cfg: TrainConfig) -> tuple[Sam3Model, Sam3Processor]:
+def training_input_size(model: nn.Module) -> int:
+    """Square input side of the model being trained (``Sam3Model`` or ``Sam3VideoModel``)."""
+    if hasattr(model, "detector_model"):
+        from medsam3.model.video import video_input_size
+
+        return video_input_size(model)
+    return input_size(model)
+
+
+def _apply_mode(model: nn.Module, cfg: TrainConfig) -> None:
+    """Frozen parts or LoRA adapters, activation checkpointing and dropout of ``cfg`` on ``model``."""
+    from medsam3.train.lora import apply_lora
+    from medsam3.train.optim import freeze_for_mode
+
+    model.train()
+    if cfg.mode == "lora":
+        apply_lora(model, cfg.lora)
+    else:
+        freeze_for_mode(model, cfg.mode)
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(getattr(model, "detector_model", model))
+    if cfg.model.dropout is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Dropout):
+                module.p = cfg.model.dropout
+            elif name.startswith("tracker_model.") and isinstance(getattr(module, "dropout_p", None), float):
+                module.dropout_p = cfg.model.dropout  # the memory attention's attention-probability dropout
+
+
+def build_video_model(cfg: TrainConfig) -> tuple[Any, Any]:
+    """The ``Sam3VideoModel`` to train (``model.kind: video``; mode applied) and its ``Sam3VideoProcessor``.
+
+    ``tiny`` / ``small``: random weights, the detector of :func:`~medsam3.model.configs.tiny_sam3_config` /
+    :func:`~medsam3.model.configs.small_sam3_config` (``model.size``) with a tracker fitted to it
+    (:func:`~medsam3.model.configs.sam3_video_config`; FPN width 128 or more), V2's inference settings with
+    ``clips.v2_settings``. Otherwise a video-model folder (``load_sam3_video``).
+    """
+    from transformers import Sam3VideoModel
+
+    from medsam3.model.configs import (
+        apply_v2_settings,
+        sam3_video_config,
+        small_sam3_config,
+        tiny_sam3_config,
+    )
+    from medsam3.model.loading import build_processor
+    from medsam3.model.video import load_sam3_video
+
+    source = cfg.model.source
+    if source in ("tiny", "small"):
+        try:
+            detector = (tiny_sam3_config if source == "tiny" else small_sam3_config)(**cfg.model.size)
+            config = sam3_video_config(detector, memory_attention_layers=1 if source == "tiny" else 4)
+        except (TypeError, ValueError) as exc:
+            raise InputError(None, f"config: model.size {cfg.model.size}: {exc}") from None
+        if cfg.clips.v2_settings:
+            apply_v2_settings(config)
+        torch.manual_seed(cfg.seed)
+        try:
+            video = Sam3VideoModel(config)
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(
+                None, f"config: model.size {cfg.model.size} gives no valid video model ({exc})"
+            ) from None
+        processor = build_processor(config, video=True)
+    else:
+        if cfg.model.size:
+            raise InputError(None, "config: model.size applies to model.source tiny / small only")
+        loaded = load_sam3_video(source, device="cpu", dtype="fp32")
+        video, processor = loaded.model, loaded.processor
+    if cfg.model.image_size is not None and cfg.model.image_size != training_input_size(video):
+        raise InputError(
+            None, "config: model.image_size cannot change a video model's input size (train at its own)"
+        )
+    _apply_mode(video, cfg)
+    return video, processor
+
+
+def build_model(cfg: TrainConfig) -> tuple[Any, Any]:
+    """The model to train (mode applied: frozen parts, LoRA adapters) and its processor: a ``Sam3Model`` and
+    ``Sam3Processor``, or with ``model.kind: video`` a ``Sam3VideoModel`` and ``Sam3VideoProcessor``."""
+    if cfg.model.kind == "video":
+        return build_video_model(cfg)
+    return build_image_model(cfg)
+
+
+def build_image_model(cfg: TrainConfig) -> tuple[Sam3Model, Sam3Processor]:
     """The ``Sam3Model`` to train (mode applied: frozen parts, LoRA adapters) and its processor."""
     from medsam3.model.configs import small_sam3_config, tiny_sam3_config, vit_sizes
     from medsam3.model.input_size import resize_processor, resize_sam3_input
     from medsam3.model.loading import build_processor, load_sam3
-    from medsam3.train.lora import apply_lora
-    from medsam3.train.optim import freeze_for_mode
 
     source = cfg.model.source
     if source in ("tiny", "small"):
@@ -112,15 +196,5 @@ def build_model(cfg: TrainConfig) -> tuple[Sam3Model, Sam3Processor]:
         except ModelError as exc:
             raise InputError(None, f"config: model.image_size: {exc}") from None
         resize_processor(processor, cfg.model.image_size, int(vit_sizes(sam3.config)[1]))
-    sam3.train()
-    if cfg.mode == "lora":
-        apply_lora(sam3, cfg.lora)
-    else:
-        freeze_for_mode(sam3, cfg.mode)
-    if cfg.model.activation_checkpointing:
-        enable_activation_checkpointing(sam3)
-    if cfg.model.dropout is not None:
-        for module in sam3.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = cfg.model.dropout
+    _apply_mode(sam3, cfg)
     return sam3, processor

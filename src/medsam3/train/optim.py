@@ -17,6 +17,12 @@ component           ``Sam3Model`` attributes                                   l
 
 A parameter under any other attribute is an error, so that a new module never trains at a silent default.
 
+The video model (``Sam3VideoModel``): its detector's parameters (``detector_model.<attribute>``) take the
+groups above; the tracker (``tracker_model.*``: memory attention, memory encoder, prompt encoder, SAM mask
+decoder, object pointers and embeddings) is the ``tracker`` component at ``lr_tracker`` (3e-4); the
+tracker's FPN neck on the shared ViT (``tracker_neck.*``) is a vision part outside the ViT blocks, like the
+detector's neck (``lr_vision``, no layer decay).
+
 Layer-wise learning-rate decay (LLRD, SAM3's ``layer_decay_param_modifier`` with its ViT ``get_layer_id``):
 with ``L`` ViT blocks and decay ``d``, block ``i`` (0-based, ``vision_encoder.backbone.layers.i``) trains at
 ``lr_vision * d ** (L - i)``, so the deepest block gets ``d`` and the first ``d ** L``; the patch and
@@ -54,7 +60,9 @@ from medsam3.train.config import OptimSection
 if TYPE_CHECKING:
     from transformers import Sam3Model
 
-COMPONENTS = ("decoder", "vision", "text", "geometry", "fusion_encoder")
+COMPONENTS = ("decoder", "vision", "text", "geometry", "fusion_encoder", "tracker")
+#: Prefix of the detector's parameters inside a ``Sam3VideoModel``.
+DETECTOR_PREFIX = "detector_model."
 
 _COMPONENT_OF_ATTRIBUTE = {
     "detr_decoder": "decoder",
@@ -72,20 +80,26 @@ _VIT_STEM = "vision_encoder.backbone.embeddings."
 
 
 def component_of(name: str) -> str:
-    """Component (see the module docstring) of a ``Sam3Model`` parameter name."""
-    top = name.split(".", 1)[0]
+    """Component (see the module docstring) of a ``Sam3Model`` or ``Sam3VideoModel`` parameter name."""
+    if name.startswith("tracker_model."):
+        return "tracker"
+    if name.startswith("tracker_neck."):
+        return "vision"
+    top = name.removeprefix(DETECTOR_PREFIX).split(".", 1)[0]
     if top not in _COMPONENT_OF_ATTRIBUTE:
         raise ValueError(f"parameter {name!r} belongs to no known SAM3 component ({', '.join(COMPONENTS)})")
     return _COMPONENT_OF_ATTRIBUTE[top]
 
 
 def num_vit_blocks(model: Sam3Model) -> int:
-    """Number of ViT blocks of a ``Sam3Model``."""
-    return int(vit_config(model.config).num_hidden_layers)
+    """Number of ViT blocks of a ``Sam3Model`` (or of a ``Sam3VideoModel``'s detector)."""
+    config = getattr(model.config, "detector_config", None) or model.config
+    return int(vit_config(config).num_hidden_layers)
 
 
 def vision_layer_id(name: str, num_blocks: int) -> int:
     """SAM3's ViT layer id: 0 for the embeddings, ``i + 1`` for block ``i``, ``L + 1`` for the rest."""
+    name = name.removeprefix(DETECTOR_PREFIX)
     if name.startswith(_VIT_STEM):
         return 0
     match = _VIT_BLOCK.match(name)
@@ -147,6 +161,7 @@ def parameter_groups(model: Sam3Model, cfg: OptimSection) -> list[ParamGroup]:
         "text": cfg.lr_text,
         "geometry": cfg.lr_geometry,
         "fusion_encoder": cfg.lr_fusion_encoder,
+        "tracker": cfg.lr_tracker,
     }
     blocks = num_vit_blocks(model)
     no_decay = _no_weight_decay_names(model)
@@ -217,7 +232,7 @@ def freeze_for_mode(model: nn.Module, mode: str) -> None:
     if mode not in ("full", "decoder"):
         raise ValueError(f"freeze_for_mode handles 'full' and 'decoder', not {mode!r}")
     for name, param in model.named_parameters():
-        top = name.split(".", 1)[0]
+        top = name.removeprefix(DETECTOR_PREFIX).split(".", 1)[0]
         param.requires_grad_(not (mode == "decoder" and top in ("vision_encoder", "text_encoder")))
 
 
