@@ -3,8 +3,7 @@
 Test-only helpers for ``test_meta_v2_clips.py``: build Meta's full-size video model
 (``sam3.model_builder.build_sam3_video_model``, detector + tracker) at V2's input size with seeded random
 weights on a CPU, save it as a V2 trainer checkpoint, drive it with V2's 3D recipe (``docs/V2_3D.md``
-section 1, written from that specification: :func:`meta_v2_volume`), and the shims that make medsam3's
-clips mode behave as Meta's model does (what ``src/`` should adopt; each documents its cause).
+section 1, written from that specification: :func:`meta_v2_volume`).
 
 Input size. The PyPI builder has no ``image_size`` argument; V2's fork of it threads one value through
 the same constructor arguments that carry 1008 in Meta's builder, and nothing else
@@ -31,18 +30,11 @@ redirects ``cuda`` and keeps float32 where Meta casts tracker features and memor
 :func:`empty_batch_connected_components` lets Meta's CPU connected components take a frame without new
 detections.
 
-Where ``transformers``' video model / medsam3's clips mode differ from Meta's model under V2's recipe
-(found with this reference; shims here, fixes for ``src/`` in the report):
-
-1. :func:`transformers_cv_utils` - no NMS and no hole filling unless the hub kernel
-   ``kernels-community/cv-utils`` loads (it does not: ``kernels`` 0.19 refuses the untrusted publisher;
-   offline it cannot download): every detection above the threshold becomes an object.
-2. :func:`meta_text_cls_in_video` - the video detector gets the text alone, Meta's gets ``[text ; CLS]``.
-3. :func:`meta_new_object_masks` - new objects are conditioned on the detection logits thresholded at 0.5
-   at 144 px (Meta: resized to 576 px, > 0, then to the video size), and their stored output is not
-   Meta's video-size mask.
-4. :func:`v2_prompted_frame_twice` - V2 runs each clip's first frame twice (``add_prompt`` then
-   ``propagate_in_video`` from it) and reports the second run: the tracker's conditioning output.
+Where ``transformers``' video model differs from Meta's model under V2's recipe (found with this
+reference; medsam3 runs the video model as Meta's, :mod:`medsam3.model.video_meta`): no NMS and no hole
+filling without the hub kernel ``kernels-community/cv-utils`` (:func:`transformers_cv_utils` measures
+it), the text alone in the video detector, new objects started from other masks and pointers; and V2
+runs each clip's first frame twice (``add_prompt`` then ``propagate_in_video`` from it).
 """
 
 from __future__ import annotations
@@ -271,244 +263,18 @@ def save_v2_checkpoint(model: torch.nn.Module, path) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# transformers' missing NMS and hole filling
-
-
-class CvUtilsFallback:
-    """What ``transformers``' SAM3 video model expects of the hub kernel ``kernels-community/cv-utils``.
-
-    ``transformers.models.sam3_video.modeling_sam3_video`` loads that kernel for the detections' mask NMS
-    (``generic_nms``) and the connected components of its hole filling (``cc_2d``); when it cannot (no
-    ``kernels`` package, no network, no CUDA build, or - with ``kernels`` 0.19 - an untrusted publisher),
-    it silently keeps every detection above the threshold and fills no hole. Meta's model does both on
-    any device. These are the same operations in plain PyTorch / SciPy:
-
-    * ``generic_nms``: greedy NMS over a pairwise IoU matrix, highest score first, dropping the others
-      whose IoU with it is above the threshold (Meta's ``sam3.perflib.nms.generic_nms_cpu``);
-    * ``cc_2d``: 8-connected components of each ``(1, H, W)`` plane, with every pixel's component size
-      (Meta's CPU path uses ``skimage.measure.label``, 8-connected in 2D; ``cc_torch`` likewise).
-    """
-
-    @staticmethod
-    def generic_nms(ious, scores, iou_threshold, use_iou_matrix=True):
-        iou = ious.float().cpu().numpy()
-        order = np.argsort(-scores.float().cpu().numpy(), kind="stable")
-        kept = []
-        while order.size:
-            i = int(order[0])
-            kept.append(i)
-            order = order[1:][iou[i, order[1:]] <= iou_threshold]
-        return torch.tensor(kept, dtype=torch.int64, device=scores.device)
-
-    @staticmethod
-    def cc_2d(mask, get_counts=True):
-        from scipy import ndimage
-
-        planes = mask.cpu().numpy().astype(bool)
-        labels = np.zeros(planes.shape, np.int32)
-        counts = np.zeros(planes.shape, np.int32)
-        eight = np.ones((3, 3), bool)
-        for idx in np.ndindex(*planes.shape[:-2]):
-            lab, n = ndimage.label(planes[idx], structure=eight)
-            labels[idx] = lab
-            if n:
-                sizes = np.bincount(lab.ravel())
-                sizes[0] = 0
-                counts[idx] = sizes[lab]
-        return torch.from_numpy(labels).to(mask.device), torch.from_numpy(counts).to(mask.device)
+# transformers with and without NMS / hole filling
 
 
 @contextmanager
 def transformers_cv_utils(fallback: bool):
-    """Run ``transformers``' SAM3 video model with :class:`CvUtilsFallback` (``True``) or, as it runs when its
-    hub kernel does not load, without NMS and hole filling (``False``)."""
+    """Run ``transformers``' SAM3 video model with medsam3's :class:`~medsam3.model.video_meta.PlainCvUtils`
+    (``True``) or, as it runs when its hub kernel does not load, without NMS and hole filling (``False``)."""
     import transformers.models.sam3_video.modeling_sam3_video as msv
 
-    with mock.patch.object(msv, "cv_utils_kernel", CvUtilsFallback() if fallback else False):
-        yield
+    from medsam3.model.video_meta import PlainCvUtils
 
-
-@contextmanager
-def meta_text_cls_in_video(video_model):
-    """Make ``transformers``' video model detect text prompts with Meta's prompt sequence.
-
-    ``Sam3VideoModel.run_detection`` calls its detector with the text alone; Meta's detector (image and
-    video model alike) appends the geometry encoder's CLS token to a text-only prompt, which changes the
-    scores and the masks (``medsam3.model.forward``'s module docstring; medsam3's image path restores it
-    with ``predict_prompts(..., meta_text_cls=True)``). While active, the detector's text-only calls go
-    through ``medsam3.model.forward._text_with_cls``, which appends it.
-    """
-    from medsam3.model.forward import _text_with_cls
-
-    detector = video_model.detector_model
-    plain = type(detector).forward
-
-    class _Plain:
-        geometry_encoder = detector.geometry_encoder
-
-        def __call__(self, **kwargs):
-            return plain(detector, **kwargs)
-
-    def forward(*, vision_embeds, text_embeds, attention_mask, **kwargs):
-        if kwargs.get("input_boxes") is not None or set(kwargs) - {"input_boxes", "input_boxes_labels"}:
-            return plain(
-                detector,
-                vision_embeds=vision_embeds,
-                text_embeds=text_embeds,
-                attention_mask=attention_mask,
-                **kwargs,
-            )
-        return _text_with_cls(_Plain(), vision_embeds, text_embeds, attention_mask)
-
-    with mock.patch.object(detector, "forward", forward):
-        yield
-
-
-#: Meta's mask score for "certainly background" (``sam3.model.sam3_tracker_base.NO_OBJ_SCORE``).
-NO_OBJ_SCORE = -1024.0
-
-
-def meta_conditioning_masks(
-    det_logits: torch.Tensor, hw: tuple[int, int], low_res: int, groups: list[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The masks Meta's video model conditions a new object's tracking on, from its detection logits.
-
-    ``Sam3VideoBase._tracker_add_new_objects`` resizes the low-resolution logits ``(N, low, low)``
-    bilinearly to the tracker's input-mask size ``4 low`` and thresholds them at 0; the tracker's
-    ``add_new_mask`` then resizes that mask to the video size ``hw`` (bilinear, antialiased) and thresholds
-    it at 0.5, and a later object added on the same frame (same prompt) takes its pixels from earlier
-    ones. The object's stored low-resolution output is that video-size mask as -1024 / +1024, resized
-    back to ``low`` (``_consolidate_temp_output_across_obj``); its memory is encoded from it.
-
-    Returns ``(binary (N, H, W) bool, low-resolution scores (N, 1, low, low) float32)``.
-    """
-    size = 4 * low_res
-    up = F.interpolate(
-        det_logits.unsqueeze(1).float(), size=(size, size), mode="bilinear", align_corners=False
-    )
-    video = (
-        F.interpolate((up > 0).float(), size=hw, mode="bilinear", align_corners=False, antialias=True) > 0.5
-    )
-    video = video[:, 0].clone()
-    groups = groups if groups is not None else [0] * len(video)
-    for i in range(len(video)):
-        for j in range(i):
-            if groups[j] == groups[i]:
-                video[j] &= ~video[i]
-    scores = torch.where(video, -NO_OBJ_SCORE, NO_OBJ_SCORE).unsqueeze(1)
-    low = F.interpolate(scores, size=(low_res, low_res), mode="bilinear", align_corners=False, antialias=True)
-    return video, low
-
-
-@contextmanager
-def meta_new_object_masks(video_model, hw: tuple[int, int], pointers: list | None = None):
-    """Start ``transformers``' tracker on new objects the way Meta's video model does.
-
-    Three differences of ``transformers`` 5.x (``Sam3VideoModel._tracker_add_new_objects`` and the tracker's
-    ``_use_mask_as_output``) from Meta's model, for an object created from a detection:
-
-    * the mask handed to the tracker: the low-resolution logits thresholded at 0.5, where Meta resizes
-      them bilinearly to the tracker's input-mask size ``4 x low_res_mask_size`` (576 at 504 px) and
-      thresholds at 0 (that mask decides whether the object appears, and gives its pointer);
-    * the object's stored output (what the tracker returns for it on that frame, read again when V2 runs
-      the frame a second time): Meta's is the mask at the *video* size, as +-1024 resized to the
-      low-resolution grid (:func:`meta_conditioning_masks`), ``transformers``' the input mask at model
-      resolution;
-    * the object pointer: Meta runs the SAM decoder once on the 576 px mask downsampled 4x by the
-      tracker's ``mask_downsample`` convolution, single-mask (``_forward_sam_heads(multimask_output=False)``:
-      output token 0); ``transformers`` first resizes the mask to the input size (504), downsamples that,
-      resizes it to the decoder's mask size, and decodes multi-mask (``_single_frame_forward``'s default
-      ``multimask_output=True``: the token of the best predicted IoU), a different token.
-
-    While active, all three are made Meta's. Not emulated: the memory encoded when the object is created
-    (Meta: from the video-size mask, binarised, then resized; ``transformers``: resized, then binarised).
-    V2's second run of a clip's first frame re-encodes that frame's memory the same way on both sides
-    (``v2_prompted_frame_twice``), so it matters only for objects created on a later frame of a clip.
-    ``pointers``, if given, receives ``(prompt, frame, object pointer)`` of every new object.
-    """
-    model_type = type(video_model)
-
-    def add_new_objects(self, inference_session, frame_idx, new_obj_ids, new_obj_masks, reverse=False):
-        low = int(self.low_res_mask_size)
-        size = 4 * low
-        groups = [inference_session.obj_id_to_prompt_id[i] for i in new_obj_ids]
-        up = F.interpolate(
-            new_obj_masks.unsqueeze(1).float(), size=(size, size), mode="bilinear", align_corners=False
-        )
-        inputs = (up > 0).to(new_obj_masks.dtype)  # (N, 1, 4 low, 4 low), Meta's tracker input
-        _, low_scores = meta_conditioning_masks(new_obj_masks, hw, low, groups)
-        for obj_id, mask in zip(new_obj_ids, inputs, strict=True):
-            obj_idx = inference_session.obj_id_to_idx(obj_id)
-            inference_session.add_mask_inputs(obj_idx, frame_idx, mask.unsqueeze(0))
-        inference_session.obj_with_new_inputs = list(new_obj_ids)
-        tracker = self.tracker_model
-        tracker(
-            inference_session=inference_session, frame_idx=frame_idx, reverse=reverse, run_mem_encoder=True
-        )
-
-        feats, _ = tracker._prepare_vision_features(inference_session, frame_idx, batch_size=1)
-        sizes = tracker.backbone_feature_sizes
-        high = [
-            x.permute(1, 2, 0).view(x.size(1), x.size(2), *s)
-            for x, s in zip(feats[:-1], sizes[:-1], strict=True)
-        ]
-        pix = feats[-1].permute(1, 2, 0).view(-1, tracker.hidden_dim, *sizes[-1])
-        for k, (obj_id, scores) in enumerate(zip(new_obj_ids, low_scores, strict=True)):
-            obj_idx = inference_session.obj_id_to_idx(obj_id)
-            out = inference_session.output_dict_per_obj[obj_idx]["cond_frame_outputs"][frame_idx]
-            out["pred_masks"] = scores.unsqueeze(0).to(out["pred_masks"].dtype)
-            mask = inputs[k : k + 1].to(pix.dtype)
-            pointer = tracker._single_frame_forward(
-                input_masks=tracker.mask_downsample(mask),
-                image_embeddings=[*high, pix],
-                multimask_output=False,
-            ).object_pointer
-            if not bool(mask.any()):
-                pointer = tracker.no_object_pointer.expand_as(pointer)
-            out["object_pointer"] = pointer.reshape(out["object_pointer"].shape)
-            if pointers is not None:
-                text = inference_session.prompts[inference_session.obj_id_to_prompt_id[obj_id]]
-                pointers.append((text, frame_idx, out["object_pointer"].detach().clone()))
-
-    with mock.patch.object(model_type, "_tracker_add_new_objects", add_new_objects):
-        yield
-
-
-@contextmanager
-def v2_prompted_frame_twice():
-    """Run the first frame of each clip twice in medsam3's clips mode, as V2's recipe does on Meta's model.
-
-    V2 calls ``add_prompt(frame_idx=s)`` - which runs the model on frame ``s`` (detections become new
-    objects, conditioned on their masks) - and then ``propagate_in_video(start_frame_idx=s)``, which runs
-    frame ``s`` again (the tracker returns its conditioning output for the objects, the detections match
-    them, frame ``s``'s memory is re-encoded) before frames ``s + 1 ...``. V2 keeps the outputs of the
-    second run. medsam3's ``clips_volume_prompts`` runs frame ``s`` once. While active, each clip's pass
-    (``medsam3.predict.volume.clips._run_pass``) first runs the model on its first frame and drops that
-    output.
-
-    The second run of frame ``s`` (local index 0) is also a periodic reconditioning frame (``0 % 16 == 0``).
-    In Meta's model that re-adds each matched object's detection mask to the tracker - the detection
-    that created the object a moment before, so the same mask - and leaves the frame's output and memory
-    to the tracker's masks. ``transformers`` instead outputs the detection mask for a reconditioned object
-    and encodes its memory from it (thresholded at 0.5). So the second run is made without
-    reconditioning; no other frame of a clip shorter than 17 slices is a reconditioning frame.
-    """
-    import medsam3.predict.volume.clips as clips
-
-    original = clips._run_pass
-
-    def run_pass(video_model, processor, session, order, **kwargs):
-        video_model(inference_session=session, frame_idx=order[0], reverse=kwargs["reverse"])
-        every = video_model.recondition_every_nth_frame
-        if len(order) > every > 0:
-            raise AssertionError(f"a clip of {len(order)} frames reaches a reconditioning frame")
-        video_model.recondition_every_nth_frame = 0
-        try:
-            return original(video_model, processor, session, order, **kwargs)
-        finally:
-            video_model.recondition_every_nth_frame = every
-
-    with mock.patch.object(clips, "_run_pass", run_pass):
+    with mock.patch.object(msv, "cv_utils_kernel", PlainCvUtils() if fallback else False):
         yield
 
 

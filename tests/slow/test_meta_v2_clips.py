@@ -16,35 +16,28 @@ of 3 slices:
   per prompt and clip ``add_prompt(frame_idx=s)`` then ``propagate_in_video(s, e - s - 1)``; per slice the
   union of the post-processed masks, the probability max over kept objects of sigmoid(pre-threshold
   logits) resized bilinearly, before the non-overlap step; then ``fuse_pixel_score``.
-* medsam3: ``clips_volume_prompts`` and ``fuse_pixel_score``, twice:
-
-  - **as shipped** - except that ``transformers``' missing hub kernel is supplied (``CvUtilsFallback``),
-    because without it every detection above 0.5 becomes an object (measured separately on the recorded
-    detections: ``nms``);
-  - **with the proposed fixes** (test-side shims in ``meta_video_reference``, each with its cause):
-    ``transformers_cv_utils`` (NMS and hole filling), ``meta_text_cls_in_video`` (Meta's prompt sequence
-    in the video detector), ``meta_new_object_masks`` (Meta's conditioning masks for new objects) and
-    ``v2_prompted_frame_twice`` (V2 runs each clip's first slice twice and reports the second run).
+* medsam3: ``clips_volume_prompts`` and ``fuse_pixel_score`` as shipped. The video model runs as
+  Meta's (``medsam3.model.video_meta``: NMS and hole filling without ``transformers``' hub kernel, Meta's
+  prompt sequence in the video detector, Meta's start of new objects) and each clip's first slice runs
+  twice as in V2 (``prompted_twice`` of ``medsam3.predict.volume.track._run_pass``); the causes:
+  :data:`CAUSES`.
 
 Compared per prompt and slice: binary masks (differing pixels, IoU), probability maps (max |diff|),
 detection and tracker scores, and the fused label maps; also the object pointers the tracker stores for new
-objects. Pass conditions for the fixed pipeline: scores within 2e-4 (float32 noise of the detector,
+objects. Pass conditions: scores within 2e-4 (float32 noise of the detector,
 amplified by the large score-head bias of the fill); probabilities within 1e-4 except at pixels where both
 sides are within 0.05 of 0.5; masks and label maps differing only at such pixels and at most 1% of a
-slice; pointers within 1e-4 (relative). Why that band: this random tracker's mask logits are all within
-about +-0.1, so float32 noise (~1e-5) can flip the sign of a low-resolution pixel; hole filling then turns
-a small component into +0.1 (a filled hole) or -0.1 (a removed speck), probabilities 0.475-0.525. (A
-development run with 8 slices, clips of 4 and an earlier shim - object pointers not yet Meta's - had 5
-and 2 such pixels on two slices; the recorded run has none.)
+slice; object pointers of new objects within 1e-4 (relative). Why that band: this random tracker's mask
+logits are all within about +-0.1, so float32 noise (~1e-5) can flip the sign of a low-resolution pixel;
+hole filling then turns a small component into +0.1 (a filled hole) or -0.1 (a removed speck),
+probabilities 0.475-0.525. (A development run with 8 slices and clips of 4 had 5 and 2 such pixels on two
+slices.)
 
-Measured (``benchmarks/results/v2_clips_meta_equivalence.md``; 2-core shared CPU, 770-1,370 s over three
-runs, 12.4 GiB peak RSS):
-with the fixes, all 12 masks and all 6 label maps identical, probabilities within 7.4e-6, detection scores
-within 4e-5 (0.85000 vs 0.84996), tracker scores equal to 1e-5, pointers within 1e-6. As shipped (given
-the kernel): each clip's first slice IoU 0.39-0.54 (up to 787 of 1,692 pixels differ, probabilities by
-0.68, detection scores 0.889 vs 0.850, tracker scores 0.889 vs 0.99995), later slices IoU 0.96-0.998,
-label maps differ in up to 886 voxels; without the kernel every one of the 200 detections above 0.5
-becomes an object (Meta keeps 1). Causes and fixes: :data:`CAUSES`.
+Measured: ``benchmarks/results/v2_clips_meta_equivalence.md``. Before these four differences were
+fixed in ``src/`` (the same run with test-side shims for the fixes, then without them), each clip's first
+slice had IoU 0.39-0.54 against Meta (up to 787 of 1,692 pixels, probabilities by 0.68, detection scores
+0.889 vs 0.850) and the label maps differed in up to 886 voxels; without the hub kernel every one of the
+200 detections above 0.5 became an object (Meta keeps 1).
 
 Run: ``OMP_WAIT_POLICY=PASSIVE timeout 3000 .venv/bin/python -m pytest tests/slow/test_meta_v2_clips.py -m
 slow -q -s`` (CPU only). Needs ``sam3`` (``pip install --no-deps sam3`` plus ``einops iopath portalocker``;
@@ -59,8 +52,8 @@ import os
 import platform
 import resource
 import time
-from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -91,33 +84,36 @@ COMMAND = (
 )
 
 
-#: Where medsam3's clips mode (as shipped) departs from Meta's model under V2's recipe, and the fix each
-#: shim in ``meta_video_reference`` demonstrates (written into the results file).
+#: The differences between ``transformers``' video model and Meta's under V2's recipe, and where medsam3
+#: fixes each (written into the results file).
 CAUSES = """\
-## Causes of the differences as shipped, and the fixes (shims in `tests/slow/meta_video_reference.py`)
+## The differences found, and their fixes in `src/`
 
-1. **No NMS, no hole filling** (`transformers_cv_utils`). `transformers`' SAM3 video model takes both from
-   the hub kernel `kernels-community/cv-utils`; when it does not load (here: `kernels` 0.19 refuses the
-   untrusted publisher; offline it cannot be downloaded) it keeps every detection above 0.5 and fills no
-   hole, silently. Table above: 200 of 200 detections kept instead of Meta's 1. Fix: give
-   `modeling_sam3_video.cv_utils_kernel` a fallback (greedy NMS over the IoU matrix, 8-connected
-   components with sizes) when the kernel is unavailable.
-2. **No CLS token in the video detector** (`meta_text_cls_in_video`). `Sam3VideoModel.run_detection` calls
-   the detector with the text alone; Meta appends the geometry encoder's CLS token (medsam3's image path
-   already restores it, `predict_prompts(meta_text_cls=True)`). As shipped: detection scores 0.8886 vs
-   Meta 0.8500 on slice 0, and different masks.
-3. **New objects** (`meta_new_object_masks`). `transformers` conditions the tracker on the detection logits
-   thresholded at 0.5 at 144 px (Meta: resized to 576 px, then > 0); stores the model-resolution mask as the
-   object's output (Meta: the mask at the video size, +-1024, resized to 144 px - for 47 x 36 slices a much
-   coarser mask); and computes the object pointer from a 504 px resize decoded multi-mask (Meta: the
-   576 px mask, 4x convolution, single-mask token 0).
-4. **The prompted slice runs twice in V2** (`v2_prompted_frame_twice`). V2 calls `add_prompt(frame s)` and
-   then `propagate_in_video(start_frame_idx=s)`, which runs slice s again; it reports the second run: the
-   tracker's conditioning output (the video-size mask, probability ~1 inside, tracker score
-   sigmoid(10) = 0.99995) and re-encodes that slice's memory from it. medsam3 runs slice s once and
-   reports the detection's logits (tracker score = detection score). The second run is made without
-   periodic reconditioning: in Meta's model it re-adds the same detection's mask at that slice (no
-   change), while `transformers` would output the detection mask and encode memory from it.
+1. **No NMS, no hole filling.** `transformers`' SAM3 video model takes both from the hub kernel
+   `kernels-community/cv-utils`; when it does not load (here: `kernels` 0.19 refuses the untrusted
+   publisher; offline it cannot be downloaded) it keeps every detection above 0.5 and fills no hole,
+   silently. NMS table above: without the kernel every detection is kept. Fix:
+   `medsam3.model.video_meta.PlainCvUtils` (greedy NMS over the IoU matrix, 8-connected components with
+   sizes), installed whenever no kernel is loaded.
+2. **No CLS token in the video detector.** `Sam3VideoModel.run_detection` calls the detector with the text
+   alone; Meta appends the geometry encoder's CLS token (medsam3's image path restores it too). Before the
+   fix: detection scores 0.8886 vs Meta 0.8500 on slice 0, and different masks. Fix:
+   `video_meta.MetaTextDetectorForward`.
+3. **New objects.** `transformers` conditions the tracker on the detection logits thresholded at 0.5 at
+   144 px (Meta: resized to 576 px, then > 0); stores the model-resolution mask as the object's output
+   (Meta: the mask at the video size, +-1024, resized to 144 px); and computes the object pointer from a
+   504 px resize decoded multi-mask (Meta: the 576 px mask, 4x convolution, single-mask token 0). Fix:
+   `video_meta.conditioning_masks` and the new-object override of `meta_video_behaviour`.
+4. **The prompted slice runs twice in V2.** V2 calls `add_prompt(frame s)` and then
+   `propagate_in_video(start_frame_idx=s)`, which runs slice s again; it reports the second run (the
+   tracker's conditioning output, tracker score sigmoid(10) = 0.99995) and re-encodes that slice's memory
+   from it. The second run makes no periodic reconditioning (in Meta's model that re-adds the same
+   detection's mask; `transformers` would output the detection mask and encode memory from it). Fix:
+   `_run_pass(..., prompted_twice=True)` in clips mode, with `video_meta.no_reconditioning`.
+
+Not reached by this data and not fixed: periodic reconditioning on a later frame (every 16th frame of a
+pass; V2's 4-slice clips never reach one), and the memory encoded when an object is created on a later
+frame of a clip.
 """
 
 
@@ -133,23 +129,20 @@ def _frames() -> np.ndarray:
     return video_frames(volume[SLICES], 0, intensity_parameters(volume, "MR"))
 
 
-def _run_ours(model, processor, frames, *, fixed: bool, pointers: list | None = None):
+def _run_ours(model, processor, frames, pointers: list):
+    """medsam3's clips mode as shipped; ``pointers`` receives ``(prompt, frame, object pointer)`` of every
+    new object (recorded where ``medsam3.model.video_meta`` stores them)."""
+    import medsam3.model.video_meta as video_meta
     from medsam3.predict.volume.clips import clips_volume_prompts
 
-    from .meta_video_reference import (
-        meta_new_object_masks,
-        meta_text_cls_in_video,
-        transformers_cv_utils,
-        v2_prompted_frame_twice,
-    )
+    store = video_meta._store_new_object
 
-    with ExitStack() as stack:
-        stack.enter_context(transformers_cv_utils(True))
-        if fixed:
-            stack.enter_context(meta_text_cls_in_video(model))
-            stack.enter_context(meta_new_object_masks(model, frames.shape[1:3], pointers))
-            stack.enter_context(v2_prompted_frame_twice())
-        stack.enter_context(torch.inference_mode())
+    def recording(session, frame_idx, obj_id, low, pointer):
+        text = session.prompts[session.obj_id_to_prompt_id[obj_id]]
+        pointers.append((text, frame_idx, pointer.detach().clone()))
+        store(session, frame_idx, obj_id, low, pointer)
+
+    with mock.patch.object(video_meta, "_store_new_object", recording), torch.inference_mode():
         return clips_volume_prompts(model, processor, frames, list(PROMPTS), clip_length=CLIP)
 
 
@@ -326,15 +319,12 @@ def comparison(tmp_path_factory):
     pointers: list = []
     msv.nms_masks = recording_nms
     try:
-        fixed = _run_ours(model, processor, frames, fixed=True, pointers=pointers)
+        ours = _run_ours(model, processor, frames, pointers)
     finally:
         msv.nms_masks = original_nms
-    info["timings"]["medsam3 clips, with the proposed fixes"] = time.perf_counter() - t
-    t = time.perf_counter()
-    shipped = _run_ours(model, processor, frames, fixed=False)
-    info["timings"]["medsam3 clips, as shipped (+ kernel fallback)"] = time.perf_counter() - t
+    info["timings"]["medsam3 clips"] = time.perf_counter() - t
 
-    # ---- NMS: what the missing kernel changes, on the detections the fixed run saw --------------------
+    # ---- NMS: what the missing kernel changes, on the detections medsam3's run saw ------------------
     info["nms"] = []
     for probs, masks, prob_t, iou_t, keep in nms_records:
         with transformers_cv_utils(False):
@@ -361,10 +351,8 @@ def comparison(tmp_path_factory):
                 info["pointer_rel_diff"].append(float((a - b).abs().max() / b.abs().max()))
 
     pixels_per_slice = int(hw[0] * hw[1])
-    info["fixed"] = _compare(reference, fixed)
-    info["shipped"] = _compare(reference, shipped)
-    info["fixed_failures"] = _failures(info["fixed"], pixels_per_slice)
-    info["shipped_failures"] = _failures(info["shipped"], pixels_per_slice)
+    info["ours"] = _compare(reference, ours)
+    info["failures"] = _failures(info["ours"], pixels_per_slice)
     info["reference"] = reference
     info["seconds"] = time.perf_counter() - start
     info["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -437,9 +425,8 @@ def _write_results(info: dict) -> None:
         COMMAND,
         "```",
         "",
-        f"Outcome: with the proposed fixes **{'within' if not info['fixed_failures'] else 'OUTSIDE'} "
-        f"tolerance** ({len(info['fixed_failures'])} failures); as shipped "
-        f"**{len(info['shipped_failures'])} failures** (expected until the fixes land in `src/`).",
+        f"Outcome: medsam3 as shipped **{'within' if not info['failures'] else 'OUTSIDE'} tolerance** "
+        f"({len(info['failures'])} failures).",
         "",
         "| | |",
         "|---|---|",
@@ -474,32 +461,26 @@ def _write_results(info: dict) -> None:
         "",
         "## NMS without the hub kernel",
         "",
-        "Detections per call of `nms_masks` during the fixed run (one per prompt and processed slice): "
-        "above 0.5 / kept by Meta's NMS / kept with the fallback / kept by `transformers` without its "
-        "kernel.",
+        "Detections per call of `nms_masks` during medsam3's run (one per prompt and processed slice): "
+        "above 0.5 / kept by Meta's NMS / kept with medsam3's `PlainCvUtils` / kept by `transformers` "
+        "without its kernel.",
         "",
-        "| above | Meta | fallback (same as Meta) | without kernel |",
+        "| above | Meta | PlainCvUtils (same as Meta) | without kernel |",
         "|---|---|---|---|",
         *(
             f"| {n['above']} | {n['meta']} | {n['fallback']} ({n['same_as_meta']}) | {n['without_kernel']} |"
             for n in info["nms"]
         ),
         "",
-        "Object pointers of new objects, relative max difference (ours with the fixes vs Meta): "
+        "Object pointers of new objects, relative max difference (medsam3 vs Meta): "
         + ", ".join(f"{d:.3g}" for d in info["pointer_rel_diff"])
         + ".",
         "",
-        "## medsam3 with the proposed fixes",
+        "## medsam3 as shipped",
         "",
-        *_table(info["fixed"]),
+        *_table(info["ours"]),
         "",
-        "Failures: " + ("; ".join(info["fixed_failures"]) or "none") + ".",
-        "",
-        "## medsam3 as shipped (with the kernel fallback)",
-        "",
-        *_table(info["shipped"]),
-        "",
-        "Failures: " + ("; ".join(info["shipped_failures"][:12]) or "none") + ".",
+        "Failures: " + ("; ".join(info["failures"][:12]) or "none") + ".",
         "",
         CAUSES,
     ]
@@ -533,13 +514,14 @@ def test_every_slice_has_a_detected_object(comparison):
         for z, out in frames.items():
             assert out.obj_ids and out.binary.any(), (text, z)
             assert out.det_score > 0.7, (text, z, out.det_score)
-    fused = comparison["fixed"]["fused"]
+    fused = comparison["ours"]["fused"]
     assert all(len(f["labels_meta"]) >= 2 for f in fused)  # labels compete: fusion is exercised
 
 
 def test_objects_are_created_on_each_clips_first_slice(comparison):
     """What this data exercises: one object per prompt and clip, created on the clip's first slice (the
-    creation memory that ``meta_new_object_masks`` does not emulate is re-encoded there on both sides)."""
+    creation memory that ``medsam3.model.video_meta`` does not reproduce is re-encoded there on both
+    sides)."""
     for text, frames in comparison["reference"].items():
         for first in range(0, len(frames), CLIP):
             ids = {tuple(frames[z].obj_ids) for z in range(first, min(len(frames), first + CLIP))}
@@ -558,15 +540,5 @@ def test_fallback_nms_is_metas_and_without_it_every_detection_is_kept(comparison
     assert any(n["above"] > n["meta"] for n in nms)  # NMS matters on these detections
 
 
-def test_medsam3_clips_with_proposed_fixes_matches_meta(comparison):
-    assert not comparison["fixed_failures"], comparison["fixed_failures"]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="medsam3 as shipped differs from Meta's model under V2's recipe: no NMS / hole filling without "
-    "the hub kernel, no Meta CLS token in the video detector, transformers' new-object masks and pointers, "
-    "the prompted slice run once (CAUSES; benchmarks/results/v2_clips_meta_equivalence.md)",
-)
-def test_medsam3_clips_as_shipped_matches_meta(comparison):
-    assert not comparison["shipped_failures"], comparison["shipped_failures"][:5]
+def test_medsam3_clips_matches_meta(comparison):
+    assert not comparison["failures"], comparison["failures"][:5]
