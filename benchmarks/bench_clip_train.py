@@ -76,7 +76,7 @@ def clip_step_benchmark(
     targets = _targets(frames, s, dev)
     track_targets = torch.stack([t["masks"][0] for t in targets[1:]])
     clip = VideoTrainModule(model, aux=True, checkpoint_frames=checkpointing)
-    flat = Sam3TrainModule(model.detector_model, meta_text_cls=False, aux=True)
+    flat = Sam3TrainModule(model.detector_model, meta_text_cls=True, aux=True)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
     def clip_step():

@@ -43,8 +43,12 @@ FSDP_ENV = {
 }
 
 
-def launch_two_fsdp(config: Path, run_dir: Path, cwd: Path, *overrides: str) -> str:
+def launch_two_fsdp(
+    config: Path, run_dir: Path, cwd: Path, *overrides: str, layers: tuple[str, ...] = LAYERS
+) -> str:
+    """``medsam3 train`` on 2 gloo processes under FSDP2, one unit per module of the ``layers`` classes."""
     env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(layers)
     cmd = [
         sys.executable,
         "-m",

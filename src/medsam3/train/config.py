@@ -45,8 +45,9 @@ class ModelSection:
             (``kind: video``: ``load_sam3_video``; the folder must hold a video model).
         kind: ``image`` (``Sam3Model`` trained on slices) or ``video`` (``Sam3VideoModel``, detector and
             tracker, trained on clips: :class:`ClipSection`, :mod:`medsam3.train.video_model`). Video
-            training runs the detector as the video model runs it, without Meta's geometry CLS token, so it
-            needs ``meta_text_cls: false``.
+            training runs the detector as ``--mode track`` / ``--mode clips`` run it, with Meta's
+            ``[text ; CLS]`` sequence (:mod:`medsam3.model.video_meta`), so it needs ``meta_text_cls: true``
+            (the default): the volume modes have no other sequence to match.
         size: keyword overrides of ``small_sam3_config`` for ``tiny`` / ``small`` (``image_size``,
             ``vit_layers``, ``num_queries``, ...).
         meta_text_cls: text-only prompts carry the geometry encoder's CLS token, as Meta's weights were
@@ -193,6 +194,11 @@ class ClipSection:
             concept, averaged per dataset); ``val_clip_length`` and ``val_probes`` are those modes' settings.
         v2_settings: for ``tiny`` / ``small`` random video models, V2's inference settings (hot start off,
             ...: :func:`medsam3.model.configs.apply_v2_settings`); loaded models keep their own.
+        video_settings: inference settings of the video model to set on top (names of
+            :data:`medsam3.model.configs.V2_VIDEO_SETTINGS`, e.g. ``{score_threshold_detection: 0.1,
+            new_det_thresh: 0.2}``), for random and loaded models alike: 3D validation runs with them and
+            the export keeps them. A model trained from scratch for minutes scores its detections far
+            below SAM3's thresholds (0.5 / 0.7): lower ones let its detections count.
     """
 
     length: int = 8
@@ -206,6 +212,7 @@ class ClipSection:
     val_clip_length: int = 4
     val_probes: int = 5
     v2_settings: bool = True
+    video_settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -273,14 +280,23 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`InputError` for values outside their allowed range."""
+        from medsam3.model.configs import V2_VIDEO_SETTINGS
+
         checks = [
             (self.mode in MODES, "mode", self.mode, f"one of {MODES}"),
             (self.model.kind in MODEL_KINDS, "model.kind", self.model.kind, f"one of {MODEL_KINDS}"),
             (
-                self.model.kind != "video" or not self.model.meta_text_cls,
+                self.model.kind != "video" or self.model.meta_text_cls,
                 "model.meta_text_cls",
                 self.model.meta_text_cls,
-                "false for model.kind video (the video model's detector runs text without the geometry CLS)",
+                "true for model.kind video (--mode track / clips always run the video detector with Meta's "
+                "[text ; CLS] sequence; training without it would not match them)",
+            ),
+            (
+                set(self.clips.video_settings) <= set(V2_VIDEO_SETTINGS),
+                "clips.video_settings",
+                sorted(set(self.clips.video_settings) - set(V2_VIDEO_SETTINGS)),
+                f"names among {sorted(V2_VIDEO_SETTINGS)}",
             ),
             (self.clips.length >= 1, "clips.length", self.clips.length, ">= 1"),
             (self.clips.stride >= 1, "clips.stride", self.clips.stride, ">= 1"),

@@ -469,7 +469,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     aux = cfg.loss.kind == "sam3" and cfg.loss.aux_loss
     module: torch.nn.Module
     if video:
-        module = VideoTrainModule(sam3, aux=aux, checkpoint_frames=cfg.clips.checkpoint_frames)
+        module = VideoTrainModule(
+            sam3,
+            aux=aux,
+            checkpoint_frames=cfg.clips.checkpoint_frames,
+            meta_text_cls=cfg.model.meta_text_cls,
+        )
     else:
         module = Sam3TrainModule(sam3, cfg.model.meta_text_cls, aux=aux)
     module, optimizer = acc.prepare(module, optimizer)

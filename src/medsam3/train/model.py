@@ -120,7 +120,8 @@ def build_video_model(cfg: TrainConfig) -> tuple[Any, Any]:
     ``tiny`` / ``small``: random weights, the detector of :func:`~medsam3.model.configs.tiny_sam3_config` /
     :func:`~medsam3.model.configs.small_sam3_config` (``model.size``) with a tracker fitted to it
     (:func:`~medsam3.model.configs.sam3_video_config`; FPN width 128 or more), V2's inference settings with
-    ``clips.v2_settings``. Otherwise a video-model folder (``load_sam3_video``).
+    ``clips.v2_settings``. Otherwise a video-model folder (``load_sam3_video``). ``clips.video_settings``
+    are set on either (config and model), so validation and the export use them.
     """
     from transformers import Sam3VideoModel
 
@@ -142,6 +143,8 @@ def build_video_model(cfg: TrainConfig) -> tuple[Any, Any]:
             raise InputError(None, f"config: model.size {cfg.model.size}: {exc}") from None
         if cfg.clips.v2_settings:
             apply_v2_settings(config)
+        for key, value in cfg.clips.video_settings.items():
+            setattr(config, key, value)
         torch.manual_seed(cfg.seed)
         try:
             video = Sam3VideoModel(config)
@@ -155,6 +158,9 @@ def build_video_model(cfg: TrainConfig) -> tuple[Any, Any]:
             raise InputError(None, "config: model.size applies to model.source tiny / small only")
         loaded = load_sam3_video(source, device="cpu", dtype="fp32")
         video, processor = loaded.model, loaded.processor
+        for key, value in cfg.clips.video_settings.items():  # the model reads its copies of the config's
+            setattr(video.config, key, value)
+            setattr(video, key, value)
     if cfg.model.image_size is not None and cfg.model.image_size != training_input_size(video):
         raise InputError(
             None, "config: model.image_size cannot change a video model's input size (train at its own)"

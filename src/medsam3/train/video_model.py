@@ -4,19 +4,28 @@ Built from transformers' ``Sam3VideoModel`` modules and the tracker's own per-fr
 code is copied. For a clip of ``n`` frames (``pixel_values (n, 3, S, S)``) and one text concept:
 
 1. **Detector on every frame.** The shared ViT encodes the ``n`` frames in one batch
-   (``detector_model.get_vision_features``), and the detector runs the concept on each frame with the
-   text-only sequence of transformers' ``Sam3VideoModel`` (no geometry CLS token: that is how
-   ``--mode track`` / ``--mode clips`` run the detector). With a box prompt (frame 0 only) that frame runs
-   through the geometry path with the box. Outputs per frame as :class:`~medsam3.train.model.Sam3TrainModule`
-   (``pred_logits``, ``pred_boxes``, ``pred_masks``, ``presence_logits``, ``semantic_seg``, per-layer
+   (``detector_model.get_vision_features``), and the detector runs the concept on each frame through
+   :func:`medsam3.model.forward.predict_prompts`, the call of 2D training: with ``meta_text_cls`` (the
+   default, and the only setting the volume modes run) text-only prompts carry Meta's ``[text ; CLS]``
+   sequence, exactly as ``--mode track`` / ``--mode clips`` run the video detector
+   (:mod:`medsam3.model.video_meta`). With a box prompt (frame 0 only) that frame runs through the
+   geometry path with the box; a batch without any box runs the same path with padding boxes (the
+   same outputs), so that every process uses the same parameters. Outputs per frame as
+   :class:`~medsam3.train.model.Sam3TrainModule` (``pred_logits``, ``pred_boxes``, ``pred_masks``,
+   ``presence_logits``, ``semantic_seg``, per-layer
    ``aux_outputs``) for :class:`~medsam3.train.losses.Sam3Loss`.
-2. **Tracker start (frame 0).** The tracker's features come from the same ViT output through the video
-   model's tracker neck (``get_vision_features_for_tracker``, as at inference). The start mask is the
-   detector's top query on frame 0 (highest ``sigmoid(logit) * sigmoid(presence)``), thresholded as
-   ``Sam3VideoModel`` thresholds new objects (``mask logits >= 0.5``), or the ground truth when the clip says
-   ``init_from_gt``; either way a constant (no gradient flows through it). It enters the tracker as a mask
-   input (``Sam3TrackerVideoModel._use_mask_as_output``) and is encoded into the memory bank
-   (``_encode_new_memory``), as a new object is at inference.
+2. **Tracker start (frame 0)**, as the volume modes start a new object. The tracker's features come from
+   the same ViT output through the video model's tracker neck (``get_vision_features_for_tracker``). The
+   start mask is the detector's top query on frame 0 (highest ``sigmoid(logit) * sigmoid(presence)``), its
+   low-resolution logits turned into the tracker's input mask by
+   :func:`medsam3.model.video_meta.conditioning_masks` (Meta's: resized bilinearly to ``4 x
+   low_res_mask_size``, thresholded at 0), or, when the clip says ``init_from_gt``, the ground-truth mask
+   resized (nearest) to that size; either way a constant (no gradient flows through it). It enters the
+   tracker as a mask input (``Sam3TrackerVideoModel._use_mask_as_output``); its memory is encoded from
+   that mask binarised at the memory encoder's input size, as the tracker encodes a mask input outside
+   training (in training it would take the sigmoid); its object pointer is
+   Meta's single-mask decoder pass (``video_meta._object_pointer``, the no-object pointer for an empty
+   mask), as at inference.
 3. **Tracking frames 1..n-1**, differentiably: the frame's features are conditioned on the memory bank
    (``_prepare_memory_conditioned_features``: memory of up to ``num_maskmem`` earlier frames and their object
    pointers), the SAM mask decoder predicts the mask (``_single_frame_forward``, multimask choice by the
@@ -25,9 +34,11 @@ code is copied. For a clip of ``n`` frames (``pixel_values (n, 3, S, S)``) and o
    on purpose: the memory is encoded from the tracker's own soft mask (SAM2's training), not after the video
    model's hole filling and overlap heuristics; one object per clip.
 
-With ``checkpoint_frames`` each tracked frame's step is recomputed in the backward pass
-(``torch.utils.checkpoint``), so the tracker's activations do not grow with the clip length; the ViT and
-text layers have their own checkpointing (:func:`~medsam3.train.model.enable_activation_checkpointing`).
+Every trainable parameter gets a gradient on every step (:meth:`VideoTrainModule.touch_parameters`; zero
+for the parameters a step does not use), as FSDP needs. With ``checkpoint_frames`` each tracked frame's
+step is recomputed in the backward pass (``torch.utils.checkpoint``), so the tracker's activations do not
+grow with the clip length; the ViT and text layers have their own checkpointing
+(:func:`~medsam3.train.model.enable_activation_checkpointing`).
 """
 
 from __future__ import annotations
@@ -36,43 +47,33 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-from medsam3.model.forward import BOX_PAD_LABEL, encode_image, encode_text
+from medsam3.model.forward import BOX_PAD_LABEL, encode_image, encode_text, predict_prompts
+from medsam3.model.video_meta import _object_pointer, conditioning_masks
 from medsam3.train.decoder_layers import record_decoder_layers
 
 if TYPE_CHECKING:
     from transformers import Sam3VideoModel
 
 _OUTPUT_FIELDS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg")
-#: Threshold ``Sam3VideoModel`` applies to a detection's mask logits when it starts a new object.
-NEW_OBJECT_MASK_THRESHOLD = 0.5
 
 
-def _rows(value: Any, rows: torch.Tensor) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[rows.to(value.device)]
-    if isinstance(value, (tuple, list)):
-        return tuple(_rows(v, rows) for v in value)
-    return value
+class _FrameFeatures:
+    """The tracker as :func:`medsam3.model.video_meta._object_pointer` reads it, with the features of one
+    frame already computed (here: from the clip's ViT output) instead of taken from an inference session."""
 
+    def __init__(self, tracker: nn.Module, feats: list[torch.Tensor]):
+        self._tracker = tracker
+        self._feats = feats
 
-def _vision_rows(vision: Sam3VisionEncoderOutput, rows: torch.Tensor) -> Sam3VisionEncoderOutput:
-    return Sam3VisionEncoderOutput(**{k: _rows(v, rows) for k, v in vision.items()})
+    def _prepare_vision_features(self, session: Any, frame_idx: int, batch_size: int) -> tuple[Any, None]:
+        return self._feats, None
 
-
-def _merge(parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]], n: int) -> dict[str, torch.Tensor]:
-    """Dicts of row-batched tensors computed on disjoint row subsets -> one dict of ``n`` rows."""
-    out = {}
-    for key in parts[0][1]:
-        first = parts[0][1][key]
-        full = first.new_zeros((n, *first.shape[1:]))
-        for rows, values in parts:
-            full = full.index_copy(0, rows.to(full.device), values[key])
-        out[key] = full
-    return out
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tracker, name)
 
 
 class VideoTrainModule(nn.Module):
@@ -87,68 +88,77 @@ class VideoTrainModule(nn.Module):
     * ``tracker``: for the ``T = sum(num_frames - 1)`` tracked frames, clip by clip: ``pred_masks (T, h,
       w)`` low-resolution mask logits, ``iou (T,)`` the IoU estimate of that mask, ``object_score_logits
       (T,)``.
+
+    ``meta_text_cls``: text-only prompts get Meta's ``[text ; CLS]`` sequence (as the volume modes run the
+    video detector); ``False`` runs plain ``Sam3Model.forward`` (kept for comparisons; the training
+    configuration refuses it for video models).
     """
 
-    def __init__(self, video: Sam3VideoModel, aux: bool = True, checkpoint_frames: bool = False):
+    def __init__(
+        self,
+        video: Sam3VideoModel,
+        aux: bool = True,
+        checkpoint_frames: bool = False,
+        meta_text_cls: bool = True,
+    ):
         super().__init__()
         self.sam3 = video
         self.aux = aux
         self.checkpoint_frames = checkpoint_frames
+        self.meta_text_cls = meta_text_cls
 
     # -- detector ------------------------------------------------------------------------------------
-    def _detect(self, vision, text, attention_mask, boxes, box_labels) -> dict[str, Any]:
+    def detect_frames(self, vision, text_rows, mask_rows, boxes, box_labels) -> dict[str, Any]:
+        """The detector on ``F`` frames (one prompt row per frame) through
+        :func:`~medsam3.model.forward.predict_prompts`, as 2D training and inference call it."""
         det = self.sam3.detector_model
         recorder = record_decoder_layers(det) if self.aux else contextlib.nullcontext()
+        no_box = boxes is None or box_labels is None or not bool((box_labels != BOX_PAD_LABEL).any())
         with recorder as layers:
-            if boxes is None:
-                out = det(vision_embeds=vision, text_embeds=text, attention_mask=attention_mask)
-            else:
+            if self.meta_text_cls and no_box:
+                # Meta's sequence through the geometry path with padding boxes: rows of padding only get
+                # the CLS token alone, the same outputs as without boxes, and every process runs the same
+                # parameters whether or not its clips carry a box (FSDP reduces the same gradients on all)
+                n = text_rows.shape[0]
+                pad = text_rows.new_tensor([[[0.5, 0.5, 1.0, 1.0]]]).expand(n, 1, 4)
+                labels = torch.full((n, 1), BOX_PAD_LABEL, dtype=torch.long, device=text_rows.device)
+                text = BaseModelOutputWithPooling(last_hidden_state=text_rows, pooler_output=text_rows)
                 out = det(
                     vision_embeds=vision,
                     text_embeds=text,
-                    attention_mask=attention_mask,
-                    input_boxes=boxes,
-                    input_boxes_labels=box_labels,
+                    attention_mask=mask_rows,
+                    input_boxes=pad,
+                    input_boxes_labels=labels,
                 )
-        result = {k: getattr(out, k) for k in _OUTPUT_FIELDS if getattr(out, k, None) is not None}
-        aux = layers.aux_outputs() if layers is not None else None
-        return {"out": result, "aux": aux}
-
-    def detect_frames(self, vision, text_rows, mask_rows, boxes, box_labels) -> dict[str, Any]:
-        """The detector on ``F`` frames: text-only rows in one call, rows with a box prompt in another."""
-        n = mask_rows.shape[0]
-        device = mask_rows.device
-        has_box = torch.zeros(n, dtype=torch.bool, device=device)
-        if boxes is not None:
-            has_box = (box_labels != BOX_PAD_LABEL).any(dim=1)
-        calls = []
-        for rows, with_box in (
-            (torch.nonzero(~has_box).flatten(), False),
-            (torch.nonzero(has_box).flatten(), True),
-        ):
-            if rows.numel() == 0:
-                continue
-            sub_text = text_rows[rows]
-            text = BaseModelOutputWithPooling(last_hidden_state=sub_text, pooler_output=sub_text)
-            calls.append(
-                (
-                    rows,
-                    self._detect(
-                        _vision_rows(vision, rows),
-                        text,
-                        mask_rows[rows],
-                        boxes[rows] if with_box and boxes is not None else None,
-                        box_labels[rows] if with_box and box_labels is not None else None,
-                    ),
+            else:
+                out = predict_prompts(
+                    det,
+                    vision,
+                    text_embeds=text_rows,
+                    attention_mask=mask_rows,
+                    boxes=boxes,
+                    box_labels=box_labels,
+                    meta_text_cls=self.meta_text_cls,
                 )
-            )
-        result: dict[str, Any] = _merge([(rows, c["out"]) for rows, c in calls], n)
-        if self.aux:
-            layers = len(calls[0][1]["aux"])
-            result["aux_outputs"] = [
-                _merge([(rows, c["aux"][i]) for rows, c in calls], n) for i in range(layers)
-            ]
+        result: dict[str, Any] = {
+            k: getattr(out, k) for k in _OUTPUT_FIELDS if getattr(out, k, None) is not None
+        }
+        if layers is not None:  # recorded when self.aux
+            result["aux_outputs"] = layers.aux_outputs()
         return result
+
+    def start_mask(self, det_logits: torch.Tensor | None, gt: torch.Tensor | None) -> torch.Tensor:
+        """The tracker's input mask ``(1, 1, 4 low, 4 low)`` (0 / 1, no gradient) from the detection's
+        low-resolution logits ``(low, low)`` (Meta's :func:`~medsam3.model.video_meta.conditioning_masks`)
+        or, when given, from the ground truth ``(S, S)`` resized (nearest) to that size."""
+        low = int(self.sam3.low_res_mask_size)
+        if gt is not None:
+            size = 4 * low
+            return F.interpolate(gt[None, None].float(), size=(size, size), mode="nearest")
+        assert det_logits is not None
+        # the video size only shapes the stored low-resolution output, which training does not use
+        inputs, _, _ = conditioning_masks(det_logits.detach()[None], (4 * low, 4 * low), low)
+        return inputs.float()
 
     # -- tracker -------------------------------------------------------------------------------------
     def _track_frame(self, memory: dict[int, dict[str, Any]], t: int, n: int, feats, pos):
@@ -196,28 +206,48 @@ class VideoTrainModule(nn.Module):
             mem_pos,
         )
 
-    def track_clip(self, feats, pos, init_mask: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-        """Start the tracker on frame 0 from ``init_mask (h, w)`` bool and track frames ``1..n-1``.
+    def start_memory(self, f0: list[torch.Tensor], start_mask: torch.Tensor) -> dict[str, Any]:
+        """The memory entry of the start frame, as a new object's at inference (module docstring, 2).
 
-        ``feats`` / ``pos``: the tracker's feature levels of the clip's frames, ``(HW, n, C)`` each.
+        Args:
+            f0: the tracker's feature levels of the start frame, ``(HW, 1, C)`` each.
+            start_mask: ``(1, 1, 4 low, 4 low)`` 0 / 1 input mask (:meth:`start_mask`).
+
+        Returns:
+            ``{"object_pointer": (1, C), "maskmem_features", "maskmem_pos_enc"}`` as the tracker stores
+            them for a conditioning frame.
         """
         tracker = self.sam3.tracker_model
-        f0 = [x[:, 0:1] for x in feats]
         high_res = [
             x.permute(1, 2, 0).view(x.size(1), x.size(2), *s)
             for x, s in zip(f0[:-1], tracker.backbone_feature_sizes[:-1], strict=True)
         ]
         pix = f0[-1].permute(1, 2, 0).view(-1, tracker.hidden_dim, *tracker.backbone_feature_sizes[-1])
-        start = tracker._use_mask_as_output(pix, high_res, init_mask[None, None].to(pix.dtype))
-        mem, mem_pos = tracker._encode_new_memory(
-            current_vision_feats=f0[-1],
-            pred_masks_high_res=start.high_res_masks,
-            object_score_logits=start.object_score_logits,
-            is_mask_from_pts=True,
-        )
-        memory: dict[int, dict[str, Any]] = {
-            0: {"object_pointer": start.object_pointer, "maskmem_features": mem, "maskmem_pos_enc": mem_pos}
-        }
+        mask = start_mask.to(pix.dtype)
+        start = tracker._use_mask_as_output(pix, high_res, mask)
+        # the tracker binarises a mask input for its memory only outside training (``is_mask_from_pts and
+        # not self.training``); its own flag (not its submodules') is cleared for this call, as inference
+        was = tracker.training
+        tracker.training = False
+        try:
+            mem, mem_pos = tracker._encode_new_memory(
+                current_vision_feats=f0[-1],
+                pred_masks_high_res=start.high_res_masks,
+                object_score_logits=start.object_score_logits,
+                is_mask_from_pts=True,
+            )
+        finally:
+            tracker.training = was
+        pointer = _object_pointer(_FrameFeatures(tracker, f0), None, 0, mask)
+        return {"object_pointer": pointer, "maskmem_features": mem, "maskmem_pos_enc": mem_pos}
+
+    def track_clip(self, feats, pos, start_mask: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        """Start the tracker on frame 0 from ``start_mask (1, 1, 4 low, 4 low)`` (0 / 1, :meth:`start_mask`)
+        and track frames ``1..n-1``.
+
+        ``feats`` / ``pos``: the tracker's feature levels of the clip's frames, ``(HW, n, C)`` each.
+        """
+        memory: dict[int, dict[str, Any]] = {0: self.start_memory([x[:, 0:1] for x in feats], start_mask)}
         masks, ious, scores = [], [], []
         for t in range(1, n):
             ft = [x[:, t : t + 1] for x in feats]
@@ -243,6 +273,24 @@ class VideoTrainModule(nn.Module):
             "object_score_logits": torch.cat(scores),
         }
 
+    def touch_parameters(self) -> torch.Tensor | None:
+        """``0 x`` one element of every trainable parameter held as a plain tensor at the start of the
+        forward: every parameter gets a gradient (zero where the step did not use it) on every process.
+
+        Which parameters a step uses depends on its clips (an empty start mask takes the tracker's
+        no-object pointer, a box prompt the geometry encoder's box projections); FSDP2 reduce-scatters
+        each unit's gradients as one buffer and fails when processes hold gradients of different
+        parameters. Under FSDP the sharded units' parameters (``DTensor`` outside their own forward) are
+        skipped: they are the transformer layers, which every step runs. Called in every setting, so one
+        process, DDP and FSDP take the same optimizer steps.
+        """
+        from torch.distributed.tensor import DTensor
+
+        parts = [
+            p.reshape(-1)[:1] for p in self.parameters() if p.requires_grad and not isinstance(p, DTensor)
+        ]
+        return torch.cat(parts).sum() * 0.0 if parts else None
+
     # -- the whole forward ---------------------------------------------------------------------------
     def forward(
         self,
@@ -257,6 +305,7 @@ class VideoTrainModule(nn.Module):
     ) -> dict[str, Any]:
         video = self.sam3
         det = video.detector_model
+        touch = self.touch_parameters() if torch.is_grad_enabled() else None
         counts = [int(c) for c in num_frames.tolist()]
         frames = torch.cat([pixel_values[b, :n] for b, n in enumerate(counts)])
         clip_of = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(counts)])
@@ -286,10 +335,10 @@ class VideoTrainModule(nn.Module):
                 if n > 1:
                     rows = slice(offset, offset + n)
                     if init_from_gt is not None and init_masks is not None and bool(init_from_gt[b]):
-                        start = init_masks[b].to(device).bool()
+                        start = self.start_mask(None, init_masks[b].to(device))
                     else:
                         top = int(scores[offset].argmax())
-                        start = detector["pred_masks"][offset, top].detach() >= NEW_OBJECT_MASK_THRESHOLD
+                        start = self.start_mask(detector["pred_masks"][offset, top], None)
                     tracked.append(
                         self.track_clip([x[:, rows] for x in feats], [x[:, rows] for x in pos], start, n)
                     )
@@ -300,4 +349,6 @@ class VideoTrainModule(nn.Module):
             h = int(detector["pred_masks"].shape[-1])
             zero = detector["pred_logits"].new_zeros(0)
             track = {"pred_masks": zero.reshape(0, h, h), "iou": zero, "object_score_logits": zero}
+        if touch is not None:
+            detector["pred_logits"] = detector["pred_logits"] + touch.to(detector["pred_logits"].dtype)
         return {"detector": detector, "tracker": track}
