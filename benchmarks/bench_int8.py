@@ -13,6 +13,9 @@ Two measurements, printed as Markdown:
    int8 features from the float32 ones (ViT output and the FPN levels).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_int8.py [--slices 1] [--runs 3] [--skip-full]
+
+Writes ``--out`` (default ``benchmarks/results/int8_cpu.md``) with the command, the machine and the load
+average at start and end.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -199,23 +203,62 @@ def full_size(slices: int) -> list[str]:
     return lines
 
 
+INTRO = """\
+`--dtype int8` loads the model in float32 and replaces the **vision encoder's `torch.nn.Linear` layers** by
+PyTorch's dynamically quantized ones (`torch.ao.quantization.quantize_dynamic(..., {torch.nn.Linear},
+dtype=torch.qint8)`: int8 weights, one scale per tensor, activations quantized per call); convolutions,
+norms, embeddings and the rest of the model (text encoder, DETR encoder / decoder, heads) stay float32.
+CPU only. Results record `dtype: int8 (dynamic): vision encoder's linear layers; the rest float32`."""
+
+ACCURACY = """\
+Dice against the samples' references (`Segmenter.segment` with the defaults of `medsam3 segment`);
+"int8 (vision encoder)" is what `--dtype int8` does, "int8 (all linear)" quantizes every linear layer
+(`quantize_int8(model, "all")`, not offered on the command line). Seconds per call: median of the timed
+calls after a warm-up; the machine is shared, so the times are only indicative."""
+
+
+def _load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=1, help="full-size slices per precision (default 1)")
     parser.add_argument("--runs", type=int, default=3, help="timed calls per sample case (default 3)")
     parser.add_argument("--skip-full", action="store_true", help="only the bundled-model accuracy")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the full-size timing")
-    args = parser.parse_args()
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads, quantized engine "
-        f"{torch.backends.quantized.engine}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
-        flush=True,
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "int8_cpu.md"
     )
+    args = parser.parse_args()
+    load = _load()
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, quantized engine "
+        f"{torch.backends.quantized.engine}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    )
+    print(f"machine: {machine}", flush=True)
+    body: list[str] = []
     if not args.skip_accuracy:
-        print("\n".join(["", *accuracy(args.runs)]), flush=True)
+        body += ["", "## Accuracy with a trained model (bundled `medsam3-nano`, 336 px, bundled samples)", ""]
+        body += [ACCURACY, "", *accuracy(args.runs)]
+        print("\n".join(body), flush=True)
     if not args.skip_full:
-        print("\n".join(["", *full_size(args.slices)]), flush=True)
+        body += ["", "## Speed on the full-size architecture (random weights)", "", *full_size(args.slices)]
+    command = " ".join(["OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_int8.py", *sys.argv[1:]])
+    head = [
+        "# `--dtype int8` on the CPU: accuracy and speed",
+        "",
+        INTRO,
+        "",
+        f"Command: `{command}`",
+        "",
+        f"- machine: {machine}; shared with other jobs",
+        f"- load average (1, 5, 15 min) at start: {load}; at end: {_load()}",
+    ]
+    text = "\n".join(head + body) + "\n"
+    args.out.write_text(text)
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import medsam3
 from medsam3.cli import main
 from medsam3.errors import ModelError
 from medsam3.model.quantize import (
+    INT8_ALL_LABEL,
     INT8_LABEL,
     count_linear,
     dequantized_copy,
@@ -56,7 +57,7 @@ def test_linear_layers_are_replaced_and_the_rest_untouched():
     assert type(model.conv) is torch.nn.Conv2d and type(model.norm) is torch.nn.LayerNorm
     assert torch.equal(model.conv.weight, conv) and torch.equal(model.norm.weight, norm)
     assert count_linear(model) == {"int8": 2, "float": 0}
-    assert is_int8(model) and dtype_label(model) == INT8_LABEL
+    assert is_int8(model) and dtype_label(model) == INT8_ALL_LABEL
     with torch.no_grad():
         got = model(x)
     # measured here: max |d| / max |ref| about 1e-2 (8-bit weights and activations, two layers)
@@ -71,6 +72,9 @@ def test_only_the_named_part_is_quantized_and_bad_inputs_are_refused():
     model = Small()
     quantize_int8(model, "head")
     assert count_linear(model) == {"int8": 2, "float": 0}
+    model = Small()
+    quantize_int8(model, "head.2")  # a bare linear layer as the part: one of two quantized
+    assert dtype_label(model) == "int8 (dynamic): 1 of 2 linear layers; the rest float32"
     with pytest.raises(ModelError, match="no part 'nope'"):
         quantize_int8(Small(), "nope")
     with pytest.raises(ModelError, match="no quantization plan"):
@@ -91,6 +95,8 @@ def test_sam3_vision_encoder_only(tiny_config):
         ref = model.get_vision_features(pixel_values=x)
     total = count_linear(model)["float"]
     quantize_int8(model)
+    assert dtype_label(model) == INT8_LABEL
+    assert INT8_LABEL == "int8 (dynamic): vision encoder's linear layers; the rest float32"
     inside = count_linear(model.vision_encoder)
     assert inside["float"] == 0 and inside["int8"] > 0
     assert count_linear(model) == {"int8": inside["int8"], "float": total - inside["int8"]}
@@ -221,3 +227,15 @@ def test_bundled_model_dice_with_int8_is_close_to_fp32():
         assert result.settings["dtype"] == (INT8_LABEL if dtype == "int8" else "float32")
     assert scores["fp32"] > 0.85  # measured 0.913
     assert scores["int8"] >= scores["fp32"] - 0.02  # measured 0.9127 (-0.0003)
+
+
+def test_the_server_reports_int8(tiny_dir, tmp_path):
+    """``/api/info`` names the int8 layers (the loaded model's parameter dtype alone says float32)."""
+    from serve_fixtures import client_for, make_settings
+
+    settings = make_settings(tiny_dir, tmp_path / "work", dtype="int8")
+    with client_for(settings) as client:
+        info = client.get("/api/info").json()
+    assert info["dtype"] == INT8_LABEL and info["device"] == "cpu"
+    with client_for(make_settings(tiny_dir, tmp_path / "work32")) as client:
+        assert client.get("/api/info").json()["dtype"] == "float32"

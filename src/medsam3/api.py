@@ -63,7 +63,12 @@ def segment(
         device, dtype: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; ``auto``, ``fp32``, ``bf16``,
             ``fp16``.
         **options: inference options (:class:`medsam3.VolumeOptions`: ``threshold``, ``window``, ``tta``,
-            ``mode``, ...).
+            ``mode``, ``allow_unknown_concepts``, ...).
+
+    A model that records the concepts it knows (``concepts.json``; the bundled ``medsam3-nano``) reports a
+    prompt outside them as absent, ``reason == "unknown concept"`` with ``known_concepts`` on its label
+    entry, without segmenting it; synonyms ("foetal head", "hippocampi") are matched to its concepts;
+    ``allow_unknown_concepts=True`` segments every prompt.
 
     Returns:
         A :class:`medsam3.SegmentationResult` on the input's grid: ``.label_map``, ``.labels``,

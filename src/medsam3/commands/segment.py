@@ -385,6 +385,20 @@ def _check_window(array: np.ndarray, modality: str, window: str | None, prompts)
         intensity_parameters(np.zeros(1, dtype=array.dtype), modality, window=window, concept=prompt.text)
 
 
+def _print_unknown_concepts(result) -> None:
+    """One line per prompt the model does not know (reported absent, not segmented), naming what it knows."""
+    from medsam3.predict.vocabulary_guard import UNKNOWN_CONCEPT
+
+    unknown = [e for e in result.labels if e.reason == UNKNOWN_CONCEPT]
+    if unknown:
+        known = ", ".join(getattr(unknown[0], "known_concepts", ()))
+        names = ", ".join(repr(e.name) for e in unknown)
+        print(
+            f"{UNKNOWN_CONCEPT}: {names} not segmented: the model knows only {known} "
+            "(--allow-unknown-concepts segments any prompt)"
+        )
+
+
 def _prompts_2d(items):
     if any(kind in _VOLUME_ITEMS for kind, _ in items):
         raise PromptError("--box-slice and --box3d are for volumes; this input is a 2D image")
@@ -393,6 +407,7 @@ def _prompts_2d(items):
 
 def _print_result(result, segmenter, paths) -> None:
     print(result.table())
+    _print_unknown_concepts(result)
     print(f"model: {segmenter.source}  ({result.settings['device']}, {result.settings['dtype']})")
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -864,6 +879,21 @@ def _print_merge(report, num_parts: int) -> None:
     )
 
 
+def _print_batch_unknown_concepts(outcomes: list[CaseOutcome]) -> None:
+    """One line when some cases' prompts were unknown to the model (reported absent, not segmented)."""
+    from medsam3.predict.vocabulary_guard import UNKNOWN_CONCEPT
+
+    hits = [(o, e) for o in outcomes for e in o.labels if e.get("reason") == UNKNOWN_CONCEPT]
+    if hits:
+        names = ", ".join(sorted({repr(e.get("name")) for _, e in hits}))
+        known = ", ".join(hits[0][1].get("known_concepts") or ())
+        cases = len({o.case.name for o, _ in hits})
+        print(
+            f"{UNKNOWN_CONCEPT}: {names} not segmented in {cases} case(s): the model knows only {known} "
+            "(--allow-unknown-concepts segments any prompt)"
+        )
+
+
 def _report_batch(
     outcomes: list[CaseOutcome],
     total: int,
@@ -883,6 +913,7 @@ def _report_batch(
         f"{head}: {counts['ok']} ok, {counts['skipped']} skipped (already done), "
         f"{counts['failed']} failed" + (f", {left} left for a later run" if left else "")
     )
+    _print_batch_unknown_concepts(outcomes)
     print(f"summary: {part_csv}")
     if num_parts > 1:
         from medsam3.predict.parts import merge_part_summaries

@@ -11,7 +11,9 @@ Resolution of a name, in order:
    British spellings become US ones (``tumour`` -> ``tumor``).
 2. Dataset-scoped terms (``datasets`` in the JSON): a key applies to a dataset whose name contains every
    word of the key, so ``Anterior`` means ``anterior hippocampus`` in ``Task04_Hippocampus`` only.
-3. Canonical terms and their synonyms (``concepts`` in the JSON), then the same without a plural ``s``.
+3. Canonical terms and their synonyms (``concepts`` in the JSON), then the same with the last word's
+   plural made singular (:func:`singular_forms`: ``polyps`` -> ``polyp``, ``arteries`` -> ``artery``,
+   ``hippocampi`` -> ``hippocampus``, ``vertebrae`` -> ``vertebra``).
 4. Otherwise the normalised text itself is kept, and the name is reported as unknown.
 
 The bundled ``vocabulary.json`` can be extended or overridden by a user file of the same form
@@ -32,7 +34,7 @@ abdomen", "Visualization of the left kidney in MRI") to one concept, by this rul
    ``visualization``, ``the``) need no list: they are in no term, so they never match.
 3. **Matches.** A term matches where its words appear consecutively inside one phrase; a sentence word
    also matches the term word ``w`` as a plural (``ws``, ``wes``, ``w[:-1]ies`` for ``...y``, ``wae`` for
-   ``...a``).
+   ``...a``, ``w[:-2]i`` for ``...us``).
 4. **Choice.** The first phrase holding a match names the target (the sentence's subject comes before its
    context: "lesion in the left lung" is a lesion). Inside it the words are read left to right, taking at
    each word the longest term that starts there and skipping the words it covers (so "enhancing tumor
@@ -177,7 +179,33 @@ def _same_word(word: str, term_word: str) -> bool:
     t = term_word
     if word == t or word in (t + "s", t + "es"):
         return True
-    return (t.endswith("y") and word == t[:-1] + "ies") or (t.endswith("a") and word == t + "e")
+    return (
+        (t.endswith("y") and word == t[:-1] + "ies")
+        or (t.endswith("a") and word == t + "e")
+        or (t.endswith("us") and len(t) > 4 and word == t[:-2] + "i")
+    )
+
+
+def singular_forms(term: str) -> list[str]:
+    """Candidate singulars of a normalised term, its last word made singular (rule 3 of the module
+    docstring): ``"polyps"`` -> ``["polyp"]``, ``"arteries"`` -> ``["artery", "arterie", "arteri"]``,
+    ``"hippocampi"`` -> ``["hippocampus"]``, ``"vertebrae"`` -> ``["vertebra"]``; ``[]`` for short words."""
+    head, _, last = term.rpartition(" ")
+    if len(last) < 3:
+        return []
+    forms = []
+    if last.endswith("ies"):
+        forms.append(last[:-3] + "y")
+    if last.endswith("s") and not last.endswith("ss"):
+        forms.append(last[:-1])
+    if last.endswith("es"):
+        forms.append(last[:-2])
+    if last.endswith("i"):
+        forms.append(last[:-1] + "us")
+    if last.endswith("ae"):
+        forms.append(last[:-1])
+    prefix = f"{head} " if head else ""
+    return [prefix + f for f in dict.fromkeys(forms)]
 
 
 @dataclass(frozen=True)
@@ -321,8 +349,8 @@ class Vocabulary:
             hit = self._scoped[key].get(norm)
             if hit is not None:
                 return Resolved(str(name), hit, True, key)
-        for candidate in (norm, norm[:-1] if norm.endswith("s") and len(norm) > 3 else None):
-            if candidate and candidate in self._index:
+        for candidate in (norm, *singular_forms(norm)):
+            if candidate in self._index:
                 return Resolved(str(name), self._index[candidate], True)
         return Resolved(str(name), norm, False)
 

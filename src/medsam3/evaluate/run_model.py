@@ -280,6 +280,13 @@ def absent_concepts(
 
 
 # -- running -----------------------------------------------------------------------------------------------
+def run_options(segmenter: Segmenter) -> Any:
+    """The segmenter's options as a 2D record runs them (with a preset such as ``fast`` expanded)."""
+    from medsam3.predict.fast import apply_presets
+
+    return apply_presets(segmenter.engine, segmenter.options, volume=False)[0]
+
+
 def build_segmenter(spec: ModelSpec, options: RunOptions) -> Segmenter:
     """A ``Segmenter`` for ``spec`` with the evaluation's options (a given one is used as it is)."""
     from medsam3.predict.segmenter import Segmenter
@@ -430,7 +437,7 @@ def run_models(
                 "name": spec.name,
                 "requested": str(spec.source) if isinstance(spec.source, (str, os.PathLike)) else None,
                 "loaded_from": segmenter.source,
-                "input_size": segmenter.engine.at_size(segmenter.options.image_size).image_size,
+                "input_size": segmenter.engine.at_size(run_options(segmenter).image_size).image_size,
                 "test_time_mirroring": mirroring_settings(MIRRORS if segmenter.options.tta else ((),)),
                 "threshold": segmenter.options.threshold,
                 "presence_threshold": segmenter.options.presence_threshold,

@@ -111,3 +111,28 @@ def resize_processor(processor: Any, image_size: int, patch_size: int) -> Any:
     if hasattr(processor, "target_size"):
         processor.target_size = int(image_size)
     return processor
+
+
+def reduced_input_size(model: Any, scale: float) -> int | None:
+    """A smaller square input size for ``model`` (``Sam3Model``): ``scale`` x its own, on its patch grid.
+
+    The size is the multiple of ``patch_size x window_size`` (whole attention windows, no padded tokens)
+    nearest to ``scale x image_size``; when none lies between one window and the model's own size, the
+    multiple of ``patch_size`` nearest to it. For SAM3 (1008 px, patches of 14, windows of 24) and 2/3:
+    672 px; for ``medsam3-nano`` (336 px, windows of 8): 224 px.
+
+    Returns:
+        The size in pixels, or ``None`` when no multiple of the patch size below the model's own size
+        exists (``scale >= 1``, or a model of one patch).
+    """
+    backbone = _backbone(model.config)
+    size, patch = int(backbone.image_size), int(backbone.patch_size)
+    window = int(getattr(backbone, "window_size", 0) or 0)
+    target = float(scale) * size
+    if window > 0:
+        tile = patch * window
+        out = int(round(target / tile)) * tile
+        if tile <= out < size:
+            return out
+    out = max(1, int(round(target / patch))) * patch
+    return out if out < size else None

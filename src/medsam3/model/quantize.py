@@ -10,9 +10,11 @@ What is quantized (:data:`INT8_PARTS`): the vision encoder's linear layers, whic
 slice (the ViT's attention projections and MLPs, about 5 TFLOP per 1008 px slice at full size); with
 ``parts="all"`` every linear layer of the model (text encoder, DETR encoder and decoder, heads too).
 
-:func:`dtype_label` names a model's precision for the settings of a result (``"float32"`` or
-``"int8 (dynamic, linear layers)"``); :func:`dequantized_copy` gives back a float32 copy (used to build an
-image model at another input size, which is then quantized again).
+:func:`dtype_label` names a model's precision for the settings of a result, the server's ``/api/info``
+and ``Engine.describe()``: ``"float32"``, or for a quantized model which linear layers are int8
+(:data:`INT8_LABEL`: ``"int8 (dynamic): vision encoder's linear layers; the rest float32"``, what
+``--dtype int8`` does); :func:`dequantized_copy` gives back a float32 copy (used to build an image model
+at another input size, which is then quantized again).
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from medsam3.errors import ModelError
 
 #: The ``--dtype`` value of dynamic int8 quantization.
 INT8 = "int8"
-#: How a result's settings name the precision of an int8 model.
-INT8_LABEL = "int8 (dynamic, linear layers)"
+#: How a result's settings name the precision of a model quantized by ``--dtype int8`` (its vision encoder's
+#: linear layers; :func:`dtype_label`).
+INT8_LABEL = "int8 (dynamic): vision encoder's linear layers; the rest float32"
+#: The same for a model whose every linear layer is int8 (``quantize_int8(model, "all")``).
+INT8_ALL_LABEL = "int8 (dynamic): every linear layer; the rest float32"
 #: Which parts of each model kind :func:`quantize_int8` quantizes by default: the vision encoder
 #: (``Sam3Model`` and ``Sam3TrackerModel``: ``vision_encoder``; ``Sam3VideoModel``: its detector's).
 INT8_PARTS: dict[str, tuple[str, ...]] = {
@@ -72,11 +77,37 @@ def is_int8(model: torch.nn.Module) -> bool:
 
 
 def dtype_label(model: torch.nn.Module) -> str:
-    """``"int8 (dynamic, linear layers)"`` for a quantized model, else its float dtype (``"float32"``)."""
-    if is_int8(model):
+    """The precision of ``model``: its float dtype (``"float32"``) when nothing is quantized; else which
+    linear layers are int8: :data:`INT8_LABEL` (those of the vision encoder, :data:`INT8_PARTS`),
+    :data:`INT8_ALL_LABEL` (every one), or ``"int8 (dynamic): N of M linear layers; ..."``."""
+    kind = quantized_linear_type()
+    quantized = [name for name, m in model.named_modules() if isinstance(m, kind)]
+    if not quantized:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return str(dtype).replace("torch.", "")
+    counts = count_linear(model)
+    if counts["float"] == 0:
+        return INT8_ALL_LABEL
+    parts = INT8_PARTS.get(type(model).__name__, ())
+    inside = [m for part in parts for m in _linear_names(model, part)]
+    if parts and sorted(inside) == sorted(quantized):
         return INT8_LABEL
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return str(dtype).replace("torch.", "")
+    total = len(quantized) + counts["float"]
+    return f"int8 (dynamic): {len(quantized)} of {total} linear layers; the rest float32"
+
+
+def _linear_names(model: torch.nn.Module, part: str) -> list[str]:
+    """Qualified names of the linear layers (float or int8) inside ``model``'s submodule ``part``."""
+    kind = quantized_linear_type()
+    try:
+        sub = model.get_submodule(part)
+    except AttributeError:
+        return []
+    return [
+        f"{part}.{name}" if name else part
+        for name, m in sub.named_modules()
+        if isinstance(m, kind) or type(m) is torch.nn.Linear
+    ]
 
 
 def _parts_of(model: torch.nn.Module, parts: str | Sequence[str] | None) -> list[tuple[str, torch.nn.Module]]:
@@ -120,11 +151,15 @@ def quantize_int8(model: Any, parts: str | Sequence[str] | None = None) -> Any:
             # torch.ao.quantization announces its move to torchao; the eager API still works in torch 2.x
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)
-            done = torch.ao.quantization.quantize_dynamic(
-                part, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
-            )
-        if name == "" and done is not model:  # a bare nn.Linear is replaced, not changed in place
-            return done
+            # quantize_dynamic swaps children only: a part that is itself a linear layer goes in a holder
+            holder = torch.nn.ModuleDict({"part": part})
+            torch.ao.quantization.quantize_dynamic(holder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        done = holder["part"]
+        if done is not part:  # a bare nn.Linear is replaced, not changed in place
+            if name == "":
+                return done
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, done)
     return model
 
 

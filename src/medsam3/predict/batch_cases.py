@@ -189,8 +189,8 @@ def existing_summary(out_dir: Path, case: Case) -> dict | None:
 
 
 def label_rows(summary: dict) -> list[dict[str, Any]]:
-    """Per-label ``value``, ``name``, ``voxels`` (pixels in 2D) and ``ml`` (``None`` in 2D) from a case
-    JSON."""
+    """Per-label ``value``, ``name``, ``voxels`` (pixels in 2D), ``ml`` (``None`` in 2D), ``mean``, and why
+    an absent label is absent (``reason``, ``known_concepts`` of an unknown concept) from a case JSON."""
     rows = []
     for e in summary.get("labels", []):
         voxels = e.get("voxels", e.get("area_px"))
@@ -202,6 +202,8 @@ def label_rows(summary: dict) -> list[dict[str, Any]]:
                 "voxels": voxels,
                 "ml": e.get("volume_ml"),
                 "mean": intensity.get("mean"),
+                "reason": e.get("reason"),
+                "known_concepts": e.get("known_concepts"),
             }
         )
     return rows

@@ -113,7 +113,10 @@ class Engine:
         return INT8 if is_int8(self.model) else self.dtype
 
     def describe(self) -> dict[str, Any]:
-        """Model, input size, device and dtype, for the settings of a result."""
+        """Model, input size, device and dtype, for the settings of a result and the server's
+        ``/api/info``; ``dtype`` is :func:`~medsam3.model.quantize.dtype_label`: the float dtype
+        (``"float32"``), or for ``--dtype int8`` which linear layers are int8 (the vision encoder's), since
+        the model's parameters alone would say float32."""
         return {
             "model": self.source,
             "model_input_size": self.image_size,

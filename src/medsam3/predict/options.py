@@ -17,6 +17,13 @@ scripts do) names it in :data:`FRONT_DEFAULTS`.
 Rules between options (and between options and the request: point prompts, a volume) are
 :data:`RULES`; :func:`check_request` applies them, so the CLI, the API and Python give the same message for
 the same invalid combination. Every problem raises :class:`~medsam3.errors.OptionError`.
+
+A **preset** is a named bundle of option values, switched on by one boolean option (``fast``:
+:data:`FAST`). The options keep what the caller gave; the bundle is expanded when the model is known
+(:func:`expand_preset`, called by :func:`medsam3.predict.fast.apply_presets`), because part of it (the
+input size) is relative to the model. An option the caller set to anything but its default wins over the
+preset's value; an option at its default takes the preset's value (a value equal to the default cannot
+be told from one left out). The result's settings list what the preset set and what the caller kept.
 """
 
 from __future__ import annotations
@@ -43,6 +50,50 @@ INTENSITIES = ("auto", "minmax")
 AXES = (0, 1, 2)
 #: Slice searches of slices mode (:mod:`medsam3.predict.volume.search`): every slice, or coarse to fine.
 SEARCHES = ("full", "coarse")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named bundle of option values (module docstring).
+
+    Attributes:
+        name: the boolean option that switches it on (``fast``).
+        values: option name -> the preset's value (model-independent values).
+        input_scale: the image model's input size times this, rounded to the patch grid
+            (:func:`medsam3.model.input_size.reduced_input_size`), becomes ``image_size``; ``None``: the
+            preset leaves the input size alone.
+        why: one line per setting, for the docs and the result's settings.
+    """
+
+    name: str
+    values: Mapping[str, Any]
+    input_scale: float | None
+    why: Mapping[str, str]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The options the preset sets (``image_size`` when it scales the input)."""
+        return (*self.values, *(("image_size",) if self.input_scale is not None else ()))
+
+
+#: ``--fast``: fewer encoder passes (coarse slice search, probes every 20 mm) on smaller inputs (2/3 of the
+#: model's side, 0.44x the ViT tokens). Measured in ``benchmarks/results/fast_cpu.md``; the precision is not
+#: part of it (``--dtype`` is chosen when the model is loaded: bf16 is already the default on CUDA, and
+#: ``--dtype int8`` on the CPU can be added to it).
+FAST = Preset(
+    name="fast",
+    values={"search": "coarse", "search_step_mm": 20.0},
+    input_scale=2 / 3,
+    why={
+        "search": "coarse-to-fine slice search: the encoder runs only around the probes where the concept is "
+        "present (volumes, slices mode)",
+        "search_step_mm": "a probe every 20 mm: structures thinner than 20 mm lying between two probes can "
+        "be missed (give --search-step-mm for small ones)",
+        "image_size": "the image model at 2/3 of its input side (0.44x the ViT tokens): coarser masks",
+    },
+)
+#: The presets, by the name of their option.
+PRESETS: Mapping[str, Preset] = {FAST.name: FAST}
 
 
 @dataclass(frozen=True)
@@ -140,6 +191,19 @@ class SegmentOptions:
         True,
         "text-only prompts use Meta's prompt sequence (text tokens and the geometry encoder's CLS token)",
         fronts=(),
+    )
+    fast: bool = option(
+        False,
+        "preset: coarse slice search with a probe every 20 mm, and the image model at 2/3 of its input size "
+        "(fewer, cheaper encoder passes; slightly coarser masks, structures thinner than 20 mm can be "
+        "missed); options given with other values win; the settings it chose are in the result",
+        fronts=("segment", "evaluate", "api"),
+    )
+    allow_unknown_concepts: bool = option(
+        False,
+        "segment prompts outside the concepts the model records (its concepts.json) anyway; without it they "
+        "are reported absent with the reason 'unknown concept' (models that record none take any prompt)",
+        fronts=("segment", "evaluate", "api"),
     )
 
     def __post_init__(self) -> None:
@@ -365,6 +429,11 @@ RULES: tuple[Rule, ...] = (
         "search coarse is for mode slices: modes track and clips run the video model on every slice",
     ),
     Rule(
+        lambda o, points, volume: o.fast and getattr(o, "mode", "slices") != "slices",
+        "fast is for mode slices and 2D images: modes track and clips run the video model on every slice at "
+        "its own input size",
+    ),
+    Rule(
         lambda o, points, volume: o.instances and volume,
         "instances is for 2D images: a volume gets one label per prompt",
     ),
@@ -391,3 +460,45 @@ def build_options(cls: type[_O], base: SegmentOptions | None = None, **changes: 
     values = {k: v for k, v in (base.to_dict() if base is not None else {}).items() if k in known}
     values.update(changes)
     return cls(**values)
+
+
+def expand_preset(
+    options: _O, preset: Preset, input_size: int | None, *, volume: bool = True
+) -> tuple[_O, dict[str, Any] | None]:
+    """``options`` with ``preset`` applied, and what it did; unchanged (and ``None``) when it is off.
+
+    Args:
+        options: the caller's options (``getattr(options, preset.name)`` switches the preset on).
+        preset: e.g. :data:`FAST`.
+        input_size: the preset's input size for this model (``None``: the model cannot run smaller; the
+            input size is then left alone).
+        volume: whether a volume is segmented (on a 2D image the options only volumes have are not set).
+
+    Returns:
+        The options to run with, and the ``"preset"`` settings of a result: ``name``, ``set`` (option ->
+        value the preset gave it), ``kept`` (option -> the caller's value, given instead of the preset's),
+        ``not_applied`` (option -> why not: an option of volumes on a 2D image, no smaller input size).
+    """
+    if not getattr(options, preset.name, False):
+        return options, None
+    fields = {f.name: f for f in dataclasses.fields(options if volume else SegmentOptions)}
+    wanted: dict[str, Any] = dict(preset.values)
+    not_applied: dict[str, str] = {}
+    if preset.input_scale is not None:
+        if input_size is None:
+            not_applied["image_size"] = "the model has no smaller input size on its patch grid"
+        else:
+            wanted["image_size"] = int(input_size)
+    changes: dict[str, Any] = {}
+    kept: dict[str, Any] = {}
+    for name, value in wanted.items():
+        if name not in fields:
+            not_applied[name] = "an option of volumes (this is a 2D image)"
+            continue
+        given = getattr(options, name)
+        if given != fields[name].default:
+            kept[name] = given
+        else:
+            changes[name] = value
+    report = {"name": preset.name, "set": changes, "kept": kept, "not_applied": not_applied}
+    return (options.replace(**changes) if changes else options), report

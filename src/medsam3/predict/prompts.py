@@ -55,6 +55,9 @@ class Prompt:
         box_labels: one per box, 1 positive (default) / 0 negative.
         points: ``[(x, y), ...]`` in pixels of the input image.
         point_labels: one per point, 1 positive (default) / 0 negative.
+        concept: the model's concept that ``text`` names, when it differs from ``text`` (set by the
+            vocabulary guard of a model that records its concepts: "foetal head" -> "fetal head",
+            :mod:`medsam3.predict.vocabulary_guard`); the model is given the concept, reports keep ``text``.
     """
 
     text: str | None = None
@@ -62,6 +65,7 @@ class Prompt:
     box_labels: list[int] | None = None
     points: list[tuple[float, ...]] | None = None
     point_labels: list[int] | None = None
+    concept: str | None = None
 
     def __post_init__(self) -> None:
         if self.text is not None:  # control characters never belong to a concept: dropped, not printed
@@ -114,11 +118,13 @@ class Prompt:
 
     @property
     def model_text(self) -> str:
-        """Text given to the concept detector (``"visual"`` for box-only prompts)."""
-        return self.text if self.text else VISUAL_PROMPT_TEXT
+        """Text given to the concept detector: the concept, else the text (``"visual"`` for box-only
+        prompts)."""
+        return self.concept or self.text or VISUAL_PROMPT_TEXT
 
     def to_dict(self) -> dict:
-        """JSON-ready description."""
+        """JSON-ready description (as given: the concept a text matched is in the result's
+        ``settings["vocabulary"]``)."""
         out: dict = {"text": self.text, "kind": self.kind}
         if self.boxes:
             assert self.box_labels is not None  # set with the boxes in __post_init__

@@ -42,6 +42,7 @@ from medsam3.errors import PromptError
 from medsam3.image import Image
 from medsam3.model.forward import model_device, model_dtype
 from medsam3.predict.engine import Engine, Tokens, box_tensors
+from medsam3.predict.fast import apply_presets
 from medsam3.predict.options import SegmentOptions
 from medsam3.predict.postprocess import (
     Selection,
@@ -117,6 +118,7 @@ def segment_image(
     engine: Engine, image: Image, prompts: list[Prompt], options: SegmentOptions
 ) -> SegmentationResult:
     """Segment a 2D ``image`` (module docstring); ``options.image_size`` picks the model's input size."""
+    options, preset = apply_presets(engine, options, volume=False)
     engine = engine.at_size(options.image_size)
     h, w = image.spatial_shape
     check_image_prompts(prompts, (h, w))
@@ -167,7 +169,10 @@ def segment_image(
                 outcomes.update(
                     _track_group(engine, rgb, [(i, prompts[i]) for i in tracked], (h, w), options, how)
                 )
-    return _assemble(engine, image, prompts, outcomes, options, display, groups, encoder_runs, mirrors_all)
+    result = _assemble(engine, image, prompts, outcomes, options, display, groups, encoder_runs, mirrors_all)
+    if preset is not None:
+        result.settings["preset"] = preset
+    return result
 
 
 def _detect_mirrored(

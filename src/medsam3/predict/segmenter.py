@@ -10,20 +10,26 @@ change any option; the model is not reloaded::
 
 :meth:`Segmenter.segment` dispatches on the image: a 2D image, or a one-slice volume such as a single
 DICOM slice, goes to :func:`medsam3.predict.segment_2d.segment_image`; a volume to
-:func:`medsam3.predict.volume.segment.segment_volume` (``mode="slices"`` or ``"track"``).
+:func:`medsam3.predict.volume.segment.segment_volume` (``mode="slices"``, ``"track"`` or ``"clips"``).
+For a model that records the concepts it knows (``concepts.json``: the bundled ``medsam3-nano``), prompts
+outside them are reported absent with the reason ``unknown concept`` instead of being segmented
+(:mod:`medsam3.predict.vocabulary_guard`; ``allow_unknown_concepts=True`` segments them anyway).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from medsam3.errors import PromptError
+from medsam3.model.concepts import ModelConcepts
 from medsam3.predict.engine import Engine
 from medsam3.predict.options import VolumeOptions, build_options, check_request
 from medsam3.predict.prompts import Prompt
 from medsam3.predict.segment_2d import as_2d, segment_image
 from medsam3.predict.summary import SegmentationResult
+from medsam3.predict.vocabulary_guard import segment_guarded
 from medsam3.predict.volume.prompts import VolumePrompt
 
 #: What :meth:`Segmenter.segment` takes as prompts: one concept text, or a list of texts and prompts.
@@ -61,10 +67,14 @@ class Segmenter:
             bundled ``medsam3-nano``), a loaded model (``load_sam3`` result, or any object with ``model``
             and ``processor``), or an :class:`~medsam3.predict.engine.Engine`.
         device, dtype: where and how a model is loaded here (``"auto"``, ``"cpu"``, ``"cuda"``,
-            ``"cuda:N"``, ``"mps"``; ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``).
+            ``"cuda:N"``, ``"mps"``; ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``, or ``"int8"``: CPU
+            only, the vision encoder's linear layers dynamically quantized, :mod:`medsam3.model.quantize`).
         tracker, video: SAM3's interactive tracker (point prompts) and video model (``mode="track"``),
             when not loaded from the same source on first use (see :class:`~medsam3.predict.engine.Engine`).
         options: default options of every call (:class:`~medsam3.predict.options.VolumeOptions`);
+        concepts: the concepts the model knows: ``"auto"`` reads ``concepts.json`` from the model's folder
+            (:mod:`medsam3.model.concepts`; none there: any prompt is segmented), or a
+            :class:`~medsam3.model.concepts.ModelConcepts`, a path to such a file, or ``None`` (any prompt);
         **overrides: options by name on top of ``options`` (``threshold=0.2``, ``tta=True``, ...).
 
     Raises:
@@ -80,6 +90,7 @@ class Segmenter:
         tracker: Any = None,
         video: Any = None,
         options: VolumeOptions | None = None,
+        concepts: ModelConcepts | str | os.PathLike[str] | None = "auto",
         **overrides: Any,
     ):
         if isinstance(model, Engine):
@@ -91,6 +102,12 @@ class Segmenter:
 
             self.engine = Engine(load_sam3(model, device=device, dtype=dtype), tracker=tracker, video=video)
         self.options = build_options(VolumeOptions, options, **overrides)
+        if isinstance(concepts, str) and concepts == "auto":
+            self.concepts = ModelConcepts.of_model(self.engine.source)
+        elif concepts is None or isinstance(concepts, ModelConcepts):
+            self.concepts = concepts
+        else:
+            self.concepts = ModelConcepts.load(os.fspath(concepts))
 
     @classmethod
     def from_pretrained(
@@ -104,6 +121,12 @@ class Segmenter:
     def source(self) -> str:
         """Where the model came from (path or id), for reports."""
         return self.engine.source
+
+    @property
+    def guards(self) -> bool:
+        """True when the model records a closed set of concepts: prompts outside it are reported as
+        ``unknown concept`` unless ``allow_unknown_concepts`` (:mod:`medsam3.predict.vocabulary_guard`)."""
+        return self.concepts is not None and self.concepts.restricts
 
     def segment(
         self, image: Any, prompts: PromptsLike, *, spacing: Any = None, **options: Any
@@ -141,8 +164,17 @@ class Segmenter:
             check_request(call, points=points)
             if any(isinstance(p, VolumePrompt) for p in given):
                 raise PromptError("volume prompts (key-slice or 3D boxes) need a 3D volume; this image is 2D")
-            return segment_image(self.engine, flat, [p for p in given if isinstance(p, Prompt)], call)
+            plain = [p for p in given if isinstance(p, Prompt)]
+            if self.concepts is not None and self.guards:
+                return segment_guarded(
+                    self.engine, flat, plain, call, self.concepts, segment_image, volume=False
+                )
+            return segment_image(self.engine, flat, plain, call)
         from medsam3.predict.volume.segment import segment_volume
 
         check_request(call, points=points, volume=True)
+        if self.concepts is not None and self.guards:
+            return segment_guarded(
+                self.engine, image, given, call, self.concepts, segment_volume, volume=True
+            )
         return segment_volume(self.engine, image, given, call)

@@ -362,7 +362,7 @@ class Service:
             "version": __version__,
             "model": self.model_name,
             "device": str(getattr(self.loaded, "device", "cpu")),
-            "dtype": str(getattr(self.loaded, "dtype", "")).replace("torch.", ""),
+            "dtype": self.engine.describe()["dtype"],  # names int8 layers (the loaded dtype says float32)
             "auth": s.token is not None,
             "limits": {
                 "max_upload_mb": s.max_upload_mb,
@@ -373,11 +373,22 @@ class Service:
                 "result_ttl_s": s.result_ttl,
             },
             "defaults": {"threshold": s.threshold, "presence_threshold": s.presence_threshold},
+            "concepts": self.concepts_info(),
             "queue": self.queue.load(),
             "feature_cache": self.cache.snapshot(),
             "images": len(self.images.records()),
             "uptime_s": round(time.time() - self.started, 1),
         }
+
+    def concepts_info(self) -> dict[str, Any] | None:
+        """The concepts the model records (``concepts.json``, :mod:`medsam3.model.concepts`): ``known`` and
+        ``open_vocabulary``; ``None`` when it records none (any prompt is segmented)."""
+        from medsam3.model.concepts import ModelConcepts
+
+        concepts = ModelConcepts.of_model(self.engine.source)
+        if concepts is None:
+            return None
+        return {"known": concepts.names, "open_vocabulary": concepts.open_vocabulary}
 
     def close(self) -> None:
         """Stop the workers and remove a work folder the service created itself."""

@@ -34,6 +34,7 @@ import torch
 
 from medsam3.errors import InputError
 from medsam3.io.atomic import atomic_path
+from medsam3.model.concepts import record_trained_concepts
 from medsam3.train.model import build_model
 
 if TYPE_CHECKING:
@@ -299,6 +300,7 @@ def export_run_models(acc, module, processor, cfg, best_step: int | None) -> dic
                 log.warning("no validation ran: the best model is the final one")
                 out["best"] = export_model(template, final_state, processor, folder / "best")
         for name, path in out.items():
+            record_trained_concepts(path, cfg)  # concepts.json: what the model knows (medsam3.model.concepts)
             log.info("exported the %s model to %s (medsam3 segment --model %s)", name, path, path)
     acc.wait_for_everyone()
     return out

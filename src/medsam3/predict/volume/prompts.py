@@ -43,6 +43,8 @@ class VolumePrompt:
         box_labels: 1 positive (default) / 0 negative, one per box.
         box_slice: the key slice (input array axis 0) the ``boxes`` lie on.
         box3d: ``(x1, y1, z1, x2, y2, z2)`` in input voxels; exclusive with ``boxes``.
+        concept: the model's concept that ``text`` names, when it differs from ``text`` (as
+            :attr:`medsam3.predict.prompts.Prompt.concept`): the model is given the concept.
     """
 
     text: str | None = None
@@ -50,6 +52,7 @@ class VolumePrompt:
     box_labels: list[int] | None = None
     box_slice: int | None = None
     box3d: tuple[float, ...] | None = None
+    concept: str | None = None
 
     def __post_init__(self) -> None:
         if self.text is not None:
@@ -87,7 +90,8 @@ class VolumePrompt:
 
     @property
     def model_text(self) -> str:
-        return self.text if self.text else VISUAL_PROMPT_TEXT
+        """Text given to the model: the concept, else the text (``"visual"`` for box-only prompts)."""
+        return self.concept or self.text or VISUAL_PROMPT_TEXT
 
     def to_dict(self) -> dict:
         out: dict = {"text": self.text, "kind": self.kind}

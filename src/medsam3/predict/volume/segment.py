@@ -18,6 +18,7 @@ import numpy as np
 
 from medsam3.image import Image
 from medsam3.predict.engine import Engine
+from medsam3.predict.fast import apply_presets
 from medsam3.predict.options import VolumeOptions
 from medsam3.predict.prompts import Prompt
 from medsam3.predict.segment_2d import run_settings
@@ -66,6 +67,7 @@ def segment_volume(
     engine: Engine, image: Image, prompts: Sequence[Prompt | VolumePrompt], options: VolumeOptions
 ) -> SegmentationResult:
     """Segment a 3D ``image`` with volume ``prompts`` (module docstring of :mod:`medsam3.predict.volume`)."""
+    options, preset = apply_presets(engine, options)
     engine = engine.at_size(options.image_size)
     checked, canonical, reo, axis, plans = prepare(engine, image, prompts, options)
     modality = options.modality or image.modality
@@ -188,6 +190,8 @@ def segment_volume(
         }
     if options.intensity == "minmax":
         settings["intensity"] = "minmax (V2): uint8 slices as stored, others min-max scaled per slice"
+    if preset is not None:
+        settings["preset"] = preset
     return SegmentationResult(
         label_map, entries, image, settings, display=display, reorientation=reo, slice_axis=axis
     )

@@ -15,7 +15,10 @@
     readout: $("readout"), orientation: $("orientation"), mask: $("download-mask"), seg: $("download-seg"),
     json: $("download-json"), boxScope: $("box-scope"), boxSlice: $("box-slice"), propagate: $("propagate"),
     propagateOption: $("propagate-option"), clearBox: $("clear-box"), boxHint: $("box-hint"),
+    conceptsHint: $("concepts-hint"),
   };
+  // The reason of an absent label whose prompt the model does not know (it is not segmented).
+  const UNKNOWN = "unknown concept";
   const ctx = el.canvas.getContext("2d");
   const PLANE_TITLES = { axial: "Axial", coronal: "Coronal", sagittal: "Sagittal", image: "Image" };
   // Letters at the edges of display slices: top, bottom, left, right.
@@ -234,6 +237,9 @@
       }
       await showResult(job);
       const found = job.result.labels.filter((l) => !l.absent).length;
+      const unknown = job.result.labels.filter((l) => l.reason === UNKNOWN);
+      const notKnown = unknown.length ? ` Not segmented, unknown to this model: ${unknown.map((l) => `“${l.name}”`)
+        .join(", ")} (it knows ${(unknown[0].known_concepts || []).join(", ")}).` : "";
       let spread = "";
       const key = job.result.scope.key_slice;
       if (key) {
@@ -241,8 +247,8 @@
         spread = ` Labels on ${labelledSlices(key.plane)} of ${count} ${key.plane} slices, propagated from ` +
           `slice ${key.index + 1}.`;
       }
-      setStatus(`Done in ${job.seconds.toFixed(2)} s: ${found} of ${job.result.labels.length} found.${spread}`,
-        "done");
+      setStatus(`Done in ${job.seconds.toFixed(2)} s: ${found} of ${job.result.labels.length} found.${spread}` +
+        notKnown, "done");
     } catch (err) {
       setStatus(`Segmentation failed: ${err.message}`, "error");
     } finally {
@@ -304,7 +310,8 @@
     const pct = (v) => (v === null || v === undefined ? "–" : `${Math.round(v * 100)}%`);
     el.chips.replaceChildren(...labels.map((l) => {
       const chip = document.createElement("span");
-      chip.className = "chip" + (l.absent ? " absent" : "");
+      const unknown = l.reason === UNKNOWN;
+      chip.className = "chip" + (l.absent ? " absent" : "") + (unknown ? " unknown" : "");
       chip.dataset.value = l.value ?? "";
       const dot = document.createElement("span");
       dot.className = "dot";
@@ -314,9 +321,12 @@
       name.textContent = l.name;
       const score = document.createElement("span");
       score.className = "score";
-      score.textContent = l.absent ? `absent · presence ${pct(l.presence)}`
+      score.textContent = unknown ? "unknown concept · not segmented"
+        : l.absent ? `absent · presence ${pct(l.presence)}`
         : `score ${pct(l.score)} · presence ${pct(l.presence)}`;
-      chip.title = l.absent ? `not found (${l.reason})` : `${l.area_px} pixels` +
+      chip.title = unknown ? `This model does not know “${l.name}”; it knows only: ` +
+        `${(l.known_concepts || []).join(", ")}.`
+        : l.absent ? `not found (${l.reason})` : `${l.area_px} pixels` +
         (l.area_mm2 ? `, ${l.area_mm2.toFixed(1)} mm²` : "") + " (click to hide or show)";
       const text = document.createElement("span");
       text.className = "text";
@@ -593,6 +603,21 @@
     if (e.dataTransfer && e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
   });
 
+  // The concepts a model records (its concepts.json): anything else is reported, not segmented.
+  async function showConcepts() {
+    try {
+      const info = await (await api("/api/info")).json();
+      const known = info.concepts && !info.concepts.open_vocabulary ? info.concepts.known : null;
+      el.conceptsHint.hidden = !known;
+      if (known) {
+        el.conceptsHint.textContent = `This model knows only: ${known.join(", ")}. Other concepts are ` +
+          "reported as unknown, not segmented.";
+        el.prompt.placeholder = `e.g. ${known.slice(0, 2).join(", ")}`;
+      }
+    } catch (err) { /* the hint is optional */ }
+  }
+
   new ResizeObserver(() => render()).observe(el.viewport);
   render();
+  showConcepts();
 })();
