@@ -19,7 +19,11 @@ and times, in named sections (:data:`SECTIONS`, run in order; ``--sections`` pic
     video model's thresholds opened and its object-score head biased, as in ``bench_track.py``);
 ``train``
     one training step (forward, SAM3 loss, backward, AdamW) at batch ``--train-batch``, full fine-tuning and
-    LoRA (rank 16), both with activation checkpointing and bf16 autocast: images/s and peak memory.
+    LoRA (rank 16), both with activation checkpointing and bf16 autocast: images/s and peak memory;
+``clip_train``
+    one training step of the video model on an 8-frame clip at 1008 px in bf16 (detector on every frame,
+    tracker through its memory bank), with and without activation checkpointing, beside a 2D step on the
+    same frames (``benchmarks/bench_clip_train.py``).
 
 A section is a function registered with :func:`section`; a new one (e.g. a video-model clip training
 step) is one more function. Each reports its Markdown lines, its wall time and its peak GPU memory.
@@ -421,6 +425,62 @@ def train(b: Bench) -> list[str]:
         f"Batch {b.train_batch} at {size} px, one text prompt and one box + mask target per image, SAM3's "
         f"loss (`Sam3Loss`, every term), AdamW; float32 weights, {precision}; LoRA rank 16 on the ViT and "
         "the text encoder; median of the timed steps after one warm-up step.",
+        "",
+        *lines,
+    ]
+
+
+@section("clip_train", "one video-model clip training step (8 frames), with and without checkpointing")
+def clip_train(b: Bench) -> list[str]:
+    """``benchmarks/bench_clip_train.py``'s step of clip training (detector on every frame, tracker through
+    its memory bank, SAM3 + tracker losses, AdamW) beside a 2D step on the same 8 frames."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_clip_train", Path(__file__).with_name("bench_clip_train.py")
+    )
+    assert spec is not None and spec.loader is not None
+    clip_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clip_bench)
+    b.drop_models()
+    bf16 = b.dtype != torch.float32
+    lines = [
+        "| activation checkpointing | 2D step s (8 slices) | clip step s | clip frames/s "
+        "| peak GPU memory 2D / clip (GiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for checkpointing in (True, False):
+        try:
+            r = clip_bench.clip_step_benchmark(
+                size="tiny" if b.tiny else "full",
+                frames=8,
+                steps=max(1, min(b.repeats, 2)),
+                bf16=bf16,
+                checkpointing=checkpointing,
+                device=str(b.device),
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            lines.append(f"| {'yes' if checkpointing else 'no'} | out of GPU memory: {str(exc)[:80]} | | | |")
+            b.drop_models()
+            continue
+        flat, clip = r["slices_2d"], r["clip_video"]
+        memory = (
+            f"{flat['peak_mib'] / 1024:.1f} / {clip['peak_mib'] / 1024:.1f}"
+            if b.device.type == "cuda"
+            else "-"
+        )
+        lines.append(
+            f"| {'yes' if checkpointing else 'no'} | {flat['seconds_per_step']:.3f} | "
+            f"{clip['seconds_per_step']:.3f} | {8 / clip['seconds_per_step']:.1f} | {memory} |"
+        )
+        b.drop_models()
+    precision = "bf16 autocast" if bf16 else "fp32"
+    return [
+        f"`Sam3VideoModel` ({'tiny' if b.tiny else 'full-size'} architecture, random weights), one clip of 8 "
+        f"frames at the model's input size, one text prompt, {precision}, float32 weights; the tracker "
+        "starts from the ground truth on frame 0 and tracks frames 1-7 differentiably "
+        "(`medsam3.train.video_model.VideoTrainModule`); the 2D step trains the same detector on the 8 "
+        "frames as a batch. Checkpointing: the ViT / text layers and each tracked frame.",
         "",
         *lines,
     ]
