@@ -267,6 +267,9 @@ def segment_guarded(
 
         h, w = image.spatial_shape
         check_image_prompts([p for p in guarded.prompts if isinstance(p, Prompt)], (h, w))
+    texts = [p.text for p in guarded.prompts if p.text]
+    if texts:
+        engine.tokenize(texts)  # a prompt the model could not read is an error, known concept or not
     run = guarded.run
     if not run:
         return _nothing_to_run(engine, image, guarded, options, volume=volume)
