@@ -16,16 +16,30 @@
 #      stage 6, `medsam3 train configs/nano_stage6.yaml` from the stage-5 export at 336 px instead of 224 px
 #      (model.image_size: the position embedding is resampled to the larger grid);
 #   3. bundle: the stage-6 model in float16 into src/medsam3/assets/models/medsam3-nano (config, weights,
-#      tokenizer and processor files; LICENSE.md and MODEL_CARD.md there are kept);
+#      tokenizer and processor files, and concepts.json, the concepts it knows; LICENSE.md and MODEL_CARD.md
+#      there are kept);
 #   4. evaluate (only when asked, see NANO_STAGES): the bundled model on the held-out cases -> WORK_DIR/eval,
 #      and again with test-time mirroring (medsam3 evaluate --tta) -> WORK_DIR/eval_tta.
+#   Stage 7 (only when asked: NANO_STAGES="prepare stage7", after the stages above have bundled the stage-6
+#   model): negatives from other modalities and endoscopy-like augmentation (issue 20).
+#   - prepare also writes manifest_ood.jsonl: manifest_regions.jsonl plus one negative-only record per item
+#     of the `training_pool` of configs/nano_ood_heldout.json (scripts/nano_negatives.py: licences checked,
+#     the held-out images of the out-of-domain benchmark excluded; each item names the five known
+#     concepts as absent, so that training draws them as negatives);
+#   - stage7: `medsam3 train configs/nano_stage7.yaml` from the bundled model (the stage-6 export in float16;
+#     NANO_STAGE7_SOURCE to start from another folder) on manifest_ood.jsonl -> WORK_DIR/stage7;
+#   - bundle7: the stage-7 model in float16 into the bundle (as step 3; not done by default). Compare first
+#     (benchmarks/results/nano_ood.md): python benchmarks/nano_ood_matrix.py DATA_DIR
+#     --model before=BUNDLE --model after=WORK_DIR/stage7/export/final
 #
 # Usage (from the repository root, with the package installed):
 #   scripts/train_nano.sh DATA_DIR [WORK_DIR]
 #     DATA_DIR  folder holding hc18_ultrasound/, msd_hippocampus/ and kvasir_seg_sample/
 #     WORK_DIR  manifests and run folders (default outputs/nano; never inside DATA_DIR)
 #   Environment: NANO_STAGES (default "prepare train bundle"; add "evaluate"), NANO_STEPS1 ... NANO_STEPS6
-#   (optimizer steps of the six stages, default 1000 / 1200 / 900 / 4000 / 1500 / 1000).
+#   (optimizer steps of the six stages, default 1000 / 1200 / 900 / 4000 / 1500 / 1000), NANO_STEPS7
+#   (default 300), NANO_STAGE7_SOURCE (default: the bundled model), NANO_STAGE7_MINUTES (default none: stop
+#   stage 7 with a checkpoint after so many minutes of training; running again continues it).
 # Running it again resumes an interrupted stage from its run folder's checkpoints/last.pt.
 set -euo pipefail
 
@@ -37,8 +51,11 @@ STEPS3=${NANO_STEPS3:-900}
 STEPS4=${NANO_STEPS4:-4000}
 STEPS5=${NANO_STEPS5:-1500}
 STEPS6=${NANO_STEPS6:-1000}
+STEPS7=${NANO_STEPS7:-300}
 STAGES=${NANO_STAGES:-prepare train bundle}
 BUNDLE=src/medsam3/assets/models/medsam3-nano
+SOURCE7=${NANO_STAGE7_SOURCE:-$BUNDLE}
+MINUTES7=${NANO_STAGE7_MINUTES:-null}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 mkdir -p "$WORK"
@@ -81,6 +98,9 @@ if [[ " $STAGES " == *" prepare "* ]]; then
   prepare_manifest manifest "$WORK/labels_hippocampus.json"
   prepare_manifest manifest_negatives "$WORK/labels_hippocampus_negatives.json"
   prepare_manifest manifest_regions "$WORK/labels_hippocampus_regions.json"
+  # stage 7: manifest_regions.jsonl plus the negatives from other modalities
+  python scripts/nano_negatives.py "$DATA" "$WORK" --heldout configs/nano_ood_heldout.json \
+    --base "$WORK/manifest_regions.jsonl" -o "$WORK/manifest_ood.jsonl"
 fi
 
 if [[ " $STAGES " == *" train "* ]]; then
@@ -98,9 +118,11 @@ if [[ " $STAGES " == *" train "* ]]; then
     data.manifest="$WORK/manifest_regions.jsonl" run_dir="$WORK/stage6" max_steps="$STEPS6"
 fi
 
-if [[ " $STAGES " == *" bundle "* ]]; then
+# bundle_model STAGE: the export of WORK/STAGE in float16 into the bundle folder.
+bundle_model() {
+  local stage=$1
   rm -rf "$BUNDLE.new"
-  python - "$WORK/stage6/export/final" "$BUNDLE.new" <<'PY'
+  python - "$WORK/$stage/export/final" "$BUNDLE.new" <<'PY'
 import sys
 import torch
 from medsam3.model.loading import load_sam3, save_sam3
@@ -108,10 +130,27 @@ from medsam3.model.loading import load_sam3, save_sam3
 loaded = load_sam3(sys.argv[1], device="cpu", dtype="fp32")
 save_sam3(loaded.model.to(torch.float16), loaded.processor, sys.argv[2])
 PY
+  # the concepts the model knows (medsam3 train wrote them into the export): prompts outside them are
+  # reported as unknown concepts
+  cp "$WORK/$stage/export/final/concepts.json" "$BUNDLE.new/"
   mkdir -p "$BUNDLE"
   for f in "$BUNDLE.new"/*; do mv -f "$f" "$BUNDLE/"; done
   rmdir "$BUNDLE.new"
   ls -l "$BUNDLE"
+}
+
+if [[ " $STAGES " == *" bundle "* ]]; then
+  bundle_model stage6
+fi
+
+# stage 7 starts from the bundle (written just above when bundle is among the stages)
+if [[ " $STAGES " == *" stage7 "* ]]; then
+  medsam3 train configs/nano_stage7.yaml model.source="$SOURCE7" data.manifest="$WORK/manifest_ood.jsonl" \
+    run_dir="$WORK/stage7" max_steps="$STEPS7" stop_after_minutes="$MINUTES7"
+fi
+
+if [[ " $STAGES " == *" bundle7 "* ]]; then
+  bundle_model stage7
 fi
 
 if [[ " $STAGES " == *" evaluate "* ]]; then
