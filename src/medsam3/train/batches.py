@@ -313,15 +313,22 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "targets": [{"boxes": e["boxes"], "masks": e["masks"]} for e in examples],
         "items": [{k: e[k] for k in _ITEM_KEYS} for e in examples],
     }
-    if any(e["prompt_box"] is not None for e in examples):
-        boxes = torch.zeros(len(examples), 1, 4)
-        labels = torch.full((len(examples), 1), BOX_PAD_LABEL, dtype=torch.long)
-        for i, e in enumerate(examples):
-            if e["prompt_box"] is not None:
-                boxes[i, 0] = e["prompt_box"]
-                labels[i, 0] = 1
-        batch["boxes"], batch["box_labels"] = boxes, labels
+    batch["boxes"], batch["box_labels"] = prompt_boxes(examples)
     return batch
+
+
+def prompt_boxes(examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The examples' ``prompt_box`` (normalised cxcywh or ``None``) as ``boxes (B, 1, 4)`` and
+    ``box_labels (B, 1)`` (1, or -10 padding for rows without one); ``(None, None)`` when no row has one."""
+    if all(e["prompt_box"] is None for e in examples):
+        return None, None
+    boxes = torch.zeros(len(examples), 1, 4)
+    labels = torch.full((len(examples), 1), BOX_PAD_LABEL, dtype=torch.long)
+    for i, e in enumerate(examples):
+        if e["prompt_box"] is not None:
+            boxes[i, 0] = e["prompt_box"]
+            labels[i, 0] = 1
+    return boxes, labels
 
 
 def count_targets(batches: Sequence[dict[str, Any]]) -> int:

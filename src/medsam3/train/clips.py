@@ -35,9 +35,8 @@ import torch
 
 from medsam3.data.clips import ClipSample
 from medsam3.data.sampler import SliceSample
-from medsam3.model.forward import BOX_PAD_LABEL
 from medsam3.train import augment as aug
-from medsam3.train.batches import ItemLoader, mask_boxes_cxcywh, noisy_box_cxcywh
+from medsam3.train.batches import ItemLoader, mask_boxes_cxcywh, noisy_box_cxcywh, prompt_boxes
 
 _BOX_STREAM = 7919
 _AUGMENT_STREAM = 104729
@@ -187,14 +186,7 @@ def collate_clips(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "targets": [e["targets"] for e in examples],
         "items": [{**{k: e[k] for k in _ITEM_KEYS}, "references": e["references"]} for e in examples],
     }
-    if any(e["prompt_box"] is not None for e in examples):
-        boxes = torch.zeros(len(examples), 1, 4)
-        labels = torch.full((len(examples), 1), BOX_PAD_LABEL, dtype=torch.long)
-        for i, e in enumerate(examples):
-            if e["prompt_box"] is not None:
-                boxes[i, 0] = e["prompt_box"]
-                labels[i, 0] = 1
-        batch["boxes"], batch["box_labels"] = boxes, labels
+    batch["boxes"], batch["box_labels"] = prompt_boxes(examples)
     return batch
 
 
