@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m pip install -q --no-deps "sam3>=0.1.4"
 .venv/bin/python -m pip install -q "einops>=0.8" "iopath>=0.1.10" "portalocker>=2" "pycocotools>=2.0" \
-  "psutil>=5.9" "timm>=1.0" "ftfy>=6" "regex"
+  "psutil>=5.9" "timm>=1.0" "ftfy>=6" "regex" "scikit-image>=0.22"
