@@ -36,17 +36,9 @@ from medsam3.predict.volume.track import (
     track_volume,
     track_volume_prompts,
 )
+from video_fixtures import OPEN_THRESHOLDS
 
 PROMPT = "hippocampus"
-OPEN_THRESHOLDS = dict(
-    score_threshold_detection=0.0,
-    new_det_thresh=0.0,
-    hotstart_delay=0,
-    hotstart_unmatch_thresh=0,
-    hotstart_dup_thresh=0,
-    assoc_iou_thresh=0.0,
-    trk_assoc_iou_thresh=0.0,
-)
 
 
 def video_model(queries: int | None = None, object_bias: float | None = None, **overrides):

@@ -18,6 +18,7 @@ from medsam3.train.losses_track import TrackLossConfig, mask_iou, track_losses
 
 sys.path.insert(0, str(Path(__file__).parent))
 from data_fixtures import msd_hippocampus  # noqa: E402
+from video_fixtures import first_frame_new_objects  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,7 +170,6 @@ def test_tracker_starts_as_the_volume_modes_start_a_new_object():
     from medsam3.model.configs import tiny_sam3_video_config
     from medsam3.model.loading import build_processor
     from medsam3.model.video import open_session
-    from medsam3.model.video_meta import meta_video_behaviour
     from medsam3.train.video_model import VideoTrainModule
 
     open_all = dict(score_threshold_detection=0.0, new_det_thresh=0.0, hotstart_delay=0)
@@ -178,21 +178,8 @@ def test_tracker_starts_as_the_volume_modes_start_a_new_object():
     processor = build_processor(tiny_sam3_video_config(), video=True)
     frames = np.random.default_rng(2).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
     session = open_session(model, processor, frames, ["liver"])
-    seen = {}
-    original = model.run_tracker_update_execution_phase
-
-    def spy(inference_session, frame_idx, det_out, tracker_update_plan, reverse=False):
-        seen["logits"] = det_out["mask"][tracker_update_plan["new_det_out_inds"]].clone()
-        return original(inference_session, frame_idx, det_out, tracker_update_plan, reverse=reverse)
-
-    model.run_tracker_update_execution_phase = spy
-    try:
-        with meta_video_behaviour(model):
-            model(inference_session=session, frame_idx=0)
-    finally:
-        del model.run_tracker_update_execution_phase
-    ids = list(session.obj_ids)
-    assert ids and len(seen["logits"]) == len(ids)
+    ids, logits = first_frame_new_objects(model, session)
+    assert ids and len(logits) == len(ids)
 
     module = VideoTrainModule(model, aux=False).eval()
     vision = model.detector_model.get_vision_features(pixel_values=session.processed_frames[0][None])
@@ -200,7 +187,7 @@ def test_tracker_starts_as_the_volume_modes_start_a_new_object():
     nonempty = 0
     for k, obj in enumerate(ids):
         stored = session.output_dict_per_obj[session.obj_id_to_idx(obj)]["cond_frame_outputs"][0]
-        start = module.start_mask(seen["logits"][k], None)
+        start = module.start_mask(logits[k], None)
         nonempty += int(start.any())
         mine = module.start_memory([x[:, 0:1] for x in feats], start)
         for key in ("object_pointer", "maskmem_features"):

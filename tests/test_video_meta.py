@@ -25,23 +25,14 @@ from medsam3.model.video_meta import (
     no_reconditioning,
 )
 from medsam3.predict.volume.clips import clips_volume_prompts
-
-OPEN = dict(
-    score_threshold_detection=0.0,
-    new_det_thresh=0.0,
-    hotstart_delay=0,
-    hotstart_unmatch_thresh=0,
-    hotstart_dup_thresh=0,
-    assoc_iou_thresh=0.0,
-    trk_assoc_iou_thresh=0.0,
-)
+from video_fixtures import OPEN_THRESHOLDS, first_frame_new_objects
 
 
 def _model(**overrides):
     from transformers import Sam3VideoModel
 
     torch.manual_seed(0)
-    model = Sam3VideoModel(tiny_sam3_video_config(**OPEN, **overrides)).eval()
+    model = Sam3VideoModel(tiny_sam3_video_config(**OPEN_THRESHOLDS, **overrides)).eval()
     with torch.no_grad():
         model.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)
     return model
@@ -179,22 +170,9 @@ def test_nms_keeps_one_of_overlapping_detections(processor, frames, monkeypatch)
 @torch.inference_mode()
 def test_new_objects_store_metas_video_size_mask(model, processor, frames):
     session = open_session(model, processor, frames[:1], ["liver"])
-    seen = {}
-    original = model.run_tracker_update_execution_phase
-
-    def spy(inference_session, frame_idx, det_out, tracker_update_plan, reverse=False):
-        seen["logits"] = det_out["mask"][tracker_update_plan["new_det_out_inds"]].clone()
-        return original(inference_session, frame_idx, det_out, tracker_update_plan, reverse=reverse)
-
-    model.run_tracker_update_execution_phase = spy
-    try:
-        with meta_video_behaviour(model):
-            model(inference_session=session, frame_idx=0)
-    finally:
-        del model.run_tracker_update_execution_phase
-    ids = list(session.obj_ids)
-    assert ids and len(seen["logits"]) == len(ids)
-    _, _, low = conditioning_masks(seen["logits"], (40, 50), int(model.low_res_mask_size))
+    ids, logits = first_frame_new_objects(model, session)
+    assert ids and len(logits) == len(ids)
+    _, _, low = conditioning_masks(logits, (40, 50), int(model.low_res_mask_size))
     for k, obj in enumerate(ids):
         out = session.output_dict_per_obj[session.obj_id_to_idx(obj)]["cond_frame_outputs"][0]
         torch.testing.assert_close(out["pred_masks"][0].float(), low[k])

@@ -15,6 +15,7 @@ for predictions.
 from __future__ import annotations
 
 import importlib.util
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,3 +296,42 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def mean_abs_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """``mean |ours - reference|``."""
     return (ours.double() - reference.double()).abs().mean().item()
+
+
+# --------------------------------------------------------------------------------------------------
+# what a results file records about the run
+
+
+def machine_description() -> str:
+    """CPU model, logical CPUs, torch threads, RAM and GPU (or "no GPU used"), one line."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        mem = f", {kb / 1024**2:.0f} GiB RAM"
+    except (OSError, IndexError, ValueError):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU used"
+    return f"{cpu}, {os.cpu_count()} logical CPUs (torch threads {torch.get_num_threads()}){mem}, {gpu}"
+
+
+def package_versions(*names: str) -> str:
+    """``"name version, ..."`` of the installed distributions ``names`` ("(not installed)" when missing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in names:
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    return ", ".join(parts)

@@ -38,8 +38,6 @@ of temporary disk). Results: ``benchmarks/results/meta_tracker_equivalence.md``.
 from __future__ import annotations
 
 import gc
-import os
-import platform
 import resource
 import time
 from pathlib import Path
@@ -51,10 +49,12 @@ import torch
 from .meta_reference import (
     IMAGE_SIZE,
     distinct_parameter_check,
+    machine_description,
     make_test_image,
     mean_abs_error,
     meta_pixel_values,
     meta_sam3_available,
+    package_versions,
     relative_error,
 )
 
@@ -241,37 +241,6 @@ def comparison(tmp_path_factory):
     return info
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        mem = f", {kb / 1024**2:.0f} GiB RAM"
-    except (OSError, IndexError, ValueError):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU used"
-    return f"{cpu}, {os.cpu_count()} logical CPUs (torch threads {torch.get_num_threads()}){mem}, {gpu}"
-
-
-def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = []
-    for name in ("torch", "transformers", "sam3", "numpy"):
-        try:
-            parts.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            parts.append(f"{name} (not installed)")
-    return ", ".join(parts)
-
-
 def _write_results(info: dict) -> None:
     """Print the comparison and write it to ``benchmarks/results/meta_tracker_equivalence.md``."""
     report = info["report"]
@@ -293,8 +262,8 @@ def _write_results(info: dict) -> None:
         "",
         "| | |",
         "|---|---|",
-        f"| machine | {_machine()} |",
-        f"| versions | {_versions()} |",
+        f"| machine | {machine_description()} |",
+        f"| versions | {package_versions('torch', 'transformers', 'sam3', 'numpy')} |",
         f"| run time | {info['seconds']:.0f} s for the fixture ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in info["timings"].items())
         + ") |",

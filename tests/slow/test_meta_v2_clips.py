@@ -48,8 +48,6 @@ Time, memory and the numbers: ``benchmarks/results/v2_clips_meta_equivalence.md`
 from __future__ import annotations
 
 import gc
-import os
-import platform
 import resource
 import time
 from pathlib import Path
@@ -59,7 +57,12 @@ import numpy as np
 import pytest
 import torch
 
-from .meta_reference import distinct_parameter_check, meta_sam3_available
+from .meta_reference import (
+    distinct_parameter_check,
+    machine_description,
+    meta_sam3_available,
+    package_versions,
+)
 from .meta_video_reference import skimage_available
 
 pytestmark = pytest.mark.slow
@@ -360,30 +363,6 @@ def comparison(tmp_path_factory):
     return info
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs (torch threads {torch.get_num_threads()}), no GPU used"
-
-
-def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = []
-    for name in ("torch", "transformers", "sam3", "numpy", "scikit-image"):
-        try:
-            parts.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            parts.append(f"{name} (not installed)")
-    return ", ".join(parts)
-
-
 def _table(table: dict) -> list[str]:
     lines = [
         "| prompt | slice | objects | Meta px | ours px | differ px (outside band) | IoU | max prob diff "
@@ -430,8 +409,8 @@ def _write_results(info: dict) -> None:
         "",
         "| | |",
         "|---|---|",
-        f"| machine | {_machine()} |",
-        f"| versions | {_versions()} |",
+        f"| machine | {machine_description()} |",
+        f"| versions | {package_versions('torch', 'transformers', 'sam3', 'numpy', 'scikit-image')} |",
         f"| run time | {info['seconds']:.0f} s for the fixture ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in info["timings"].items())
         + ") |",
