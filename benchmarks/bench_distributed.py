@@ -121,11 +121,59 @@ def segment_job(out: Path):
 # one measurement (a child process)
 
 
-def child(kind: str, cases_dir: Path, out: Path, workers: int, cores: int = 0) -> dict:
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) used so far by every process of the machine, by process id, with the
+    process's role (:func:`process_role`)."""
+    import psutil
+
+    seen: dict[int, tuple[str, float]] = {}
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if times is None:
+            continue
+        role = process_role(proc.info["name"] or "", proc.info["cmdline"] or [])
+        seen[proc.info["pid"]] = (role, times.user + times.system)
+    return seen
+
+
+def process_role(name: str, cmdline: list[str]) -> str:
+    """What a process is in a Ray run: ``driver`` (this benchmark's process), ``model worker`` (a
+    ``CaseWorker`` actor), ``read task`` (a Ray task process: ``read_case``, or idle), ``ray: raylet``,
+    ``ray: DashboardAgent`` ... (Ray's own processes), else ``other``."""
+    if name.startswith("ray::"):
+        what = name[len("ray::") :]
+        if what.startswith("CaseWorker"):
+            return "model worker"
+        if what.startswith(("IDLE", "read_case")):
+            return "read task"
+        return f"ray: {what}"
+    if name in ("raylet", "gcs_server"):
+        return f"ray: {name}"
+    scripts = [Path(part).name for part in cmdline[:3]]
+    if "bench_distributed.py" in scripts:
+        return "driver"
+    for script in ("log_monitor.py", "monitor.py", "dashboard.py", "default_worker.py"):
+        if script in scripts:
+            return "read task" if script == "default_worker.py" else f"ray: {script}"
+    return "other"
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict:
+    """CPU seconds used between two :func:`cpu_seconds` snapshots, summed by role."""
+    used: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        start = before.get(pid, (role, 0.0))[1]
+        used[role] = used.get(role, 0.0) + max(0.0, seconds - start)
+    return used
+
+
+def child(kind: str, cases_dir: Path, out: Path, workers: int, cores: int = 0, half: int = -1) -> dict:
     """One measurement: ``local`` / ``nomodel-local`` (the in-process loop) or ``ray`` / ``nomodel-ray``.
 
     ``cores`` > 0: the process, and every process it starts (Ray's own and its workers), may run on the
-    first ``cores`` CPUs only, and Ray is given that many CPUs; 0: all CPUs, Ray given 2.
+    first ``cores`` CPUs only, and Ray is given that many CPUs; 0: all CPUs, Ray given 2. ``half`` 0 or 1:
+    only the cases of even (odd) index (two such children run at the same time measure two plain
+    processes side by side).
     """
     if cores:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
@@ -135,6 +183,8 @@ def child(kind: str, cases_dir: Path, out: Path, workers: int, cores: int = 0) -
 
     torch.set_num_threads(1)
     cases = discover_cases(cases_dir)
+    if half >= 0:
+        cases = cases[half::2]
     out.mkdir(parents=True, exist_ok=True)
     job = NoModelJob(out) if kind.startswith("nomodel") else segment_job(out)
     stamps: list[float] = []  # seconds from the start of the run to each case's end
@@ -163,15 +213,17 @@ def child(kind: str, cases_dir: Path, out: Path, workers: int, cores: int = 0) -
         result["ray_init_s"] = time.perf_counter() - t0
         result["rss_before_mib"] = rss_mib()
         settings = RaySettings(workers=workers, cpus_per_worker=1, cpu_only=True)
+        snapshots: list[dict] = []
+
+        def on_outcome(outcome, run) -> None:
+            stamps.append(time.perf_counter() - start)
+            if len(stamps) == workers or len(stamps) == len(cases):  # the steady part: after the first cases
+                snapshots.append(cpu_seconds())
+
         start = time.perf_counter()
-        outcomes = run_cases_ray(
-            cases,
-            job,
-            out,
-            settings=settings,
-            on_outcome=lambda o, r: stamps.append(time.perf_counter() - start),
-            **common,
-        )
+        outcomes = run_cases_ray(cases, job, out, settings=settings, on_outcome=on_outcome, **common)
+        if len(snapshots) == 2:
+            result["cpu_s"] = cpu_by_role(*snapshots)
     result["run_s"] = time.perf_counter() - start
     result["wall_s"] = time.perf_counter() - t0
     result["ok"] = sum(o.status == "ok" for o in outcomes)
@@ -189,14 +241,28 @@ def steady_rate(result: dict) -> float:
     return 3600 * (len(stamps) - w) / (stamps[-1] - stamps[w - 1])
 
 
+def child_command(kind: str, cases_dir: Path, out: Path, workers: int, cores: int, half: int) -> list[str]:
+    return [sys.executable, __file__, "--child", kind, str(cases_dir), str(out)] + [
+        str(workers),
+        str(cores),
+        str(half),
+    ]
+
+
+CHILD_ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+
+
+def child_result(kind: str, returncode: int, stdout: str, stderr: str) -> dict:
+    if returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{stderr[-4000:]}")
+    line = [x for x in stdout.splitlines() if x.startswith("{")][-1]
+    return json.loads(line)
+
+
 def run_child(kind: str, cases_dir: Path, out: Path, workers: int = 1, cores: int = 0) -> dict:
-    command = [sys.executable, __file__, "--child", kind, str(cases_dir), str(out), str(workers), str(cores)]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
-    if done.returncode != 0:
-        raise SystemExit(f"{kind} failed:\n{done.stderr[-4000:]}")
-    line = [x for x in done.stdout.splitlines() if x.startswith("{")][-1]
-    result = json.loads(line)
+    command = child_command(kind, cases_dir, out, workers, cores, -1)
+    done = subprocess.run(command, capture_output=True, text=True, env=CHILD_ENV, cwd=REPO)
+    result = child_result(kind, done.returncode, done.stdout, done.stderr)
     print(
         f"{kind:>14} workers={workers} cores={cores or 'all'} cases={result['cases']} "
         f"run {result['run_s']:.1f}s "
@@ -204,6 +270,29 @@ def run_child(kind: str, cases_dir: Path, out: Path, workers: int = 1, cores: in
         flush=True,
     )
     return result
+
+
+def run_side_by_side(cases_dir: Path, out: Path) -> dict:
+    """Two plain in-process loops at the same time, on the even and the odd cases (what ``--num-parts 2``
+    does, with equal halves): what two independent processes reach on this machine, with no Ray."""
+    procs = [
+        subprocess.Popen(
+            child_command("local", cases_dir, out / f"half{h}", 1, 0, h),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CHILD_ENV,
+            cwd=REPO,
+        )
+        for h in (0, 1)
+    ]
+    halves = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        halves.append(child_result("side-by-side", proc.returncode, stdout, stderr))
+    rate = sum(steady_rate(h) for h in halves)
+    print(f"  side-by-side: two plain loops, steady {rate:.0f} cases/hour together", flush=True)
+    return {"kind": "side-by-side", "halves": halves, "steady_rate": rate, "ok": sum(h["ok"] for h in halves)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +376,8 @@ def report(results: dict, args, started: float, load_start: str) -> str:
     per_local = nm_local["run_s"] / nm_local["cases"]
     per_ray = (sorted(nm_ray["stamps"])[-1] - sorted(nm_ray["stamps"])[0]) / (nm_ray["cases"] - 1)
     mems = [results[f"mem-{count}"] for count in MEMORY_COUNTS]
+    sbs = results["side-by-side"]
+    roles = sorted({r for k in ("ray1", "ray2") for r in results[k].get("cpu_s", {})})
     import torch
 
     lines = [
@@ -313,12 +404,36 @@ def report(results: dict, args, started: float, load_start: str) -> str:
         f"{local['wall_s']:.1f} |",
         f"| Ray | 1 | {ray1['ok']} | {rate['ray1']:.0f} | {total['ray1']:.0f} | {ray1['wall_s']:.1f} |",
         f"| Ray | 2 | {ray2['ok']} | {rate['ray2']:.0f} | {total['ray2']:.0f} | {ray2['wall_s']:.1f} |",
+        f"| two plain loops side by side (even / odd cases) | 2 | {sbs['ok']} | {sbs['steady_rate']:.0f} | "
+        f"- | {max(h['wall_s'] for h in sbs['halves']):.1f} |",
         "",
         f"1 -> 2 workers: **{rate['ray2'] / rate['ray1']:.2f}x** steady "
         f"({total['ray2'] / total['ray1']:.2f}x with start-up; goal >= 1.7x on 2 cores). Steady rate: the "
         "cases after each worker's first one, (n - w) / (t_n - t_w); start-up: Ray workers start and load "
         "the model "
         f"(Ray itself started in {ray1['ray_init_s']:.1f} s / {ray2['ray_init_s']:.1f} s, not counted).",
+        "",
+        "What the machine itself gives two processes: two plain in-process loops started together, each "
+        "on half the cases (what `--num-parts 2` does, with no Ray), reach "
+        f"**{sbs['steady_rate'] / rate['local']:.2f}x** the single loop; Ray with 2 workers reaches "
+        f"**{rate['ray2'] / sbs['steady_rate']:.0%}** of that.",
+        "",
+        "CPU seconds by process during the steady part of each Ray run (from the workers' first cases to "
+        "the last case; processes that started and ended in between are not seen):",
+        "",
+        "| run | " + " | ".join(roles) + " |",
+        "|---|" + "---:|" * len(roles),
+        *(
+            f"| Ray, {results[k]['workers']} worker(s) | "
+            + " | ".join(f"{results[k].get('cpu_s', {}).get(r, 0.0):.1f}" for r in roles)
+            + " |"
+            for k in ("ray1", "ray2")
+        ),
+        "",
+        "With 2 workers of 1 CPU each on a 2-CPU instance no CPU is left for read tasks; each worker then "
+        "reads its own cases. (Read tasks without a CPU of their own made Ray start, and import into, a "
+        "new Python process for nearly every case, as it keeps no idle process beyond the cluster's CPUs: "
+        "that took about a quarter of the CPU from the workers and held 1 -> 2 workers at 1.5-1.6x.)",
         "",
         "Per core: the same runs confined to CPUs (every process of the run, Ray's own included, may "
         "use only those; Ray is given that many CPUs). The 1-worker run above has the second core free "
@@ -334,11 +449,11 @@ def report(results: dict, args, started: float, load_start: str) -> str:
         f"1 core, 1 worker -> 2 cores, 2 workers: **{rate['ray2'] / rate['ray1-core1']:.2f}x** steady "
         f"(against the in-process loop on 1 core: {rate['ray2'] / rate['local-core1']:.2f}x).",
         "",
-        "Reading: on one core Ray's own processes (raylet, object store, driver, read tasks) take a large "
-        "share from its single worker, so the per-core ratio above 2x says more about that overhead than "
-        "about scaling; the fair comparisons are the unconfined 1 -> 2 worker ratio and Ray on 2 cores "
-        "against the plain loop on 1 core. On a GPU node the model's work per case is seconds and Ray's "
-        "processes use the CPUs beside the GPUs, so this overhead does not compete with the workers.",
+        "Reading: confined to one core, where Ray's own processes share the core with the worker (which "
+        "reads its own cases, no CPU being left for read tasks), Ray with 1 worker runs at "
+        f"{rate['ray1-core1'] / rate['local-core1']:.0%} of the plain loop's rate on that core: Ray's "
+        "processes take little CPU (table above). On a GPU node the model's work per case is seconds and "
+        "Ray's processes use the CPUs beside the GPUs, so they do not compete with the workers at all.",
         "",
         *busy_note(load_start),
         "## Per-case overhead of the Ray path",
@@ -362,15 +477,16 @@ def report(results: dict, args, started: float, load_start: str) -> str:
         f"From {mems[0]['cases']} to {mems[-1]['cases']} cases the peak grows by "
         f"{mems[-1]['peak_rss_mib'] - mems[0]['peak_rss_mib']:.0f} MiB "
         "(2 workers, the no-model job). The driver holds the list of paths and one small outcome row per "
-        "case (for the summary CSV); images never reach it (they go from the read tasks to the workers "
-        "through the object store), and at most `workers + prefetch` cases are between reading and "
+        "case (for the summary CSV); images never reach it (the read tasks pass them to the workers "
+        "through the object store, or the workers read them), and at most `workers + prefetch` cases are "
+        "between reading and "
         "writing.",
         "",
         RECIPE,
         "Raw rows: "
         + json.dumps(
             {
-                k: {kk: vv for kk, vv in v.items() if kk != "stamps"}
+                k: {kk: vv for kk, vv in v.items() if kk not in ("stamps", "halves")}
                 for k, v in results.items()
                 if isinstance(v, dict)
             }
@@ -398,8 +514,8 @@ def make_listed(folder: Path, count: int) -> Path:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        kind, cases_dir, out, workers, cores = sys.argv[2:7]
-        print(json.dumps(child(kind, Path(cases_dir), Path(out), int(workers), int(cores))))
+        kind, cases_dir, out, workers, cores, half = sys.argv[2:8]
+        print(json.dumps(child(kind, Path(cases_dir), Path(out), int(workers), int(cores), int(half))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=12, help="volumes for the throughput runs")
@@ -417,6 +533,7 @@ def main() -> None:
         results["local"] = run_child("local", cases, root / "out-local")
         results["ray1"] = run_child("ray", cases, root / "out-ray1", 1)
         results["ray2"] = run_child("ray", cases, root / "out-ray2", 2)
+        results["side-by-side"] = run_side_by_side(cases, root / "out-sbs")
         results["ray1-core1"] = run_child("ray", cases, root / "out-ray1c", 1, cores=1)
         results["local-core1"] = run_child("local", cases, root / "out-localc", cores=1)
         small = make_listed(root / "small", args.overhead_cases)

@@ -24,6 +24,9 @@ from medsam3.predict.ray_engine import RaySettings, import_ray, plan_workers
 from test_parts import json_labels, label_maps, make_cases, read_csv, run_cli, without_timing
 
 WORKERS = ["--engine", "ray", "--workers", "2", "--cpus-per-worker", "0.5"]
+#: Two workers that take both CPUs of the local instance: no CPU is left for read tasks, so each worker
+#: reads its own cases.
+WORKERS_READ = ["--engine", "ray", "--workers", "2", "--cpus-per-worker", "1"]
 
 
 def require_ray():
@@ -182,13 +185,20 @@ def killer(ray, monkeypatch) -> tuple[list, list[str]]:
     return runs, killed
 
 
-def test_a_worker_killed_in_the_middle(local_ray, cohort, reference, serve_model, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("workers", "read_cpus"), [(WORKERS, 1.0), (WORKERS_READ, 0.0)], ids=["read-tasks", "workers-read"]
+)
+def test_a_worker_killed_in_the_middle(
+    local_ray, cohort, reference, serve_model, capsys, monkeypatch, workers, read_cpus
+):
     root, cases = cohort
-    out = root / "killed"
+    out = root / f"killed-{read_cpus:g}"
     runs, killed = killer(local_ray, monkeypatch)
-    code, stdout, _ = run_cli(capsys, *common(cases, serve_model), "-o", out, *WORKERS)
+    code, stdout, err = run_cli(capsys, *common(cases, serve_model), "-o", out, *workers)
     assert code == 1 and "6 cases: 5 ok, 0 skipped (already done), 1 failed" in stdout
+    assert "broken" in err  # the unreadable case fails the same way, whoever reads it
     run = runs[-1]
+    assert run.plan.read_cpus == read_cpus
     assert killed and run.attempts == {killed[0]: 1} and run.replacements == 1
     rows = read_csv(out / "summary.csv")
     assert len(rows) == len({r["case"] for r in rows}) == 6  # each case once

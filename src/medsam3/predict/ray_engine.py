@@ -4,7 +4,11 @@ Ray is optional (``pip install "medsam3[distributed]"``). The run has three stag
 primitives:
 
 * **reading**: one Ray task per case reads and checks the image (the job's ``read``: decoding, the checks
-  that need no model) on a CPU; the image waits in Ray's object store, never on the driver;
+  that need no model) on a CPU; the image waits in Ray's object store, never on the driver. When the
+  workers take every CPU of the cluster, the worker reads its case itself instead: Ray keeps no idle
+  process beyond the cluster's CPUs, so each read task would start (and import) a new Python process,
+  which took a quarter of the CPU from the workers on a 2-core machine
+  (``benchmarks/results/distributed.md``);
 * **segmenting and writing**: ``workers`` model actors (:class:`CaseWorker`, each with
   ``gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs) load the model once and run the job's
   ``segment``, the same per-case function as the single-process folder loop
@@ -200,13 +204,16 @@ class CaseWorker:
         return os.getpid()
 
     def segment(
-        self, index: int, case: Case, read: ReadResult, attempt: int, overwrite: bool, started: float
+        self, index: int, case: Case, read: ReadResult | None, attempt: int, overwrite: bool, started: float
     ) -> dict[str, Any]:
         """Segment and write one case; never raises (a failure is the answer's ``error``).
 
-        ``attempt`` > 0: the case was sent before to a worker that died; when that worker finished the
-        case during this run (``started``: the run's start, wall clock), its outputs are kept.
+        ``read``: the case read by a read task, ``None``: read it here. ``attempt`` > 0: the case was sent
+        before to a worker that died; when that worker finished the case during this run (``started``: the
+        run's start, wall clock), its outputs are kept.
         """
+        if read is None:
+            read = read_case(self.job, case)
         start = time.perf_counter()
         if read.error:
             return _record(index, CaseOutcome(case, "failed", read.error, read.seconds))
@@ -251,6 +258,8 @@ class _Ticket:
 
 @dataclass(frozen=True)
 class _Plan:
+    """Workers, each one's GPUs and CPUs, and the CPUs of a read task (0: the workers read their cases)."""
+
     workers: int
     gpus: float
     cpus: float
@@ -375,11 +384,13 @@ class RayRun:
             raise
         self.pool = ActorPool(list(self.actors))
         log.info(
-            "Ray: %d worker(s), %g GPU(s) and %g CPU(s) each; reading with %g CPU(s) per case",
+            "Ray: %d worker(s), %g GPU(s) and %g CPU(s) each; %s",
             plan.workers,
             plan.gpus,
             plan.cpus,
-            plan.read_cpus,
+            f"reading with {plan.read_cpus:g} CPU(s) per case"
+            if plan.read_cpus > 0
+            else "each worker reads its cases (no CPU left for read tasks)",
         )
 
     def _new_actor(self) -> Any:
@@ -406,7 +417,13 @@ class RayRun:
             if self.max_cases is not None and processed >= self.max_cases:
                 return
             processed += 1
-            yield _Ticket(index, case, self.read_task.remote(self.reader_ref, case))
+            yield _Ticket(index, case, self._read(case))
+
+    def _read(self, case: Case) -> Any:
+        """The read of ``case``: a read task's result, or ``None`` when its worker reads it (no spare CPU)."""
+        if self.plan.read_cpus <= 0:
+            return None
+        return self.read_task.remote(self.reader_ref, case)
 
     def _submit(self, ticket: _Ticket) -> None:
         def call(actor: Any, t: _Ticket) -> Any:
@@ -483,7 +500,7 @@ class RayRun:
             return
         ticket.attempt += 1
         self.attempts[ticket.case.name] = ticket.attempt
-        ticket.read = self.read_task.remote(self.reader_ref, ticket.case)
+        ticket.read = self._read(ticket.case)
         ticket.ref = ticket.actor = None
         self.queue.appendleft(ticket)
 
