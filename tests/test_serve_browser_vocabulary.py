@@ -2,8 +2,10 @@
 
 The hint under the prompt names the concepts the model knows; a typed concept outside them comes back as a
 chip marked ``unknown concept · not segmented`` whose tooltip lists the known concepts, and the status line
-says it was not segmented, while the known concept beside it is drawn. Uses the browser setup of
-``test_serve_browser.py`` (skipped without Chromium unless ``MEDSAM3_REQUIRE_SERVICES=1``).
+says it was not segmented, while the known concept beside it is drawn. A known concept on an image unlike its
+training images (a CT slice for "fetal head") comes back as a chip marked ``outside its training domain``.
+Uses the browser setup of ``test_serve_browser.py`` (skipped without Chromium unless
+``MEDSAM3_REQUIRE_SERVICES=1``).
 """
 
 from __future__ import annotations
@@ -72,4 +74,24 @@ def test_viewer_marks_unknown_concepts(server, page):
     assert "fetal head, hippocampus, polyp" in unknown.get_attribute("title")
     status = page.text_content("#status")
     assert "1 of 2 found" in status and "unknown to this model" in status and "“liver”" in status
+    assert not page.errors, page.errors
+
+
+def test_viewer_marks_concepts_outside_the_training_domain(server, page, data_dir):
+    # a held-out CT slice: "fetal head" is unlike the model's ultrasound training images
+    page.goto(f"{server}/?token={TOKEN}")
+    page.wait_for_selector("#concepts-hint:not([hidden])", timeout=30_000)
+    page.set_input_files("#file-input", str(data_dir / "sam_med2d_demo/images/s0619_32.png"))
+    wait_state(page, "ready")
+    page.fill("#prompt-input", "fetal head")
+    page.click("#segment-btn")
+    assert wait_state(page, "done", "error") == "done", page.text_content("#status")
+    job = api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
+    assert [e["reason"] for e in job["result"]["labels"]] == ["outside the training domain"]
+
+    chip = page.locator(".chip.outside")
+    assert chip.count() == 1 and "outside its training domain" in chip.text_content()
+    assert "unlike the images this model learnt" in chip.get_attribute("title")
+    status = page.text_content("#status")
+    assert "0 of 1 found" in status and "unlike the model's training images" in status
     assert not page.errors, page.errors

@@ -31,7 +31,10 @@ def client(tmp_path_factory):
 
 
 def test_info_lists_the_models_concepts(client, serve_model, tmp_path):
-    assert client.get("/api/info").json()["concepts"] == {"known": NANO_CONCEPTS, "open_vocabulary": False}
+    concepts = client.get("/api/info").json()["concepts"]
+    assert concepts["known"] == NANO_CONCEPTS and concepts["open_vocabulary"] is False
+    domain = concepts["training_domain"]  # concept -> distance threshold of domain.safetensors
+    assert sorted(domain) == NANO_CONCEPTS and all(0 < t < 1 for t in domain.values())
     with client_for(make_settings(serve_model, tmp_path)) as tiny:
         assert tiny.get("/api/info").json()["concepts"] is None
 

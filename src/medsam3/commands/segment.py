@@ -47,6 +47,7 @@ from medsam3.commands.inference_options import (
 from medsam3.errors import OptionError, OutputError, PromptError
 from medsam3.image import Image
 from medsam3.io.atomic import check_not_input, protect_inputs, write_error
+from medsam3.model.domain import OUTSIDE_DOMAIN
 from medsam3.predict.case_prompts import PromptSources, apply_case_prompts
 from medsam3.predict.options import VolumeOptions, check_request
 from medsam3.predict.prompts import Prompt, prompts_from_cli, validate_prompt
@@ -397,6 +398,27 @@ def _print_unknown_concepts(result) -> None:
             f"{UNKNOWN_CONCEPT}: {names} not segmented: the model knows only {known} "
             "(--allow-unknown-concepts segments any prompt)"
         )
+    _print_outside_domain(
+        [(e.name, e.domain_distance, e.domain_threshold) for e in result.labels if e.reason == OUTSIDE_DOMAIN]
+    )
+
+
+def _print_outside_domain(hits: list[tuple[str, float | None, float | None]], cases: int = 0) -> None:
+    """One line for the known prompts not segmented because the image lies outside their training domain."""
+    if not hits:
+        return
+    names = ", ".join(dict.fromkeys(repr(name) for name, _, _ in hits))
+    where = f" in {cases} case(s)" if cases else ""
+    name, distance, threshold = hits[0]
+    detail = (
+        f" (distance {distance:.3f} > {threshold:.3f} for {name!r})"
+        if distance is not None and threshold is not None
+        else ""
+    )
+    print(
+        f"{OUTSIDE_DOMAIN}: {names} not segmented{where}: the image is unlike the images the model learnt "
+        f"it on{detail}; --allow-out-of-domain segments it anyway"
+    )
 
 
 def _prompts_2d(items):
@@ -892,6 +914,11 @@ def _print_batch_unknown_concepts(outcomes: list[CaseOutcome]) -> None:
             f"{UNKNOWN_CONCEPT}: {names} not segmented in {cases} case(s): the model knows only {known} "
             "(--allow-unknown-concepts segments any prompt)"
         )
+    outside = [(o, e) for o in outcomes for e in o.labels if e.get("reason") == OUTSIDE_DOMAIN]
+    _print_outside_domain(
+        [(str(e.get("name")), e.get("domain_distance"), e.get("domain_threshold")) for _, e in outside],
+        cases=len({o.case.name for o, _ in outside}),
+    )
 
 
 def _report_batch(

@@ -19,9 +19,10 @@ on the model's device and dtype; tokens ``(N, 32)``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -56,6 +57,23 @@ class Tokens:
 
     def rows(self, rows: list[int]) -> Tokens:
         return Tokens(self.input_ids[rows], self.attention_mask[rows])
+
+
+#: This thread's list of descriptors being recorded (:func:`recording_descriptors`).
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recording_descriptors() -> Iterator[list[np.ndarray]]:
+    """Within the block, every image encoder pass of this thread (any :class:`Engine`) adds its ``(B, 2C)``
+    domain descriptors (:func:`medsam3.model.domain.image_descriptors`) to the list yielded."""
+    previous = getattr(_recording, "sink", None)
+    sink: list[np.ndarray] = []
+    _recording.sink = sink
+    try:
+        yield sink
+    finally:
+        _recording.sink = previous
 
 
 class Engine:
@@ -183,8 +201,15 @@ class Engine:
 
     # -- the image model ----------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> Sam3VisionEncoderOutput:
-        """Image features of ``(B, 3, S, S)`` pixels (:func:`medsam3.model.forward.encode_image`)."""
-        return encode_image(self.model, pixel_values)
+        """Image features of ``(B, 3, S, S)`` pixels (:func:`medsam3.model.forward.encode_image`); inside
+        :func:`recording_descriptors`, their ``(B, 2C)`` domain descriptors are kept as well."""
+        out = encode_image(self.model, pixel_values)
+        sink = getattr(_recording, "sink", None)
+        if sink is not None:
+            from medsam3.model.domain import image_descriptors
+
+            sink.append(image_descriptors(out.last_hidden_state))
+        return out
 
     def encode_texts(self, tokens: Tokens) -> torch.Tensor:
         """``(N, T, D)`` text features of ``tokens`` on the model's device."""

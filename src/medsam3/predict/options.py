@@ -205,6 +205,13 @@ class SegmentOptions:
         "are reported absent with the reason 'unknown concept' (models that record none take any prompt)",
         fronts=("segment", "evaluate", "api"),
     )
+    allow_out_of_domain: bool = option(
+        False,
+        "segment known concepts on images unlike the ones the model learnt them on; without it, a model that "
+        "records its training domain (domain.safetensors) reports such a concept absent with the reason "
+        "'outside the training domain'",
+        fronts=("segment", "evaluate", "api"),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -24,6 +24,7 @@ from typing import Any
 
 from medsam3.errors import PromptError
 from medsam3.model.concepts import ModelConcepts
+from medsam3.model.domain import ModelDomain
 from medsam3.predict.engine import Engine
 from medsam3.predict.options import VolumeOptions, build_options, check_request
 from medsam3.predict.prompts import Prompt
@@ -102,8 +103,10 @@ class Segmenter:
 
             self.engine = Engine(load_sam3(model, device=device, dtype=dtype), tracker=tracker, video=video)
         self.options = build_options(VolumeOptions, options, **overrides)
+        self.domain: ModelDomain | None = None
         if isinstance(concepts, str) and concepts == "auto":
             self.concepts = ModelConcepts.of_model(self.engine.source)
+            self.domain = ModelDomain.of_model(self.engine.source) if self.concepts is not None else None
         elif concepts is None or isinstance(concepts, ModelConcepts):
             self.concepts = concepts
         else:
@@ -167,7 +170,14 @@ class Segmenter:
             plain = [p for p in given if isinstance(p, Prompt)]
             if self.concepts is not None and self.guards:
                 return segment_guarded(
-                    self.engine, flat, plain, call, self.concepts, segment_image, volume=False
+                    self.engine,
+                    flat,
+                    plain,
+                    call,
+                    self.concepts,
+                    segment_image,
+                    volume=False,
+                    domain=self.domain,
                 )
             return segment_image(self.engine, flat, plain, call)
         from medsam3.predict.volume.segment import segment_volume
@@ -175,6 +185,13 @@ class Segmenter:
         check_request(call, points=points, volume=True)
         if self.concepts is not None and self.guards:
             return segment_guarded(
-                self.engine, image, given, call, self.concepts, segment_volume, volume=True
+                self.engine,
+                image,
+                given,
+                call,
+                self.concepts,
+                segment_volume,
+                volume=True,
+                domain=self.domain,
             )
         return segment_volume(self.engine, image, given, call)

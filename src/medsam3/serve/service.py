@@ -382,13 +382,23 @@ class Service:
 
     def concepts_info(self) -> dict[str, Any] | None:
         """The concepts the model records (``concepts.json``, :mod:`medsam3.model.concepts`): ``known`` and
-        ``open_vocabulary``; ``None`` when it records none (any prompt is segmented)."""
+        ``open_vocabulary``, and ``training_domain``: concept -> distance threshold of its training domain
+        (``domain.safetensors``, :mod:`medsam3.model.domain`; ``None`` without one); ``None`` when it
+        records no concepts (any prompt is segmented)."""
         from medsam3.model.concepts import ModelConcepts
+        from medsam3.model.domain import ModelDomain
 
         concepts = ModelConcepts.of_model(self.engine.source)
         if concepts is None:
             return None
-        return {"known": concepts.names, "open_vocabulary": concepts.open_vocabulary}
+        domain = ModelDomain.of_model(self.engine.source)
+        return {
+            "known": concepts.names,
+            "open_vocabulary": concepts.open_vocabulary,
+            "training_domain": None
+            if domain is None
+            else {name: round(d.threshold, 6) for name, d in sorted(domain.concepts.items())},
+        }
 
     def close(self) -> None:
         """Stop the workers and remove a work folder the service created itself."""

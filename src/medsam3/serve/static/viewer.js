@@ -19,6 +19,7 @@
   };
   // The reason of an absent label whose prompt the model does not know (it is not segmented).
   const UNKNOWN = "unknown concept";
+  const OUTSIDE = "outside the training domain";
   const ctx = el.canvas.getContext("2d");
   const PLANE_TITLES = { axial: "Axial", coronal: "Coronal", sagittal: "Sagittal", image: "Image" };
   // Letters at the edges of display slices: top, bottom, left, right.
@@ -240,6 +241,9 @@
       const unknown = job.result.labels.filter((l) => l.reason === UNKNOWN);
       const notKnown = unknown.length ? ` Not segmented, unknown to this model: ${unknown.map((l) => `“${l.name}”`)
         .join(", ")} (it knows ${(unknown[0].known_concepts || []).join(", ")}).` : "";
+      const outside = job.result.labels.filter((l) => l.reason === OUTSIDE);
+      const notInDomain = outside.length ? ` Not segmented, this image is unlike the model's training images ` +
+        `for ${outside.map((l) => `“${l.name}”`).join(", ")}.` : "";
       let spread = "";
       const key = job.result.scope.key_slice;
       if (key) {
@@ -248,7 +252,7 @@
           `slice ${key.index + 1}.`;
       }
       setStatus(`Done in ${job.seconds.toFixed(2)} s: ${found} of ${job.result.labels.length} found.${spread}` +
-        notKnown, "done");
+        notKnown + notInDomain, "done");
     } catch (err) {
       setStatus(`Segmentation failed: ${err.message}`, "error");
     } finally {
@@ -311,7 +315,9 @@
     el.chips.replaceChildren(...labels.map((l) => {
       const chip = document.createElement("span");
       const unknown = l.reason === UNKNOWN;
-      chip.className = "chip" + (l.absent ? " absent" : "") + (unknown ? " unknown" : "");
+      const outside = l.reason === OUTSIDE;
+      chip.className = "chip" + (l.absent ? " absent" : "") + (unknown ? " unknown" : "") +
+        (outside ? " outside" : "");
       chip.dataset.value = l.value ?? "";
       const dot = document.createElement("span");
       dot.className = "dot";
@@ -322,10 +328,13 @@
       const score = document.createElement("span");
       score.className = "score";
       score.textContent = unknown ? "unknown concept · not segmented"
+        : outside ? "outside its training domain · not segmented"
         : l.absent ? `absent · presence ${pct(l.presence)}`
         : `score ${pct(l.score)} · presence ${pct(l.presence)}`;
       chip.title = unknown ? `This model does not know “${l.name}”; it knows only: ` +
         `${(l.known_concepts || []).join(", ")}.`
+        : outside ? `This image is unlike the images this model learnt “${l.name}” on (distance ` +
+        `${l.domain_distance.toFixed(3)} > ${l.domain_threshold.toFixed(3)}); not segmented.`
         : l.absent ? `not found (${l.reason})` : `${l.area_px} pixels` +
         (l.area_mm2 ? `, ${l.area_mm2.toFixed(1)} mm²` : "") + " (click to hide or show)";
       const text = document.createElement("span");
