@@ -10,6 +10,9 @@ slices mode), every prompt in its own call:
    Any pixel / voxel given to such a prompt is a false positive, except where the list says the concept
    may be visible (the hippocampus in whole-brain MRI, the fetal head in the transperineal ultrasound, the
    polyp in the colonoscopy image): those pairs are skipped.
+   A model that records its training domain (``domain.safetensors``, :mod:`medsam3.model.domain`) is
+   also run with ``allow_out_of_domain`` (column "NAME, network alone"): what the network answers when
+   the domain guard does not stop it.
 2. **Unknown prompts on in-domain images**: concepts the model never learnt (``liver``, ``kidney``, ...) on
    the held-out in-domain cases, as users run them (the vocabulary guard of a model with ``concepts.json``
    reports them absent) and with ``allow_unknown_concepts`` (what the network itself answers).
@@ -131,8 +134,13 @@ def marked(seg: Segmenter, image: Image, text: str, **options: Any) -> tuple[int
     }
 
 
-def run_model(name: str, folder: str, items: list[dict], cases: list[dict]) -> dict[str, Any]:
-    seg = Segmenter(load_sam3(folder, device="cpu", dtype="fp32"), presence_threshold=0.5)
+def run_model(
+    name: str, folder: str, items: list[dict], cases: list[dict], *, network: bool = False
+) -> dict[str, Any]:
+    """Every part for one model folder; ``network``: with ``allow_out_of_domain`` (the domain guard off:
+    what the network answers on every image)."""
+    options = {"allow_out_of_domain": True} if network else {}
+    seg = Segmenter(load_sam3(folder, device="cpu", dtype="fp32"), presence_threshold=0.5, **options)
     recorded = ModelConcepts.of_model(folder)
     known = tuple(recorded.names) if recorded is not None else NANO_CONCEPTS
     out: dict[str, Any] = {
@@ -140,6 +148,7 @@ def run_model(name: str, folder: str, items: list[dict], cases: list[dict]) -> d
         "model": folder,
         "concepts": list(known),
         "guard": bool(recorded is not None and recorded.restricts),
+        "domain": seg.domain is not None and not network,
         "seconds": {},
     }
     start = time.perf_counter()
@@ -190,7 +199,13 @@ def run_model(name: str, folder: str, items: list[dict], cases: list[dict]) -> d
             result = seg.segment(c["image"], [text])
             pred = result.label_map > 0
             dices.append(
-                {"dataset": c["dataset"], "case": c["case"], "prompt": text, "dice": float(dice(pred, ref))}
+                {
+                    "dataset": c["dataset"],
+                    "case": c["case"],
+                    "prompt": text,
+                    "dice": float(dice(pred, ref)),
+                    "reason": result.labels[0].reason,
+                }
             )
     out["dice"] = dices
     out["seconds"]["dice"] = time.perf_counter() - start
@@ -210,7 +225,9 @@ def report(runs: list[dict], command: str, heldout_path: str, items: list[dict])
         "",
         f"Written by `benchmarks/nano_ood_matrix.py` on {dt.date.today().isoformat()}. Models: "
         + ", ".join(
-            f"**{r['name']}** (`{r['model']}`, {'vocabulary guard on' if r['guard'] else 'no concepts.json'})"
+            f"**{r['name']}** (`{r['model']}`, "
+            f"{'vocabulary guard on' if r['guard'] else 'no concepts.json'}, "
+            f"{'domain guard on' if r['domain'] else 'no domain guard'})"
             for r in runs
         )
         + ".",
@@ -310,13 +327,17 @@ def report(runs: list[dict], command: str, heldout_path: str, items: list[dict])
             + " | ".join(f"{r['dice'][i]['dice']:.3f}" for r in runs)
             + " |"
         )
+    refused = [
+        f"{r['name']}: {sum(d.get('reason') == 'outside the training domain' for d in r['dice'])} of "
+        f"{len(r['dice'])}"
+        for r in runs
+    ]
     lines += [
         "",
-        "Means:",
-        "",
-        "| dataset | prompt | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
+        "Held-out in-domain prompts reported outside the training domain: " + "; ".join(refused) + ".",
     ]
+    lines += ["", "Means:", "", "| dataset | prompt | " + " | ".join(names) + " |"]
+    lines.append("|---|---|" + "---|" * len(names))
     keys = list(dict.fromkeys((d["dataset"], d["prompt"]) for d in runs[0]["dice"]))
     for ds, p in keys:
         means = [
@@ -357,7 +378,11 @@ def main() -> None:
     split = json.loads((REPO / args.split).read_text(encoding="utf-8"))
     items = ood_items(args.data, heldout)
     cases = in_domain_cases(args.data, split)
-    runs = [run_model(name, folder, items, cases) for name, folder in models]
+    runs = []
+    for name, folder in models:
+        runs.append(run_model(name, folder, items, cases))
+        if runs[-1]["domain"]:  # the same model without its domain guard, in the same run
+            runs.append(run_model(f"{name}, network alone", folder, items, cases, network=True))
     command = "OMP_WAIT_POLICY=PASSIVE python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]
     )

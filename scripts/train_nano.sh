@@ -133,6 +133,8 @@ PY
   # the concepts the model knows (medsam3 train wrote them into the export): prompts outside them are
   # reported as unknown concepts
   cp "$WORK/$stage/export/final/concepts.json" "$BUNDLE.new/"
+  # its training domain: a known concept on an image unlike its training images is reported absent
+  python scripts/nano_domain.py "$BUNDLE.new" "$DATA"
   mkdir -p "$BUNDLE"
   for f in "$BUNDLE.new"/*; do mv -f "$f" "$BUNDLE/"; done
   rmdir "$BUNDLE.new"
