@@ -40,19 +40,17 @@ to change it; a dry run writes only with ``--out``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
@@ -63,16 +61,6 @@ RESULTS = REPO / "benchmarks" / "results"
 NO_GPU = 2
 #: Prompts of the volume sections, and the fraction of the slices each structure spans (its z-extent).
 ORGANS = (("liver", 0.30), ("spleen", 0.15), ("left kidney", 0.12), ("pancreas", 0.10), ("aorta", 0.25))
-#: Video-model settings under which random weights track one object through every slice.
-OPEN_TRACKING = dict(
-    score_threshold_detection=0.0,
-    new_det_thresh=0.0,
-    hotstart_delay=0,
-    hotstart_unmatch_thresh=0,
-    hotstart_dup_thresh=0,
-    assoc_iou_thresh=0.0,
-    trk_assoc_iou_thresh=0.0,
-)
 
 
 class NoGpuError(RuntimeError):
@@ -154,9 +142,9 @@ class Bench:
         if "video" not in self._models:
             from transformers import Sam3VideoModel
 
-            from medsam3.model.configs import sam3_video_config
+            from medsam3.model.configs import OPEN_VIDEO_THRESHOLDS, sam3_video_config
 
-            config = sam3_video_config(self.config(), **OPEN_TRACKING)
+            config = sam3_video_config(self.config(), **OPEN_VIDEO_THRESHOLDS)
             config.detector_config.detr_decoder_config.num_queries = 1
             model = self.build(Sam3VideoModel, config, self.dtype)
             with torch.no_grad():
@@ -264,24 +252,9 @@ def organ_profiles(n: int, count: int) -> list[np.ndarray]:
     return out
 
 
-@contextlib.contextmanager
-def driven_presence(profiles: list[np.ndarray]) -> Iterator[None]:
-    """Presence of prompt ``i`` on canonical slice ``k`` passes exactly when ``profiles[i][k]`` (the model's
-    presence logits replaced by +-10 before the per-slice rule; queries and masks are the model's)."""
-    from medsam3.predict.volume import slices as slices_module
-
-    original = slices_module._decide_rows
-
-    def decide(options: Any, out: Any, rows: list[tuple[int, int]], results: Any) -> None:
-        logits = torch.tensor([[10.0 if profiles[i][k] else -10.0] for k, i in rows])
-        original(options, SimpleNamespace(**{**vars(out), "presence_logits": logits}), rows, results)
-
-    with mock.patch.object(slices_module, "_decide_rows", decide):
-        yield
-
-
 @section("volume", "synthetic CT in slices mode, 1 and 5 prompts, full pass vs coarse search")
 def volume(b: Bench) -> list[str]:
+    from bench_slice_search import controlled_presence  # presence driven per slice, as that benchmark does
     from medsam3.predict.prompts import Prompt
     from medsam3.predict.segmenter import Segmenter
 
@@ -293,7 +266,7 @@ def volume(b: Bench) -> list[str]:
     ]
     for count in (1, 5):
         prompts = [Prompt(name) for name, _ in ORGANS[:count]]
-        with driven_presence(organ_profiles(b.slices, count)):
+        with controlled_presence(organ_profiles(b.slices, count)):
             seg.segment(ct, prompts[:1], search="coarse")  # warm-up (a short run)
             for search in ("full", "coarse"):
                 start = time.perf_counter()

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from machine import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDSAM3_DATA") or REPO.parent / "shared" / "data") / "msd_hippocampus"
 CONFIGS = ("full", "coarse")
@@ -139,7 +141,7 @@ def report(
         "",
         f"Command: `{' '.join(['OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_search_cpu.py', *argv])}`",
         "",
-        f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs ({_cpu_name()}), Python "
+        f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs ({cpu_name()}), Python "
         f"{platform.python_version()}, torch threads {runs[0][1]['threads']}; shared with other jobs",
         f"- load average (1, 5, 15 min) at start: {loads[0]}; at end: {loads[1]}",
         f"- runs, in order: {', '.join(s for s, _ in runs)} (each a fresh process: model loaded, one warm-up "
@@ -209,16 +211,6 @@ def report(
         "encoder-pass reduction on a whole-body CT geometry is in `slice_search.md`.",
     ]
     return "\n".join(lines) + "\n", different
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _load() -> str:

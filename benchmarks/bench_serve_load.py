@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONCEPTS = ["fetal head", "skull", "polyp", "mucosa", "lesion"]
@@ -70,16 +72,6 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, int(-(-q * len(ordered) // 100)))
     return ordered[min(rank, len(ordered)) - 1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:

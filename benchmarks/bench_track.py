@@ -46,27 +46,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["hippocampus", "liver", "left kidney", "spleen", "aorta"]
-OPEN = dict(
-    score_threshold_detection=0.0,
-    new_det_thresh=0.0,
-    hotstart_delay=0,
-    hotstart_unmatch_thresh=0,
-    hotstart_dup_thresh=0,
-    assoc_iou_thresh=0.0,
-    trk_assoc_iou_thresh=0.0,
-)
 
 
 def build(queries: int, size: int = 224):
     import torch
     from transformers import Sam3VideoModel
 
-    from medsam3.model.configs import sam3_video_config, small_sam3_config
+    from medsam3.model.configs import OPEN_VIDEO_THRESHOLDS, sam3_video_config, small_sam3_config
     from medsam3.model.loading import build_processor
 
     # the tiny configuration; at 1008 px (the released input size) with 24-token attention windows
     detector = small_sam3_config(image_size=size, window_size=8 if size == 224 else 24)
-    config = sam3_video_config(detector, memory_attention_layers=1, **OPEN)
+    config = sam3_video_config(detector, memory_attention_layers=1, **OPEN_VIDEO_THRESHOLDS)
     config.detector_config.detr_decoder_config.num_queries = queries
     torch.manual_seed(0)
     model = Sam3VideoModel(config).eval()

@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VARIANTS = {
@@ -104,16 +106,6 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -173,7 +165,8 @@ def main() -> None:
         "",
         f"Command: `{command.strip()}`",
         "",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible, {args.threads} torch threads",
+        f"- CPU: {cpu_name(platform.machine())}, {os.cpu_count()} logical cores visible, "
+        f"{args.threads} torch threads",
         f"- Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, accelerate {accelerate.__version__}, peft {peft.__version__}",
         "- Model: `configs/tiny_cpu.yaml` (tiny random SAM3, 224 px, 6.6 M parameters), fp32 unless the "

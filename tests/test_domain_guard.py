@@ -11,8 +11,6 @@ the command line, in Python and through the server. The viewer's chip is in
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +19,6 @@ import numpy as np
 import pytest
 
 import medsam3
-from medsam3.cli import main
 from medsam3.errors import ModelError
 from medsam3.io.memory import to_image
 from medsam3.model.concepts import ModelConcepts
@@ -36,6 +33,8 @@ from medsam3.model.domain import (
 from medsam3.model.resolve import BUNDLED_MODEL_DIR
 from medsam3.predict.domain_fit import case_descriptors
 from medsam3.predict.prompts import Prompt
+from test_vocabulary_guard import TINY, _remapped
+from test_vocabulary_guard_e2e import segment_cli
 
 SAMPLES = Path(medsam3.__file__).resolve().parent / "assets" / "samples"
 #: A held-out CT slice of the out-of-domain benchmark (configs/nano_ood_heldout.json), never trained on.
@@ -105,8 +104,6 @@ def test_file_round_trip_shares_rows_and_names_a_bad_file(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # the tiny random model: "polyp" always outside (threshold -1), "fetal head" never (threshold 3)
 
-TINY = {"fetal head": ["foetal head"], "polyp": []}
-
 
 @pytest.fixture(scope="module")
 def picture():
@@ -144,14 +141,6 @@ def _seg(folder, **options):
     return Segmenter(
         str(folder), device="cpu", dtype="fp32", threshold=0.0, presence_threshold=0.5, **options
     )
-
-
-def _remapped(label_map, mapping):
-    lut = np.zeros(int(label_map.max()) + 1 if label_map.size else 1, dtype=np.int64)
-    for old, new in mapping.items():
-        if old < lut.size:
-            lut[old] = new
-    return lut[label_map]
 
 
 def test_outside_concepts_are_absent_and_the_rest_as_without_them(domain_model, serve_model, picture):
@@ -216,13 +205,6 @@ def test_volume_slices(domain_model, serve_model, volume):
 
 # --------------------------------------------------------------------------------------------------
 # the bundled model on real images
-
-
-def segment_cli(*argv) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["segment", *map(str, argv), "--device", "cpu", "--dtype", "fp32"])
-    return code, out.getvalue()
 
 
 def test_the_bundled_model_records_its_training_domain():

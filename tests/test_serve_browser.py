@@ -11,10 +11,12 @@ installs it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,14 +59,21 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(serve_model, tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    import uvicorn
-
     from medsam3.serve.app import create_app
 
     port = free_port()
     app = create_app(
         make_settings(serve_model, tmp_path_factory.mktemp("browser") / "work", token=TOKEN, port=port)
     )
+    with serving(app, port) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(app, port: int) -> Iterator[str]:
+    """``app`` served by uvicorn on 127.0.0.1:``port`` in a thread; yields its address, stops it after."""
+    import uvicorn
+
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -72,9 +81,11 @@ def server(serve_model, tmp_path_factory):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started, "the server did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ Uses the browser setup of ``test_serve_browser.py`` (skipped without Chromium un
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import medsam3
 import test_serve_browser as browser
 from medsam3.model.resolve import BUNDLED_MODEL_DIR
 from serve_fixtures import make_settings
-from test_serve_browser import TOKEN, api, free_port, wait_state
+from test_serve_browser import TOKEN, api, free_port, serving, wait_state
 
 # the browser setup's fixtures: Chromium present (or a skip), a fresh page
 _chromium = browser._chromium
@@ -32,26 +30,24 @@ SAMPLE = Path(medsam3.__file__).resolve().parent / "assets" / "samples" / "hc18_
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    import uvicorn
-
     from medsam3.serve.app import create_app
 
     port = free_port()
     settings = make_settings(
         BUNDLED_MODEL_DIR, tmp_path_factory.mktemp("browser-nano") / "work", token=TOKEN, port=port
     )
-    srv = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "the server did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serving(create_app(settings), port) as url:
+        yield url
+
+
+def segment_in_viewer(page, server: str, path, prompts: str) -> dict:
+    """Open ``path`` in the viewer, segment it with the typed ``prompts``; the job as the server has it."""
+    page.set_input_files("#file-input", str(path))
+    wait_state(page, "ready")
+    page.fill("#prompt-input", prompts)
+    page.click("#segment-btn")
+    assert wait_state(page, "done", "error") == "done", page.text_content("#status")
+    return api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
 
 
 def test_viewer_marks_unknown_concepts(server, page):
@@ -60,12 +56,7 @@ def test_viewer_marks_unknown_concepts(server, page):
     hint = page.text_content("#concepts-hint")
     assert "fetal head" in hint and "posterior hippocampus" in hint and "unknown" in hint
 
-    page.set_input_files("#file-input", str(SAMPLE))
-    wait_state(page, "ready")
-    page.fill("#prompt-input", "liver, fetal head")
-    page.click("#segment-btn")
-    assert wait_state(page, "done", "error") == "done", page.text_content("#status")
-    job = api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
+    job = segment_in_viewer(page, server, SAMPLE, "liver, fetal head")
     assert [e["reason"] for e in job["result"]["labels"]] == ["unknown concept", None]
 
     unknown = page.locator(".chip.unknown")
@@ -81,12 +72,7 @@ def test_viewer_marks_concepts_outside_the_training_domain(server, page, data_di
     # a held-out CT slice: "fetal head" is unlike the model's ultrasound training images
     page.goto(f"{server}/?token={TOKEN}")
     page.wait_for_selector("#concepts-hint:not([hidden])", timeout=30_000)
-    page.set_input_files("#file-input", str(data_dir / "sam_med2d_demo/images/s0619_32.png"))
-    wait_state(page, "ready")
-    page.fill("#prompt-input", "fetal head")
-    page.click("#segment-btn")
-    assert wait_state(page, "done", "error") == "done", page.text_content("#status")
-    job = api(server, f"/api/jobs/{page.get_attribute('body', 'data-job')}")
+    job = segment_in_viewer(page, server, data_dir / "sam_med2d_demo/images/s0619_32.png", "fetal head")
     assert [e["reason"] for e in job["result"]["labels"]] == ["outside the training domain"]
 
     chip = page.locator(".chip.outside")

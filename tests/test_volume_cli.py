@@ -14,6 +14,7 @@ import pytest
 
 from medsam3.cli import main
 from medsam3.io.readers import read_image, read_label_map
+from video_fixtures import OPEN_THRESHOLDS
 
 HIPPOCAMPUS = "msd_hippocampus/images/hippocampus_019.nii.gz"  # MR (41, 47, 36)
 
@@ -207,15 +208,7 @@ def test_track_mode_from_a_video_model_folder(data_dir, tmp_path_factory, tmp_pa
     from medsam3.model.configs import tiny_sam3_video_config
     from medsam3.model.loading import build_processor
 
-    config = tiny_sam3_video_config(
-        score_threshold_detection=0.0,
-        new_det_thresh=0.0,
-        hotstart_delay=0,
-        hotstart_unmatch_thresh=0,
-        hotstart_dup_thresh=0,
-        assoc_iou_thresh=0.0,
-        trk_assoc_iou_thresh=0.0,
-    )
+    config = tiny_sam3_video_config(**OPEN_THRESHOLDS)
     config.detector_config.detr_decoder_config.num_queries = 1
     torch.manual_seed(0)
     model = Sam3VideoModel(config).eval()

@@ -25,6 +25,7 @@ from medsam3.predict.prompts import Prompt
 from medsam3.predict.segmenter import Segmenter
 from medsam3.predict.volume.prompts import VolumePrompt
 from medsam3.preprocess.resize import resize_bilinear
+from video_fixtures import OPEN_THRESHOLDS
 
 HIPPOCAMPUS = "msd_hippocampus/images/hippocampus_019.nii.gz"  # MR (41, 47, 36), RAS
 
@@ -323,17 +324,6 @@ def test_slicing_along_another_axis(loaded, data_dir):
 
 # --------------------------------------------------------------------------------------------------
 # track mode
-
-
-OPEN_THRESHOLDS = dict(
-    score_threshold_detection=0.0,
-    new_det_thresh=0.0,
-    hotstart_delay=0,
-    hotstart_unmatch_thresh=0,
-    hotstart_dup_thresh=0,
-    assoc_iou_thresh=0.0,
-    trk_assoc_iou_thresh=0.0,
-)
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from medsam3.model.configs import OPEN_VIDEO_THRESHOLDS
+
 #: Video-model settings under which a tiny random model keeps its detections and tracks them.
-OPEN_THRESHOLDS = dict(
-    score_threshold_detection=0.0,
-    new_det_thresh=0.0,
-    hotstart_delay=0,
-    hotstart_unmatch_thresh=0,
-    hotstart_dup_thresh=0,
-    assoc_iou_thresh=0.0,
-    trk_assoc_iou_thresh=0.0,
-)
+OPEN_THRESHOLDS = OPEN_VIDEO_THRESHOLDS
 
 
 def first_frame_new_objects(model, session) -> tuple[list[int], torch.Tensor]:

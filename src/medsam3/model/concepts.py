@@ -50,6 +50,7 @@ from medsam3.data.vocabulary import POSITIONAL_WORDS, Vocabulary, normalize_term
 from medsam3.errors import InputError
 from medsam3.io.atomic import write_text_atomic
 from medsam3.io.jsonfile import read_json
+from medsam3.model.folder_files import model_file
 
 if TYPE_CHECKING:
     from medsam3.data.manifest import Record
@@ -148,14 +149,7 @@ class ModelConcepts:
 
         Read once per file version (cached by path and modification time).
         """
-        if folder is None:
-            return None
-        path = Path(folder) / CONCEPTS_FILE
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        return _load_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        return model_file(folder, CONCEPTS_FILE, cls.load)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -213,11 +207,6 @@ class ModelConcepts:
     def describe(self) -> str:
         """``"fetal head, hippocampus, polyp"``: the concepts for a message."""
         return ", ".join(self.names)
-
-
-@functools.lru_cache(maxsize=32)
-def _load_cached(path: str, mtime_ns: int, size: int) -> ModelConcepts:
-    return ModelConcepts.load(path)
 
 
 # --------------------------------------------------------------------------------------------------

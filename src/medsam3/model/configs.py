@@ -222,6 +222,19 @@ def sam3_video_config(
     return Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker, **video_overrides)
 
 
+#: Video-model settings under which random weights keep every detection and track it through every frame
+#: (tests and benchmarks of the tiny and the synthetic models).
+OPEN_VIDEO_THRESHOLDS: dict[str, Any] = dict(
+    score_threshold_detection=0.0,
+    new_det_thresh=0.0,
+    hotstart_delay=0,
+    hotstart_unmatch_thresh=0,
+    hotstart_dup_thresh=0,
+    assoc_iou_thresh=0.0,
+    trk_assoc_iou_thresh=0.0,
+)
+
+
 def tiny_sam3_video_config(**video_overrides: Any) -> Sam3VideoConfig:
     """The tiny detector of :func:`tiny_sam3_config` with a one-layer memory attention (224 px, FPN 128)."""
     return sam3_video_config(tiny_sam3_config(), memory_attention_layers=1, **video_overrides)

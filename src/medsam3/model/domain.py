@@ -29,13 +29,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medsam3.errors import ModelError
+from medsam3.model.folder_files import model_file
 
 #: The file in a model folder.
 DOMAIN_FILE = "domain.safetensors"
@@ -212,25 +212,12 @@ class ModelDomain:
                     how.get("spread"),
                     how.get("nearest_negative"),
                 )
-        except ModelError:
-            raise
         except Exception as exc:
             raise ModelError(f"{path}: cannot read the model's training domain: {exc}") from None
         return cls(concepts, str(path), json.loads(meta.get("info", "{}")))
 
     @classmethod
     def of_model(cls, folder: str | Path | None) -> ModelDomain | None:
-        """The domain recorded in a model folder, or ``None`` (no folder, no file)."""
-        if folder is None:
-            return None
-        path = Path(folder) / DOMAIN_FILE
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        return _load_cached(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@lru_cache(maxsize=8)
-def _load_cached(path: str, mtime_ns: int, size: int) -> ModelDomain:
-    return ModelDomain.load(path)
+        """The domain recorded in a model folder, or ``None`` (no folder, no file); read once per file
+        version."""
+        return model_file(folder, DOMAIN_FILE, cls.load)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,8 +67,3 @@ def fit_domain(
     domains = {name: fit_concept(rows, against.get(name, ())) for name, rows in sorted(per_concept.items())}
     counts = {k: {"cases": len(v), "negatives": len(against.get(k, ()))} for k, v in per_concept.items()}
     return ModelDomain(domains, None, {**(info or {}), "fitted_on": counts})
-
-
-def write_domain(model_dir: str | Path, domain: ModelDomain) -> Path:
-    """Write ``domain`` into the model folder (``domain.safetensors``)."""
-    return domain.write(model_dir)

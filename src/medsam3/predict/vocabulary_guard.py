@@ -38,6 +38,7 @@ never come here: their results are as they always were.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -174,13 +175,13 @@ class DomainCheck:
         }
 
 
-def domain_settings(guarded: GuardedPrompts, domain: ModelDomain | None, allow: bool) -> dict[str, Any]:
+def domain_settings(guarded: GuardedPrompts, domain: ModelDomain) -> dict[str, Any]:
     """The ``"domain"`` settings of a result of a model that records its training domain."""
     return {
         "file": DOMAIN_FILE,
-        "concepts": sorted(domain.concepts) if domain is not None else [],
+        "concepts": sorted(domain.concepts),
         "images_outside": "segmented anyway (allow_out_of_domain)"
-        if allow
+        if guarded.allow_outside
         else f"reported absent ({OUTSIDE_DOMAIN})",
         "prompts": [c.to_dict() for c in guarded.domain],
     }
@@ -364,35 +365,28 @@ def segment_guarded(
     if texts:
         engine.tokenize(texts)  # a prompt the model could not read is an error, known concept or not
     instances = options.instances and not volume
-    allow_outside = bool(getattr(options, "allow_out_of_domain", False))
+    guarded = dataclasses.replace(guarded, allow_outside=bool(getattr(options, "allow_out_of_domain", False)))
     checked = [] if domain is None else _domain_concepts(guarded, domain)
-    extra: dict[str, Any] = {}
-    run = guarded.run
-    if not run:
-        if domain is not None:
-            extra["domain"] = domain_settings(guarded, domain, allow_outside)
-        return _nothing_to_run(engine, image, guarded, options, volume=volume, extra=extra)
-    if not checked:
-        result = segment(engine, image, run, options)
-    else:
-        assert domain is not None
-        with recording_descriptors() as rows:
-            result = segment(engine, image, run, options)
+    result = None
+    if guarded.run:
+        recording: contextlib.AbstractContextManager[list[np.ndarray]] = (
+            recording_descriptors() if checked else contextlib.nullcontext([])
+        )
+        with recording as rows:
+            result = segment(engine, image, guarded.run, options)
         if rows:  # image encoder passes were made (not in the video model's track mode)
+            assert domain is not None
             descriptors = np.concatenate(rows)
             checks = tuple(
                 DomainCheck(i, c, domain.concepts[c].distance(descriptors), domain.concepts[c].threshold)
                 for i, c in checked
             )
-            guarded = dataclasses.replace(guarded, domain=checks, allow_outside=allow_outside)
-            if guarded.outside:
-                run = guarded.run  # segmented again without them: label values as if they found nothing
-                if not run:
-                    extra["domain"] = domain_settings(guarded, domain, allow_outside)
-                    return _nothing_to_run(engine, image, guarded, options, volume=volume, extra=extra)
-                result = segment(engine, image, run, options)
-    if domain is not None:
-        extra["domain"] = domain_settings(guarded, domain, allow_outside)
+            guarded = dataclasses.replace(guarded, domain=checks)
+            if guarded.outside:  # segmented again without them: label values as if they found nothing
+                result = segment(engine, image, guarded.run, options) if guarded.run else None
+    extra = {} if domain is None else {"domain": domain_settings(guarded, domain)}
+    if result is None:
+        return _nothing_to_run(engine, image, guarded, options, volume=volume, extra=extra)
     return merge_unknown(result, guarded, image, volume=volume, instances=instances, extra=extra)
 
 
@@ -402,9 +396,7 @@ def _domain_concepts(guarded: GuardedPrompts, domain: ModelDomain) -> list[tuple
     out = []
     for i in guarded.run_index:
         p = guarded.prompts[i]
-        if p.text is None or getattr(p, "boxes", None) or getattr(p, "points", None):
-            continue
-        if getattr(p, "box3d", None) is not None:
+        if p.text is None or any(getattr(p, g, None) for g in ("boxes", "points", "box3d")):
             continue
         concept = p.concept or p.text
         if concept in domain.concepts:
