@@ -178,6 +178,7 @@ def test_save_load_round_trip_identical_outputs(tiny_image_folder, tiny_model):
         "tokenizer_config.json",
     ]
     assert not [p for p in tiny_image_folder.parent.iterdir() if p.name.startswith(".")]  # no temp left
+    assert "\n" not in (tiny_image_folder / "tokenizer.json").read_text(encoding="utf-8")  # compact
     mode = tiny_image_folder.stat().st_mode & 0o777
     umask = os.umask(0)
     os.umask(umask)

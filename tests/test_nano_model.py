@@ -17,6 +17,7 @@ import medsam3
 
 SAMPLES = Path(medsam3.__file__).resolve().parent / "assets" / "samples"
 MAX_WEIGHTS_BYTES = 40 * 1024 * 1024
+MAX_BUNDLE_BYTES = 25_000_000  # the whole model folder, 25 MB
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -96,6 +97,38 @@ def test_bundled_model_is_the_default_and_loads_in_fp32(default_model):
     )
     assert got.detr_decoder_config.num_queries == expected.detr_decoder_config.num_queries == 20
     assert got.text_config.vocab_size == 49408
+
+
+def test_bundle_size_and_its_compact_tokenizer(tmp_path):
+    """The model folder stays within 25 MB; its tokenizer.json is the compact form of an indented one
+    (what transformers writes) and tokenizes exactly as the indented file does."""
+    from tokenizers import Tokenizer
+
+    from medsam3.model.loading import compact_tokenizer_json
+    from medsam3.model.resolve import BUNDLED_MODEL_DIR
+
+    total = sum(p.stat().st_size for p in BUNDLED_MODEL_DIR.iterdir() if p.is_file())
+    assert total <= MAX_BUNDLE_BYTES, f"{BUNDLED_MODEL_DIR}: {total} bytes"
+
+    bundled = BUNDLED_MODEL_DIR / "tokenizer.json"
+    indented = tmp_path / "indented.json"
+    indented.write_text(
+        json.dumps(json.loads(bundled.read_text(encoding="utf-8")), ensure_ascii=False, indent=2),
+        encoding="utf-8",
+    )
+    assert indented.stat().st_size > 1.5 * bundled.stat().st_size
+    compacted = tmp_path / "compacted.json"
+    compacted.write_bytes(indented.read_bytes())
+    compact_tokenizer_json(compacted)
+    assert compacted.read_bytes() == bundled.read_bytes()
+    compact_tokenizer_json(tmp_path / "absent.json")  # no file: nothing to do
+    assert not (tmp_path / "absent.json").exists()
+
+    a, b = Tokenizer.from_file(str(indented)), Tokenizer.from_file(str(bundled))
+    texts = ("fetal head", "Foetal  Head", "hippocampi", "colon polyp", "left kidney cyst", "liver 肝臓 ü")
+    for text in texts:
+        assert a.encode(text).ids == b.encode(text).ids, text
+    assert len(a.encode("fetal head").ids) == 4  # start, "fetal", "head", end
 
 
 def test_fetal_head_sample_and_absent_polyp(segmenter):

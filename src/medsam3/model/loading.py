@@ -673,6 +673,9 @@ def save_sam3(
     ``tracker_neck.*``, the layout of ``facebook/sam3``), which ``Sam3Model``, ``Sam3TrackerModel``,
     ``Sam3TrackerVideoModel`` and ``Sam3VideoModel`` all load; transformers' own ``save_pretrained``
     would prefix the tracker keys twice.
+
+    ``tokenizer.json`` is written without indentation (:func:`compact_tokenizer_json`): the same tokenizer
+    in about half the bytes (3.6 -> 1.7 MB for SAM3's CLIP tokenizer).
     """
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         if type(model).__name__ == "Sam3VideoModel":
@@ -682,4 +685,17 @@ def save_sam3(
         else:
             model.save_pretrained(str(tmp), safe_serialization=True)
         processor.save_pretrained(str(tmp))
+        compact_tokenizer_json(tmp / "tokenizer.json")
     return Path(out_dir)
+
+
+def compact_tokenizer_json(path: Path) -> None:
+    """Rewrite the ``tokenizer.json`` at ``path`` (if there is one) as JSON without indentation.
+
+    transformers writes it indented, which doubles its size; the parsed content is unchanged, so the
+    tokenizer is the same. Non-ASCII characters (the byte-level vocabulary) stay UTF-8, not escaped.
+    """
+    if not path.is_file():
+        return
+    content = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps(content, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
