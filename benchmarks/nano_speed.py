@@ -2,8 +2,9 @@
 
 Seconds per ``Segmenter.segment`` call with the defaults of ``medsam3 segment`` (presence threshold 0.5,
 volumes in 3D slice mode), after one warm-up call, median and minimum of ``--runs`` calls; the model stays
-loaded. Cases: two 2D images (HC18 ultrasound, Kvasir-SEG RGB) and two MSD hippocampus volumes with one
-and two prompts ("anterior" / "posterior hippocampus") and with "hippocampus".
+loaded; the models (and settings) take turns call by call, so that load changes of a shared machine fall
+on all of them alike. Cases: two 2D images (HC18 ultrasound, Kvasir-SEG RGB) and two MSD hippocampus
+volumes with one and two prompts ("anterior" / "posterior hippocampus") and with "hippocampus".
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/nano_speed.py DATA_DIR [--model DIR --name NAME ...] [--tta]
 
@@ -53,22 +54,32 @@ def cases(data: Path) -> list[tuple[str, object, list[str]]]:
     return out
 
 
-def time_model(
-    model: str | None, work: list, runs: int, mirror: bool = False
-) -> tuple[float, int, list[tuple[float, float]]]:
-    t = time.perf_counter()
-    seg = Segmenter(load_sam3(model, device="cpu", dtype="fp32"), tta=mirror)
-    load = time.perf_counter() - t
-    rows = []
+def time_models(
+    settings: list[tuple[str | None, bool]], work: list, runs: int
+) -> list[tuple[float, int, list[tuple[float, float]]]]:
+    """Per setting ``(model folder, mirror)``: load seconds, input side and ``(median, min)`` s per case.
+
+    The settings take turns: for each case, one warm-up call each, then run ``k`` of every setting before
+    run ``k + 1`` of any, so that a change of the shared machine's load falls on every column alike.
+    """
+    segmenters, loads = [], []
+    for model, mirror in settings:
+        t = time.perf_counter()
+        segmenters.append(Segmenter(load_sam3(model, device="cpu", dtype="fp32"), tta=mirror))
+        loads.append(time.perf_counter() - t)
+    rows: list[list[tuple[float, float]]] = [[] for _ in settings]
     for _, image, prompts in work:
-        seg.segment(image, [Prompt(text=p) for p in prompts])  # warm-up
-        times = []
+        for seg in segmenters:
+            seg.segment(image, [Prompt(text=p) for p in prompts])  # warm-up
+        times: list[list[float]] = [[] for _ in settings]
         for _ in range(runs):
-            t = time.perf_counter()
-            seg.segment(image, [Prompt(text=p) for p in prompts])
-            times.append(time.perf_counter() - t)
-        rows.append((float(np.median(times)), float(min(times))))
-    return load, seg.engine.image_size, rows
+            for i, seg in enumerate(segmenters):
+                t = time.perf_counter()
+                seg.segment(image, [Prompt(text=p) for p in prompts])
+                times[i].append(time.perf_counter() - t)
+        for i, ts in enumerate(times):
+            rows[i].append((float(np.median(ts)), float(min(ts))))
+    return [(load, seg.engine.image_size, r) for load, seg, r in zip(loads, segmenters, rows, strict=True)]
 
 
 def main() -> None:
@@ -88,7 +99,7 @@ def main() -> None:
     if args.tta:
         settings += [(m, f"{n} --tta", True) for m, n in zip(models, names, strict=True)]
     names = [n for _, n, _ in settings]
-    results = [time_model(m, work, args.runs, mirror) for m, _, mirror in settings]
+    results = time_models([(m, mirror) for m, _, mirror in settings], work, args.runs)
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}"
