@@ -15,31 +15,36 @@
 #      cross-group negatives;
 #      stage 6, `medsam3 train configs/nano_stage6.yaml` from the stage-5 export at 336 px instead of 224 px
 #      (model.image_size: the position embedding is resampled to the larger grid);
-#   3. bundle: the stage-6 model in float16 into src/medsam3/assets/models/medsam3-nano (config, weights,
-#      tokenizer and processor files, and concepts.json, the concepts it knows; LICENSE.md and MODEL_CARD.md
-#      there are kept);
+#      stage 8, `medsam3 train configs/nano_stage8.yaml` from the stage-6 export rounded to float16 (what
+#      was bundled before stage 8 existed) on manifest_ood.jsonl: wider zoom range, more flips and
+#      rotation, datasets drawn in proportion to their images (the small fetal heads), and negatives from
+#      other modalities (below);
+#   3. bundle: the stage-8 model in float16 into src/medsam3/assets/models/medsam3-nano (config, weights,
+#      tokenizer and processor files, concepts.json, the concepts it knows, and domain.safetensors, its
+#      training domain, fitted by scripts/nano_domain.py; LICENSE.md and MODEL_CARD.md there are kept);
 #   4. evaluate (only when asked, see NANO_STAGES): the bundled model on the held-out cases -> WORK_DIR/eval,
 #      and again with test-time mirroring (medsam3 evaluate --tta) -> WORK_DIR/eval_tta.
-#   Stage 7 (only when asked: NANO_STAGES="prepare stage7", after the stages above have bundled the stage-6
-#   model): negatives from other modalities and endoscopy-like augmentation (issue 20).
-#   - prepare also writes manifest_ood.jsonl: manifest_regions.jsonl plus one negative-only record per item
-#     of the `training_pool` of configs/nano_ood_heldout.json (scripts/nano_negatives.py: licences checked,
-#     the held-out images of the out-of-domain benchmark excluded; each item names the five known
-#     concepts as absent, so that training draws them as negatives);
-#   - stage7: `medsam3 train configs/nano_stage7.yaml` from the bundled model (the stage-6 export in float16;
-#     NANO_STAGE7_SOURCE to start from another folder) on manifest_ood.jsonl -> WORK_DIR/stage7;
-#   - bundle7: the stage-7 model in float16 into the bundle (as step 3; not done by default). Compare first
-#     (benchmarks/results/nano_ood.md): python benchmarks/nano_ood_matrix.py DATA_DIR
-#     --model before=BUNDLE --model after=WORK_DIR/stage7/export/final
+#   Negatives from other modalities (stage 8): prepare also writes manifest_ood.jsonl, manifest_regions.jsonl
+#   plus one negative-only record per item of the `training_pool` of configs/nano_ood_heldout.json
+#   (scripts/nano_negatives.py: licences checked, the held-out images of the out-of-domain benchmark
+#   excluded; each item names the five known concepts as absent, so that training draws them as negatives).
+#   Stage 7 (only when asked: NANO_STAGES="stage7", an earlier experiment, not bundled): the same negatives
+#   with endoscopy-like augmentation (configs/nano_stage7.yaml), 300 steps from the bundled model
+#   (NANO_STAGE7_SOURCE to start from another folder, e.g. WORK_DIR/stage6/export/float16) on
+#   manifest_ood.jsonl -> WORK_DIR/stage7; bundle7 puts it into the bundle (as step 3). Compare first
+#   (benchmarks/results/nano_ood.md): python benchmarks/nano_ood_matrix.py DATA_DIR
+#   --model before=BUNDLE --model after=WORK_DIR/stage7/export/final
 #
 # Usage (from the repository root, with the package installed):
 #   scripts/train_nano.sh DATA_DIR [WORK_DIR]
 #     DATA_DIR  folder holding hc18_ultrasound/, msd_hippocampus/ and kvasir_seg_sample/
 #     WORK_DIR  manifests and run folders (default outputs/nano; never inside DATA_DIR)
-#   Environment: NANO_STAGES (default "prepare train bundle"; add "evaluate"), NANO_STEPS1 ... NANO_STEPS6
-#   (optimizer steps of the six stages, default 1000 / 1200 / 900 / 4000 / 1500 / 1000), NANO_STEPS7
-#   (default 300), NANO_STAGE7_SOURCE (default: the bundled model), NANO_STAGE7_MINUTES (default none: stop
-#   stage 7 with a checkpoint after so many minutes of training; running again continues it).
+#   Environment: NANO_STAGES (default "prepare train bundle"; add "evaluate"; "stage8" runs stage 8 alone,
+#   from WORK_DIR/stage6), NANO_STEPS1 ... NANO_STEPS6 and NANO_STEPS8 (optimizer steps of the seven
+#   stages, default 1000 / 1200 / 900 / 4000 / 1500 / 1000 / 600), NANO_STEPS7 (default 300),
+#   NANO_STAGE7_SOURCE (default: the bundled model), NANO_STAGE7_MINUTES (default none: stop stage 7 with a
+#   checkpoint after so many minutes of training; running again continues it), NANO_EVAL_MODEL (the model
+#   folder that evaluate scores; default the bundle).
 # Running it again resumes an interrupted stage from its run folder's checkpoints/last.pt.
 set -euo pipefail
 
@@ -52,10 +57,12 @@ STEPS4=${NANO_STEPS4:-4000}
 STEPS5=${NANO_STEPS5:-1500}
 STEPS6=${NANO_STEPS6:-1000}
 STEPS7=${NANO_STEPS7:-300}
+STEPS8=${NANO_STEPS8:-600}
 STAGES=${NANO_STAGES:-prepare train bundle}
 BUNDLE=src/medsam3/assets/models/medsam3-nano
 SOURCE7=${NANO_STAGE7_SOURCE:-$BUNDLE}
 MINUTES7=${NANO_STAGE7_MINUTES:-null}
+EVAL_MODEL=${NANO_EVAL_MODEL:-$BUNDLE}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 mkdir -p "$WORK"
@@ -118,11 +125,11 @@ if [[ " $STAGES " == *" train "* ]]; then
     data.manifest="$WORK/manifest_regions.jsonl" run_dir="$WORK/stage6" max_steps="$STEPS6"
 fi
 
-# bundle_model STAGE: the export of WORK/STAGE in float16 into the bundle folder.
-bundle_model() {
-  local stage=$1
-  rm -rf "$BUNDLE.new"
-  python - "$WORK/$stage/export/final" "$BUNDLE.new" <<'PY'
+# half_model SOURCE TARGET: the model folder SOURCE with its weights rounded to float16 (a new folder
+# TARGET, replaced if it exists), with the concepts it knows (concepts.json, written by medsam3 train).
+half_model() {
+  rm -rf "$2"
+  python - "$1" "$2" <<'PY'
 import sys
 import torch
 from medsam3.model.loading import load_sam3, save_sam3
@@ -130,9 +137,22 @@ from medsam3.model.loading import load_sam3, save_sam3
 loaded = load_sam3(sys.argv[1], device="cpu", dtype="fp32")
 save_sam3(loaded.model.to(torch.float16), loaded.processor, sys.argv[2])
 PY
-  # the concepts the model knows (medsam3 train wrote them into the export): prompts outside them are
-  # reported as unknown concepts
-  cp "$WORK/$stage/export/final/concepts.json" "$BUNDLE.new/"
+  cp "$1/concepts.json" "$2/"
+}
+
+if [[ " $STAGES " == *" train "* || " $STAGES " == *" stage8 "* ]]; then
+  # stage 8 starts from the stage-6 model as it was bundled: weights rounded to float16
+  half_model "$WORK/stage6/export/final" "$WORK/stage6/export/float16"
+  medsam3 train configs/nano_stage8.yaml model.source="$WORK/stage6/export/float16" \
+    data.manifest="$WORK/manifest_ood.jsonl" run_dir="$WORK/stage8" max_steps="$STEPS8"
+fi
+
+# bundle_model STAGE: the export of WORK/STAGE in float16 into the bundle folder.
+bundle_model() {
+  local stage=$1
+  # the weights in float16 and the concepts the model knows (prompts outside them are reported as
+  # unknown concepts)
+  half_model "$WORK/$stage/export/final" "$BUNDLE.new"
   # its training domain: a known concept on an image unlike its training images is reported absent
   python scripts/nano_domain.py "$BUNDLE.new" "$DATA"
   mkdir -p "$BUNDLE"
@@ -142,7 +162,7 @@ PY
 }
 
 if [[ " $STAGES " == *" bundle "* ]]; then
-  bundle_model stage6
+  bundle_model stage8
 fi
 
 # stage 7 starts from the bundle (written just above when bundle is among the stages)
@@ -164,7 +184,7 @@ if [[ " $STAGES " == *" evaluate "* ]]; then
   for tta in "" --tta; do
     out=$WORK/eval${tta:+_tta}
     rm -rf "$out"
-    medsam3 evaluate --manifest "$WORK/eval_manifest.jsonl" --model "$BUNDLE" --model-name medsam3-nano \
+    medsam3 evaluate --manifest "$WORK/eval_manifest.jsonl" --model "$EVAL_MODEL" --model-name medsam3-nano \
       --prompt-mode text --split test --absent 3 --presence-threshold 0.5 --volume-mode volume --gallery 0 \
       --device cpu --dtype fp32 $tta -o "$out"
   done
