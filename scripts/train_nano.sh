@@ -44,7 +44,8 @@
 #   stages, default 1000 / 1200 / 900 / 4000 / 1500 / 1000 / 600), NANO_STEPS7 (default 300),
 #   NANO_STAGE7_SOURCE (default: the bundled model), NANO_STAGE7_MINUTES (default none: stop stage 7 with a
 #   checkpoint after so many minutes of training; running again continues it), NANO_EVAL_MODEL (the model
-#   folder that evaluate scores; default the bundle).
+#   folder that evaluate scores; default the bundle), NANO_BUNDLE (the folder bundle writes; default
+#   src/medsam3/assets/models/medsam3-nano).
 # Running it again resumes an interrupted stage from its run folder's checkpoints/last.pt.
 set -euo pipefail
 
@@ -59,7 +60,7 @@ STEPS6=${NANO_STEPS6:-1000}
 STEPS7=${NANO_STEPS7:-300}
 STEPS8=${NANO_STEPS8:-600}
 STAGES=${NANO_STAGES:-prepare train bundle}
-BUNDLE=src/medsam3/assets/models/medsam3-nano
+BUNDLE=${NANO_BUNDLE:-src/medsam3/assets/models/medsam3-nano}
 SOURCE7=${NANO_STAGE7_SOURCE:-$BUNDLE}
 MINUTES7=${NANO_STAGE7_MINUTES:-null}
 EVAL_MODEL=${NANO_EVAL_MODEL:-$BUNDLE}

@@ -318,9 +318,10 @@ def test_cli_search_coarse_on_the_bundled_sample(tmp_path, capsys):
     assert report["step_slices"] == 10 and report["encoder_runs_full"] == 41
     (prompt,) = report["prompts"]
     assert prompt["probes"] == [0, 10, 20, 30, 40]
-    # the bundled model's presence for "hippocampus" passes on slices 4..34 (probes 10, 20 and 30):
-    # 11..29 lie between passing probes, growth adds 3..9 and 31..35 (3 and 35 fail)
-    assert prompt["searched"] == [[0, 0], [3, 35], [40, 40]]
+    # the bundled model's presence for "hippocampus" passes on probes 10, 20 and 30: 11..29 lie between
+    # passing probes, growth outwards adds 4..9 and 31..36 and stops at the first failing slice each side
+    # (4 and 36; with the stage-6 model they were 3 and 35)
+    assert prompt["searched"] == [[0, 0], [4, 36], [40, 40]]
     assert settings["image_encoder_runs"] == prompt["slices_searched"] == 35
 
     code = main(
